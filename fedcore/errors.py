@@ -15,6 +15,9 @@
         ├── PayloadSizeError                    payload or chunk beyond the announced or allowed size
         └── DigestMismatchError                 SHA-256 of the assembled payload differs from the header
 
+    UserWarning
+    └── TrainingArgsWarning                     a given training argument is ignored or capped (precedence)
+
 Library code raises these; gRPC and msgpack errors are translated into them at the edge, so callers
 catch one family per concern.
 """
@@ -76,3 +79,7 @@ class PayloadSizeError(FramingError):
 
 class DigestMismatchError(FramingError):
     """The SHA-256 of an assembled payload does not match the header's."""
+
+
+class TrainingArgsWarning(UserWarning):
+    """A training argument that was given is ignored or capped (e.g. ``epochs`` when ``num_updates`` is set)."""
