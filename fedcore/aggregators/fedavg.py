@@ -1,0 +1,69 @@
+"""Federated averaging (McMahan et al., 2017), weighted by the samples each node saw."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fedcore.aggregators._api import Aggregator, NodeReply, ParamSpec, cast_back
+from fedcore.errors import AggregationError
+
+__all__ = ["FedAverage"]
+
+
+class FedAverage(Aggregator):
+    """x⁺ = Σ_{i∈S} n_i y_i / Σ_{i∈S} n_i.
+
+    y_i are the params node i returns, n_i its ``num_samples``, S the nodes whose replies were
+    accumulated. The server holds only the float64 running sum Σ n_i y_i and the integer Σ n_i, so
+    memory is one float64 model whatever the number of replies. A reply with n_i = 0 is accepted and
+    weighs nothing; a round whose Σ n_i is 0 cannot be averaged. Integer parameters are rounded to
+    nearest. FedAvg keeps no state between rounds.
+    """
+
+    name: ClassVar[str] = "fedavg"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._specs: dict[str, ParamSpec] = {}
+        self._weighted_sum: dict[str, np.ndarray] = {}
+        self._total_samples = 0
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def _open(
+        self,
+        round_index: int,
+        global_params: Mapping[str, np.ndarray],
+        specs: dict[str, ParamSpec],
+        participants: list[str],
+        known_nodes: list[str],
+    ) -> None:
+        self._specs = dict(specs)
+        self._weighted_sum = {key: np.zeros(spec.shape, dtype=np.float64) for key, spec in specs.items()}
+        self._total_samples = 0
+
+    def _add(self, reply: NodeReply) -> None:
+        if reply.num_samples == 0:
+            return
+        weight = np.float64(reply.num_samples)
+        for key, total in self._weighted_sum.items():
+            total += weight * reply.params[key].astype(np.float64, copy=False)
+        self._total_samples += reply.num_samples
+
+    def _result(self) -> dict[str, np.ndarray]:
+        if self._total_samples == 0:
+            raise AggregationError(
+                "FedAverage: every reply reported num_samples=0, the weighted mean is undefined"
+            )
+        total = np.float64(self._total_samples)
+        result = {key: cast_back(acc / total, self._specs[key]) for key, acc in self._weighted_sum.items()}
+        self._discard()
+        return result
+
+    def _discard(self) -> None:
+        self._weighted_sum = {}
+        self._total_samples = 0
