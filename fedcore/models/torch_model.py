@@ -1,0 +1,137 @@
+"""``TorchModel``: a ``torch.nn.Module`` behind the fedcore ``Model`` API (imports torch)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedcore.errors import ModelError
+from fedcore.models._api import Model, WeightSpec, check_weights
+
+__all__ = ["TorchModel"]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: the same spelling numpy uses, so names compare directly."""
+    return str(dtype).removeprefix("torch.")
+
+
+class TorchModel(Model):
+    """Named parameters (and, on request, persistent buffers) of a ``torch.nn.Module``.
+
+    Names are the module's ``state_dict`` keys. Buffers are the persistent non-parameter entries of the
+    state dict (e.g. batch-norm running statistics); non-persistent buffers are never exchanged.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        if not isinstance(module, torch.nn.Module):
+            raise ModelError(f"TorchModel wraps a torch.nn.Module, got {type(module).__name__}")
+        self._module = module
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._module
+
+    def _entries(self, only_trainable: bool, exclude_buffers: bool) -> dict[str, torch.Tensor]:
+        """The live tensors ``get_weights`` copies, in ``state_dict`` order."""
+        params = dict(self._module.named_parameters(remove_duplicate=False))
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in self._module.state_dict(keep_vars=True).items():
+            if name in params:
+                if only_trainable and not params[name].requires_grad:
+                    continue
+            elif exclude_buffers:
+                continue
+            out[name] = tensor
+        return out
+
+    def get_weights(self, only_trainable: bool = False, exclude_buffers: bool = True) -> dict[str, torch.Tensor]:
+        """``{name: tensor.detach().clone()}``; see :func:`fedcore.models.weights_to_numpy` for the wire."""
+        return {
+            name: tensor.detach().clone()
+            for name, tensor in self._entries(only_trainable, exclude_buffers).items()
+        }
+
+    def set_weights(
+        self, weights: Mapping[str, Any], *, only_trainable: bool = False, exclude_buffers: bool = True
+    ) -> None:
+        """Copy torch tensors or numpy arrays into the module, under ``torch.no_grad()``.
+
+        The names must be exactly those of ``get_weights(only_trainable, exclude_buffers)``; every value
+        must have the target's shape and dtype (numpy has no bfloat16: bfloat16 targets take tensors only).
+
+        Raises:
+            WeightsMismatchError: listing every unknown, missing, mis-shaped or mis-typed entry; no
+                tensor is modified when it is raised.
+        """
+        targets = self._entries(only_trainable, exclude_buffers)
+        specs: dict[str, WeightSpec] = {
+            name: (tuple(t.shape), dtype_name(t.dtype)) for name, t in targets.items()
+        }
+        params = dict(self._module.named_parameters(remove_duplicate=False))
+        hints = {
+            name: "a frozen parameter: pass only_trainable=False to set it"
+            if name in params
+            else "a buffer: pass exclude_buffers=False to set it"
+            for name in self._entries(only_trainable=False, exclude_buffers=False)
+            if name not in targets
+        }
+        check_weights(specs, weights, _describe_value(targets), hints)
+        with torch.no_grad():
+            for name, target in targets.items():
+                value = weights[name]
+                if isinstance(value, np.ndarray):
+                    value = _readonly_tensor(value)
+                target.copy_(value)
+
+    def num_parameters(self) -> int:
+        return int(sum(p.numel() for p in self._module.parameters()))
+
+    def export(self, path: str | Path) -> None:
+        """``torch.save`` of the whole module (pickle: LOCAL use only, see Model.export)."""
+        torch.save(self._module, path)
+
+    def reload(self, path: str | Path) -> None:
+        """Replace the module with the one pickled at ``path`` by :meth:`export`.
+
+        UNSAFE: unpickling runs arbitrary code; only reload files you exported yourself.
+
+        Raises:
+            ModelError: the file does not hold a ``torch.nn.Module``.
+        """
+        module = torch.load(path, weights_only=False)
+        if not isinstance(module, torch.nn.Module):
+            raise ModelError(f"TorchModel.reload: {path} holds a {type(module).__name__}, not a torch.nn.Module")
+        self._module = module
+
+    def __repr__(self) -> str:
+        return f"TorchModel({type(self._module).__name__}, {self.num_parameters()} parameters)"
+
+
+def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor view of ``array`` that will only be read (zero-copy decoded arrays are read-only)."""
+    with warnings.catch_warnings():
+        # torch warns that writing through a view of a read-only array is undefined; we only read.
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _describe_value(targets: Mapping[str, torch.Tensor]) -> Callable[[str, Any], WeightSpec]:
+    def describe(name: str, value: Any) -> WeightSpec:
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape), dtype_name(value.dtype)
+        if isinstance(value, np.ndarray):
+            if targets[name].dtype == torch.bfloat16:
+                raise TypeError(
+                    f"expected a bfloat16 torch tensor, got a numpy {value.dtype} array "
+                    "(numpy has no bfloat16; convert with torch.from_numpy(a).to(torch.bfloat16))"
+                )
+            return value.shape, str(value.dtype)
+        raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+    return describe
