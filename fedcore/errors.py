@@ -8,6 +8,7 @@
     ├── ModelError
     │   └── WeightsMismatchError (also ValueError)  set_weights with unknown/missing names, bad shape/dtype
     ├── PlanError                               a training plan misbehaves (bad loss, missing data loader)
+    ├── DatasetError (also ValueError)          arrays that do not form a dataset (length mismatch, bad split)
     ├── AggregationError (also ValueError)      a reply an aggregator cannot use (missing Scaffold fields, shapes)
     ├── StrategyError (also ValueError)         node selection impossible (no eligible node, bad fraction)
     └── FramingError (also ValueError)          chunk stream problems
@@ -55,6 +56,10 @@ class WeightsMismatchError(ModelError, ValueError):
 
 class PlanError(FedstreamError):
     """A training plan is misconfigured or produced an unusable result (e.g. a NaN loss)."""
+
+
+class DatasetError(FedstreamError, ValueError):
+    """Arrays that do not form a dataset (not arrays, X/y length mismatch, bad split ratio, bad batch size)."""
 
 
 class AggregationError(FedstreamError, ValueError):
