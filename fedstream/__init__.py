@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code of protos/fedstream (do not edit; see scripts/gen_protos.py)."""

@@ -1,0 +1,1 @@
+"""fedstream.v1 wire messages and service stubs, generated from protos/fedstream/v1."""
