@@ -66,7 +66,9 @@ class NodeReply:
             raise AggregationError(f"node_id must be a non-empty str, got {self.node_id!r}")
         nid = self.node_id
         if not isinstance(self.params, Mapping):
-            raise AggregationError(f"node {nid!r}: params must be a mapping, got {type(self.params).__name__}")
+            raise AggregationError(
+                f"node {nid!r}: params must be a mapping, got {type(self.params).__name__}"
+            )
         for key, value in self.params.items():
             if not isinstance(key, str):
                 raise AggregationError(f"node {nid!r}: parameter names must be str, got {key!r}")
@@ -83,7 +85,9 @@ class NodeReply:
                 raise AggregationError(f"node {nid!r}: lr must be a finite float > 0 or None, got {lr!r}")
             object.__setattr__(self, "lr", float(lr))
         if not isinstance(self.metrics, Mapping):
-            raise AggregationError(f"node {nid!r}: metrics must be a mapping, got {type(self.metrics).__name__}")
+            raise AggregationError(
+                f"node {nid!r}: metrics must be a mapping, got {type(self.metrics).__name__}"
+            )
         metrics: dict[str, float] = {}
         for key, value in self.metrics.items():
             if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -188,7 +192,9 @@ class Aggregator(ABC):
         known_set = set(known)
         for node_id in chosen:
             if node_id not in known_set:
-                raise AggregationError(f"participant {node_id!r} is not among the known nodes {sorted(known)}")
+                raise AggregationError(
+                    f"participant {node_id!r} is not among the known nodes {sorted(known)}"
+                )
         self._round = None
         self._open(int(round_index), global_params, specs, chosen, known)
         self._round = _OpenRound(int(round_index), specs, frozenset(chosen))

@@ -63,9 +63,7 @@ class ByIds(NodeSelector):
         available = {info.node_id for info in candidates}
         unknown = sorted(self.node_ids - available)
         if unknown:
-            raise StrategyError(
-                f"ByIds: node(s) {unknown} are not among the candidates {sorted(available)}"
-            )
+            raise StrategyError(f"ByIds: node(s) {unknown} are not among the candidates {sorted(available)}")
         return sorted(self.node_ids)
 
     def __repr__(self) -> str:
