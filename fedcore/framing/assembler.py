@@ -1,0 +1,105 @@
+"""Incoming payloads: chunks written into one preallocated buffer, checked, then decoded zero-copy."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from fedcore.errors import ChunkOrderError, DigestMismatchError, FramingError, PayloadSizeError
+from fedcore.framing.payload import PayloadInfo
+from fedcore.serialization import DEFAULT_LIMITS, Serializer, SerializerLimits
+
+
+class ChunkAssembler:
+    """Receive one payload announced by a :class:`PayloadInfo`.
+
+    Limits are checked before any memory is reserved: the announced size against ``max_payload_size``,
+    the announced chunk size against ``max_chunk_size``. Chunks must arrive in order with no gap or
+    overlap and never past the announced size; the SHA-256 is computed as chunks arrive and checked by
+    :meth:`finish`. Nothing is decoded before the digest matches, so a bad stream is never half-applied.
+    A broken transfer keeps its buffer: :meth:`resume` accepts the same payload again from ``received``.
+    """
+
+    def __init__(self, info: PayloadInfo, *, max_payload_size: int, max_chunk_size: int) -> None:
+        if info.total_size > max_payload_size:
+            raise PayloadSizeError(
+                f"payload of {info.total_size} bytes exceeds the limit of {max_payload_size} bytes"
+            )
+        if info.chunk_size > max_chunk_size:
+            raise PayloadSizeError(f"chunk size {info.chunk_size} exceeds the limit of {max_chunk_size} bytes")
+        if info.start_offset != 0:
+            raise ChunkOrderError(f"a new transfer must start at offset 0, not {info.start_offset}")
+        self.info = info
+        self.max_chunk_size = max_chunk_size
+        self._buffer = np.empty(info.total_size, dtype=np.uint8)
+        self._view = memoryview(self._buffer)
+        self._hash = hashlib.sha256()
+        self.received = 0
+        self._finished = False
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.info.total_size
+
+    def resume(self, info: PayloadInfo) -> None:
+        """Continue after a broken transfer: ``info`` must describe the same payload from ``received``."""
+        same = (info.total_size, info.sha256, info.chunk_size) == (
+            self.info.total_size, self.info.sha256, self.info.chunk_size)
+        if not same:
+            raise ChunkOrderError("resumed transfer describes a different payload (size, digest or chunk size)")
+        if info.start_offset != self.received:
+            raise ChunkOrderError(
+                f"resumed transfer starts at offset {info.start_offset}, expected {self.received}"
+            )
+
+    def add(self, offset: int, data: bytes | memoryview) -> None:
+        """Write one chunk; raise a :class:`FramingError` subclass if it does not fit the stream."""
+        n = len(data)
+        if self._finished:
+            raise ChunkOrderError(f"chunk at offset {offset} after the payload was finished")
+        if offset != self.received:
+            kind = "duplicated or overlapping" if offset < self.received else "out of order (gap)"
+            raise ChunkOrderError(f"chunk at offset {offset} is {kind}: expected offset {self.received}")
+        if n == 0:
+            raise ChunkOrderError(f"empty chunk at offset {offset}")
+        if n > self.info.chunk_size or n > self.max_chunk_size:
+            raise PayloadSizeError(
+                f"chunk of {n} bytes at offset {offset} exceeds the chunk size {min(self.info.chunk_size, self.max_chunk_size)}"
+            )
+        end = offset + n
+        if end > self.info.total_size:
+            raise PayloadSizeError(
+                f"chunk at offset {offset} of {n} bytes ends past the announced size {self.info.total_size}"
+            )
+        self._view[offset:end] = data
+        self._hash.update(self._view[offset:end])
+        self.received = end
+
+    def finish(self) -> np.ndarray:
+        """Check completeness and digest; return the payload as a writable uint8 array."""
+        if not self.complete:
+            raise ChunkOrderError(
+                f"payload incomplete: {self.received} of {self.info.total_size} bytes received (missing chunks)"
+            )
+        if not self._finished and self._hash.digest() != self.info.sha256:
+            raise DigestMismatchError(
+                f"SHA-256 mismatch: announced {self.info.sha256.hex()}, received {self._hash.hexdigest()}"
+            )
+        self._finished = True
+        return self._buffer
+
+    def decode(self, limits: SerializerLimits = DEFAULT_LIMITS) -> Any:
+        """:meth:`finish`, then decode; arrays are zero-copy views of the assembly buffer."""
+        return Serializer.loads(self.finish(), limits=limits)
+
+
+def assemble(info: PayloadInfo, chunks: Any, *, max_payload_size: int, max_chunk_size: int) -> np.ndarray:
+    """Assemble an iterable of ``(offset, data)`` into a verified buffer (a convenience for tests and tools)."""
+    asm = ChunkAssembler(info, max_payload_size=max_payload_size, max_chunk_size=max_chunk_size)
+    for offset, data in chunks:
+        asm.add(offset, data)
+    if not asm.complete:
+        raise FramingError(f"stream ended after {asm.received} of {info.total_size} bytes")
+    return asm.finish()
