@@ -163,6 +163,18 @@ def test_begin_round_validation():
         Scaffold().begin_round(0, {"steps": np.zeros(2, np.int64)}, ["a"], ["a"])
 
 
+def test_node_reply_freezes_its_mappings_and_takes_numpy_scalars_as_0d_arrays():
+    source = {"w": np.zeros(2), "b": np.float32(1.5)}
+    rep = NodeReply("a", source, np.int64(3), 2, 0.5, {"loss": np.float32(0.25)})
+    source["extra"] = np.zeros(1)
+    assert sorted(rep.params) == ["b", "w"]
+    assert isinstance(rep.params["b"], np.ndarray) and rep.params["b"].shape == ()
+    assert rep.params["b"].dtype == np.float32
+    assert type(rep.num_samples) is int and rep.metrics == {"loss": 0.25}
+    with pytest.raises(TypeError):
+        rep.params["w"] = np.ones(2)  # type: ignore[index]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -69,14 +69,18 @@ class NodeReply:
             raise AggregationError(
                 f"node {nid!r}: params must be a mapping, got {type(self.params).__name__}"
             )
+        params: dict[str, np.ndarray] = {}
         for key, value in self.params.items():
             if not isinstance(key, str):
                 raise AggregationError(f"node {nid!r}: parameter names must be str, got {key!r}")
+            if isinstance(value, np.generic):  # a numpy scalar is taken as a 0-d array
+                value = np.asarray(value)
             if not isinstance(value, np.ndarray):
                 raise AggregationError(
                     f"node {nid!r}: parameter {key!r} must be a numpy array, got {type(value).__name__}"
                 )
-        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+            params[key] = value
+        object.__setattr__(self, "params", MappingProxyType(params))
         object.__setattr__(self, "num_samples", _check_count(self.num_samples, "num_samples", nid))
         object.__setattr__(self, "num_steps", _check_count(self.num_steps, "num_steps", nid))
         if self.lr is not None:
