@@ -11,10 +11,15 @@
     ├── DatasetError (also ValueError)          arrays that do not form a dataset (length mismatch, bad split)
     ├── AggregationError (also ValueError)      a reply an aggregator cannot use (missing Scaffold fields, shapes)
     ├── StrategyError (also ValueError)         node selection impossible (no eligible node, bad fraction)
-    └── FramingError (also ValueError)          chunk stream problems
-        ├── ChunkOrderError                     out-of-order, duplicated or missing chunk
-        ├── PayloadSizeError                    payload or chunk beyond the announced or allowed size
-        └── DigestMismatchError                 SHA-256 of the assembled payload differs from the header
+    ├── FramingError (also ValueError)          chunk stream problems
+    │   ├── ChunkOrderError                     out-of-order, duplicated or missing chunk
+    │   ├── PayloadSizeError                    payload or chunk beyond the announced or allowed size
+    │   └── DigestMismatchError                 SHA-256 of the assembled payload differs from the header
+    └── NodeError                               a node cannot serve its server (fednode)
+        ├── NodeConfigError (also ValueError)   bad node configuration: TLS mode, CA/cert/key, token, limits
+        ├── ConnectionLostError                 server unreachable or a call broke mid-stream (retried, backoff)
+        ├── ServerRefusedError                  the server answered with a non-retryable status (.code, .details)
+        └── ProtocolError                       the server's messages break the protocol (chunk before header)
 
     UserWarning
     └── TrainingArgsWarning                     a given training argument is ignored or capped (precedence)
@@ -88,3 +93,32 @@ class DigestMismatchError(FramingError):
 
 class TrainingArgsWarning(UserWarning):
     """A training argument that was given is ignored or capped (e.g. ``epochs`` when ``num_updates`` is set)."""
+
+
+class NodeError(FedstreamError):
+    """A node cannot serve its server (fednode's connection and protocol problems)."""
+
+
+class NodeConfigError(NodeError, ValueError):
+    """A node configuration is invalid (unknown TLS mode, missing CA/cert/key file, no token, bad limit)."""
+
+
+class ConnectionLostError(NodeError):
+    """The server is unreachable or a call broke mid-stream; the node retries with backoff."""
+
+    def __init__(self, message: str, code: object = None) -> None:
+        super().__init__(message)
+        self.code = code  # the grpc.StatusCode when the failure came from a call, else None
+
+
+class ServerRefusedError(NodeError):
+    """The server answered with a status retrying cannot fix (bad token, incompatible protocol version)."""
+
+    def __init__(self, message: str, code: object = None, details: str = "") -> None:
+        super().__init__(message)
+        self.code = code  # the grpc.StatusCode
+        self.details = details  # the server's status message
+
+
+class ProtocolError(NodeError):
+    """The server's messages break the protocol (a chunk before any header, an unknown event, bad header)."""
