@@ -158,3 +158,27 @@ def test_limits_are_checked_before_allocation() -> None:
 def test_payload_info_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(FramingError, match=match):
         PayloadInfo(**kwargs)
+
+
+def test_shared_map_payload_shares_model_memory_and_hashes_right() -> None:
+    from fedcore.framing import SharedMapPayload
+
+    params = {"w": np.arange(1 << 18, dtype=np.float32), "b": np.ones(3, np.float32)}
+    shared = SharedMapPayload({"round": 2, "params": params}, own_keys=["aggregator"], chunk_size=1 << 16)
+    a = shared.build({"aggregator": {"correction": {"w": np.full(4, 1.5)}}})
+    b = shared.build({"aggregator": {}})
+    for payload, own in ((a, {"correction": {"w": np.full(4, 1.5)}}), (b, {})):
+        document = payload.tobytes()
+        assert payload.sha256 == hashlib.sha256(document).digest()
+        out = ChunkAssembler(payload.info(), **LIMITS)
+        for offset, data in payload.iter_chunks():
+            out.add(offset, data)
+        decoded = out.decode()
+        assert list(decoded) == ["round", "params", "aggregator"]
+        assert np.array_equal(decoded["params"]["w"], params["w"])
+        assert np.shares_memory(decoded["params"]["w"], out.finish()), "aligned zero-copy view expected"
+        assert decoded["aggregator"].keys() == own.keys()
+    with pytest.raises(FramingError, match="exactly"):
+        shared.build({"other": 1})
+    with pytest.raises(FramingError, match="both shared"):
+        SharedMapPayload({"x": 1}, own_keys=["x"])

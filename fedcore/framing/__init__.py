@@ -1,6 +1,6 @@
 """Chunk framing shared by both sides: cut an encoded payload into chunks, assemble and verify them."""
 
 from fedcore.framing.assembler import ChunkAssembler, assemble
-from fedcore.framing.payload import DEFAULT_CHUNK_SIZE, OutgoingPayload, PayloadInfo
+from fedcore.framing.payload import DEFAULT_CHUNK_SIZE, OutgoingPayload, PayloadInfo, SharedMapPayload
 
-__all__ = ["ChunkAssembler", "OutgoingPayload", "PayloadInfo", "DEFAULT_CHUNK_SIZE", "assemble"]
+__all__ = ["ChunkAssembler", "OutgoingPayload", "PayloadInfo", "DEFAULT_CHUNK_SIZE", "SharedMapPayload", "assemble"]

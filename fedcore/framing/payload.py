@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from fedcore.errors import FramingError, PayloadSizeError
 from fedcore.serialization import DEFAULT_LIMITS, Serializer, SerializerLimits
+from fedcore.serialization.encoder import encode_map_entries, map_header
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: gRPC streams run at memory-copy speed with chunks this size
 
@@ -48,15 +49,17 @@ class PayloadInfo:
 class OutgoingPayload:
     """An encoded document with its size and digest, ready to be streamed in chunks (repeatedly)."""
 
-    def __init__(self, segments: list[Any], chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(self, segments: list[Any], chunk_size: int = DEFAULT_CHUNK_SIZE, *,
+                 _hashed: tuple[Any, int] | None = None) -> None:
         if chunk_size <= 0:
             raise PayloadSizeError(f"chunk_size must be > 0, got {chunk_size}")
-        self._segments = [memoryview(s).cast("B") for s in segments]
-        self._segments = [s for s in self._segments if len(s)]
+        views = [memoryview(s).cast("B") for s in segments]
+        self._segments = [s for s in views if len(s)]
         self.chunk_size = chunk_size
         self.total_size = sum(len(s) for s in self._segments)
-        digest = hashlib.sha256()
-        for segment in self._segments:
+        # ``_hashed`` = (sha256 state over the first k segments, k): lets a shared prefix be hashed once.
+        digest, done = (_hashed[0].copy(), _hashed[1]) if _hashed else (hashlib.sha256(), 0)
+        for segment in views[done:]:
             digest.update(segment)
         self.sha256 = digest.digest()
 
@@ -117,3 +120,41 @@ class OutgoingPayload:
                 return index, offset
             offset -= len(seg)
         return max(len(self._segments) - 1, 0), len(self._segments[-1]) if self._segments else 0
+
+
+class SharedMapPayload:
+    """Payloads that are msgpack maps sharing most of their entries (the global model) across receivers.
+
+    The shared entries are encoded and hashed once; :meth:`build` adds one receiver's own entries (e.g.
+    its Scaffold correction) and returns an :class:`OutgoingPayload` whose chunks of the shared part are
+    views of the same memory for every receiver. Every receiver gets a complete, ordinary map.
+    """
+
+    def __init__(self, shared: dict[str, Any], own_keys: list[str], chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 limits: SerializerLimits = DEFAULT_LIMITS) -> None:
+        overlap = sorted(set(shared) & set(own_keys))
+        if overlap:
+            raise FramingError(f"keys both shared and per-receiver: {overlap}")
+        self.own_keys = list(own_keys)
+        self.chunk_size = chunk_size
+        self._limits = limits
+        head = map_header(len(shared) + len(own_keys))
+        body = encode_map_entries(shared, max_depth=limits.max_depth, base_offset=len(head))
+        self._prefix = [head, *body.segments]
+        self._prefix_size = len(head) + body.nbytes
+        self._prefix_hash = hashlib.sha256()
+        for segment in self._prefix:
+            self._prefix_hash.update(segment)
+
+    @property
+    def shared_size(self) -> int:
+        """Bytes of the shared part (map header included)."""
+        return self._prefix_size
+
+    def build(self, own: dict[str, Any]) -> OutgoingPayload:
+        """The full payload for one receiver whose own entries are ``own`` (exactly ``own_keys``)."""
+        if sorted(own) != sorted(self.own_keys):
+            raise FramingError(f"per-receiver entries must be exactly {sorted(self.own_keys)}, got {sorted(own)}")
+        own_doc = encode_map_entries(own, max_depth=self._limits.max_depth, base_offset=self._prefix_size)
+        return OutgoingPayload([*self._prefix, *own_doc.segments], self.chunk_size,
+                               _hashed=(self._prefix_hash, len(self._prefix)))

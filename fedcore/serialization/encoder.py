@@ -49,11 +49,11 @@ def _torch_module() -> Any:
 
 
 class _Encoder:
-    def __init__(self, max_depth: int) -> None:
+    def __init__(self, max_depth: int, base_offset: int = 0) -> None:
         self.max_depth = max_depth
         self.packer = msgpack.Packer(autoreset=False, use_bin_type=True)
         self.doc = EncodedDocument()
-        self.pending = 0  # bytes sitting in the packer, not yet moved to segments
+        self.base_offset = base_offset  # where this output will sit in the final document (alignment)
 
     # -- segment bookkeeping -------------------------------------------------------------------
     def _flush(self) -> None:
@@ -73,8 +73,10 @@ class _Encoder:
     # -- values --------------------------------------------------------------------------------
     def encode(self, obj: Any, depth: int) -> None:
         t = type(obj)
-        if obj is None or t is bool or t is float or t is str or t is bytes:
+        if obj is None or t is bool or t is float or t is bytes:
             self.packer.pack(obj)
+        elif t is str:
+            self._str(obj)
         elif t is int:
             try:
                 self.packer.pack(obj)
@@ -101,6 +103,12 @@ class _Encoder:
         else:
             raise _Failure(f"cannot encode object of type {t.__module__}.{t.__qualname__}")
 
+    def _str(self, text: str) -> None:
+        try:
+            self.packer.pack(text)
+        except UnicodeEncodeError as exc:
+            raise _Failure(f"cannot encode str: not valid UTF-8 ({exc.reason} at index {exc.start})") from None
+
     def _check_depth(self, depth: int) -> None:
         if depth >= self.max_depth:
             raise _Failure(f"nesting deeper than the limit of {self.max_depth} levels")
@@ -110,7 +118,9 @@ class _Encoder:
         self.packer.pack_map_header(len(obj))
         for key, value in obj.items():
             tk = type(key)
-            if tk is str or tk is bool:
+            if tk is str:
+                self._str(key)
+            elif tk is bool:
                 self.packer.pack(key)
             elif tk is int:
                 try:
@@ -170,7 +180,7 @@ class _Encoder:
         head_size = fmt.array_header_size(dstr, arr.ndim)
         pad = 0
         if nbytes >= fmt.ALIGN_MIN_BYTES:
-            pad = -(self.doc.nbytes + _EXT32.size + head_size) % fmt.ALIGNMENT
+            pad = -(self.base_offset + self.doc.nbytes + _EXT32.size + head_size) % fmt.ALIGNMENT
         header = fmt.pack_array_header(dstr, arr.shape, pad)
         length = len(header) + nbytes
         if length > 0xFFFFFFFF:
@@ -183,7 +193,10 @@ class _Encoder:
         if t.layout != torch.strided:
             raise _Failure(f"cannot encode a {t.layout} torch tensor (dense tensors only)")
         if t.device.type != "cpu":
-            t = t.cpu()
+            try:
+                t = t.cpu()
+            except (RuntimeError, NotImplementedError) as exc:  # e.g. a 'meta' tensor has no data
+                raise _Failure(f"cannot copy a torch tensor from device {t.device} ({exc})") from None
         t = t.resolve_conj().resolve_neg().contiguous()
         if t.dtype == torch.bfloat16:
             arr = t.view(torch.int16).numpy()
@@ -197,11 +210,45 @@ class _Encoder:
         self._array(fmt.EXT_TORCH, arr, None)
 
 
-def encode(obj: Any, *, max_depth: int = 100) -> EncodedDocument:
-    """Encode ``obj`` as a list of segments; raise :class:`EncodeError` naming the type and its path."""
-    enc = _Encoder(max_depth)
+def encode(obj: Any, *, max_depth: int = 100, base_offset: int = 0) -> EncodedDocument:
+    """Encode ``obj`` as a list of segments; raise :class:`EncodeError` naming the type and its path.
+
+    ``base_offset`` is where the output will start inside a larger document (used to align array data
+    when documents are composed from parts, see :func:`encode_map_entries`).
+    """
+    enc = _Encoder(max_depth, base_offset)
     try:
         enc.encode(obj, 0)
+    except _Failure as failure:
+        path = "obj" + "".join(reversed(failure.keys))
+        raise EncodeError(f"{failure.message} at {path}") from None
+    enc._flush()
+    return enc.doc
+
+
+def map_header(n_entries: int) -> bytes:
+    """The msgpack map header for ``n_entries``, always in the 5-byte map 32 form (fixed size)."""
+    return struct.pack(">BI", 0xDF, n_entries)
+
+
+def encode_map_entries(entries: dict, *, max_depth: int = 100, base_offset: int = 0) -> EncodedDocument:
+    """Encode the key/value pairs of ``entries`` WITHOUT a map header.
+
+    Concatenating ``map_header(n)`` and parts produced by this function (with the right ``base_offset``
+    each) yields one valid map: this is how a payload shared by many receivers (the global model) is
+    encoded once and combined with each receiver's own entries.
+    """
+    enc = _Encoder(max_depth, base_offset)
+    try:
+        for key, value in entries.items():
+            if type(key) is not str:
+                raise _Failure(f"dict key {key!r} of type {type(key).__qualname__} is not a str")
+            enc.packer.pack(key)
+            try:
+                enc.encode(value, 1)
+            except _Failure as failure:
+                failure.keys.append(f"[{key!r}]")
+                raise
     except _Failure as failure:
         path = "obj" + "".join(reversed(failure.keys))
         raise EncodeError(f"{failure.message} at {path}") from None
