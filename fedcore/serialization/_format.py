@@ -38,6 +38,7 @@ BFLOAT16_BE = ">bf2"
 _KIND_SIZES = {"b": (1,), "i": (1, 2, 4, 8), "u": (1, 2, 4, 8), "f": (2, 4, 8), "c": (8, 16)}
 
 _U64 = struct.Struct(">Q")
+_MAX_INTP = 2**63 - 1  # numpy's limit on itemsize x (product of the non-zero dimensions)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def check_dtype_string(dtype: str) -> str | None:
     order, kind, size = dtype[0], dtype[1], dtype[2:]
     if kind not in _KIND_SIZES:
         return f"unsupported dtype kind {kind!r} in {dtype!r} (bool, int, uint, float and complex only)"
-    if not size.isdigit() or int(size) not in _KIND_SIZES[kind]:
+    if size not in {str(n) for n in _KIND_SIZES[kind]}:  # canonical spelling only: no '08', no '+8'
         return f"unsupported item size in dtype {dtype!r}"
     if int(size) == 1 and order != "|":
         return f"one-byte dtype {dtype!r} must use the '|' byte order"
@@ -117,6 +118,11 @@ def parse_array_header(payload: memoryview) -> ArrayHeader:
         raise ValueError("array header truncated in its shape")
     shape = tuple(_U64.unpack_from(payload, pos + 8 * i)[0] for i in range(ndim))
     pos += 8 * ndim
+    reach = 2 if dtype[1:3] == "bf" else int(dtype[2:])  # numpy refuses this even when a dimension is 0
+    for d in shape:
+        reach *= d or 1
+    if reach > _MAX_INTP:
+        raise ValueError(f"array shape {shape} of dtype {dtype} exceeds numpy's size limit of 2**63-1 bytes")
     pad = payload[pos]
     pos += 1 + pad
     header = ArrayHeader(dtype, shape, pos)

@@ -186,6 +186,8 @@ class _Decoder:
             raise DecodeError(f"bfloat16 array at offset {start} is only valid as a torch tensor")
         np_dtype = np.dtype(header.dtype[0] + "i2") if is_bf16 else np.dtype(header.dtype)
         arr = np.frombuffer(payload[header.data_offset :], dtype=np_dtype).reshape(header.shape)
+        if header.dtype == "|b1" and arr.size and arr.view(np.uint8).max() > 1:
+            raise DecodeError(f"bool array at offset {start} holds bytes other than 0 and 1")
         if self.copy or not arr.flags.writeable or not arr.flags.aligned:
             arr = arr.copy()
         if code == fmt.EXT_NDARRAY:
@@ -221,7 +223,7 @@ def decode(data: Any, *, copy: bool | None = None, max_depth: int = 100, max_obj
     except TypeError:
         raise DecodeError(f"cannot decode an object of type {type(data).__name__}; expected bytes-like") from None
     if buf.ndim != 1 or buf.itemsize != 1 or not buf.contiguous:
-        buf = buf.cast("B") if buf.contiguous else memoryview(buf.tobytes())
+        buf = buf.cast("B") if buf.c_contiguous else memoryview(buf.tobytes())
     if buf.format != "B":
         buf = buf.cast("B")
     must_copy = bool(copy) if copy is not None else buf.readonly

@@ -52,8 +52,13 @@ class Serializer:
     @staticmethod
     def loads(data: Any, *, copy: bool | None = None, limits: SerializerLimits = DEFAULT_LIMITS) -> Any:
         """Decode one document from a bytes-like object (see the class docstring for copy semantics)."""
-        if limits.max_size is not None and len(memoryview(data).cast("B")) > limits.max_size:
-            raise DecodeError(f"document of {len(memoryview(data).cast('B'))} bytes exceeds max_size {limits.max_size}")
+        if limits.max_size is not None:
+            try:
+                size = memoryview(data).nbytes
+            except TypeError:
+                raise DecodeError(f"cannot decode an object of type {type(data).__name__}; expected bytes-like") from None
+            if size > limits.max_size:
+                raise DecodeError(f"document of {size} bytes exceeds max_size {limits.max_size}")
         return decode(data, copy=copy, max_depth=limits.max_depth, max_objects=limits.max_objects)
 
     @staticmethod
