@@ -19,7 +19,13 @@
         ├── NodeConfigError (also ValueError)   bad node configuration: TLS mode, CA/cert/key, token, limits
         ├── ConnectionLostError                 server unreachable or a call broke mid-stream (retried, backoff)
         ├── ServerRefusedError                  the server answered with a non-retryable status (.code, .details)
-        └── ProtocolError                       the server's messages break the protocol (chunk before header)
+        ├── ProtocolError                       the server's messages break the protocol (chunk before header)
+        ├── NodeStoreError                      node.db unusable: not SQLite, schema newer than this fednode
+        ├── DatasetRegistryError (also ValueError)  unknown or duplicate dataset name, bad name/tags/options
+        │   └── DatasetFileError                dataset file missing, unreadable or changed since registration
+        │       └── DatasetFormatError          content is not a dataset: bad CSV/NPZ, non-numeric, NaN/inf
+        └── PlanApprovalError (also ValueError) unknown, ambiguous or malformed plan id; bad status filter
+            └── PlanNotApprovedError            a task's training plan is pending or rejected on this node
 
     UserWarning
     └── TrainingArgsWarning                     a given training argument is ignored or capped (precedence)
@@ -122,3 +128,27 @@ class ServerRefusedError(NodeError):
 
 class ProtocolError(NodeError):
     """The server's messages break the protocol (a chunk before any header, an unknown event, bad header)."""
+
+
+class NodeStoreError(NodeError):
+    """The node database cannot be used (not an SQLite file, schema newer than this fednode, I/O error)."""
+
+
+class DatasetRegistryError(NodeError, ValueError):
+    """The dataset registry refuses a request (unknown or duplicate name, bad name, tags or options)."""
+
+
+class DatasetFileError(DatasetRegistryError):
+    """A dataset file is missing, unreadable, or changed since it was registered."""
+
+
+class DatasetFormatError(DatasetFileError):
+    """A dataset file's content is not a dataset (no CSV header, non-numeric cell, NaN/inf, bad NPZ arrays)."""
+
+
+class PlanApprovalError(NodeError, ValueError):
+    """A plan approval request is invalid (unknown or ambiguous plan id, bad prefix, unknown status)."""
+
+
+class PlanNotApprovedError(PlanApprovalError):
+    """A task's training plan is not approved on this node; the message says how the operator approves it."""
