@@ -173,6 +173,13 @@ class NumpyModel(Model):
         if n == 0:
             raise ModelError("NumpyModel: cannot compute a loss on an empty batch")
         targets = self._targets(y, n)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._loss_and_grads(X, targets)
+
+    def _loss_and_grads(self, X: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        # Non-finite inputs or weights give a non-finite loss, without numpy warnings: training plans
+        # turn it into a PlanError naming the step.
+        n = X.shape[0]
         Z = X @ self._weights["coef"] + self._weights["intercept"]
         if self._task == "linear":
             diff = Z - targets
