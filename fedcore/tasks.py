@@ -1,0 +1,217 @@
+"""What the researcher and a node exchange for a training round: typed task and result payloads.
+
+Both are msgpack maps on the wire (docs/protocol.md, "Payload schemas"); these dataclasses are the only
+place that knows their keys. ``from_payload`` validates a decoded map and raises
+:class:`~fedcore.errors.TaskPayloadError` naming the first bad field, so a malformed payload is refused
+before anything is applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedcore.errors import TaskPayloadError
+
+PAYLOAD_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PlanSource:
+    """A training plan as nodes see it: the class name and the full source of its module."""
+
+    name: str
+    source: str
+    sha256: str
+
+    @classmethod
+    def from_source(cls, name: str, source: str) -> PlanSource:
+        return cls(name, source, hashlib.sha256(source.encode("utf-8")).hexdigest())
+
+    @classmethod
+    def from_class(cls, plan_class: type) -> PlanSource:
+        """The source of the module that defines ``plan_class`` (it must be self-contained: nodes run it)."""
+        module = inspect.getmodule(plan_class)
+        if module is None:
+            raise TaskPayloadError(f"cannot find the module that defines {plan_class.__qualname__}")
+        try:
+            source = inspect.getsource(module)
+        except (OSError, TypeError) as exc:
+            raise TaskPayloadError(
+                f"cannot read the source of {plan_class.__qualname__}'s module ({exc}); "
+                "define training plans in a .py file"
+            ) from None
+        return cls.from_source(plan_class.__name__, source)
+
+    def to_payload(self) -> dict[str, str]:
+        return {"name": self.name, "source": self.source, "sha256": self.sha256}
+
+    @classmethod
+    def from_payload(cls, obj: Any) -> PlanSource:
+        m = _map(obj, "plan")
+        plan = cls(_str(m, "name", "plan"), _str(m, "source", "plan"), _str(m, "sha256", "plan"))
+        actual = hashlib.sha256(plan.source.encode("utf-8")).hexdigest()
+        if actual != plan.sha256:
+            raise TaskPayloadError(f"plan.sha256 {plan.sha256} does not match the source's SHA-256 {actual}")
+        return plan
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """Server → node: train ``plan`` from ``params`` on datasets tagged ``dataset_tags``.
+
+    ``aggregator_state`` is what the aggregator sends this node (Scaffold: ``{"correction": δ_i}``).
+    """
+
+    experiment_id: str
+    round: int
+    plan: PlanSource
+    training_args: dict[str, Any]
+    params: dict[str, np.ndarray]
+    aggregator: str = "fedavg"
+    aggregator_state: dict[str, Any] = field(default_factory=dict)
+    dataset_tags: list[str] = field(default_factory=list)
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+    SHARED_KEYS = ("format", "experiment_id", "round", "plan", "training_args", "model_args", "params",
+                   "aggregator", "dataset_tags")
+    OWN_KEYS = ("aggregator_state",)
+
+    def shared_entries(self) -> dict[str, Any]:
+        """The entries every node of the round receives identically (encoded once, see SharedMapPayload)."""
+        return {"format": PAYLOAD_FORMAT, "experiment_id": self.experiment_id, "round": self.round,
+                "plan": self.plan.to_payload(), "training_args": dict(self.training_args),
+                "model_args": dict(self.model_args), "params": self.params, "aggregator": self.aggregator,
+                "dataset_tags": list(self.dataset_tags)}
+
+    def own_entries(self) -> dict[str, Any]:
+        """The entries specific to one node."""
+        return {"aggregator_state": self.aggregator_state}
+
+    def to_payload(self) -> dict[str, Any]:
+        return {**self.shared_entries(), **self.own_entries()}
+
+    @classmethod
+    def from_payload(cls, obj: Any) -> TrainTask:
+        m = _map(obj, "task")
+        _format(m)
+        return cls(
+            experiment_id=_str(m, "experiment_id", "task"),
+            round=_int(m, "round", "task"),
+            plan=PlanSource.from_payload(m.get("plan")),
+            training_args=dict(_map(m.get("training_args"), "training_args")),
+            params=_arrays(m.get("params"), "params"),
+            aggregator=_str(m, "aggregator", "task"),
+            aggregator_state=dict(_map(m.get("aggregator_state", {}), "aggregator_state")),
+            dataset_tags=[_check_str(t, "dataset_tags[]") for t in _list(m.get("dataset_tags", []), "dataset_tags")],
+            model_args=dict(_map(m.get("model_args", {}), "model_args")),
+        )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Node → server: locally trained ``params`` after ``num_steps`` steps (K) at learning rate ``lr`` (η_l).
+
+    ``metrics`` are training metrics (e.g. the mean loss of the last steps); ``validation`` maps "before"
+    (global model) and/or "after" (local model) to metric dicts computed on the node's held-out split.
+    """
+
+    params: dict[str, np.ndarray]
+    num_samples: int
+    num_steps: int
+    lr: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    validation: dict[str, dict[str, float]] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"format": PAYLOAD_FORMAT, "params": self.params, "num_samples": self.num_samples,
+                "num_steps": self.num_steps, "lr": self.lr, "metrics": dict(self.metrics),
+                "validation": {k: dict(v) for k, v in self.validation.items()}, "duration_s": self.duration_s}
+
+    @classmethod
+    def from_payload(cls, obj: Any) -> TrainResult:
+        m = _map(obj, "result")
+        _format(m)
+        lr = m.get("lr")
+        if lr is not None and not _is_number(lr):
+            raise TaskPayloadError(f"result.lr must be a number or null, got {type(lr).__name__}")
+        validation = _map(m.get("validation", {}), "validation")
+        return cls(
+            params=_arrays(m.get("params"), "params"),
+            num_samples=_int(m, "num_samples", "result"),
+            num_steps=_int(m, "num_steps", "result"),
+            lr=None if lr is None else float(lr),
+            metrics=_metrics(m.get("metrics", {}), "metrics"),
+            validation={_check_str(k, "validation key"): _metrics(v, f"validation[{k!r}]") for k, v in validation.items()},
+            duration_s=float(m["duration_s"]) if _is_number(m.get("duration_s")) else 0.0,
+        )
+
+
+# -- validation helpers --------------------------------------------------------------------------------
+def _map(obj: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise TaskPayloadError(f"{what} must be a map, got {type(obj).__name__}")
+    return obj
+
+
+def _list(obj: Any, what: str) -> list[Any]:
+    if not isinstance(obj, (list, tuple)):
+        raise TaskPayloadError(f"{what} must be an array, got {type(obj).__name__}")
+    return list(obj)
+
+
+def _check_str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise TaskPayloadError(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _str(m: Mapping[str, Any], key: str, what: str) -> str:
+    if key not in m:
+        raise TaskPayloadError(f"{what}.{key} is missing")
+    return _check_str(m[key], f"{what}.{key}")
+
+
+def _int(m: Mapping[str, Any], key: str, what: str) -> int:
+    value = m.get(key)
+    if type(value) is not int or value < 0:
+        raise TaskPayloadError(f"{what}.{key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) or isinstance(value, np.floating)
+
+
+def _format(m: Mapping[str, Any]) -> None:
+    if m.get("format") != PAYLOAD_FORMAT:
+        raise TaskPayloadError(f"payload format {m.get('format')!r} is not supported (expected {PAYLOAD_FORMAT})")
+
+
+def _arrays(obj: Any, what: str) -> dict[str, np.ndarray]:
+    m = _map(obj, what)
+    out: dict[str, np.ndarray] = {}
+    for name, value in m.items():
+        if not isinstance(name, str) or not isinstance(value, np.ndarray):
+            raise TaskPayloadError(f"{what}[{name!r}] must be an n-d array keyed by a string, got {type(value).__name__}")
+        out[name] = value
+    return out
+
+
+def _metrics(obj: Any, what: str) -> dict[str, float]:
+    m = _map(obj, what)
+    out: dict[str, float] = {}
+    for name, value in m.items():
+        if not isinstance(name, str) or not _is_number(value):
+            raise TaskPayloadError(f"{what}[{name!r}] must be a number, got {type(value).__name__}")
+        out[name] = float(value)
+        if math.isnan(out[name]):
+            raise TaskPayloadError(f"{what}[{name!r}] is NaN")
+    return out
