@@ -11,6 +11,7 @@
     ├── DatasetError (also ValueError)          arrays that do not form a dataset (length mismatch, bad split)
     ├── AggregationError (also ValueError)      a reply an aggregator cannot use (missing Scaffold fields, shapes)
     ├── StrategyError (also ValueError)         node selection impossible (no eligible node, bad fraction)
+    ├── TaskPayloadError (also ValueError)      a decoded task or result map lacks a field or has a bad one
     ├── FramingError (also ValueError)          chunk stream problems
     │   ├── ChunkOrderError                     out-of-order, duplicated or missing chunk
     │   ├── PayloadSizeError                    payload or chunk beyond the announced or allowed size
@@ -79,6 +80,10 @@ class AggregationError(FedstreamError, ValueError):
 
 class StrategyError(FedstreamError, ValueError):
     """Node selection cannot be satisfied."""
+
+
+class TaskPayloadError(FedstreamError, ValueError):
+    """A decoded task or result payload is missing a field or has one of the wrong type."""
 
 
 class FramingError(FedstreamError, ValueError):
