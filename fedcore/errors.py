@@ -16,6 +16,17 @@
     │   ├── ChunkOrderError                     out-of-order, duplicated or missing chunk
     │   ├── PayloadSizeError                    payload or chunk beyond the announced or allowed size
     │   └── DigestMismatchError                 SHA-256 of the assembled payload differs from the header
+    ├── VersionMismatchError (also ValueError)  the peer speaks another protocol major version; names both (fedcore.wire)
+    ├── MessageError (also ValueError)          a protobuf message breaks fedstream.v1 rules: unspecified enum,
+    │                                           missing header, chunk before header (fedcore.wire, both sides)
+    ├── ServerError                             the researcher's server refuses a request or an operation (fedserver)
+    │   ├── ServerConfigError (also ValueError) bad server configuration: TLS mode, cert paths, limits, node ids
+    │   ├── AuthenticationError                 no valid identity: missing/unknown/revoked token, no client cert
+    │   ├── PermissionDeniedError               a known node acting on a task that was not sent to it
+    │   ├── UnknownTaskError (also LookupError) no task with this id
+    │   ├── TaskClosedError                     the task's round is over (cancelled, timed out, done): refused
+    │   ├── UnknownNodeError (also LookupError) no node with this id (not enrolled, not registered)
+    │   └── LimitExceededError                  over a configured limit: payload, chunk, concurrent uploads
     └── NodeError                               a node cannot serve its server (fednode)
         ├── NodeConfigError (also ValueError)   bad node configuration: TLS mode, CA/cert/key, token, limits
         ├── ConnectionLostError                 server unreachable or a call broke mid-stream (retried, backoff)
@@ -100,6 +111,46 @@ class PayloadSizeError(FramingError):
 
 class DigestMismatchError(FramingError):
     """The SHA-256 of an assembled payload does not match the header's."""
+
+
+class VersionMismatchError(FedstreamError, ValueError):
+    """The peer speaks an incompatible protocol major version; the message names both versions."""
+
+
+class MessageError(FedstreamError, ValueError):
+    """A protobuf message breaks the fedstream.v1 rules (unspecified enum, missing field, wrong order)."""
+
+
+class ServerError(FedstreamError):
+    """The researcher's server refuses a request or an operation (fedserver)."""
+
+
+class ServerConfigError(ServerError, ValueError):
+    """A server configuration value is invalid; the message names the field, the value and the choices."""
+
+
+class AuthenticationError(ServerError):
+    """The caller has no valid identity: missing, unknown or revoked token, or no client certificate."""
+
+
+class PermissionDeniedError(ServerError):
+    """The caller is known but may not act on this object (a result for a task sent to another node)."""
+
+
+class UnknownTaskError(ServerError, LookupError):
+    """No task with this id exists (or it was forgotten long ago)."""
+
+
+class TaskClosedError(ServerError):
+    """The task no longer accepts results or reports: its round finished, it was cancelled or timed out."""
+
+
+class UnknownNodeError(ServerError, LookupError):
+    """No node with this id is enrolled or registered."""
+
+
+class LimitExceededError(ServerError):
+    """A request goes over a configured limit: payload size, chunk size or number of concurrent uploads."""
 
 
 class TrainingArgsWarning(UserWarning):
