@@ -1,0 +1,76 @@
+"""Run one training task on local data: the node's side of a round, independent of the transport.
+
+Order of operations (docs/protocol.md, "TRAIN task"): load the approved plan, build it with the task's
+training args, load the global parameters (strictly: names, shapes, dtypes), optionally evaluate them,
+train through the accountant with the Scaffold correction or FedProx anchor the task asks for, optionally
+evaluate the local model, and return the parameters as numpy arrays with K, η_l and the metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from fedcore.errors import PlanError
+from fedcore.models import weights_to_numpy
+from fedcore.plans import ArrayDataset, TrainingProgress
+from fedcore.tasks import TrainResult, TrainTask
+from fedcore.training_args import TrainingArgs
+from fednode.plan_loader import load_plan_class
+
+ProgressCallback = Callable[[TrainingProgress], None]
+
+
+def run_training(task: TrainTask, dataset: ArrayDataset, progress: ProgressCallback | None = None) -> TrainResult:
+    """Train ``task.plan`` on ``dataset`` from ``task.params`` and return the result payload.
+
+    Raises:
+        PlanError: the plan fails to load or train (NaN loss, bad shapes, ...), or Scaffold is asked
+            for with an optimizer its maths does not describe.
+        WeightsMismatchError: the global parameters do not fit the plan's model.
+        TrainingArgsError: invalid training arguments.
+    """
+    started = time.perf_counter()
+    args = TrainingArgs.from_dict(task.training_args)
+    correction = None
+    if task.aggregator == "scaffold":
+        correction = task.aggregator_state.get("correction")
+        if correction is None:
+            raise PlanError("Scaffold task without a correction (aggregator_state.correction is missing)")
+        if args["momentum"] or args["weight_decay"]:
+            raise PlanError("Scaffold's control variates assume plain SGD: set momentum=0 and weight_decay=0")
+    plan = load_plan_class(task.plan)()
+    plan.model_args = dict(task.model_args)
+    plan.post_init(args)
+    plan.set_dataset(dataset)
+    plan.set_model_params(task.params)
+    validation: dict[str, dict[str, float]] = {}
+    evaluate = plan.validation_dataset is not None and len(plan.validation_dataset) > 0
+    if evaluate and args["test_on_global_updates"]:
+        validation["before"] = _finite(plan.evaluate(), "validation of the global model")
+    result = plan.train(progress=progress, correction=correction,
+                        global_params=task.params if args["fedprox_mu"] > 0 else None)
+    if evaluate and args["test_on_local_updates"]:
+        validation["after"] = _finite(plan.evaluate(), "validation of the local model")
+    params = weights_to_numpy(plan.after_training_params())
+    tail = result.losses[-10:]
+    metrics = {"loss": float(np.mean(tail))} if tail else {}
+    return TrainResult(
+        params=params,
+        num_samples=result.num_samples,
+        num_steps=result.num_steps,
+        lr=result.lr,
+        metrics=metrics,
+        validation=validation,
+        duration_s=time.perf_counter() - started,
+    )
+
+
+def _finite(metrics: dict[str, float], what: str) -> dict[str, float]:
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise PlanError(f"{what} produced non-finite metrics: {bad}")
+    return {k: float(v) for k, v in metrics.items()}
