@@ -31,7 +31,6 @@
         ├── NodeConfigError (also ValueError)   bad node configuration: TLS mode, CA/cert/key, token, limits
         ├── ConnectionLostError                 server unreachable or a call broke mid-stream (retried, backoff)
         ├── ServerRefusedError                  the server answered with a non-retryable status (.code, .details)
-        ├── ProtocolError                       the server's messages break the protocol (chunk before header)
         ├── NodeStoreError                      node.db unusable: not SQLite, schema newer than this fednode
         ├── DatasetRegistryError (also ValueError)  unknown or duplicate dataset name, bad name/tags/options
         │   └── DatasetFileError                dataset file missing, unreadable or changed since registration
@@ -180,10 +179,6 @@ class ServerRefusedError(NodeError):
         super().__init__(message)
         self.code = code  # the grpc.StatusCode
         self.details = details  # the server's status message
-
-
-class ProtocolError(NodeError):
-    """The server's messages break the protocol (a chunk before any header, an unknown event, bad header)."""
 
 
 class NodeStoreError(NodeError):
