@@ -250,7 +250,8 @@ class TrainingPlan(ABC):
         args = self.training_args
         if self._loader is None:
             raise PlanError(f"{type(self).__name__}: call set_dataset(train) before train()")
-        trainable = self.model.get_weights(only_trainable=True)
+        needs_params = correction is not None or args["fedprox_mu"] > 0
+        trainable = self.model.get_weights(only_trainable=True) if needs_params else {}
         shapes = {name: tuple(value.shape) for name, value in trainable.items()}
         corr = None
         if correction is not None:
