@@ -1,0 +1,39 @@
+"""The wire, shared by fedserver and fednode: protocol version, domain messages, protobuf conversion.
+
+Imports protobuf and fedcore only (never grpc). ``fedcore.wire.convert`` is the only module that touches
+protobuf messages; everything else works with the dataclasses of ``fedcore.wire.messages``.
+"""
+
+from fedcore.wire.messages import (
+    LOG_LEVELS,
+    DatasetInfo,
+    LogLine,
+    NodeRegistration,
+    ReportEvent,
+    ResultDescriptor,
+    ServerSettings,
+    ShutdownNotice,
+    TaskDescriptor,
+    TaskKind,
+    TaskOutcome,
+    TrainingProgress,
+)
+from fedcore.wire.versions import PROTOCOL_VERSION, check_version, format_version
+
+__all__ = [
+    "LOG_LEVELS",
+    "PROTOCOL_VERSION",
+    "DatasetInfo",
+    "LogLine",
+    "NodeRegistration",
+    "ReportEvent",
+    "ResultDescriptor",
+    "ServerSettings",
+    "ShutdownNotice",
+    "TaskDescriptor",
+    "TaskKind",
+    "TaskOutcome",
+    "TrainingProgress",
+    "check_version",
+    "format_version",
+]

@@ -1,0 +1,222 @@
+"""The one protobuf boundary: fedstream.v1 messages <-> the dataclasses of :mod:`fedcore.wire.messages`.
+
+Every function is a pure conversion named ``<thing>_to_pb`` / ``<thing>_from_pb``. ``*_from_pb`` validates
+(unspecified enums, missing sub-messages, inconsistent chunk counts) and raises
+:class:`~fedcore.errors.MessageError` or :class:`~fedcore.errors.FramingError` naming the field. Imports
+protobuf only, never grpc, so both the server and the node (and tools) can use it.
+"""
+
+from __future__ import annotations
+
+from fedcore.errors import FramingError, MessageError
+from fedcore.framing import PayloadInfo
+from fedcore.wire.messages import (
+    DatasetInfo,
+    LogLine,
+    NodeRegistration,
+    ReportEvent,
+    ResultDescriptor,
+    ServerSettings,
+    ShutdownNotice,
+    TaskDescriptor,
+    TaskKind,
+    TaskOutcome,
+    TrainingProgress,
+)
+from fedcore.wire.versions import PROTOCOL_VERSION
+from fedstream.v1 import common_pb2, node_service_pb2
+
+_KIND_TO_PB = {TaskKind.TRAIN: common_pb2.TASK_KIND_TRAIN, TaskKind.EVALUATE: common_pb2.TASK_KIND_EVALUATE}
+_KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
+_OUTCOME_TO_PB = {
+    TaskOutcome.SUCCEEDED: common_pb2.TASK_OUTCOME_SUCCEEDED,
+    TaskOutcome.FAILED: common_pb2.TASK_OUTCOME_FAILED,
+    TaskOutcome.REFUSED: common_pb2.TASK_OUTCOME_REFUSED,
+}
+_OUTCOME_FROM_PB = {v: k for k, v in _OUTCOME_TO_PB.items()}
+_UINT32_MAX = (1 << 32) - 1
+
+
+# -- version -------------------------------------------------------------------------------------
+def version_to_pb(version: tuple[int, int] = PROTOCOL_VERSION) -> common_pb2.ProtocolVersion:
+    return common_pb2.ProtocolVersion(major=version[0], minor=version[1])
+
+
+def version_from_pb(pb: common_pb2.ProtocolVersion) -> tuple[int, int]:
+    return (int(pb.major), int(pb.minor))
+
+
+# -- enums ---------------------------------------------------------------------------------------
+def task_kind_to_pb(kind: TaskKind) -> int:
+    return _KIND_TO_PB[TaskKind(kind)]
+
+
+def task_kind_from_pb(value: int) -> TaskKind:
+    try:
+        return _KIND_FROM_PB[value]
+    except KeyError:
+        valid = ", ".join(common_pb2.TaskKind.Name(v) for v in _KIND_FROM_PB)
+        raise MessageError(f"task kind {_enum_name(common_pb2.TaskKind, value)} is not valid; expected {valid}") from None
+
+
+def task_outcome_to_pb(outcome: TaskOutcome) -> int:
+    return _OUTCOME_TO_PB[TaskOutcome(outcome)]
+
+
+def task_outcome_from_pb(value: int) -> TaskOutcome:
+    try:
+        return _OUTCOME_FROM_PB[value]
+    except KeyError:
+        valid = ", ".join(common_pb2.TaskOutcome.Name(v) for v in _OUTCOME_FROM_PB)
+        raise MessageError(
+            f"task outcome {_enum_name(common_pb2.TaskOutcome, value)} is not valid; expected {valid}"
+        ) from None
+
+
+def _enum_name(enum_type: object, value: int) -> str:
+    try:
+        return enum_type.Name(value)  # type: ignore[attr-defined]
+    except ValueError:
+        return str(value)
+
+
+# -- payloads ------------------------------------------------------------------------------------
+def payload_info_to_pb(info: PayloadInfo) -> common_pb2.PayloadHeader:
+    if info.chunk_size > _UINT32_MAX:
+        raise FramingError(f"chunk_size {info.chunk_size} does not fit the wire's uint32")
+    return common_pb2.PayloadHeader(
+        total_size=info.total_size, sha256=info.sha256, chunk_size=info.chunk_size,
+        chunk_count=info.chunk_count, start_offset=info.start_offset,
+    )
+
+
+def payload_info_from_pb(pb: common_pb2.PayloadHeader) -> PayloadInfo:
+    """Validate and convert; the announced ``chunk_count`` must match size, offset and chunk size."""
+    info = PayloadInfo(int(pb.total_size), bytes(pb.sha256), int(pb.chunk_size), int(pb.start_offset))
+    if pb.chunk_count != info.chunk_count:
+        raise FramingError(
+            f"payload header announces {pb.chunk_count} chunks but {info.total_size - info.start_offset} bytes "
+            f"in chunks of {info.chunk_size} make {info.chunk_count}"
+        )
+    return info
+
+
+def chunk_to_pb(offset: int, data: bytes | memoryview) -> common_pb2.Chunk:
+    """A chunk message (``data`` is copied into the message: protobuf needs ``bytes``)."""
+    return common_pb2.Chunk(offset=offset, data=bytes(data))
+
+
+# -- registration ----------------------------------------------------------------------------------
+def dataset_info_to_pb(info: DatasetInfo) -> common_pb2.DatasetInfo:
+    return common_pb2.DatasetInfo(name=info.name, tags=list(info.tags), num_samples=info.num_samples,
+                                  shape=list(info.shape), dtype=info.dtype, format=info.format)
+
+
+def dataset_info_from_pb(pb: common_pb2.DatasetInfo) -> DatasetInfo:
+    return DatasetInfo(name=pb.name, tags=tuple(pb.tags), num_samples=int(pb.num_samples),
+                       shape=tuple(int(d) for d in pb.shape), dtype=pb.dtype, format=pb.format)
+
+
+def registration_to_pb(reg: NodeRegistration,
+                       version: tuple[int, int] = PROTOCOL_VERSION) -> node_service_pb2.RegisterRequest:
+    return node_service_pb2.RegisterRequest(
+        version=version_to_pb(version), node_name=reg.node_name,
+        datasets=[dataset_info_to_pb(d) for d in reg.datasets],
+        capabilities=list(reg.capabilities), client_version=reg.client_version,
+    )
+
+
+def registration_from_pb(pb: node_service_pb2.RegisterRequest) -> NodeRegistration:
+    return NodeRegistration(node_name=pb.node_name, datasets=tuple(dataset_info_from_pb(d) for d in pb.datasets),
+                            capabilities=tuple(pb.capabilities), client_version=pb.client_version)
+
+
+def server_settings_to_pb(settings: ServerSettings) -> node_service_pb2.RegisterResponse:
+    return node_service_pb2.RegisterResponse(
+        node_id=settings.node_id, server_version=version_to_pb(settings.server_version),
+        max_poll_wait_seconds=settings.max_poll_wait_seconds, max_chunk_size=settings.max_chunk_size,
+        max_payload_size=settings.max_payload_size,
+        heartbeat_interval_seconds=settings.heartbeat_interval_seconds,
+    )
+
+
+def server_settings_from_pb(pb: node_service_pb2.RegisterResponse) -> ServerSettings:
+    return ServerSettings(
+        node_id=pb.node_id, server_version=version_from_pb(pb.server_version),
+        max_poll_wait_seconds=pb.max_poll_wait_seconds, max_chunk_size=int(pb.max_chunk_size),
+        max_payload_size=int(pb.max_payload_size), heartbeat_interval_seconds=pb.heartbeat_interval_seconds,
+    )
+
+
+# -- tasks and results -----------------------------------------------------------------------------
+def task_descriptor_to_pb(task: TaskDescriptor) -> node_service_pb2.TaskHeader:
+    return node_service_pb2.TaskHeader(
+        task_id=task.task_id, experiment_id=task.experiment_id, round=task.round,
+        kind=task_kind_to_pb(task.kind), payload=payload_info_to_pb(task.payload),
+        inactivity_timeout_seconds=task.inactivity_timeout_seconds,
+    )
+
+
+def task_descriptor_from_pb(pb: node_service_pb2.TaskHeader) -> TaskDescriptor:
+    if not pb.HasField("payload"):
+        raise MessageError(f"task header {pb.task_id!r} has no payload header")
+    return TaskDescriptor(
+        task_id=pb.task_id, experiment_id=pb.experiment_id, round=int(pb.round),
+        kind=task_kind_from_pb(pb.kind), payload=payload_info_from_pb(pb.payload),
+        inactivity_timeout_seconds=pb.inactivity_timeout_seconds,
+    )
+
+
+def result_descriptor_to_pb(result: ResultDescriptor,
+                            version: tuple[int, int] = PROTOCOL_VERSION) -> node_service_pb2.UploadHeader:
+    pb = node_service_pb2.UploadHeader(
+        version=version_to_pb(version), task_id=result.task_id,
+        outcome=task_outcome_to_pb(result.outcome), error_message=result.error_message,
+    )
+    if result.payload is not None:
+        pb.payload.CopyFrom(payload_info_to_pb(result.payload))
+    return pb
+
+
+def result_descriptor_from_pb(pb: node_service_pb2.UploadHeader) -> ResultDescriptor:
+    """``payload`` is None when the header carries none or an empty one on a non-SUCCEEDED outcome."""
+    outcome = task_outcome_from_pb(pb.outcome)
+    payload = None
+    if pb.HasField("payload") and (outcome is TaskOutcome.SUCCEEDED or pb.payload.total_size):
+        payload = payload_info_from_pb(pb.payload)
+    return ResultDescriptor(task_id=pb.task_id, outcome=outcome, error_message=pb.error_message, payload=payload)
+
+
+# -- reports -----------------------------------------------------------------------------------------
+def report_event_to_pb(event: ReportEvent) -> node_service_pb2.ReportEvent:
+    pb = node_service_pb2.ReportEvent(timestamp=event.timestamp)
+    body = event.event
+    if isinstance(body, TrainingProgress):
+        pb.progress.CopyFrom(node_service_pb2.TrainingProgress(
+            epoch=body.epoch, iteration=body.iteration, total_iterations=body.total_iterations,
+            num_samples=body.num_samples, num_samples_max=body.num_samples_max, loss=body.loss))
+    else:
+        pb.log.CopyFrom(node_service_pb2.LogLine(level=body.level, message=body.message))
+    return pb
+
+
+def report_event_from_pb(pb: node_service_pb2.ReportEvent) -> ReportEvent:
+    which = pb.WhichOneof("event")
+    if which == "progress":
+        p = pb.progress
+        body: TrainingProgress | LogLine = TrainingProgress(
+            epoch=int(p.epoch), iteration=int(p.iteration), total_iterations=int(p.total_iterations),
+            num_samples=int(p.num_samples), num_samples_max=int(p.num_samples_max), loss=p.loss)
+    elif which == "log":
+        body = LogLine(level=pb.log.level, message=pb.log.message)
+    else:
+        raise MessageError("report event carries neither progress nor log")
+    return ReportEvent(timestamp=pb.timestamp, event=body)
+
+
+def shutdown_to_pb(notice: ShutdownNotice) -> node_service_pb2.ServerShutdown:
+    return node_service_pb2.ServerShutdown(reason=notice.reason, retry_after_seconds=notice.retry_after_seconds)
+
+
+def shutdown_from_pb(pb: node_service_pb2.ServerShutdown) -> ShutdownNotice:
+    return ShutdownNotice(reason=pb.reason, retry_after_seconds=pb.retry_after_seconds)

@@ -1,0 +1,193 @@
+"""Domain twins of the fedstream.v1 protobuf messages: plain frozen dataclasses and enums.
+
+Code on both sides works with these; only :mod:`fedcore.wire.convert` touches protobuf. Constructors
+validate what the protocol requires (non-empty ids, rounds from 1, known log levels) and raise
+:class:`~fedcore.errors.MessageError` naming the field, so a malformed message is refused at the edge.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from fedcore.errors import MessageError
+from fedcore.framing import PayloadInfo
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MAX_LOG_MESSAGE = 4096  # characters; longer log lines are cut
+
+
+class TaskKind(str, enum.Enum):
+    """What a task asks a node to do (``TaskKind`` in common.proto)."""
+
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+
+class TaskOutcome(str, enum.Enum):
+    """How a task ended on the node (``TaskOutcome`` in common.proto)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REFUSED = "refused"
+
+
+def _need_str(value: object, what: str, *, allow_empty: bool = False) -> None:
+    if not isinstance(value, str):
+        raise MessageError(f"{what} must be a str, got {type(value).__name__}")
+    if not allow_empty and not value:
+        raise MessageError(f"{what} must not be empty")
+
+
+def _need_int(value: object, what: str, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MessageError(f"{what} must be an int >= {minimum}, got {value!r}")
+
+
+def _need_seconds(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise MessageError(f"{what} must be a finite number of seconds >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Metadata of one dataset on a node (its path never leaves the node)."""
+
+    name: str
+    tags: tuple[str, ...] = ()
+    num_samples: int = 0
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
+    format: str = ""
+
+    def __post_init__(self) -> None:
+        _need_str(self.name, "DatasetInfo.name")
+        object.__setattr__(self, "tags", tuple(self.tags))
+        object.__setattr__(self, "shape", tuple(self.shape))
+        for tag in self.tags:
+            _need_str(tag, f"a tag of dataset {self.name!r}")
+        _need_int(self.num_samples, f"num_samples of dataset {self.name!r}")
+        for dim in self.shape:
+            _need_int(dim, f"a dimension of dataset {self.name!r}")
+
+
+@dataclass(frozen=True)
+class NodeRegistration:
+    """What a node announces in ``Register`` (its identity comes from the connection, not from here)."""
+
+    node_name: str = ""
+    datasets: tuple[DatasetInfo, ...] = ()
+    capabilities: tuple[str, ...] = ()
+    client_version: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "datasets", tuple(self.datasets))
+        object.__setattr__(self, "capabilities", tuple(self.capabilities))
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise MessageError(f"dataset names must be unique on a node, got {names}")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's answer to ``Register``: the node id it derived and the limits it applies."""
+
+    node_id: str
+    server_version: tuple[int, int]
+    max_poll_wait_seconds: float
+    max_chunk_size: int
+    max_payload_size: int
+    heartbeat_interval_seconds: float
+
+
+@dataclass(frozen=True)
+class TaskDescriptor:
+    """A task as announced before its payload chunks (``TaskHeader`` in node_service.proto).
+
+    ``inactivity_timeout_seconds`` 0 means the server applies no inactivity timeout.
+    """
+
+    task_id: str
+    experiment_id: str
+    round: int
+    kind: TaskKind
+    payload: PayloadInfo
+    inactivity_timeout_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        _need_str(self.task_id, "task_id")
+        _need_str(self.experiment_id, "experiment_id", allow_empty=True)
+        _need_int(self.round, f"round of task {self.task_id!r}", minimum=1)
+        if not isinstance(self.kind, TaskKind):
+            raise MessageError(f"kind of task {self.task_id!r} must be a TaskKind, got {self.kind!r}")
+        _need_seconds(self.inactivity_timeout_seconds, f"inactivity_timeout_seconds of task {self.task_id!r}")
+
+
+@dataclass(frozen=True)
+class ResultDescriptor:
+    """The header of an ``UploadResult`` stream. Only SUCCEEDED carries a payload (``payload`` not None)."""
+
+    task_id: str
+    outcome: TaskOutcome
+    error_message: str = ""
+    payload: PayloadInfo | None = None
+
+    def __post_init__(self) -> None:
+        _need_str(self.task_id, "task_id")
+        if not isinstance(self.outcome, TaskOutcome):
+            raise MessageError(f"outcome of task {self.task_id!r} must be a TaskOutcome, got {self.outcome!r}")
+        if self.outcome is TaskOutcome.SUCCEEDED and self.payload is None:
+            raise MessageError(f"result of task {self.task_id!r} is SUCCEEDED but announces no payload")
+        if self.outcome is not TaskOutcome.SUCCEEDED and self.payload is not None and self.payload.total_size:
+            raise MessageError(
+                f"result of task {self.task_id!r} is {self.outcome.name} but announces a payload of "
+                f"{self.payload.total_size} bytes (only SUCCEEDED carries one)"
+            )
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where a running training task stands (counts from the node's iterations accountant)."""
+
+    epoch: int = 1
+    iteration: int = 0
+    total_iterations: int = 0
+    num_samples: int = 0
+    num_samples_max: int = 0
+    loss: float = math.nan
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One log line from a node; messages longer than :data:`MAX_LOG_MESSAGE` characters are cut."""
+
+    level: str
+    message: str
+
+    def __post_init__(self) -> None:
+        if self.level not in LOG_LEVELS:
+            raise MessageError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.level!r}")
+        _need_str(self.message, "log message", allow_empty=True)
+        if len(self.message) > MAX_LOG_MESSAGE:
+            object.__setattr__(self, "message", self.message[:MAX_LOG_MESSAGE])
+
+
+@dataclass(frozen=True)
+class ReportEvent:
+    """A progress update or a log line, stamped with the node's clock (Unix seconds)."""
+
+    timestamp: float
+    event: TrainingProgress | LogLine = field(default_factory=TrainingProgress)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.event, (TrainingProgress, LogLine)):
+            raise MessageError(f"report event must be TrainingProgress or LogLine, got {type(self.event).__name__}")
+
+
+@dataclass(frozen=True)
+class ShutdownNotice:
+    """The server is stopping; reconnect after ``retry_after_seconds``."""
+
+    reason: str = ""
+    retry_after_seconds: float = 0.0
