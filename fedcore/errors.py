@@ -26,7 +26,9 @@
     │   ├── UnknownTaskError (also LookupError) no task with this id
     │   ├── TaskClosedError                     the task's round is over (cancelled, timed out, done): refused
     │   ├── UnknownNodeError (also LookupError) no node with this id (not enrolled, not registered)
-    │   └── LimitExceededError                  over a configured limit: payload, chunk, concurrent uploads
+    │   ├── LimitExceededError                  over a configured limit: payload, chunk, concurrent uploads
+    │   ├── UploadConflictError                 a second upload stream for a task whose upload is running
+    │   └── ServerStateError                    the server is not running (dispatch before start or after stop)
     └── NodeError                               a node cannot serve its server (fednode)
         ├── NodeConfigError (also ValueError)   bad node configuration: TLS mode, CA/cert/key, token, limits
         ├── ConnectionLostError                 server unreachable or a call broke mid-stream (retried, backoff)
@@ -150,6 +152,14 @@ class UnknownNodeError(ServerError, LookupError):
 
 class LimitExceededError(ServerError):
     """A request goes over a configured limit: payload size, chunk size or number of concurrent uploads."""
+
+
+class UploadConflictError(ServerError):
+    """Another upload stream for the same task is still running; retry once it has ended."""
+
+
+class ServerStateError(ServerError):
+    """The operation needs a running server (e.g. dispatch before ``start`` or after ``stop``)."""
 
 
 class TrainingArgsWarning(UserWarning):
