@@ -220,3 +220,61 @@ def shutdown_to_pb(notice: ShutdownNotice) -> node_service_pb2.ServerShutdown:
 
 def shutdown_from_pb(pb: node_service_pb2.ServerShutdown) -> ShutdownNotice:
     return ShutdownNotice(reason=pb.reason, retry_after_seconds=pb.retry_after_seconds)
+
+
+# -- node-side call envelopes (fednode builds requests and reads the poll stream through these) -----
+def poll_request_to_pb(wait_seconds: float, resume_task_id: str = "", resume_offset: int = 0,
+                       version: tuple[int, int] = PROTOCOL_VERSION) -> node_service_pb2.PollTaskRequest:
+    """A long poll of ``wait_seconds``; set ``resume_task_id``/``resume_offset`` to resume a download."""
+    return node_service_pb2.PollTaskRequest(version=version_to_pb(version), wait_seconds=wait_seconds,
+                                            resume_task_id=resume_task_id, resume_offset=resume_offset)
+
+
+PollEvent = TaskDescriptor | tuple[int, bytes] | ShutdownNotice | None
+"""What one ``PollTaskResponse`` carries: a task header, an ``(offset, data)`` chunk, a shutdown, or
+None for NoTask."""
+
+
+def poll_event_from_pb(pb: node_service_pb2.PollTaskResponse) -> PollEvent:
+    """Decode one message of the PollTask stream; an empty ``event`` oneof is a MessageError."""
+    which = pb.WhichOneof("event")
+    if which == "chunk":
+        return int(pb.chunk.offset), pb.chunk.data
+    if which == "task":
+        return task_descriptor_from_pb(pb.task)
+    if which == "no_task":
+        return None
+    if which == "shutdown":
+        return shutdown_from_pb(pb.shutdown)
+    raise MessageError("PollTaskResponse carries no event (expected task, chunk, no_task or shutdown)")
+
+
+def upload_header_request_to_pb(result: ResultDescriptor) -> node_service_pb2.UploadResultRequest:
+    """First message of an UploadResult stream."""
+    return node_service_pb2.UploadResultRequest(header=result_descriptor_to_pb(result))
+
+
+def upload_chunk_request_to_pb(offset: int, data: bytes | memoryview) -> node_service_pb2.UploadResultRequest:
+    """A payload chunk of an UploadResult stream (``data`` is copied: protobuf needs ``bytes``)."""
+    return node_service_pb2.UploadResultRequest(chunk=chunk_to_pb(offset, data))
+
+
+def upload_status_request_to_pb(task_id: str,
+                                version: tuple[int, int] = PROTOCOL_VERSION) -> node_service_pb2.GetUploadStatusRequest:
+    return node_service_pb2.GetUploadStatusRequest(version=version_to_pb(version), task_id=task_id)
+
+
+def upload_status_from_pb(pb: node_service_pb2.GetUploadStatusResponse) -> tuple[int, bool]:
+    """``(acknowledged_offset, complete)``."""
+    return int(pb.acknowledged_offset), bool(pb.complete)
+
+
+def report_request_to_pb(task_id: str, events: list[ReportEvent],
+                         version: tuple[int, int] = PROTOCOL_VERSION) -> node_service_pb2.ReportRequest:
+    return node_service_pb2.ReportRequest(version=version_to_pb(version), task_id=task_id,
+                                          events=[report_event_to_pb(e) for e in events])
+
+
+def heartbeat_request_to_pb(task_id: str = "",
+                            version: tuple[int, int] = PROTOCOL_VERSION) -> node_service_pb2.HeartbeatRequest:
+    return node_service_pb2.HeartbeatRequest(version=version_to_pb(version), task_id=task_id)
