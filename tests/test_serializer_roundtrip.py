@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections import OrderedDict
 
 import msgpack
 import numpy as np
 import pytest
+from serialization_reference import array_payload, unpack
 from strict_equality import assert_deep_equal
 
 from fedcore.errors import DecodeError, EncodeError
@@ -421,3 +423,75 @@ def test_big_tensors_are_zero_copy_views_of_a_writable_buffer():
     from_bytes = Serializer.loads(bytes(buf))
     assert not lo <= from_bytes["f"].data_ptr() < hi
     assert_deep_equal(from_bytes, tensors)
+
+
+# -- interop with stock msgpack, from docs/serialization.md alone ---------------------------------
+def test_worked_example_bytes_from_the_doc_decode():
+    doc = bytes.fromhex("c7 16 01 03 3c 66 34 01 00 00 00 00 00 00 00 02 00 00 00 80 3f 00 00 00 40")
+    out = Serializer.loads(doc)
+    assert_deep_equal(out, np.array([1.0, 2.0], "<f4"))
+    assert Serializer.dumps(np.array([1.0, 2.0], "<f4")) == doc  # and the encoder writes exactly that
+
+
+@pytest.mark.parametrize(
+    "dtype, shape, values, first_byte",
+    [
+        ("|i1", (), [-5], 0xD7),  # 6-byte header + 1 byte + 1 pad byte = 8: fixext 8
+        ("|u1", (2,), [7, 250], 0xD8),  # 14 + 2 = 16: fixext 16
+        ("<f4", (2,), [1.0, 2.0], 0xC7),  # ext 8
+        (">f8", (5, 8), list(range(40)), 0xC8),  # 334 bytes: ext 16
+        (">i2", (3,), [-1, 256, 7], 0xC7),
+        ("<c8", (1,), [1 - 1j], 0xC7),
+        ("|b1", (2, 2), [True, False, False, True], 0xC7),
+    ],
+)
+def test_handcrafted_ext_formats_decode_to_the_right_arrays(dtype, shape, values, first_byte):
+    want = np.array(values, dtype=dtype).reshape(shape)
+    pad = 1 if first_byte == 0xD7 else 0
+    payload = array_payload(dtype, shape, want.tobytes(), pad=pad)
+    doc = msgpack.packb(msgpack.ExtType(1, payload))
+    assert doc[0] == first_byte
+    assert_deep_equal(Serializer.loads(doc), want)
+    assert_deep_equal(Serializer.loads(bytearray(doc)), want)
+
+
+def test_handcrafted_padding_and_exts_inside_plain_containers_decode():
+    w = np.arange(6, dtype=">i4").reshape(2, 3)
+    arr_ext = msgpack.ExtType(1, array_payload(">i4", (2, 3), w.tobytes(), pad=13))
+    scalar = msgpack.ExtType(2, array_payload("<u2", (), b"\x01\x02"))
+    tup = msgpack.ExtType(4, msgpack.packb([1, arr_ext]))
+    od = msgpack.ExtType(5, msgpack.packb({"b": scalar, "a": tup}))
+    out = Serializer.loads(msgpack.packb({"od": od, 3: [tup]}))
+    want = {"od": OrderedDict(b=np.uint16(0x0201), a=(1, w)), 3: [(1, w)]}
+    assert_deep_equal(out, want)
+
+
+@needs_torch
+@pytest.mark.parametrize(
+    "dtype, raw, want",
+    [
+        (">f4", struct.pack(">2f", 1.5, -2.0), lambda: torch.tensor([1.5, -2.0])),
+        ("<bf2", b"\xc0\x3f\x00\xc0", lambda: torch.tensor([1.5, -2.0], dtype=torch.bfloat16)),
+        (">bf2", b"\x3f\xc0\xc0\x00", lambda: torch.tensor([1.5, -2.0], dtype=torch.bfloat16)),
+        ("<i8", struct.pack("<2q", -1, 2**40), lambda: torch.tensor([-1, 2**40])),
+        ("|b1", b"\x01\x00", lambda: torch.tensor([True, False])),
+    ],
+)
+def test_handcrafted_torch_ext_decodes_to_a_native_cpu_tensor(dtype, raw, want):
+    doc = msgpack.packb(msgpack.ExtType(3, array_payload(dtype, (2,), raw)))
+    out = Serializer.loads(doc)
+    assert type(out) is torch.Tensor and out.dtype == want().dtype
+    assert torch.equal(out, want())
+
+
+def test_encoder_output_reads_with_stock_msgpack_and_a_doc_ext_handler():
+    obj = {
+        "w": random_array(">f4", (50, 30), seed=7),  # padded ext 32
+        "small": np.arange(3, dtype="<i2"),
+        "s": np.float16(0.5),
+        "t": (1, "a", (np.zeros((0, 2), "<c16"),)),
+        "od": OrderedDict([(2, "x"), ("k", [np.bool_(False)])]),
+        7: [b"bin", None, 2**64 - 1],
+    }
+    out = unpack(Serializer.dumps(obj))
+    assert_deep_equal(out, obj)
