@@ -1,0 +1,284 @@
+"""The node's dataset registry: named, tagged CSV/NPZ files, checked at registration and at every load.
+
+``add`` reads the file once to validate it (formats: :mod:`fednode.dataset_formats`) and records its
+shape, dtype, sample count, SHA-256, size and mtime in ``node.db``. ``load`` hashes the file again and
+refuses to train on anything but the registered bytes: a missing or changed file is an error that names
+the path and the ``fednode dataset`` commands that fix it. A file whose mtime changed but whose bytes did
+not (a restore from backup) loads fine: the SHA-256 is the authority.
+
+The path is local knowledge: :class:`DatasetRecord` (local) holds it, :class:`DatasetInfo` (what the
+node announces to the server at Register) does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedcore.errors import DatasetFileError, DatasetRegistryError
+from fedcore.plans.data import ArrayDataset
+from fednode import node_db
+from fednode.dataset_formats import infer_format, parse_dataset_bytes, read_file_bytes, resolve_dtype
+
+__all__ = ["DatasetInfo", "DatasetRecord", "DatasetRegistry", "check_name", "check_tags"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_TAG = re.compile(r"[^\s,]{1,64}")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Dataset metadata a node may share: no path, no digest (fields of ``fedstream.v1.DatasetInfo``).
+
+    ``shape`` is the feature array's, samples first; ``dtype`` its numpy string (``"<f4"``).
+    """
+
+    name: str
+    tags: tuple[str, ...]
+    num_samples: int
+    shape: tuple[int, ...]
+    dtype: str
+    format: str
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A registered dataset as the node knows it, path and file identity included (never sent)."""
+
+    name: str
+    path: Path
+    format: str
+    tags: tuple[str, ...]
+    target: str | None  # CSV: header name of the target column; NPZ: None
+    dtype: str  # numpy dtype string of X
+    shape: tuple[int, ...]  # of X, samples first
+    y_dtype: str
+    y_shape: tuple[int, ...]
+    num_samples: int
+    sha256: str
+    size: int  # bytes
+    mtime_ns: int
+    added_at: float  # unix time
+
+    @property
+    def info(self) -> DatasetInfo:
+        """The shareable part of this record."""
+        return DatasetInfo(self.name, self.tags, self.num_samples, self.shape, self.dtype, self.format)
+
+    def add_command(self) -> str:
+        """The ``fednode dataset add`` command line that registers this file again with the same options."""
+        parts = ["fednode dataset add", self.name, shlex.quote(str(self.path))]
+        if self.tags:
+            parts.append(f"--tags {shlex.quote(','.join(self.tags))}")
+        if self.target is not None:
+            parts.append(f"--target {shlex.quote(self.target)}")
+        dtype = np.dtype(self.dtype)
+        parts.append(f"--dtype {dtype.name if dtype.kind == 'f' else 'keep'}")
+        return " ".join(parts)
+
+
+def check_name(name: object) -> str:
+    """``name`` if it is a valid dataset name: 1-128 of ``A-Z a-z 0-9 _ . -``, starting alphanumeric."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise DatasetRegistryError(
+            f"invalid dataset name {name!r}: use 1-128 letters, digits, '_', '.' or '-', starting with a "
+            f"letter or digit"
+        )
+    return name
+
+
+def check_tags(tags: Iterable[str] | str) -> tuple[str, ...]:
+    """Tags sorted and deduplicated; a bare str is one tag. Tags hold no whitespace or comma, ≤ 64 chars."""
+    if isinstance(tags, str):
+        tags = (tags,)
+    try:
+        items = list(tags)
+    except TypeError:
+        raise DatasetRegistryError(f"tags must be an iterable of str, got {type(tags).__name__}") from None
+    for tag in items:
+        if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+            raise DatasetRegistryError(
+                f"invalid tag {tag!r}: a tag is 1-64 characters without whitespace or comma"
+            )
+    return tuple(sorted(set(items)))
+
+
+class DatasetRegistry:
+    """Registered datasets in the node database at ``db_path`` (see :mod:`fednode.node_db`)."""
+
+    def __init__(self, db_path: str | os.PathLike[str]) -> None:
+        self.db_path = Path(db_path)
+        with node_db.connect(self.db_path):
+            pass  # create and migrate now, so a bad database fails at startup
+
+    def add(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        tags: Iterable[str] | str = (),
+        fmt: str | None = None,
+        target_column: str | int | None = None,
+        dtype: str | np.dtype | None = "float32",
+    ) -> DatasetRecord:
+        """Validate the file at ``path`` and register it as ``name``.
+
+        ``fmt`` is ``"csv"`` or ``"npz"`` (None: from the suffix). CSV needs ``target_column`` (header name
+        or 0-based index). ``dtype`` is the features' floating dtype (None: NPZ keeps its own, CSV float64).
+
+        Raises:
+            DatasetRegistryError: invalid name/tags/options, or ``name`` is already registered.
+            DatasetFileError: the file is missing or unreadable.
+            DatasetFormatError: the content is not a valid dataset (the message says where).
+        """
+        check_name(name)
+        tag_tuple = check_tags(tags)
+        file_path = Path(path).expanduser().resolve()
+        file_format = infer_format(file_path, fmt)
+        np_dtype = resolve_dtype(dtype)
+        self._refuse_duplicate(name)
+        data, mtime_ns = read_file_bytes(file_path)
+        X, y, target = parse_dataset_bytes(file_path, data, file_format, target_column, np_dtype)
+        record = DatasetRecord(
+            name=name,
+            path=file_path,
+            format=file_format,
+            tags=tag_tuple,
+            target=target,
+            dtype=X.dtype.str,
+            shape=tuple(int(d) for d in X.shape),
+            y_dtype=y.dtype.str,
+            y_shape=tuple(int(d) for d in y.shape),
+            num_samples=int(X.shape[0]),
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+            mtime_ns=mtime_ns,
+            added_at=time.time(),
+        )
+        with node_db.connect(self.db_path) as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO datasets (name, path, format, tags, target, dtype, shape, y_dtype, y_shape,"
+                    " num_samples, sha256, size, mtime_ns, added_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        record.name, str(record.path), record.format, json.dumps(record.tags),
+                        record.target, record.dtype, json.dumps(record.shape), record.y_dtype,
+                        json.dumps(record.y_shape), record.num_samples, record.sha256, record.size,
+                        record.mtime_ns, record.added_at,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                self._refuse_duplicate(name)  # registered by another process meanwhile
+                raise
+        return record
+
+    def list(self) -> list[DatasetRecord]:
+        """Every registered dataset, by name."""
+        with node_db.connect(self.db_path) as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM datasets ORDER BY name").fetchall()
+        return [_record(row) for row in rows]
+
+    def get(self, name: str) -> DatasetRecord:
+        """The dataset registered as ``name``.
+
+        Raises:
+            DatasetRegistryError: no such dataset (the message lists the registered names).
+        """
+        with node_db.connect(self.db_path) as conn:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM datasets WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            known = [record.name for record in self.list()]
+            raise DatasetRegistryError(
+                f"no dataset named {name!r} on this node; registered: {known or 'none'} "
+                f"(register one with `fednode dataset add`)"
+            )
+        return _record(row)
+
+    def remove(self, name: str) -> DatasetRecord:
+        """Unregister ``name`` and return what it was; the file itself is left alone."""
+        record = self.get(name)
+        with node_db.connect(self.db_path) as conn:
+            conn.execute("DELETE FROM datasets WHERE name = ?", (name,))
+        return record
+
+    def find_by_tags(self, tags: Iterable[str] | str) -> list[DatasetRecord]:
+        """The datasets carrying every one of ``tags`` (all of them when ``tags`` is empty), by name."""
+        wanted = set(check_tags(tags))
+        return [record for record in self.list() if wanted.issubset(record.tags)]
+
+    def metadata(self) -> list[DatasetInfo]:
+        """What the node announces at Register: one :class:`DatasetInfo` per dataset, no paths."""
+        return [record.info for record in self.list()]
+
+    def load(self, name: str) -> ArrayDataset:
+        """The arrays of ``name``, after checking the file still holds the registered bytes.
+
+        Raises:
+            DatasetRegistryError: no such dataset.
+            DatasetFileError: the file is gone or changed since registration (the message says how to fix).
+            DatasetFormatError: the content no longer parses (only if it is unchanged, i.e. never expected).
+        """
+        record = self.get(name)
+        if not record.path.is_file():
+            raise DatasetFileError(
+                f"dataset {name!r}: its file {record.path} no longer exists. If it moved, register it again: "
+                f"`fednode dataset remove {name}` then `{record.add_command()}` with the new path"
+            )
+        data, _mtime_ns = read_file_bytes(record.path)
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != record.size or digest != record.sha256:
+            raise DatasetFileError(
+                f"dataset {name!r}: file {record.path} changed since registration (size {record.size} -> "
+                f"{len(data)} bytes, SHA-256 {record.sha256[:12]} -> {digest[:12]}); the node only trains on "
+                f"the registered data. If the change is intended, register it again: "
+                f"`fednode dataset remove {name}` then `{record.add_command()}`"
+            )
+        X, y, _target = parse_dataset_bytes(
+            record.path, data, record.format, record.target, np.dtype(record.dtype)
+        )
+        return ArrayDataset(X, y)
+
+    def _refuse_duplicate(self, name: str) -> None:
+        with node_db.connect(self.db_path) as conn:
+            row = conn.execute("SELECT path FROM datasets WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            raise DatasetRegistryError(
+                f"a dataset named {name!r} is already registered (file {row[0]}); choose another name or "
+                f"`fednode dataset remove {name}` first"
+            )
+
+
+_COLUMNS = (
+    "name, path, format, tags, target, dtype, shape, y_dtype, y_shape, num_samples, sha256, size, "
+    "mtime_ns, added_at"
+)
+
+
+def _record(row: tuple) -> DatasetRecord:
+    (name, path, fmt, tags, target, dtype, shape, y_dtype, y_shape, n, sha, size, mtime_ns, added_at) = row
+    return DatasetRecord(
+        name=name,
+        path=Path(path),
+        format=fmt,
+        tags=tuple(json.loads(tags)),
+        target=target,
+        dtype=dtype,
+        shape=tuple(json.loads(shape)),
+        y_dtype=y_dtype,
+        y_shape=tuple(json.loads(y_shape)),
+        num_samples=int(n),
+        sha256=sha,
+        size=int(size),
+        mtime_ns=int(mtime_ns),
+        added_at=float(added_at),
+    )
+
