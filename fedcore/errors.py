@@ -28,7 +28,10 @@
     │   ├── UnknownNodeError (also LookupError) no node with this id (not enrolled, not registered)
     │   ├── LimitExceededError                  over a configured limit: payload, chunk, concurrent uploads
     │   ├── UploadConflictError                 a second upload stream for a task whose upload is running
-    │   └── ServerStateError                    the server is not running (dispatch before start or after stop)
+    │   ├── ServerStateError                    the server is not running (dispatch before start or after stop)
+    │   ├── HistoryError (also ValueError)      history.db: unknown experiment/round, bad record, not our schema
+    │   └── CheckpointError                     checkpoint unwritable or damaged: missing file, size/digest
+    │                                           mismatch, corrupt msgpack, bad JSON, unknown format version
     └── NodeError                               a node cannot serve its server (fednode)
         ├── NodeConfigError (also ValueError)   bad node configuration: TLS mode, CA/cert/key, token, limits
         ├── ConnectionLostError                 server unreachable or a call broke mid-stream (retried, backoff)
@@ -160,6 +163,14 @@ class UploadConflictError(ServerError):
 
 class ServerStateError(ServerError):
     """The operation needs a running server (e.g. dispatch before ``start`` or after ``stop``)."""
+
+
+class HistoryError(ServerError, ValueError):
+    """The history database cannot do what was asked (unknown experiment or round, bad record, bad file)."""
+
+
+class CheckpointError(ServerError):
+    """A checkpoint cannot be written or read back; the message names the file and what is wrong with it."""
 
 
 class TrainingArgsWarning(UserWarning):
