@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcore.errors import DecodeError, EncodeError, FedstreamError
+from fedcore.errors import CheckpointError, DecodeError, EncodeError
 from fedcore.serialization import Serializer
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "CheckpointStore"]
@@ -51,10 +51,6 @@ _FILES = (PARAMS, AGGREGATOR, EXPERIMENT)
 _FOLDER = re.compile(r"round-(\d{4,})")
 _TEMP_PREFIX = ".incomplete-"
 _BLOCK = 1 << 20
-
-
-class CheckpointError(FedstreamError):
-    """A checkpoint cannot be written or read back (missing, corrupt or unknown-format file)."""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedcore.errors import FedstreamError
+from fedcore.errors import HistoryError
 
 __all__ = [
     "EXPERIMENT_STATUSES",
@@ -28,10 +28,6 @@ ROUND_STATUSES = ("running", "completed", "failed")
 EXPERIMENT_STATUSES = ("running", "completed", "failed", "stopped")
 #: Which metrics of a node result a series is read from.
 METRIC_SOURCES = ("training", "validation_before", "validation_after")
-
-
-class HistoryError(FedstreamError, ValueError):
-    """The history database cannot do what was asked (unknown experiment or round, bad record, bad file)."""
 
 
 def check_count(value: Any, what: str) -> int:
