@@ -38,8 +38,10 @@ def ext_hook(code: int, payload: bytes):
     if code == 4:
         return tuple(msgpack.unpackb(payload, ext_hook=ext_hook, strict_map_key=False))
     if code == 5:
-        pairs = msgpack.unpackb(payload, ext_hook=ext_hook, strict_map_key=False, object_pairs_hook=list)
-        return OrderedDict(pairs)
+        unpacker = msgpack.Unpacker(ext_hook=ext_hook, strict_map_key=False)
+        unpacker.feed(payload)
+        n = unpacker.read_map_header()
+        return OrderedDict((unpacker.unpack(), unpacker.unpack()) for _ in range(n))
     assert code in (1, 2), f"unexpected ext code {code}"
     n = payload[0]
     dtype = payload[1 : 1 + n].decode("ascii")
