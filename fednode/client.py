@@ -1,0 +1,361 @@
+"""``NodeClient``: the node's loop — register, long-poll, download, run the handler, upload, reconnect.
+
+One session per connection::
+
+    Register ─▶ deliver a pending result ─▶ loop { PollTask ─▶ download ─▶ handler (thread) ─▶ UploadResult }
+
+Anything retrying can fix (server down, restarted, network cut, a stream silent for too long) ends the
+session; the client waits ``uniform(0, min(30, 0.5·2ⁿ))`` seconds (full jitter, :class:`BackoffPolicy`)
+and starts a new one on a fresh channel. Transfers survive: a broken download resumes from the bytes
+already assembled, a broken upload from the offset ``GetUploadStatus`` acknowledges (0 after a server
+restart: start over). A ServerShutdown waits ``retry_after`` instead. What retrying cannot fix (bad token,
+another protocol major version) ends :meth:`NodeClient.run` with the error.
+
+The client holds no global state and starts no thread of its own besides the handler's worker (from the
+loop's default executor unless one is injected), so hundreds of clients can share one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+from collections.abc import Awaitable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from fedcore.errors import (
+    ConnectionLostError,
+    EncodeError,
+    FramingError,
+    MessageError,
+    PayloadSizeError,
+    SerializationError,
+    ServerRefusedError,
+)
+from fedcore.framing import OutgoingPayload
+from fedcore.serialization import Serializer
+from fedcore.wire import (
+    DatasetInfo,
+    NodeRegistration,
+    ServerSettings,
+    ShutdownNotice,
+    TaskDescriptor,
+    TaskOutcome,
+)
+from fednode.config import NodeConfig
+from fednode.handler import ReceivedTask, TaskHandler, TaskReply
+from fednode.reporter import Reporter, ReportPump
+from fednode.transfers import PendingUpload, TaskDownload
+from fednode.transport import EOF, NodeConnection
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+CLIENT_VERSION = "fednode/0.1.0"
+
+
+class ClientState(str, enum.Enum):
+    """What the client is doing; read :attr:`NodeClient.state` for monitoring and tests."""
+
+    CREATED = "created"
+    CONNECTING = "connecting"  # opening a channel and registering
+    WAITING = "waiting"  # backing off before the next connection attempt
+    POLLING = "polling"
+    DOWNLOADING = "downloading"
+    RUNNING = "running"  # the handler is working on a task
+    UPLOADING = "uploading"
+    STOPPED = "stopped"
+
+
+class _StopRequested(Exception):
+    """Internal: stop() was called; unwinds the session to run()."""
+
+
+class _Reconnect(Exception):
+    """Internal: the server asked us to come back later (ServerShutdown)."""
+
+    def __init__(self, delay: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+@dataclass(frozen=True)
+class _Polled:
+    """A downloaded task: its verified buffer, or the reply the node gives without running it."""
+
+    descriptor: TaskDescriptor
+    buffer: np.ndarray | None = None
+    early_reply: PendingUpload | None = None
+
+
+class NodeClient:
+    """Serves one node's tasks until :meth:`stop`; see the module docstring for the lifecycle.
+
+    ``datasets`` and ``capabilities`` are announced at every Register. ``executor`` runs the handler
+    (default: the loop's default executor); ``rng`` drives the backoff jitter (seed it in tests).
+    """
+
+    def __init__(self, config: NodeConfig, handler: TaskHandler, datasets: Iterable[DatasetInfo] = (),
+                 capabilities: Iterable[str] = (), *, executor: Executor | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.handler = handler
+        self.registration = NodeRegistration(config.node_name, tuple(datasets), tuple(capabilities),
+                                             CLIENT_VERSION)
+        self._token = config.resolve_token()  # a missing token file fails now, not at the first call
+        self._executor = executor
+        self._rng = rng if rng is not None else random.Random()
+        self.state = ClientState.CREATED
+        self.node_id: str | None = None
+        self.settings: ServerSettings | None = None
+        self.sessions = 0  # successful registrations
+        self.results_delivered = 0
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reporter: Reporter | None = None
+        self._download: TaskDownload | None = None
+        self._upload: PendingUpload | None = None
+        self._attempt = 0  # consecutive failed sessions, for the backoff
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (safe from any thread and from signal handlers).
+
+        A poll or a download is abandoned at once; a running handler sees ``reporter.stop_requested`` and
+        is waited for; an upload in flight gets ``config.stop_grace_seconds`` to finish.
+        """
+        reporter = self._reporter
+        if reporter is not None:
+            reporter.request_stop()
+        loop = self._loop
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if loop is None or current is loop or not loop.is_running():
+            self._stop.set()
+        else:
+            loop.call_soon_threadsafe(self._stop.set)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop`. Raises ServerRefusedError or VersionMismatchError when refused."""
+        self._loop = asyncio.get_running_loop()
+        name = self.config.node_name
+        try:
+            while True:
+                try:
+                    await self._session()
+                except _StopRequested:
+                    return
+                except _Reconnect as notice:
+                    delay = notice.delay
+                    log.info("%s: server shutting down (%s); reconnecting in %.2f s", name, notice, delay)
+                except (ConnectionLostError, MessageError, FramingError) as exc:
+                    delay = self.config.backoff.delay(self._attempt, self._rng)
+                    self._attempt += 1
+                    log.warning("%s: %s; reconnecting in %.2f s (attempt %d)", name, exc, delay, self._attempt)
+                self.state = ClientState.WAITING
+                try:
+                    await self._stoppable(asyncio.sleep(delay))
+                except _StopRequested:
+                    return
+        finally:
+            self.state = ClientState.STOPPED
+
+    async def _stoppable(self, awaitable: Awaitable[T], grace: float = 0.0) -> T:
+        """Await ``awaitable`` unless stop() comes first (then allow ``grace`` more seconds, then cancel)."""
+        task = asyncio.ensure_future(awaitable)
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and grace > 0:
+                await asyncio.wait({task}, timeout=grace)
+            if task.done():
+                return task.result()
+            raise _StopRequested
+        finally:
+            stopper.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    # -- one connection ------------------------------------------------------------------------
+    async def _session(self) -> None:
+        self.state = ClientState.CONNECTING
+        conn = NodeConnection(self.config, self._token)
+        try:
+            settings = await self._stoppable(conn.register(self.registration))
+            self.settings, self.node_id = settings, settings.node_id
+            self.sessions += 1
+            log.info("%s: registered as %s", self.config.node_name, settings.node_id)
+            await self._deliver(conn)
+            while True:
+                self.state = ClientState.POLLING
+                polled = await self._stoppable(self._poll(conn))
+                self._attempt = 0  # the server answered a poll: the connection works
+                if polled is None:
+                    continue
+                self._upload = polled.early_reply or await self._execute(conn, polled)
+                await self._deliver(conn)
+        finally:
+            await conn.close(None)
+
+    def _poll_wait(self) -> float:
+        cap = self.settings.max_poll_wait_seconds if self.settings else 0.0
+        return min(self.config.poll_wait_seconds, cap) if cap > 0 else self.config.poll_wait_seconds
+
+    async def _poll(self, conn: NodeConnection) -> _Polled | None:
+        """One long poll: None for NoTask, else a downloaded task (or a reply refusing it)."""
+        resume_id, resume_offset = self._download.resume_point() if self._download else ("", 0)
+        wait = self._poll_wait()
+        stream = conn.poll(wait, resume_id, resume_offset)
+        try:
+            event = await stream.next(wait + self.config.call_timeout_seconds)
+            if event is None:
+                return None
+            if isinstance(event, ShutdownNotice):
+                jitter = self._rng.uniform(0.0, self.config.backoff.initial)
+                raise _Reconnect(event.retry_after_seconds + jitter, event.reason or "no reason given")
+            if not isinstance(event, TaskDescriptor):
+                what = "end of stream" if event is EOF else f"a chunk at offset {event[0]}"
+                raise MessageError(f"PollTask sent {what} before any task header")
+            return await self._download_task(stream, event)
+        finally:
+            stream.cancel()
+
+    def _begin_download(self, descriptor: TaskDescriptor) -> TaskDownload:
+        current = self._download
+        if current is not None and current.accepts_resume(descriptor):
+            current.assembler.resume(descriptor.payload)
+            log.info("%s: resuming task %s at byte %d", self.config.node_name, descriptor.task_id,
+                     descriptor.payload.start_offset)
+            return current
+        self._download = None  # a different task, or a fresh start: free the old buffer first
+        self._download = TaskDownload.start(descriptor, max_payload_size=self.config.max_payload_size,
+                                            max_chunk_size=self.config.max_chunk_size)
+        return self._download
+
+    async def _download_task(self, stream: Any, descriptor: TaskDescriptor) -> _Polled:
+        self.state = ClientState.DOWNLOADING
+        task_id = descriptor.task_id
+        try:
+            download = self._begin_download(descriptor)
+        except PayloadSizeError as exc:
+            log.warning("%s: refusing task %s: %s", self.config.node_name, task_id, exc)
+            return _Polled(descriptor, early_reply=PendingUpload.refused(task_id, f"node refuses the task: {exc}"))
+        assembler = download.assembler
+        idle = self.config.idle_stream_timeout_seconds
+        while not assembler.complete:
+            event = await stream.next(idle)
+            if event is EOF:
+                raise ConnectionLostError(f"PollTask ended after {assembler.received} of "
+                                          f"{assembler.info.total_size} bytes of task {task_id}")
+            if not isinstance(event, tuple):
+                raise MessageError(f"PollTask sent {type(event).__name__} in the middle of task {task_id}'s chunks")
+            try:
+                assembler.add(*event)
+            except FramingError as exc:
+                self._download = None
+                return _Polled(descriptor, early_reply=PendingUpload.failed(task_id, f"bad task stream: {exc}"))
+        self._download = None
+        try:
+            buffer = assembler.finish()
+        except FramingError as exc:
+            return _Polled(descriptor, early_reply=PendingUpload.failed(task_id, f"bad task payload: {exc}"))
+        return _Polled(descriptor, buffer=buffer)
+
+    # -- running a task -----------------------------------------------------------------------
+    async def _execute(self, conn: NodeConnection, polled: _Polled) -> PendingUpload:
+        """Run the handler in a worker thread while a pump sends its reports and heartbeats."""
+        self.state = ClientState.RUNNING
+        reporter = Reporter(polled.descriptor.task_id)
+        self._reporter = reporter
+        if self.stopping:
+            reporter.request_stop()
+        settings = self.settings
+        heartbeat = settings.heartbeat_interval_seconds if settings and settings.heartbeat_interval_seconds > 0 \
+            else self.config.heartbeat_interval_seconds
+
+        async def send_heartbeat(task_id: str) -> None:
+            if await conn.heartbeat(task_id):
+                log.info("%s: server is shutting down; finishing task %s", self.config.node_name, task_id)
+
+        pump = ReportPump(reporter, send_report=conn.report, send_heartbeat=send_heartbeat,
+                          interval=self.config.report_interval_seconds, heartbeat_interval=heartbeat)
+        pump_task = asyncio.create_task(pump.run())
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._work, polled, reporter)
+        finally:
+            pump.finish()
+            await asyncio.gather(pump_task, return_exceptions=True)
+            self._reporter = None
+
+    def _work(self, polled: _Polled, reporter: Reporter) -> PendingUpload:
+        """Worker thread: decode, handle, encode and hash the reply (all CPU-bound, off the event loop)."""
+        d = polled.descriptor
+        try:
+            payload = Serializer.loads(polled.buffer)
+        except SerializationError as exc:
+            return PendingUpload.failed(d.task_id, f"task payload cannot be decoded: {exc}")
+        task = ReceivedTask(d.task_id, d.experiment_id, d.round, d.kind, payload)
+        try:
+            reply = self.handler.handle(task, reporter)
+            if not isinstance(reply, TaskReply):
+                raise TypeError(f"the handler returned {type(reply).__name__}, not a TaskReply")
+        except Exception as exc:  # a plan's bug must never kill the node: it becomes the reply
+            log.warning("%s: task %s failed: %s: %s", self.config.node_name, d.task_id, type(exc).__name__, exc,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+            return PendingUpload.failed(d.task_id, f"{type(exc).__name__}: {exc}")
+        if reply.outcome is not TaskOutcome.SUCCEEDED:
+            return PendingUpload(d.task_id, TaskOutcome(reply.outcome), reply.error_message)
+        try:
+            out = OutgoingPayload.from_object(reply.payload, self._upload_chunk_size())
+        except EncodeError as exc:
+            return PendingUpload.failed(d.task_id, f"result payload cannot be encoded: {exc}")
+        limit = self.settings.max_payload_size if self.settings else 0
+        if limit and out.total_size > limit:
+            return PendingUpload.failed(
+                d.task_id, f"result payload of {out.total_size} bytes exceeds the server's limit of {limit} bytes")
+        return PendingUpload(d.task_id, TaskOutcome.SUCCEEDED, "", out)
+
+    def _upload_chunk_size(self) -> int:
+        server_max = self.settings.max_chunk_size if self.settings else 0
+        size = self.config.upload_chunk_size
+        return min(size, server_max) if server_max > 0 else size
+
+    # -- delivering a result --------------------------------------------------------------------
+    async def _deliver(self, conn: NodeConnection) -> None:
+        """Send the pending result, resuming where the server stands; a refused result is dropped."""
+        upload = self._upload
+        if upload is None:
+            return
+        self.state = ClientState.UPLOADING
+        try:
+            await self._stoppable(self._send(conn, upload), grace=self.config.stop_grace_seconds)
+        except ServerRefusedError as exc:
+            log.warning("%s: result of task %s dropped: %s", self.config.node_name, upload.task_id, exc)
+        else:
+            self.results_delivered += 1
+        self._upload = None
+
+    async def _send(self, conn: NodeConnection, upload: PendingUpload) -> None:
+        start = 0
+        if upload.attempted:
+            acknowledged, complete = await conn.upload_status(upload.task_id)
+            if complete:
+                return
+            if upload.valid_offset(acknowledged):
+                start = acknowledged
+            log.info("%s: resuming the upload of task %s at byte %d of %d", self.config.node_name,
+                     upload.task_id, start, upload.total_size)
+        upload.attempted = True
+        await conn.upload(upload.descriptor(start), upload.chunks(start), self.config.idle_stream_timeout_seconds)

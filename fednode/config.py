@@ -1,0 +1,151 @@
+"""Node configuration: where the server is, how to trust it, who we are, and the limits we enforce.
+
+Config is read-only and checked when built: a wrong TLS mode, a missing CA file or an absent token fails
+at start with a :class:`fedcore.errors.NodeConfigError` naming the field, not minutes later in a call.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fedcore.errors import NodeConfigError
+from fedcore.framing import DEFAULT_CHUNK_SIZE
+
+TlsMode = Literal["insecure", "tls", "mtls"]
+TLS_MODES: tuple[str, ...] = ("insecure", "tls", "mtls")
+
+#: Bytes a gRPC message may carry beyond one chunk's data (protobuf framing, offsets, headers).
+MESSAGE_OVERHEAD = 64 * 1024
+
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    """Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff and Jitter").
+
+    Attempt ``n`` (from 0) sleeps ``uniform(0, min(maximum, initial * multiplier**n))`` seconds, so a
+    thousand nodes cut off by the same server restart do not all come back in the same millisecond.
+    """
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.initial > 0:
+            raise NodeConfigError(f"backoff initial must be > 0 seconds, got {self.initial}")
+        if not self.maximum >= self.initial:
+            raise NodeConfigError(f"backoff maximum {self.maximum} must be >= initial {self.initial}")
+        if not self.multiplier >= 1:
+            raise NodeConfigError(f"backoff multiplier must be >= 1, got {self.multiplier}")
+
+    def ceiling(self, attempt: int) -> float:
+        """Upper bound of the delay before retry ``attempt`` (0-based)."""
+        # cap the exponent so huge attempt counts do not overflow a float
+        return min(self.maximum, self.initial * self.multiplier ** min(attempt, 64))
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Full-jitter delay before retry ``attempt``: uniform in [0, ceiling(attempt)]."""
+        return rng.uniform(0.0, self.ceiling(attempt))
+
+
+@dataclass(frozen=True)
+class KeepaliveOptions:
+    """HTTP/2 keepalive so a silently dead connection (NAT timeout, cut cable) is noticed in seconds.
+
+    ``max_pings_without_data=0`` lets pings flow during a long idle poll; the server must permit pings
+    this frequent (``grpc.http2.min_ping_interval_without_data_ms`` <= ``time_ms``).
+    """
+
+    time_ms: int = 20_000
+    timeout_ms: int = 10_000
+    permit_without_calls: bool = True
+    max_pings_without_data: int = 0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a :class:`fednode.client.NodeClient` needs to reach and serve its server.
+
+    ``tls``: ``"insecure"`` (plain TCP; only when asked for explicitly), ``"tls"`` (server certificate
+    checked against the pinned ``ca_cert``) or ``"mtls"`` (plus our ``client_cert``/``client_key``; the
+    identity then comes from the certificate and the token is optional). The CA is always pinned: there
+    is no trust-on-first-use and no fallback to the system store.
+    """
+
+    server: str
+    tls: TlsMode = "tls"
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    token: str | None = field(default=None, repr=False)
+    token_file: Path | None = None
+    node_name: str = "fednode"
+    #: Expected host name in the server certificate when it differs from the dialled host (tests, IPs).
+    server_name_override: str | None = None
+    poll_wait_seconds: float = 30.0  # long-poll duration asked of the server (it may cap it)
+    upload_chunk_size: int = DEFAULT_CHUNK_SIZE  # bytes per uploaded chunk (the server may lower it)
+    max_payload_size: int = 4 << 30  # largest task payload accepted, bytes (checked before allocating)
+    max_chunk_size: int = 4 << 20  # largest chunk accepted, bytes
+    call_timeout_seconds: float = 30.0  # deadline of unary calls (Register, Report, Heartbeat, status)
+    idle_stream_timeout_seconds: float = 120.0  # a task stream silent this long is considered broken
+    report_interval_seconds: float = 0.5  # batching period of progress/log events
+    heartbeat_interval_seconds: float = 10.0  # used until the server announces its own at Register
+    stop_grace_seconds: float = 10.0  # how long stop() lets an upload in flight finish
+    backoff: BackoffPolicy = BackoffPolicy()
+    keepalive: KeepaliveOptions = KeepaliveOptions()
+
+    def __post_init__(self) -> None:
+        if not self.server or ":" not in self.server:
+            raise NodeConfigError(f"server must be HOST:PORT, got {self.server!r}")
+        if self.tls not in TLS_MODES:
+            raise NodeConfigError(f"tls must be one of {', '.join(TLS_MODES)}; got {self.tls!r}")
+        if self.tls != "insecure" and self.ca_cert is None:
+            raise NodeConfigError(f"tls={self.tls!r} needs ca_cert (the pinned CA of the server certificate)")
+        if self.tls == "mtls" and (self.client_cert is None or self.client_key is None):
+            raise NodeConfigError("tls='mtls' needs both client_cert and client_key")
+        if self.tls != "mtls" and self.token is None and self.token_file is None:
+            raise NodeConfigError(f"tls={self.tls!r} needs a token or token_file (identity of the node)")
+        if self.token is not None and self.token_file is not None:
+            raise NodeConfigError("give either token or token_file, not both")
+        for name in ("upload_chunk_size", "max_payload_size", "max_chunk_size"):
+            if getattr(self, name) <= 0:
+                raise NodeConfigError(f"{name} must be > 0 bytes, got {getattr(self, name)}")
+        for name in ("poll_wait_seconds", "call_timeout_seconds", "idle_stream_timeout_seconds",
+                     "report_interval_seconds", "heartbeat_interval_seconds"):
+            if not getattr(self, name) > 0:
+                raise NodeConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.stop_grace_seconds < 0:
+            raise NodeConfigError(f"stop_grace_seconds must be >= 0, got {self.stop_grace_seconds}")
+
+    def resolve_token(self) -> str | None:
+        """The bearer token, read from ``token_file`` (stripped) when given; None under mTLS without one."""
+        if self.token is not None:
+            token = self.token
+        elif self.token_file is not None:
+            try:
+                token = Path(self.token_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise NodeConfigError(f"cannot read token_file {self.token_file}: {exc.strerror}") from None
+        else:
+            return None
+        if not token or any(c.isspace() for c in token):
+            raise NodeConfigError("the token must be one non-empty word without whitespace")
+        return token
+
+    def channel_options(self) -> list[tuple[str, int | str]]:
+        """gRPC channel options: keepalive, and message sizes just above one chunk."""
+        ka = self.keepalive
+        options: list[tuple[str, int | str]] = [
+            ("grpc.keepalive_time_ms", ka.time_ms),
+            ("grpc.keepalive_timeout_ms", ka.timeout_ms),
+            ("grpc.keepalive_permit_without_calls", int(ka.permit_without_calls)),
+            ("grpc.http2.max_pings_without_data", ka.max_pings_without_data),
+            ("grpc.max_receive_message_length", self.max_chunk_size + MESSAGE_OVERHEAD),
+            ("grpc.max_send_message_length", self.upload_chunk_size + MESSAGE_OVERHEAD),
+        ]
+        if self.server_name_override:
+            options.append(("grpc.ssl_target_name_override", self.server_name_override))
+        return options

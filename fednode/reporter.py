@@ -1,0 +1,119 @@
+"""Progress and log events of a running task: collected from the handler's thread, sent in batches.
+
+The handler runs in a worker thread and calls :class:`Reporter` freely (it is thread-safe and never
+blocks on the network). :class:`ReportPump`, a coroutine on the client's event loop, drains the reporter
+at most every ``interval`` seconds into one Report call, sends a Heartbeat when nothing was sent for
+``heartbeat_interval`` seconds, and flushes once more when the task ends. A failed send is logged and
+dropped: losing a progress line must never fail the training it describes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fedcore.errors import NodeError
+from fedcore.wire import LogLine, ReportEvent, TrainingProgress
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """Thread-safe sink of one task's events; keeps at most ``max_pending`` (oldest dropped first)."""
+
+    def __init__(self, task_id: str, *, max_pending: int = 10_000) -> None:
+        self.task_id = task_id
+        self._lock = threading.Lock()
+        self._items: deque[ReportEvent] = deque(maxlen=max_pending)
+        self._stop = threading.Event()
+        self.dropped = 0  # events lost because the buffer was full
+
+    def progress(self, progress: Any) -> None:
+        """Record training progress: a :class:`fedcore.wire.TrainingProgress` or anything with its fields
+        (e.g. a plan's ``fedcore.plans.TrainingProgress``, so this method is a valid progress callback).
+        ``epoch`` None (a ``num_updates`` run) is sent as 0."""
+        if not isinstance(progress, TrainingProgress):
+            loss = getattr(progress, "loss", math.nan)
+            progress = TrainingProgress(
+                epoch=int(getattr(progress, "epoch", None) or 0),
+                iteration=int(progress.iteration), total_iterations=int(progress.total_iterations),
+                num_samples=int(getattr(progress, "num_samples", 0)),
+                num_samples_max=int(getattr(progress, "num_samples_max", 0)),
+                loss=math.nan if loss is None else float(loss))
+        self._append(ReportEvent(time.time(), progress))
+
+    def log(self, level: str, message: str) -> None:
+        """Record a log line; ``level`` is DEBUG, INFO, WARNING or ERROR (else MessageError); long lines are cut."""
+        self._append(ReportEvent(time.time(), LogLine(str(level).upper(), str(message))))
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the node is stopping: a long handler may return early (its reply is still sent)."""
+        return self._stop.is_set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def drain(self) -> list[ReportEvent]:
+        """Take every pending event, oldest first."""
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+    def _append(self, item: ReportEvent) -> None:
+        with self._lock:
+            if len(self._items) == self._items.maxlen:
+                self.dropped += 1
+            self._items.append(item)
+
+
+class ReportPump:
+    """Sends a reporter's events while its task runs; :meth:`run` returns after the final flush.
+
+    ``send_report(task_id, items)`` and ``send_heartbeat(task_id)`` are the transport's coroutines;
+    they raise :class:`fedcore.errors.NodeError` on failure.
+    """
+
+    def __init__(self, reporter: Reporter, *,
+                 send_report: Callable[[str, list[ReportEvent]], Awaitable[None]],
+                 send_heartbeat: Callable[[str], Awaitable[None]],
+                 interval: float, heartbeat_interval: float) -> None:
+        self.reporter = reporter
+        self._send_report = send_report
+        self._send_heartbeat = send_heartbeat
+        self.interval = interval
+        self.heartbeat_interval = heartbeat_interval
+        self._done = asyncio.Event()
+
+    def finish(self) -> None:
+        """Ask :meth:`run` to flush what is left and return."""
+        self._done.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_contact = loop.time()
+        task_id = self.reporter.task_id
+        finished = False
+        while not finished:
+            try:
+                await asyncio.wait_for(self._done.wait(), self.interval)
+                finished = True
+            except asyncio.TimeoutError:
+                pass
+            items = self.reporter.drain()
+            try:
+                if items:
+                    await self._send_report(task_id, items)
+                    last_contact = loop.time()
+                elif not finished and loop.time() - last_contact >= self.heartbeat_interval:
+                    await self._send_heartbeat(task_id)
+                    last_contact = loop.time()
+            except NodeError as exc:
+                log.debug("task %s: report not delivered (%s); %d events dropped", task_id, exc, len(items))
