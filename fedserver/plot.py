@@ -1,0 +1,148 @@
+"""PNG curves of per-round metrics from the history database (matplotlib, Agg canvas, no display needed).
+
+``plot_history``: one subplot per metric, a thin line per node and the thick global (aggregated) curve.
+``compare_experiments``: the global curves of several experiments overlaid (e.g. Scaffold vs FedAvg).
+Figures are built on a private ``Figure`` with an Agg canvas rather than through ``pyplot``, so no global
+state or GUI backend is touched and plotting from a server thread is safe.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedcore.errors import HistoryError
+from fedserver.history import HistoryStore
+
+__all__ = ["available_metrics", "compare_experiments", "plot_history"]
+
+#: Beyond this many nodes, node curves are drawn in grey under one legend entry.
+MAX_LABELLED_NODES = 12
+_DPI = 110
+
+
+def available_metrics(history: HistoryStore, experiment_id: int, source: str = "training") -> list[str]:
+    """Names of the numeric metrics recorded for an experiment (node ``source`` metrics and global ones)."""
+    names: set[str] = set()
+    attribute = "training_metrics" if source == "training" else source
+    for record in history.node_results(experiment_id):
+        metrics = getattr(record, attribute) or {}
+        names.update(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    for record in history.rounds(experiment_id):
+        names.update(
+            k for k, v in record.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
+    return sorted(names)
+
+
+def _check_metrics(metrics: Sequence[str]) -> list[str]:
+    if isinstance(metrics, str) or not metrics or not all(isinstance(m, str) and m for m in metrics):
+        raise HistoryError(f"metrics must be a non-empty sequence of metric names, got {metrics!r}")
+    return list(metrics)
+
+
+def _new_figure(columns: int) -> tuple[Figure, list[Axes]]:
+    figure = Figure(figsize=(5.5 * columns, 4.2), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, columns, squeeze=False)[0]
+    return figure, list(axes)
+
+
+def _style(ax: Axes, metric: str, has_data: bool) -> None:
+    ax.set_title(metric)
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    if has_data:
+        ax.legend(fontsize="small", loc="best")
+    else:
+        ax.text(0.5, 0.5, f"no values for {metric!r}", ha="center", va="center", transform=ax.transAxes)
+
+
+def _save(figure: Figure, out_path: str | os.PathLike[str]) -> Path:
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def plot_history(
+    history: HistoryStore,
+    experiment_id: int,
+    out_path: str | os.PathLike[str],
+    metrics: Sequence[str] = ("loss", "accuracy"),
+    source: str = "training",
+) -> Path:
+    """Write a PNG with, per metric, each node's per-round curve and the global curve; returns the path.
+
+    Node values come from ``source`` ('training', 'validation_before' or 'validation_after') of the
+    succeeded replies; the global curve from the rounds' aggregated metrics. Raises HistoryError when
+    none of ``metrics`` has a value, listing the metrics that do.
+    """
+    names = _check_metrics(metrics)
+    experiment = history.experiment(experiment_id)
+    per_metric = [
+        (m, history.metric_series(experiment_id, m, source), history.global_series(experiment_id, m))
+        for m in names
+    ]
+    if not any(nodes or overall for _, nodes, overall in per_metric):
+        raise HistoryError(
+            f"experiment {experiment_id} has no values for {names}; "
+            f"metrics recorded: {available_metrics(history, experiment_id, source)}"
+        )
+    figure, axes = _new_figure(len(names))
+    for ax, (metric, nodes, overall) in zip(axes, per_metric):
+        many = len(nodes) > MAX_LABELLED_NODES
+        for index, (node_id, points) in enumerate(nodes.items()):
+            rounds, values = zip(*points)
+            if many:
+                label = f"nodes ({len(nodes)})" if index == 0 else None
+                ax.plot(rounds, values, color="0.6", linewidth=0.8, alpha=0.6, label=label)
+            else:
+                ax.plot(rounds, values, marker="o", markersize=3, linewidth=1.0, alpha=0.8, label=node_id)
+        if overall:
+            rounds, values = zip(*overall)
+            ax.plot(rounds, values, color="black", linewidth=2.5, marker="s", markersize=4, label="global")
+        _style(ax, metric, bool(nodes or overall))
+    figure.suptitle(f"experiment {experiment.id}: {experiment.name} ({source} metrics per node)")
+    return _save(figure, out_path)
+
+
+def compare_experiments(
+    history: HistoryStore,
+    experiment_ids: Sequence[int],
+    out_path: str | os.PathLike[str],
+    metrics: Sequence[str] = ("loss", "accuracy"),
+) -> Path:
+    """Write a PNG overlaying the global curves of experiments, a subplot per metric; returns the path."""
+    names = _check_metrics(metrics)
+    if isinstance(experiment_ids, (str, int)) or not experiment_ids:
+        raise HistoryError(f"experiment_ids must be a non-empty sequence of ids, got {experiment_ids!r}")
+    experiments = [history.experiment(experiment_id) for experiment_id in experiment_ids]
+    series = {(e.id, m): history.global_series(e.id, m) for e in experiments for m in names}
+    if not any(series.values()):
+        raise HistoryError(f"experiments {list(experiment_ids)} have no global values for {names}")
+    figure, axes = _new_figure(len(names))
+    for ax, metric in zip(axes, names):
+        for experiment in experiments:
+            points = series[(experiment.id, metric)]
+            if points:
+                rounds, values = zip(*points)
+                ax.plot(
+                    rounds,
+                    values,
+                    marker="o",
+                    markersize=3,
+                    linewidth=2.0,
+                    label=f"#{experiment.id} {experiment.name}",
+                )
+        _style(ax, metric, any(series[(e.id, metric)] for e in experiments))
+    figure.suptitle("global metrics per round: " + " vs ".join(f"#{e.id} {e.name}" for e in experiments))
+    return _save(figure, out_path)
