@@ -1,0 +1,40 @@
+"""Plain-text output of the ``fednode`` store commands: aligned tables, local times, byte sizes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+__all__ = ["format_bytes", "format_time", "key_values", "text_table"]
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns left-aligned and separated by two spaces, headers first; no trailing spaces."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[j]) for row in cells) for j in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def key_values(pairs: Sequence[tuple[str, object]]) -> str:
+    """``key: value`` lines with the values aligned."""
+    width = max((len(key) for key, _ in pairs), default=0) + 1
+    return "\n".join(f"{key + ':':<{width}} {value}" for key, value in pairs)
+
+
+def format_time(timestamp: float | None) -> str:
+    """Unix time as local ISO 8601 to the second (``2025-01-31T14:02:11+01:00``), ``-`` for None."""
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+def format_bytes(size: int) -> str:
+    """``1536`` → ``1.5 KiB``; exact bytes below 1 KiB."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

@@ -1,0 +1,133 @@
+"""``fednode plans list|show|approve|reject``: the operator reviews the training plans tasks brought.
+
+:func:`register` adds the ``plans`` command to the top-level ``fednode`` subparsers. Each leaf sets
+``func`` (``args -> exit status``); store errors propagate as :class:`fedcore.errors.FedstreamError` for
+the top-level ``main`` to print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from typing import Any
+
+from fednode.approvals import MIN_PREFIX, STATUSES, PlanApprovals, PlanRecord
+from fednode.cli_format import format_time, key_values, text_table
+from fednode.home import FILES_HELP, add_home_options, db_path_from_args
+
+__all__ = ["register"]
+
+_RAW = argparse.RawDescriptionHelpFormatter
+
+_DESCRIPTION = f"""\
+A node runs only training plans its operator approved. A plan is the exact source text of the
+researcher's plan module, identified by its SHA-256: changing one character makes a new plan.
+
+The first task that brings an unknown plan records it as pending (with its source) and is refused; the
+researcher is told to ask you. Read the code with `fednode plans show ID`, then approve or reject it.
+ID is the SHA-256 or any unique prefix of it (at least {MIN_PREFIX} hex digits); listings show 12."""
+
+
+
+def register(subparsers: Any) -> None:
+    """Add ``plans`` and its subcommands to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    parser = subparsers.add_parser(
+        "plans", help="review, approve and reject the training plans this node may run",
+        description=_DESCRIPTION, formatter_class=_RAW,
+        epilog=textwrap.dedent("""\
+            examples:
+              fednode plans list --status pending
+              fednode plans show 3fa2c1d9e0b7
+              fednode plans approve 3fa2c1d9e0b7 --note "reviewed by J. Doe, no file or network access"
+              fednode plans reject 3fa2c1d9e0b7 --note "writes outside the working directory"
+            """) + "\n" + FILES_HELP,
+    )
+    commands = parser.add_subparsers(dest="plans_command", metavar="COMMAND", required=True)
+
+    listing = commands.add_parser(
+        "list", help="list known plans and their status", formatter_class=_RAW,
+        description="List the plans tasks have brought to this node, oldest first.", epilog=FILES_HELP,
+    )
+    listing.add_argument("--status", choices=STATUSES, default=None, help="only plans with this status")
+    listing.add_argument("--json", action="store_true", help="print a JSON array (without sources)")
+    add_home_options(listing)
+    listing.set_defaults(func=_list)
+
+    show = commands.add_parser(
+        "show", help="print a plan's status and full source", formatter_class=_RAW,
+        description="Print what the node knows about plan ID, then its full source text.", epilog=FILES_HELP,
+    )
+    show.add_argument("plan_id", metavar="ID", help="SHA-256 or a unique prefix (>= 8 hex digits)")
+    show.add_argument("--json", action="store_true", help="print a JSON object, source included")
+    add_home_options(show)
+    show.set_defaults(func=_show)
+
+    for verb, status, summary in (
+        ("approve", "approved", "allow tasks to run plan ID on this node"),
+        ("reject", "rejected", "refuse plan ID (also revokes an approval)"),
+    ):
+        decide = commands.add_parser(
+            verb, help=summary, formatter_class=_RAW, epilog=FILES_HELP,
+            description=f"Mark plan ID {status}; the decision applies to tasks from now on. Repeatable.",
+        )
+        decide.add_argument("plan_id", metavar="ID", help="SHA-256 or a unique prefix (>= 8 hex digits)")
+        decide.add_argument("--note", default="", help="why; kept with the decision and shown by list/show")
+        add_home_options(decide)
+        decide.set_defaults(func=_decide, decision=verb)
+
+
+def _list(args: argparse.Namespace) -> int:
+    records = PlanApprovals(db_path_from_args(args)).list(args.status)
+    if args.json:
+        print(json.dumps([_as_json(record, source=False) for record in records], indent=2))
+        return 0
+    if not records:
+        print("no training plans" + (f" with status {args.status}" if args.status else " seen yet"))
+        return 0
+    rows = [(r.short_id, r.status, r.name, r.origin or "-", format_time(r.submitted_at), r.note) for r in records]
+    print(text_table(("ID", "STATUS", "NAME", "ORIGIN", "FIRST SEEN", "NOTE"), rows))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    record = PlanApprovals(db_path_from_args(args)).get(args.plan_id)
+    if args.json:
+        print(json.dumps(_as_json(record, source=True), indent=2))
+        return 0
+    print(key_values([
+        ("sha256", record.sha256),
+        ("name", record.name),
+        ("origin", record.origin or "-"),
+        ("status", record.status),
+        ("note", record.note or "-"),
+        ("first seen", format_time(record.submitted_at)),
+        ("decided", format_time(record.decided_at)),
+        ("source", f"{len(record.source.splitlines())} lines"),
+    ]))
+    print("-" * 78)
+    print(record.source, end="" if record.source.endswith("\n") else "\n")
+    return 0
+
+
+def _decide(args: argparse.Namespace) -> int:
+    approvals = PlanApprovals(db_path_from_args(args))
+    decide = approvals.approve if args.decision == "approve" else approvals.reject
+    record = decide(args.plan_id, args.note)
+    print(f"plan {record.short_id} ({record.name}) is now {record.status}")
+    return 0
+
+
+def _as_json(record: PlanRecord, source: bool) -> dict[str, object]:
+    out: dict[str, object] = {
+        "sha256": record.sha256,
+        "name": record.name,
+        "origin": record.origin,
+        "status": record.status,
+        "note": record.note,
+        "submitted_at": record.submitted_at,
+        "decided_at": record.decided_at,
+    }
+    if source:
+        out["source"] = record.source
+    return out
