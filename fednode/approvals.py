@@ -79,7 +79,10 @@ class PlanApprovals:
         """
         sha = plan_sha256(source)
         now = time.time()
-        status, note, decided = ("approved", AUTO_APPROVE_NOTE, now) if self.auto_approve else ("pending", "", None)
+        if self.auto_approve:
+            status, note, decided = "approved", AUTO_APPROVE_NOTE, now
+        else:
+            status, note, decided = "pending", "", None
         with node_db.connect(self.db_path) as conn, node_db.transaction(conn):
             conn.execute(
                 "INSERT OR IGNORE INTO plans (sha256, name, origin, source, status, note, submitted_at,"
@@ -103,7 +106,7 @@ class PlanApprovals:
         return self._decide(sha_or_prefix, "rejected", note)
 
     def status(self, sha: str) -> str | None:
-        """``'approved'``, ``'rejected'`` or ``'pending'`` for the full SHA-256 ``sha``; None if never seen."""
+        """``'approved'``, ``'rejected'`` or ``'pending'`` for the full SHA-256 ``sha``; None if unseen."""
         with node_db.connect(self.db_path) as conn:
             row = conn.execute("SELECT status FROM plans WHERE sha256 = ?", (str(sha).lower(),)).fetchone()
         return None if row is None else row[0]
@@ -167,7 +170,8 @@ class PlanApprovals:
         else:
             why = "is waiting for the node operator's review"
         return (
-            f"training plan {record.name!r} (sha256 {record.short_id}) is not approved on this node: it {why}. "
+            f"training plan {record.name!r} (sha256 {record.short_id}) is not approved on this node: "
+            f"it {why}. "
             f"The node operator can read it with `fednode plans show {record.short_id}` and approve it with "
             f"`fednode plans approve {record.short_id}`; then send the task again."
         )

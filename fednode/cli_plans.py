@@ -85,7 +85,9 @@ def _list(args: argparse.Namespace) -> int:
     if not records:
         print("no training plans" + (f" with status {args.status}" if args.status else " seen yet"))
         return 0
-    rows = [(r.short_id, r.status, r.name, r.origin or "-", format_time(r.submitted_at), r.note) for r in records]
+    rows = [
+        (r.short_id, r.status, r.name, r.origin or "-", format_time(r.submitted_at), r.note) for r in records
+    ]
     print(text_table(("ID", "STATUS", "NAME", "ORIGIN", "FIRST SEEN", "NOTE"), rows))
     return 0
 

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 __all__ = [
-    "DB_FILENAME", "DEFAULT_HOME", "FILES_HELP", "HOME_ENV_VAR", "add_home_options", "db_path", "db_path_from_args", "node_home",
+    "DB_FILENAME", "DEFAULT_HOME", "FILES_HELP", "HOME_ENV_VAR",
+    "add_home_options", "db_path", "db_path_from_args", "node_home",
 ]
 
 HOME_ENV_VAR = "FEDNODE_HOME"
