@@ -1,0 +1,271 @@
+"""``fedserver history`` and ``fedserver plot``: read the history database of past experiments.
+
+:func:`register` adds both commands to the top-level ``fedserver`` subparsers. Each sets ``func``
+(``args -> exit status``); store errors propagate as :class:`fedcore.errors.FedstreamError` (here
+:class:`~fedcore.errors.HistoryError`) for the top-level ``main`` to print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import textwrap
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import HistoryError
+from fedserver.history import HistoryStore
+from fedserver.history_records import METRIC_SOURCES
+
+__all__ = ["DB_ENV_VAR", "DEFAULT_DB", "register"]
+
+DEFAULT_DB = "history.db"
+DB_ENV_VAR = "FEDSERVER_HISTORY_DB"
+_RAW = argparse.RawDescriptionHelpFormatter
+
+_FILES = f"""
+files:
+  {DEFAULT_DB}              default history database (SQLite), written by running experiments
+environment:
+  {DB_ENV_VAR}  history database when --db is not given"""
+
+_HISTORY_DESCRIPTION = """\
+Print what the history database holds. Without options: one line per experiment. With --experiment:
+its configuration and one line per round (status, nodes selected and replied, aggregated metrics).
+With --round as well: one line per node result of that round (outcome, samples, steps, duration,
+bytes received from / sent to the node, metrics, error). Late replies are listed with outcome 'late':
+they arrived after their round closed and were not aggregated."""
+
+_PLOT_DESCRIPTION = """\
+Write a PNG of per-round metric curves. For one experiment: a subplot per metric with one thin curve
+per node (its training metrics, or --source) and the thick global (aggregated) curve. With --compare:
+the global curves of several experiments overlaid, e.g. Scaffold against FedAvg."""
+
+
+def register(subparsers: Any) -> None:
+    """Add ``history`` and ``plot`` to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    history = subparsers.add_parser(
+        "history",
+        help="list experiments, their rounds and per-node results",
+        description=_HISTORY_DESCRIPTION,
+        formatter_class=_RAW,
+        epilog=textwrap.dedent("""\
+            examples:
+              fedserver history
+              fedserver history --experiment 3
+              fedserver history --db runs/history.db --experiment 3 --round 7
+            """)
+        + _FILES,
+    )
+    _add_db_option(history)
+    history.add_argument("--experiment", type=int, metavar="ID", help="show this experiment's rounds")
+    history.add_argument(
+        "--round", type=int, metavar="N", help="show the node results of round N (needs --experiment)"
+    )
+    history.set_defaults(func=_history)
+
+    plot = subparsers.add_parser(
+        "plot",
+        help="write PNG curves of per-round metrics",
+        description=_PLOT_DESCRIPTION,
+        formatter_class=_RAW,
+        epilog=textwrap.dedent("""\
+            examples:
+              fedserver plot --experiment 3 --out run3.png
+              fedserver plot --experiment 3 --metric loss --source validation_after --out val.png
+              fedserver plot --experiment 3 --compare 4 --out scaffold-vs-fedavg.png
+            """)
+        + _FILES,
+    )
+    _add_db_option(plot)
+    plot.add_argument("--experiment", type=int, metavar="ID", required=True, help="experiment to plot")
+    plot.add_argument(
+        "--compare", type=int, metavar="ID", nargs="+", default=[], help="overlay these experiments"
+    )
+    plot.add_argument("--out", type=Path, metavar="FILE.png", required=True, help="PNG file to write")
+    plot.add_argument(
+        "--metric",
+        action="append",
+        metavar="NAME",
+        help="metric to plot; repeatable (default: loss and accuracy)",
+    )
+    plot.add_argument(
+        "--source",
+        choices=METRIC_SOURCES,
+        default="training",
+        help="node metrics to plot (default: training)",
+    )
+    plot.set_defaults(func=_plot)
+
+
+def _add_db_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        type=Path,
+        metavar="PATH",
+        default=None,
+        help=f"history database (default: ${DB_ENV_VAR} or ./{DEFAULT_DB})",
+    )
+
+
+def _open(args: argparse.Namespace) -> HistoryStore:
+    """The store at --db; a missing file is an error here (reading must not create an empty database)."""
+    path = args.db or Path(os.environ.get(DB_ENV_VAR) or DEFAULT_DB)
+    if not path.is_file():
+        raise HistoryError(f"no history database at {str(path)!r}; pass --db PATH or set ${DB_ENV_VAR}")
+    return HistoryStore(path)
+
+
+# -- fedserver history ---------------------------------------------------------------------------
+
+
+def _history(args: argparse.Namespace) -> int:
+    if args.round is not None and args.experiment is None:
+        raise HistoryError("--round needs --experiment ID")
+    with _open(args) as store:
+        if args.experiment is None:
+            print(_experiments_table(store))
+        elif args.round is None:
+            print(_rounds_view(store, args.experiment))
+        else:
+            print(_node_results_table(store, args.experiment, args.round))
+    return 0
+
+
+def _experiments_table(store: HistoryStore) -> str:
+    experiments = store.experiments()
+    if not experiments:
+        return f"no experiments in {store.path}"
+    rows = []
+    for e in experiments:
+        rounds = store.rounds(e.id)
+        done = sum(r.status == "completed" for r in rounds)
+        rows.append(
+            (e.id, e.name, e.status, f"{done}/{len(rounds)}", _time(e.created_at), _time(e.ended_at), e.error)
+        )
+    return text_table(("ID", "NAME", "STATUS", "DONE", "CREATED", "ENDED", "ERROR"), rows)
+
+
+def _rounds_view(store: HistoryStore, experiment_id: int) -> str:
+    e = store.experiment(experiment_id)
+    header = [
+        f"experiment {e.id}: {e.name} ({e.status})",
+        f"created {_time(e.created_at)}, ended {_time(e.ended_at)}"
+        + (f", error: {e.error}" if e.error else ""),
+        f"config: {json.dumps(e.config, sort_keys=True)}",
+        "",
+    ]
+    rounds = store.rounds(experiment_id)
+    if not rounds:
+        return "\n".join([*header, "no rounds yet"])
+    succeeded: dict[int, int] = {}
+    for result in store.node_results(experiment_id):
+        if result.outcome == "succeeded":
+            succeeded[result.round] = succeeded.get(result.round, 0) + 1
+    rows = [
+        (
+            r.round,
+            r.status,
+            f"{succeeded.get(r.round, 0)}/{len(r.selected_nodes)}",
+            _seconds_between(r.started_at, r.ended_at),
+            _metrics(r.metrics),
+            r.error,
+        )
+        for r in rounds
+    ]
+    return "\n".join(header) + text_table(
+        ("ROUND", "STATUS", "REPLIED", "DURATION", "METRICS", "ERROR"), rows
+    )
+
+
+def _node_results_table(store: HistoryStore, experiment_id: int, round: int) -> str:
+    results = store.node_results(experiment_id, round)
+    if not results:
+        known = [r.round for r in store.rounds(experiment_id)]
+        return f"no node results for round {round} of experiment {experiment_id} (rounds: {known})"
+    rows = [
+        (
+            r.node_id,
+            r.outcome,
+            r.num_samples,
+            r.num_steps,
+            None if r.duration_s is None else f"{r.duration_s:.2f}s",
+            format_bytes(r.bytes_in),
+            format_bytes(r.bytes_out),
+            _metrics(r.training_metrics),
+            _metrics(r.validation_after or {}),
+            r.error,
+        )
+        for r in results
+    ]
+    headers = (
+        "NODE",
+        "OUTCOME",
+        "SAMPLES",
+        "STEPS",
+        "DURATION",
+        "IN",
+        "OUT",
+        "TRAINING",
+        "VALIDATION",
+        "ERROR",
+    )
+    return text_table(headers, rows)
+
+
+# -- fedserver plot ------------------------------------------------------------------------------
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from fedserver.plot import compare_experiments, plot_history  # matplotlib only for this command
+
+    metrics = args.metric or ["loss", "accuracy"]
+    with _open(args) as store:
+        if args.compare:
+            out = compare_experiments(store, [args.experiment, *args.compare], args.out, metrics)
+        else:
+            out = plot_history(store, args.experiment, args.out, metrics, source=args.source)
+    print(f"wrote {out}")
+    return 0
+
+
+# -- text output ---------------------------------------------------------------------------------
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns left-aligned, two spaces apart, headers first; None shows as '-'; no trailing spaces."""
+    cells = [list(headers)] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[j]) for row in cells) for j in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def format_bytes(size: int) -> str:
+    """``1536`` → ``1.5 KiB``; exact bytes below 1 KiB."""
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _metrics(metrics: dict[str, Any]) -> str:
+    """``loss=0.1234 accuracy=0.9`` (numbers to 4 significant digits), '-' when empty."""
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
+    return " ".join(parts) or "-"
+
+
+def _time(iso: str | None) -> str:
+    """A stored UTC timestamp in local time, to the second."""
+    return "-" if iso is None else datetime.fromisoformat(iso).astimezone().isoformat(timespec="seconds")
+
+
+def _seconds_between(start: str, end: str | None) -> str:
+    if end is None:
+        return "-"
+    return f"{(datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds():.1f}s"
