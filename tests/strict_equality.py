@@ -32,7 +32,9 @@ def assert_deep_equal(got: Any, want: Any, path: str = "obj") -> None:
         if math.isnan(want):
             assert math.isnan(got), f"{path}: {got!r} is not NaN"
         else:
-            assert got == want and math.copysign(1.0, got) == math.copysign(1.0, want), f"{path}: {got!r} != {want!r}"
+            assert got == want and math.copysign(1.0, got) == math.copysign(1.0, want), (
+                f"{path}: {got!r} != {want!r}"
+            )
     elif isinstance(want, (dict, OrderedDict)):
         assert list(got) == list(want), f"{path}: keys {list(got)!r} != {list(want)!r} (order counts)"
         for (kg, vg), (kw, vw) in zip(got.items(), want.items(), strict=True):
@@ -48,7 +50,9 @@ def assert_deep_equal(got: Any, want: Any, path: str = "obj") -> None:
         assert got.tobytes() == want.tobytes(), f"{path}: values differ"
     elif type(want).__module__.startswith("torch"):
         assert got.dtype == want.dtype, f"{path}: dtype {got.dtype} != {want.dtype}"
-        assert tuple(got.shape) == tuple(want.shape), f"{path}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        assert tuple(got.shape) == tuple(want.shape), (
+            f"{path}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        )
         assert got.device.type == "cpu", f"{path}: decoded on {got.device}"
         assert not got.requires_grad, f"{path}: decoded tensor requires grad"
         assert tensor_bytes(got) == tensor_bytes(want), f"{path}: values differ"

@@ -64,8 +64,15 @@ def test_object_in_a_list_in_a_tuple_gets_an_index_path():
 
 @pytest.mark.parametrize(
     "key, type_name",
-    [((1, 2), "tuple"), (None, "NoneType"), (1.5, "float"), (b"k", "bytes"), (np.int64(1), "int64"),
-     (frozenset({1}), "frozenset"), (np.str_("k"), "str_")],
+    [
+        ((1, 2), "tuple"),
+        (None, "NoneType"),
+        (1.5, "float"),
+        (b"k", "bytes"),
+        (np.int64(1), "int64"),
+        (frozenset({1}), "frozenset"),
+        (np.str_("k"), "str_"),
+    ],
     ids=lambda v: repr(v),
 )
 def test_bad_dict_key_types_name_the_key_type_and_the_dict(key, type_name):
@@ -75,9 +82,13 @@ def test_bad_dict_key_types_name_the_key_type_and_the_dict(key, type_name):
 
 def test_integers_outside_64_bits_are_refused_with_their_path():
     for value in (2**64, -(2**63) - 1, 10**30):
-        with pytest.raises(EncodeError, match=rf"integer {value} does not fit in 64 bits at obj\['a'\]\[1\]$"):
+        with pytest.raises(
+            EncodeError, match=rf"integer {value} does not fit in 64 bits at obj\['a'\]\[1\]$"
+        ):
             Serializer.dumps({"a": [0, value]})
-    with pytest.raises(EncodeError, match=r"dict key 18446744073709551616 does not fit in 64 bits at obj\['m'\]"):
+    with pytest.raises(
+        EncodeError, match=r"dict key 18446744073709551616 does not fit in 64 bits at obj\['m'\]"
+    ):
         Serializer.dumps({"m": {2**64: 1}})
 
 
@@ -233,11 +244,13 @@ def moderate_document() -> object:
         nothing=None,
         flags=[True, False],
         params=OrderedDict(
-            [("fc.weight", rng.standard_normal((20, 20)).astype("<f4")),  # 1600 bytes: padded
-             ("fc.bias", rng.standard_normal(5).astype(">f8")),
-             ("mask", np.array([True, False, True])),
-             ("empty", np.zeros((0, 3), "<i2")),
-             ("zero_d", np.array(5, "<u8"))],
+            [
+                ("fc.weight", rng.standard_normal((20, 20)).astype("<f4")),  # 1600 bytes: padded
+                ("fc.bias", rng.standard_normal(5).astype(">f8")),
+                ("mask", np.array([True, False, True])),
+                ("empty", np.zeros((0, 3), "<i2")),
+                ("zero_d", np.array(5, "<u8")),
+            ],
         ),
         shapes=((20, 20), (5,), ()),
         scalars=[np.float32(1.5), np.bool_(True), np.complex64(1j)],
@@ -274,7 +287,9 @@ def test_trailing_bytes_are_an_error():
     decode_error(b"\xc0\xc0", r"1 trailing bytes .*offset 1")
 
 
-@pytest.mark.parametrize("data", [b"", bytearray(), memoryview(b"")], ids=["bytes", "bytearray", "memoryview"])
+@pytest.mark.parametrize(
+    "data", [b"", bytearray(), memoryview(b"")], ids=["bytes", "bytearray", "memoryview"]
+)
 def test_empty_input_is_a_decode_error(data):
     decode_error(data, r"truncated document: a type byte needs 1 bytes at offset 0")
 
@@ -317,12 +332,14 @@ def test_empty_array_with_absurd_dimensions_is_a_decode_error(shape):
 
 @pytest.mark.parametrize(
     "head, what",
-    [(b"\xdd\xff\xff\xff\xff", "an array claims 4294967295 items"),
-     (b"\xdf\xff\xff\xff\xff", "a map claims 4294967295 items"),
-     (b"\xdb\xff\xff\xff\xff", "str data needs 4294967295 bytes"),
-     (b"\xc6\xff\xff\xff\xff", "bin data needs 4294967295 bytes"),
-     (b"\xc9\xff\xff\xff\xff\x01", "ext data needs 4294967295 bytes"),
-     (b"\xdc\xff\xff", "an array claims 65535 items")],
+    [
+        (b"\xdd\xff\xff\xff\xff", "an array claims 4294967295 items"),
+        (b"\xdf\xff\xff\xff\xff", "a map claims 4294967295 items"),
+        (b"\xdb\xff\xff\xff\xff", "str data needs 4294967295 bytes"),
+        (b"\xc6\xff\xff\xff\xff", "bin data needs 4294967295 bytes"),
+        (b"\xc9\xff\xff\xff\xff\x01", "ext data needs 4294967295 bytes"),
+        (b"\xdc\xff\xff", "an array claims 65535 items"),
+    ],
     ids=["array32", "map32", "str32", "bin32", "ext32", "array16"],
 )
 def test_length_headers_beyond_the_document_fail_fast(head, what):
@@ -381,8 +398,10 @@ def test_unknown_ext_codes_are_refused(code):
 
 def test_msgpack_timestamp_ext_is_refused():
     decode_error(msgpack.packb(msgpack.Timestamp(1_700_000_000, 5)), r"unknown msgpack ext type -1")
-    decode_error(msgpack.packb({"t": datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)}, datetime=True),
-                 r"unknown msgpack ext type -1")
+    decode_error(
+        msgpack.packb({"t": datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)}, datetime=True),
+        r"unknown msgpack ext type -1",
+    )
 
 
 def test_non_utf8_strings_are_refused():
@@ -393,10 +412,12 @@ def test_non_utf8_strings_are_refused():
 
 @pytest.mark.parametrize(
     "doc, key",
-    [(b"\x82\xa1a\x01\xa1a\x02", "'a'"),
-     (b"\x82\x07\x01\x07\x02", "7"),
-     (b"\x82\x01\x00\xc3\x00", "True"),  # 1 and True are the same Python key
-     (ext(5, b"\x82\xa1k\x01\xa1k\x02"), "'k'")],
+    [
+        (b"\x82\xa1a\x01\xa1a\x02", "'a'"),
+        (b"\x82\x07\x01\x07\x02", "7"),
+        (b"\x82\x01\x00\xc3\x00", "True"),  # 1 and True are the same Python key
+        (ext(5, b"\x82\xa1k\x01\xa1k\x02"), "'k'"),
+    ],
     ids=["str", "int", "int-and-bool", "ordereddict"],
 )
 def test_duplicate_map_keys_are_refused(doc, key):
@@ -405,11 +426,18 @@ def test_duplicate_map_keys_are_refused(doc, key):
 
 @pytest.mark.parametrize(
     "key, type_name",
-    [(b"\x90", "list"), (b"\xcb" + struct.pack(">d", 1.5), "float"), (b"\xca" + struct.pack(">f", 1.5), "float"),
-     (b"\xc0", "NoneType"), (b"\xc4\x01k", "bytes"), (b"\x80", "dict"), (ext(4, b"\x90"), "tuple"),
-     (ext(1, array_payload("<f4", (), b"\x00" * 4)), "ndarray"),
-     (ext(2, array_payload("<i8", (), b"\x00" * 8)), "int64"),
-     (ext(5, b"\x80"), "OrderedDict")],
+    [
+        (b"\x90", "list"),
+        (b"\xcb" + struct.pack(">d", 1.5), "float"),
+        (b"\xca" + struct.pack(">f", 1.5), "float"),
+        (b"\xc0", "NoneType"),
+        (b"\xc4\x01k", "bytes"),
+        (b"\x80", "dict"),
+        (ext(4, b"\x90"), "tuple"),
+        (ext(1, array_payload("<f4", (), b"\x00" * 4)), "ndarray"),
+        (ext(2, array_payload("<i8", (), b"\x00" * 8)), "int64"),
+        (ext(5, b"\x80"), "OrderedDict"),
+    ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
 def test_map_keys_other_than_str_and_int_are_refused(key, type_name):
@@ -418,8 +446,32 @@ def test_map_keys_other_than_str_and_int_are_refused(key, type_name):
 
 @pytest.mark.parametrize(
     "dtype",
-    ["<f16", "|f4", "<O8", "xyz", "", "<f4 ", "<i08", "<i+8", "=f4", "<b1", ">u1", "|i2", "<M8", "<U4", "|V8",
-     "|S4", "<c32", "<f1", "<i3", "f4", "<f", "<bf4", "|bf2", "<f\x004"],
+    [
+        "<f16",
+        "|f4",
+        "<O8",
+        "xyz",
+        "",
+        "<f4 ",
+        "<i08",
+        "<i+8",
+        "=f4",
+        "<b1",
+        ">u1",
+        "|i2",
+        "<M8",
+        "<U4",
+        "|V8",
+        "|S4",
+        "<c32",
+        "<f1",
+        "<i3",
+        "f4",
+        "<f",
+        "<bf4",
+        "|bf2",
+        "<f\x004",
+    ],
     ids=repr,
 )
 def test_invalid_dtype_strings_in_a_handcrafted_ext_are_refused(dtype):
@@ -433,19 +485,35 @@ def test_non_ascii_dtype_string_is_refused():
 
 @pytest.mark.parametrize(
     "payload, reason",
-    [(b"", "empty array payload"),
-     (b"\x09<f4", "truncated in its dtype string"),
-     (b"\x03<f4", "truncated in its dtype string"),
-     (b"\x03<f4\x02" + b"\x00" * 8, "truncated in its shape"),
-     (b"\x03<f4\x01" + struct.pack(">Q", 1), "truncated in its shape"),
-     (b"\x03<f4\x00\x05\x00\x00", "truncated in its padding"),
-     (array_payload("<f4", (2,), b"\x00" * 7), r"array data is 7 bytes but dtype <f4 and shape \(2,\) need 8"),
-     (array_payload("<f4", (2,), b"\x00" * 9), r"array data is 9 bytes .* need 8"),
-     (array_payload("<f4", (), b""), r"array data is 0 bytes .* need 4"),
-     (array_payload("<f4", (1,) * 33, b"\x00" * 4), "33 dimensions, more than the limit of 32"),
-     (array_payload("<f4", (), b"\x00" * 4, ndim=255), "255 dimensions")],
-    ids=["empty", "dtype-long", "no-ndim", "shape-short", "no-pad-byte", "pad-beyond", "data-short",
-         "data-long", "0d-no-data", "33-dims", "255-dims"],
+    [
+        (b"", "empty array payload"),
+        (b"\x09<f4", "truncated in its dtype string"),
+        (b"\x03<f4", "truncated in its dtype string"),
+        (b"\x03<f4\x02" + b"\x00" * 8, "truncated in its shape"),
+        (b"\x03<f4\x01" + struct.pack(">Q", 1), "truncated in its shape"),
+        (b"\x03<f4\x00\x05\x00\x00", "truncated in its padding"),
+        (
+            array_payload("<f4", (2,), b"\x00" * 7),
+            r"array data is 7 bytes but dtype <f4 and shape \(2,\) need 8",
+        ),
+        (array_payload("<f4", (2,), b"\x00" * 9), r"array data is 9 bytes .* need 8"),
+        (array_payload("<f4", (), b""), r"array data is 0 bytes .* need 4"),
+        (array_payload("<f4", (1,) * 33, b"\x00" * 4), "33 dimensions, more than the limit of 32"),
+        (array_payload("<f4", (), b"\x00" * 4, ndim=255), "255 dimensions"),
+    ],
+    ids=[
+        "empty",
+        "dtype-long",
+        "no-ndim",
+        "shape-short",
+        "no-pad-byte",
+        "pad-beyond",
+        "data-short",
+        "data-long",
+        "0d-no-data",
+        "33-dims",
+        "255-dims",
+    ],
 )
 @pytest.mark.parametrize("code", [1, 2, 3])
 def test_malformed_array_headers_are_refused(payload, reason, code):
@@ -454,21 +522,29 @@ def test_malformed_array_headers_are_refused(payload, reason, code):
 
 def test_bfloat16_is_only_valid_as_a_torch_tensor():
     for code in (1, 2):
-        decode_error(ext(code, array_payload("<bf2", (), b"\x80\x3f")), r"bfloat16 array at offset \d+ is only valid as a torch tensor")
+        decode_error(
+            ext(code, array_payload("<bf2", (), b"\x80\x3f")),
+            r"bfloat16 array at offset \d+ is only valid as a torch tensor",
+        )
         decode_error(ext(code, array_payload(">bf2", (2,), b"\x3f\x80" * 2)), r"bfloat16")
 
 
 @pytest.mark.parametrize("shape", [(1,), (0,), (1, 1)], ids=str)
 def test_numpy_scalar_ext_with_a_non_empty_shape_is_refused(shape):
     data = b"\x00" * (4 * int(np.prod(shape)))
-    decode_error(ext(2, array_payload("<f4", shape, data)), r"numpy scalar at offset \d+ has shape .*expected \(\)")
+    decode_error(
+        ext(2, array_payload("<f4", shape, data)), r"numpy scalar at offset \d+ has shape .*expected \(\)"
+    )
 
 
 def test_bool_data_other_than_0_and_1_is_refused():
     for code in (1, 2, 3) if torch is not None else (1, 2):
         shape = () if code == 2 else (3,)
         data = b"\x02" if code == 2 else b"\x00\x01\xff"
-        decode_error(ext(code, array_payload("|b1", shape, data)), r"bool array at offset \d+ holds bytes other than 0 and 1")
+        decode_error(
+            ext(code, array_payload("|b1", shape, data)),
+            r"bool array at offset \d+ holds bytes other than 0 and 1",
+        )
 
 
 @pytest.mark.parametrize(
@@ -480,7 +556,9 @@ def test_tuple_ext_not_holding_an_array_is_refused(payload):
     decode_error(ext(4, payload), r"tuple ext at offset \d+ does not hold a msgpack array")
 
 
-@pytest.mark.parametrize("payload", [b"\x90", b"\x01", b"\xdd\x00\x00\x00\x00"], ids=["array", "int", "array32"])
+@pytest.mark.parametrize(
+    "payload", [b"\x90", b"\x01", b"\xdd\x00\x00\x00\x00"], ids=["array", "int", "array32"]
+)
 def test_ordereddict_ext_not_holding_a_map_is_refused(payload):
     decode_error(ext(5, payload), r"OrderedDict ext at offset \d+ does not hold a msgpack map")
 
@@ -511,7 +589,9 @@ try:
 except DecodeError as exc:
     print(exc)
 """
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert "torch tensor at offset" in result.stdout and "torch is not installed" in result.stdout
 
@@ -524,5 +604,7 @@ from fedcore import Serializer
 Serializer.loads(Serializer.dumps({"w": np.ones(2), "t": (1, 2)}))
 assert "torch" not in sys.modules, "fedcore.serialization imported torch"
 """
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr

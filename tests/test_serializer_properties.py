@@ -67,7 +67,6 @@ numpy_scalars = bit_arrays(dtypes=NATIVE_DTYPES, shapes=st.just(())).map(lambda 
 keys = st.one_of(st.text(max_size=8), INT64)
 
 
-
 FLOAT64 = st.floats()
 
 
@@ -79,7 +78,9 @@ def make_plain_trees(floats=FLOAT64):
     """JSON-like trees plus bytes and int keys: what plain msgpack carries without ext types."""
     return st.recursive(
         make_plain_leaves(floats),
-        lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=4)),
+        lambda children: st.one_of(
+            st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=4)
+        ),
         max_leaves=16,
     )
 
@@ -211,8 +212,20 @@ def test_every_proper_prefix_of_a_document_is_a_decode_error(tree):
             Serializer.loads(blob[:cut])
 
 
-TORCH_DTYPES = ["float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
-                "complex64", "complex128"]
+TORCH_DTYPES = [
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+    "complex64",
+    "complex128",
+]
 
 
 @st.composite
@@ -223,7 +236,9 @@ def tensors(draw):
         bits = draw(bit_arrays(dtypes=["=i2"], shapes=st.just(shape)))
         t = torch.from_numpy(bits).view(torch.bfloat16)
     else:
-        numpy_name = {"bool": "|b1", "complex64": "=c8", "complex128": "=c16"}.get(name, "=" + np.dtype(name).str[1:])
+        numpy_name = {"bool": "|b1", "complex64": "=c8", "complex128": "=c16"}.get(
+            name, "=" + np.dtype(name).str[1:]
+        )
         t = torch.from_numpy(draw(bit_arrays(dtypes=[numpy_name], shapes=st.just(shape))))
     if draw(st.booleans()) and t.ndim >= 2:
         t = t.transpose(0, 1)  # a non-contiguous view
@@ -234,7 +249,9 @@ def tensors(draw):
 
 @pytest.mark.skipif(torch is None, reason="torch is not installed")
 @SETTINGS
-@given(st.lists(tensors(), max_size=3).map(lambda ts: OrderedDict((f"layer{i}", t) for i, t in enumerate(ts))))
+@given(
+    st.lists(tensors(), max_size=3).map(lambda ts: OrderedDict((f"layer{i}", t) for i, t in enumerate(ts)))
+)
 def test_torch_state_dicts_roundtrip_bit_for_bit(state):
     blob = Serializer.dumps(state)
     for data in (blob, bytearray(blob)):

@@ -1,4 +1,4 @@
-"""Serializer round-trips: value, type, dtype (byte order included) and shape survive; zero-copy rules hold."""
+"""Serializer round-trips: value, type, dtype (byte order included) and shape survive; zero-copy holds."""
 
 from __future__ import annotations
 
@@ -51,13 +51,58 @@ def buffer_range(buf) -> tuple[int, int]:
 
 # -- plain values ---------------------------------------------------------------------------------
 PLAIN_VALUES = [
-    None, True, False,
-    0, 1, -1, 127, 128, 255, 256, -32, -33, -128, -129, 65535, 65536, -32769,
-    2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**32 - 1, 2**32,
-    2**63 - 1, 2**63, 2**64 - 1, -(2**63), -(2**63) + 1,
-    0.0, -0.0, 1.5, -2.25, 1e308, 5e-324, -5e-324, math.inf, -math.inf, math.nan, 0.1,
-    "", "a", "héllo wörld", "日本語のテキスト", "emoji 🎉🧬", "\x00nul\x00", "x" * 31, "y" * 32, "z" * 70_000,
-    b"", b"\x00", bytes(range(256)), b"\xff" * 70_000,
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    127,
+    128,
+    255,
+    256,
+    -32,
+    -33,
+    -128,
+    -129,
+    65535,
+    65536,
+    -32769,
+    2**31 - 1,
+    2**31,
+    -(2**31),
+    -(2**31) - 1,
+    2**32 - 1,
+    2**32,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    -(2**63),
+    -(2**63) + 1,
+    0.0,
+    -0.0,
+    1.5,
+    -2.25,
+    1e308,
+    5e-324,
+    -5e-324,
+    math.inf,
+    -math.inf,
+    math.nan,
+    0.1,
+    "",
+    "a",
+    "héllo wörld",
+    "日本語のテキスト",
+    "emoji 🎉🧬",
+    "\x00nul\x00",
+    "x" * 31,
+    "y" * 32,
+    "z" * 70_000,
+    b"",
+    b"\x00",
+    bytes(range(256)),
+    b"\xff" * 70_000,
 ]
 
 
@@ -117,7 +162,9 @@ def test_user_dict_that_looks_like_an_encoded_array_roundtrips_as_a_dict():
     assert_deep_equal(roundtrip(obj), obj)
     # No meaning is given to keys: the dict is a plain msgpack map, identical to msgpack's own bytes.
     assert Serializer.dumps(lookalike) == msgpack.packb(lookalike, use_bin_type=True)
-    assert_deep_equal(roundtrip({"__tuple__": [1, 2], "__ordered__": True}), {"__tuple__": [1, 2], "__ordered__": True})
+    assert_deep_equal(
+        roundtrip({"__tuple__": [1, 2], "__ordered__": True}), {"__tuple__": [1, 2], "__ordered__": True}
+    )
 
 
 def test_nesting_up_to_the_depth_limit_roundtrips():
@@ -181,9 +228,21 @@ def test_non_contiguous_and_fortran_arrays_come_back_c_contiguous_and_equal(size
 
 
 NUMPY_SCALARS = [
-    np.bool_(True), np.bool_(False), np.int8(-128), np.uint8(255), np.int16(-2), np.uint16(65535),
-    np.int32(-(2**31)), np.uint32(2**32 - 1), np.int64(-(2**63)), np.uint64(2**64 - 1),
-    np.float16(1.5), np.float32(-0.0), np.float64(np.nan), np.float32(np.inf), np.complex64(1 - 2j),
+    np.bool_(True),
+    np.bool_(False),
+    np.int8(-128),
+    np.uint8(255),
+    np.int16(-2),
+    np.uint16(65535),
+    np.int32(-(2**31)),
+    np.uint32(2**32 - 1),
+    np.int64(-(2**63)),
+    np.uint64(2**64 - 1),
+    np.float16(1.5),
+    np.float32(-0.0),
+    np.float64(np.nan),
+    np.float32(np.inf),
+    np.complex64(1 - 2j),
     np.complex128(complex(np.nan, -0.0)),
 ]
 
@@ -272,7 +331,11 @@ def test_encode_segments_join_to_dumps_and_keep_big_arrays_as_views(big_doc):
     assert isinstance(doc, EncodedDocument)
     assert doc.tobytes() == blob and doc.nbytes == len(blob)
     assert sum(memoryview(s).nbytes for s in doc.segments) == doc.nbytes
-    assert any(np.shares_memory(np.frombuffer(s, np.uint8), obj["w"]) for s in doc.segments if isinstance(s, memoryview))
+    assert any(
+        np.shares_memory(np.frombuffer(s, np.uint8), obj["w"])
+        for s in doc.segments
+        if isinstance(s, memoryview)
+    )
 
 
 def test_worked_alignment_holds_inside_tuples_and_ordereddicts():
@@ -285,6 +348,48 @@ def test_worked_alignment_holds_inside_tuples_and_ordereddicts():
     assert np.shares_memory(got, np.frombuffer(buf, np.uint8))
     assert (got.__array_interface__["data"][0] - lo) % 64 == 0
     assert_deep_equal(out, obj)
+
+
+@pytest.mark.parametrize("nbytes, padded", [(1024, True), (4096, True), (1016, False), (504, False)])
+def test_encoder_layout_of_a_top_level_array_follows_the_doc(nbytes, padded):
+    arr = random_array("<f8", (nbytes // 8,), seed=6)
+    blob = Serializer.dumps(arr)
+    if nbytes >= 512:  # arrays of 512 bytes or more are written as ext 32
+        assert blob[0] == 0xC9 and struct.unpack(">I", blob[1:5])[0] == len(blob) - 6 and blob[5] == 1
+        head = 6
+    else:
+        assert blob[0] == 0xC8 and blob[3] == 1  # ext 16
+        head = 4
+    assert blob[head : head + 4] == b"\x03<f8" and blob[head + 4] == 1
+    assert struct.unpack(">Q", blob[head + 5 : head + 13])[0] == nbytes // 8
+    pad = blob[head + 13]
+    data_at = head + 14 + pad
+    assert blob[head + 14 : data_at] == bytes(pad)  # padding is zeros
+    assert blob[data_at:] == arr.tobytes()
+    if padded:
+        assert data_at % 64 == 0
+    else:
+        assert pad == 0
+
+
+def test_views_that_would_be_misaligned_are_copied():
+    obj = {
+        "big": random_array("<f8", (1000,), seed=8),
+        "small": np.arange(5, dtype="<i8"),
+        "c": np.ones(3, "<c16"),
+    }
+    blob = Serializer.dumps(obj)
+    for shift in range(1, 8):
+        buf = bytearray(bytes(shift) + blob)
+        out = Serializer.loads(memoryview(buf)[shift:])
+        assert_deep_equal(out, obj)
+        whole = np.frombuffer(buf, np.uint8)
+        for name, arr in out.items():
+            assert arr.flags.aligned and arr.flags.writeable, (shift, name)
+            if not np.shares_memory(arr, whole):
+                continue
+            assert arr.__array_interface__["data"][0] % arr.dtype.alignment == 0, (shift, name)
+        assert not np.shares_memory(out["big"], whole) or shift % 8 == 0
 
 
 def test_fortran_ordered_input_buffer_is_read_in_logical_order():
@@ -338,8 +443,18 @@ def test_load_names_the_file_when_it_is_corrupt(tmp_path):
 
 # -- torch ----------------------------------------------------------------------------------------
 TORCH_DTYPES = [
-    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
-    "complex64", "complex128",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+    "complex64",
+    "complex128",
 ]
 
 
@@ -349,7 +464,10 @@ def make_tensor(dtype_name: str, shape: tuple[int, ...], seed: int = 0):
     if dtype == torch.bool:
         return torch.randint(0, 2, shape, generator=gen).bool()
     if dtype.is_floating_point or dtype.is_complex:
-        return (torch.randn(shape, generator=gen, dtype=torch.complex64 if dtype.is_complex else torch.float32) * 100).to(dtype)
+        return (
+            torch.randn(shape, generator=gen, dtype=torch.complex64 if dtype.is_complex else torch.float32)
+            * 100
+        ).to(dtype)
     return torch.randint(-100 if dtype != torch.uint8 else 0, 100, shape, generator=gen).to(dtype)
 
 

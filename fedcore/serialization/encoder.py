@@ -107,7 +107,8 @@ class _Encoder:
         try:
             self.packer.pack(text)
         except UnicodeEncodeError as exc:
-            raise _Failure(f"cannot encode str: not valid UTF-8 ({exc.reason} at index {exc.start})") from None
+            reason = f"{exc.reason} at index {exc.start}"
+            raise _Failure(f"cannot encode str: not valid UTF-8 ({reason})") from None
 
     def _check_depth(self, depth: int) -> None:
         if depth >= self.max_depth:

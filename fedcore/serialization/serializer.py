@@ -56,7 +56,8 @@ class Serializer:
             try:
                 size = memoryview(data).nbytes
             except TypeError:
-                raise DecodeError(f"cannot decode an object of type {type(data).__name__}; expected bytes-like") from None
+                name = type(data).__name__
+                raise DecodeError(f"cannot decode an object of type {name}; expected bytes-like") from None
             if size > limits.max_size:
                 raise DecodeError(f"document of {size} bytes exceeds max_size {limits.max_size}")
         return decode(data, copy=copy, max_depth=limits.max_depth, max_objects=limits.max_objects)
