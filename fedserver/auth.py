@@ -1,0 +1,172 @@
+"""Who is calling: node identity from the connection, and the enrolled-node store behind tokens.
+
+Identity never comes from a request field. With ``tls="mtls"`` it is the common name of the client
+certificate (which the TLS handshake has already checked against the project CA); otherwise every call
+carries the metadata entry ``authorization: Bearer <token>`` and the token is looked up in the
+:class:`NodeStore`. The store keeps only the SHA-256 of each token, so a copy of the database does not
+let anyone impersonate a node. Revoking a node blocks its token and, in mTLS mode, its certificate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import AuthenticationError, ServerConfigError, UnknownNodeError
+from fedserver.config import TlsMode
+
+NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TOKEN_PREFIX = "fsn1_"  # makes leaked tokens greppable (secret scanners) and versions the format
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id      TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    enrolled_at  REAL NOT NULL,
+    revoked_at   REAL
+);
+"""
+
+
+def check_node_id(node_id: str) -> str:
+    """Return ``node_id`` if it is a valid node id (letters, digits, ``.``, ``_``, ``-``; 1-64 chars)."""
+    if not isinstance(node_id, str) or not NODE_ID_RE.fullmatch(node_id):
+        raise ServerConfigError(
+            f"invalid node id {node_id!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit")
+    return node_id
+
+
+def token_digest(token: str) -> str:
+    """Hex SHA-256 of a token, the only form the store keeps."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class EnrolledNode:
+    """One row of the node store (Unix timestamps)."""
+
+    node_id: str
+    enrolled_at: float
+    revoked_at: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+class NodeStore:
+    """Enrolled nodes in a SQLite file: ``enroll`` issues a token, ``lookup`` checks one, ``revoke`` ends it.
+
+    Each method opens its own short connection, so the CLI and a running server can share the file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as conn:
+            conn.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=10.0)
+        try:
+            with conn:  # one transaction, committed on success
+                yield conn
+        finally:
+            conn.close()
+
+    def enroll(self, node_id: str) -> str:
+        """Issue a new token for ``node_id`` and return it (shown once, never stored in clear).
+
+        Enrolling a node again replaces its token (the old one stops working) and lifts a revocation.
+        """
+        check_node_id(node_id)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self._connect() as conn:
+            conn.execute(
+                "INSERT INTO nodes (node_id, token_sha256, enrolled_at, revoked_at) VALUES (?, ?, ?, NULL) "
+                "ON CONFLICT(node_id) DO UPDATE SET token_sha256 = excluded.token_sha256, "
+                "enrolled_at = excluded.enrolled_at, revoked_at = NULL",
+                (node_id, token_digest(token), time.time()))
+        return token
+
+    def revoke(self, node_id: str) -> None:
+        """Block ``node_id``'s token (and certificate in mTLS mode) until it is enrolled again."""
+        with self._connect() as conn:
+            cur = conn.execute("UPDATE nodes SET revoked_at = ? WHERE node_id = ? AND revoked_at IS NULL",
+                               (time.time(), node_id))
+            if cur.rowcount == 0 and self.get(node_id) is None:
+                raise UnknownNodeError(f"node {node_id!r} is not enrolled (see `fedserver nodes list`)")
+
+    def lookup(self, token: str) -> str | None:
+        """The id of the active node holding ``token``, or None."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT node_id FROM nodes WHERE token_sha256 = ? AND revoked_at IS NULL",
+                               (token_digest(token),)).fetchone()
+        return row[0] if row else None
+
+    def get(self, node_id: str) -> EnrolledNode | None:
+        with self._connect() as conn:
+            row = conn.execute("SELECT node_id, enrolled_at, revoked_at FROM nodes WHERE node_id = ?",
+                               (node_id,)).fetchone()
+        return EnrolledNode(*row) if row else None
+
+    def is_revoked(self, node_id: str) -> bool:
+        node = self.get(node_id)
+        return node is not None and not node.active
+
+    def list(self) -> list[EnrolledNode]:
+        """Every enrolled node, revoked ones included, by id."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT node_id, enrolled_at, revoked_at FROM nodes ORDER BY node_id").fetchall()
+        return [EnrolledNode(*row) for row in rows]
+
+
+class Authenticator:
+    """Derive the calling node's id from a gRPC call context, or raise :class:`AuthenticationError`."""
+
+    def __init__(self, mode: TlsMode, store: NodeStore | None) -> None:
+        if mode != "mtls" and store is None:
+            raise ServerConfigError(f"tls={mode!r} authenticates nodes by token and needs a NodeStore")
+        self.mode = mode
+        self.store = store
+
+    def identify(self, context: Any) -> str:
+        """The node id of the caller (``context`` is a ``grpc.aio.ServicerContext``)."""
+        if self.mode == "mtls":
+            return self._from_certificate(context)
+        return self._from_token(context)
+
+    def _from_certificate(self, context: Any) -> str:
+        auth = context.auth_context()
+        names = auth.get("x509_common_name") or []
+        if not names:
+            raise AuthenticationError("no client certificate: this server requires mutual TLS")
+        node_id = names[0].decode("utf-8", "replace")
+        if not NODE_ID_RE.fullmatch(node_id):
+            raise AuthenticationError(f"client certificate common name {node_id!r} is not a valid node id")
+        if self.store is not None and self.store.is_revoked(node_id):
+            raise AuthenticationError(f"node {node_id!r} is revoked")
+        return node_id
+
+    def _from_token(self, context: Any) -> str:
+        values = [v for k, v in (context.invocation_metadata() or ()) if k == "authorization"]
+        if not values:
+            raise AuthenticationError("missing metadata 'authorization: Bearer <token>' "
+                                      "(get a token with `fedserver nodes enroll <node-id>`)")
+        scheme, _, token = str(values[0]).strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError("authorization metadata must read 'Bearer <token>'")
+        assert self.store is not None
+        node_id = self.store.lookup(token.strip())
+        if node_id is None:
+            raise AuthenticationError("unknown or revoked node token")
+        return node_id

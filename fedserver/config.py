@@ -1,0 +1,117 @@
+"""Server configuration: where to listen, how to secure the connection, and the limits enforced.
+
+A :class:`ServerConfig` is read-only and checked when built: a wrong TLS mode, a missing certificate or a
+chunk limit smaller than the chunk size fails at start with :class:`~fedcore.errors.ServerConfigError`
+naming the field, not minutes later inside a call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fedcore.errors import ServerConfigError
+from fedcore.framing import DEFAULT_CHUNK_SIZE
+
+TlsMode = Literal["insecure", "tls", "mtls"]
+TLS_MODES: tuple[str, ...] = ("insecure", "tls", "mtls")
+
+#: Bytes a gRPC message may carry beyond one chunk's data (protobuf framing, offset, header fields).
+MESSAGE_OVERHEAD = 64 * 1024
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Configuration of a :class:`~fedserver.server.FedServer` (constructor arguments, never state).
+
+    Security: ``tls`` is ``"tls"`` by default (server certificate; nodes authenticate with a token),
+    ``"mtls"`` (nodes authenticate with a client certificate signed by ``ca_file``; the node id is the
+    certificate's common name) or ``"insecure"`` (plaintext, tokens still required; only when asked for).
+
+    Sizes are bytes, durations seconds. ``max_payload_size`` and ``max_chunk_size`` bound what nodes may
+    upload and are checked on the header, before any buffer is allocated; ``chunk_size`` is what the
+    server sends with. gRPC's own message limits are set just above the larger chunk size.
+    """
+
+    address: str = "127.0.0.1"
+    port: int = 50051
+    tls: TlsMode = "tls"
+    cert_file: Path | None = None  # server certificate (PEM), tls and mtls
+    key_file: Path | None = None  # its private key (PEM), tls and mtls
+    ca_file: Path | None = None  # CA that signs node certificates (PEM), mtls
+    max_payload_size: int = 4 * GiB
+    max_chunk_size: int = 4 * MiB
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_concurrent_uploads: int = 16  # upload sessions holding a buffer (active or waiting for a resume)
+    max_poll_wait_seconds: float = 30.0
+    heartbeat_interval_seconds: float = 10.0
+    shutdown_retry_after_seconds: float = 5.0  # told to nodes in ServerShutdown
+    keepalive_time_seconds: float = 60.0  # server pings an idle connection this often
+    keepalive_timeout_seconds: float = 20.0  # ...and drops it when the ping is not answered in time
+    min_client_ping_interval_seconds: float = 10.0  # clients may ping at most this often
+
+    def __post_init__(self) -> None:
+        if self.tls not in TLS_MODES:
+            raise ServerConfigError(f"tls must be one of {', '.join(TLS_MODES)}, got {self.tls!r}")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ServerConfigError(f"port must be an int in 0..65535 (0: any free port), got {self.port!r}")
+        if not self.address:
+            raise ServerConfigError("address must not be empty (e.g. 127.0.0.1, 0.0.0.0 or [::])")
+        for name in ("cert_file", "key_file", "ca_file"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        needed = {"tls": ("cert_file", "key_file"), "mtls": ("cert_file", "key_file", "ca_file")}.get(self.tls, ())
+        for name in needed:
+            path = getattr(self, name)
+            if path is None:
+                raise ServerConfigError(f"tls={self.tls!r} needs {name} (see `fedserver certs --help`)")
+            if not path.is_file():
+                raise ServerConfigError(f"{name} {path} does not exist or is not a file")
+        for name in ("max_payload_size", "max_chunk_size", "chunk_size", "max_concurrent_uploads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ServerConfigError(f"{name} must be an int > 0, got {value!r}")
+        if self.chunk_size > self.max_chunk_size:
+            raise ServerConfigError(
+                f"chunk_size {self.chunk_size} must not exceed max_chunk_size {self.max_chunk_size}")
+        if self.max_chunk_size > (1 << 31) - 1 - MESSAGE_OVERHEAD:
+            raise ServerConfigError(f"max_chunk_size {self.max_chunk_size} must be below 2 GiB (gRPC message limit)")
+        for name in ("max_poll_wait_seconds", "heartbeat_interval_seconds", "keepalive_time_seconds",
+                     "keepalive_timeout_seconds", "min_client_ping_interval_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ServerConfigError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+        if self.shutdown_retry_after_seconds < 0:
+            raise ServerConfigError(
+                f"shutdown_retry_after_seconds must be >= 0, got {self.shutdown_retry_after_seconds!r}")
+
+    @property
+    def target(self) -> str:
+        """``address:port`` as given to ``add_*_port`` (IPv6 addresses keep their brackets)."""
+        return f"{self.address}:{self.port}"
+
+    @property
+    def max_message_size(self) -> int:
+        """gRPC send/receive message limit: the larger chunk size plus framing overhead."""
+        return max(self.max_chunk_size, self.chunk_size) + MESSAGE_OVERHEAD
+
+    def grpc_options(self) -> list[tuple[str, Any]]:
+        """Channel arguments of the gRPC server: message limits and keepalive policy."""
+        def ms(seconds: float) -> int:
+            return int(seconds * 1000)
+
+        return [
+            ("grpc.max_receive_message_length", self.max_message_size),
+            ("grpc.max_send_message_length", self.max_message_size),
+            ("grpc.keepalive_time_ms", ms(self.keepalive_time_seconds)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_seconds)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(self.min_client_ping_interval_seconds)),
+            ("grpc.http2.max_ping_strikes", 2),
+        ]

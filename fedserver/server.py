@@ -1,0 +1,188 @@
+"""``FedServer``: the researcher's gRPC server and the API the round orchestration is built on.
+
+::
+
+    server = FedServer(ServerConfig(port=0, tls="insecure"), NodeStore(path))
+    port = await server.start()
+    nodes = await server.wait_for_nodes(2, timeout=60)
+    payload = server.encode_payload({"params": ..., "round": 1})   # encoded once, shared by every node
+    handles = [server.dispatch(n, TaskKind.TRAIN, payload, experiment_id="exp", round=1,
+                               inactivity_timeout=120) for n in nodes]
+    for done in asyncio.as_completed([h.result() for h in handles]):
+        result = await done          # TaskResult: outcome, error_message, payload, bytes, timings
+    server.cancel_round("exp", 1)    # late results are now refused and recorded
+    await server.stop(grace=5)
+
+The server also serves gRPC health checking (``grpc.health.v1.Health``: SERVING, NOT_SERVING while
+stopping) and server reflection, so grpcurl and grpc_health_probe work against it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import uuid
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fedcore.errors import LimitExceededError, ServerStateError
+from fedcore.framing import OutgoingPayload
+from fedcore.serialization import DEFAULT_LIMITS, SerializerLimits
+from fedcore.wire import TaskKind
+from fedserver.auth import Authenticator, NodeStore
+from fedserver.config import ServerConfig
+from fedserver.registry import NodeRegistry
+from fedserver.service import NodeService
+from fedserver.task_board import TaskBoard
+from fedserver.tasks import TaskHandle
+from fedserver.uploads import UploadSessions
+from fedstream.v1 import node_service_pb2, node_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
+
+
+class ServerState(str, enum.Enum):
+    CREATED = "created"
+    SERVING = "serving"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class FedServer:
+    """The researcher's transport: nodes register, poll for tasks and upload results.
+
+    ``node_store`` authenticates token-mode nodes (``tls`` "insecure" or "tls"); in "mtls" mode it is
+    optional and only used to block revoked nodes. ``decode_limits`` bound the decoding of results.
+    """
+
+    def __init__(self, config: ServerConfig, node_store: NodeStore | None = None, *,
+                 decode_limits: SerializerLimits = DEFAULT_LIMITS) -> None:
+        self.config = config
+        self.node_store = node_store
+        self.state = ServerState.CREATED
+        self.port: int | None = None
+        liveness = config.max_poll_wait_seconds + 2 * config.heartbeat_interval_seconds
+        self.registry = NodeRegistry(liveness_timeout=liveness)
+        self.uploads = UploadSessions(max_payload_size=config.max_payload_size,
+                                      max_chunk_size=config.max_chunk_size,
+                                      max_sessions=config.max_concurrent_uploads)
+        self.board = TaskBoard(on_close=self._task_closed)
+        self._auth = Authenticator(config.tls, node_store)
+        self._decode_limits = decode_limits
+        self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._service: NodeService | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> int:
+        """Bind and start serving; return the bound port (useful with ``port=0``)."""
+        if self.state is not ServerState.CREATED:
+            raise ServerStateError(f"start() on a server that is {self.state.value}; create a new FedServer")
+        cfg = self.config
+        server = grpc.aio.server(options=cfg.grpc_options())
+        self._service = NodeService(cfg, self._auth, self.registry, self.board, self.uploads,
+                                    is_stopping=lambda: self.state is not ServerState.SERVING,
+                                    decode_limits=self._decode_limits)
+        node_service_pb2_grpc.add_NodeServiceServicer_to_server(self._service, server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = self._bind(server)
+        if port == 0:
+            raise ServerStateError(f"could not bind {cfg.target} (address in use or not local)")
+        await server.start()
+        self._grpc, self.port, self.state = server, port, ServerState.SERVING
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("fedserver listening on %s:%d (%s)", cfg.address, port, cfg.tls)
+        return port
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        cfg = self.config
+        if cfg.tls == "insecure":
+            log.warning("serving WITHOUT TLS on %s (tls='insecure'): tokens travel in clear text", cfg.target)
+            return server.add_insecure_port(cfg.target)
+        assert cfg.cert_file is not None and cfg.key_file is not None
+        key, cert = cfg.key_file.read_bytes(), cfg.cert_file.read_bytes()
+        if cfg.tls == "mtls":
+            assert cfg.ca_file is not None
+            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=cfg.ca_file.read_bytes(),
+                                                require_client_auth=True)
+        else:
+            creds = grpc.ssl_server_credentials([(key, cert)])
+        return server.add_secure_port(cfg.target, creds)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop gracefully: health NOT_SERVING, ServerShutdown to every waiting poll, ``grace`` seconds for
+        running transfers, then every open task ends CANCELLED ("server stopped")."""
+        if self.state in (ServerState.CREATED, ServerState.STOPPED):
+            self.state = ServerState.STOPPED
+            return
+        if self.state is ServerState.STOPPING:
+            return
+        self.state = ServerState.STOPPING
+        assert self._grpc is not None and self._health is not None and self._service is not None
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.board.stop()
+        await self._service.wait_polls_closed(timeout=grace)
+        await self._grpc.stop(grace)
+        self.board.cancel_all("server stopped")
+        self.state = ServerState.STOPPED
+        log.info("fedserver stopped")
+
+    async def wait_closed(self) -> None:
+        """Wait until the server terminates (after :meth:`stop` from elsewhere)."""
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()
+
+    async def __aenter__(self) -> FedServer:  # noqa: PYI034 - Self needs Python 3.11
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- orchestration API ------------------------------------------------------------------------------
+    def encode_payload(self, obj: Any) -> OutgoingPayload:
+        """Encode a task document once, chunked with ``config.chunk_size``; share it across dispatches."""
+        return OutgoingPayload.from_object(obj, chunk_size=self.config.chunk_size)
+
+    def dispatch(self, node_id: str, kind: TaskKind, payload: OutgoingPayload, *, experiment_id: str,
+                 round: int, inactivity_timeout: float | None = None) -> TaskHandle:
+        """Queue a task for ``node_id`` (a registered node) and return its handle at once.
+
+        ``inactivity_timeout`` (seconds, None: none) ends the task TIMED_OUT when neither polls, chunks,
+        reports nor heartbeats concern it for that long.
+        """
+        if self.state is not ServerState.SERVING:
+            raise ServerStateError(f"dispatch() needs a serving server; this one is {self.state.value}")
+        record = self.registry.get(node_id)
+        if payload.chunk_size > self.config.max_chunk_size:
+            raise LimitExceededError(
+                f"payload chunk size {payload.chunk_size} exceeds max_chunk_size {self.config.max_chunk_size}")
+        handle = TaskHandle(task_id=uuid.uuid4().hex, node_id=node_id, experiment_id=experiment_id,
+                            round=round, kind=TaskKind(kind), payload=payload,
+                            inactivity_timeout=inactivity_timeout, on_close=self.board.closed)
+        record.in_flight.add(handle.task_id)
+        self.board.add(handle)
+        return handle
+
+    def cancel_round(self, experiment_id: str, round: int, reason: str = "round finished") -> int:
+        """Cancel every open task of a round; later results for them are refused. Returns how many."""
+        return self.board.cancel_all(reason, experiment_id=experiment_id, round=round)
+
+    async def wait_for_nodes(self, n: int, timeout: float) -> list[str]:
+        """Wait for ``n`` connected nodes (see :meth:`NodeRegistry.wait_for_nodes`); returns their ids."""
+        return await self.registry.wait_for_nodes(n, timeout)
+
+    def _task_closed(self, handle: TaskHandle) -> None:
+        self.uploads.discard(handle.task_id)
+        if handle.node_id in self.registry:
+            self.registry.get(handle.node_id).in_flight.discard(handle.task_id)

@@ -1,0 +1,245 @@
+"""The NodeService handlers: authenticate, check the version, translate, call the domain objects.
+
+Handlers stay thin: every rule lives in the task board, the upload sessions, the registry or
+:mod:`fedcore.wire`; every error is a domain exception turned into a status by :mod:`fedserver.errors`.
+Order of checks on each call: identity (UNAUTHENTICATED), protocol version (FAILED_PRECONDITION), then
+the request itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from fedcore.errors import (
+    ChunkOrderError,
+    DecodeError,
+    DigestMismatchError,
+    LimitExceededError,
+    MessageError,
+    TaskClosedError,
+    UnknownTaskError,
+)
+from fedcore.serialization import DEFAULT_LIMITS, Serializer, SerializerLimits
+from fedcore.wire import (
+    PROTOCOL_VERSION,
+    LogLine,
+    ServerSettings,
+    ShutdownNotice,
+    TaskOutcome,
+    check_version,
+    convert,
+)
+from fedserver.auth import Authenticator
+from fedserver.config import ServerConfig
+from fedserver.errors import translate_stream, translate_unary
+from fedserver.registry import NodeRegistry
+from fedserver.task_board import TaskBoard
+from fedserver.tasks import TaskHandle, TaskState, state_of_outcome
+from fedserver.uploads import UploadSessions
+from fedstream.v1 import common_pb2, node_service_pb2_grpc
+from fedstream.v1 import node_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class NodeService(node_service_pb2_grpc.NodeServiceServicer):
+    """fedstream.v1.NodeService on top of the server's registry, task board and upload sessions."""
+
+    def __init__(self, config: ServerConfig, auth: Authenticator, registry: NodeRegistry, board: TaskBoard,
+                 uploads: UploadSessions, is_stopping: Callable[[], bool],
+                 decode_limits: SerializerLimits = DEFAULT_LIMITS) -> None:
+        self.config = config
+        self.auth = auth
+        self.registry = registry
+        self.board = board
+        self.uploads = uploads
+        self.is_stopping = is_stopping
+        self.decode_limits = decode_limits
+        self.open_polls = 0
+        self._polls_idle = asyncio.Event()
+        self._polls_idle.set()
+
+    async def wait_polls_closed(self, timeout: float) -> bool:
+        """Wait until no PollTask stream is open (True) or ``timeout`` seconds pass (False)."""
+        try:
+            await asyncio.wait_for(self._polls_idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _identify(self, context: grpc.aio.ServicerContext, version: common_pb2.ProtocolVersion) -> str:
+        node_id = self.auth.identify(context)
+        check_version(version, side="server")
+        self.registry.touch(node_id)
+        return node_id
+
+    # -- Register ------------------------------------------------------------------------------------
+    @translate_unary
+    async def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterResponse:
+        node_id = self._identify(context, request.version)
+        record = self.registry.register(node_id, convert.registration_from_pb(request))
+        log.info("node %s registered (%s, %d datasets, %s)", node_id, record.name or "unnamed",
+                 len(record.datasets), record.client_version or "unknown client")
+        cfg = self.config
+        return convert.server_settings_to_pb(ServerSettings(
+            node_id, PROTOCOL_VERSION, cfg.max_poll_wait_seconds, cfg.max_chunk_size, cfg.max_payload_size,
+            cfg.heartbeat_interval_seconds))
+
+    # -- PollTask --------------------------------------------------------------------------------------
+    @translate_stream
+    async def PollTask(self, request: pb.PollTaskRequest, context: Any) -> AsyncIterator[pb.PollTaskResponse]:
+        node_id = self._identify(context, request.version)
+        if self.is_stopping():
+            yield self._shutdown_message()
+            return
+        wait = request.wait_seconds
+        wait = self.config.max_poll_wait_seconds if wait <= 0 else min(wait, self.config.max_poll_wait_seconds)
+        self.registry.poll_opened(node_id)
+        self.open_polls += 1
+        self._polls_idle.clear()
+        try:
+            if request.resume_task_id:
+                handle: TaskHandle | None = self.board.lookup(request.resume_task_id, node_id)
+                start = int(request.resume_offset)
+                handle.descriptor(start)  # validates the offset before anything is sent
+                self.board.acquire(handle)
+            else:
+                handle = await self.board.next_for(node_id, wait)
+                start = 0
+            if handle is None:
+                yield self._shutdown_message() if self.is_stopping() else pb.PollTaskResponse(no_task=pb.NoTask())
+                return
+            delivered = False
+            try:
+                async for message in self._stream_task(handle, start):
+                    yield message
+                delivered = True
+            finally:
+                self.board.release(handle, delivered=delivered)
+        finally:
+            self.registry.poll_closed(node_id)
+            self.open_polls -= 1
+            if self.open_polls == 0:
+                self._polls_idle.set()
+
+    def _shutdown_message(self) -> pb.PollTaskResponse:
+        notice = ShutdownNotice("server stopping", self.config.shutdown_retry_after_seconds)
+        return pb.PollTaskResponse(shutdown=convert.shutdown_to_pb(notice))
+
+    async def _stream_task(self, handle: TaskHandle, start: int) -> AsyncIterator[pb.PollTaskResponse]:
+        payload = handle.payload
+        header = convert.task_descriptor_to_pb(handle.descriptor(start))
+        assert payload is not None  # descriptor() raised otherwise
+        yield pb.PollTaskResponse(task=header)
+        total = payload.total_size
+        for offset, data in payload.iter_chunks(start):
+            if handle.done():
+                raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+            yield pb.PollTaskResponse(chunk=common_pb2.Chunk(offset=offset, data=bytes(data)))
+            handle.transferred("download", len(data), offset + len(data), total)
+
+    # -- UploadResult ---------------------------------------------------------------------------------
+    @translate_unary
+    async def UploadResult(self, request_iterator: AsyncIterator[pb.UploadResultRequest],
+                           context: Any) -> pb.UploadResultResponse:
+        node_id = self.auth.identify(context)  # before reading anything from an unknown caller
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None or first.WhichOneof("event") != "header":
+            raise MessageError("an UploadResult stream must start with an UploadHeader")
+        self._identify(context, first.header.version)
+        desc = convert.result_descriptor_from_pb(first.header)
+        handle = self.board.lookup(desc.task_id, node_id, late_outcome=desc.outcome)
+        if desc.outcome is not TaskOutcome.SUCCEEDED:
+            if await anext(messages, None) is not None:
+                raise MessageError(f"a {desc.outcome.name} result carries no chunks")
+            self.uploads.discard(desc.task_id)
+            handle.finish(state_of_outcome(desc.outcome),
+                          desc.error_message or f"the node reported {desc.outcome.name} without a reason")
+            return pb.UploadResultResponse(task_id=desc.task_id, received_bytes=0)
+
+        info = desc.payload
+        assert info is not None  # ResultDescriptor guarantees it for SUCCEEDED
+        session = self.uploads.begin(desc.task_id, node_id, info)
+        handle.mark_uploading()
+        max_chunk = self.config.max_chunk_size
+        try:
+            async for message in messages:
+                if message.WhichOneof("event") != "chunk":
+                    raise MessageError("only Chunk messages may follow the UploadHeader")
+                offset, data = message.chunk.offset, message.chunk.data
+                n = len(data)
+                if n > max_chunk:
+                    raise LimitExceededError(f"chunk of {n} bytes exceeds this server's limit of {max_chunk} bytes")
+                if handle.done():
+                    raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+                if n != info.chunk_size and offset + n != info.total_size:
+                    raise ChunkOrderError(
+                        f"chunk at offset {offset} has {n} bytes: every chunk but the last must have "
+                        f"chunk_size {info.chunk_size} bytes")
+                session.assembler.add(offset, data)
+                handle.transferred("upload", n, session.received, info.total_size)
+        finally:
+            self.uploads.end(session)
+        if not session.assembler.complete:
+            raise ChunkOrderError(
+                f"upload of task {desc.task_id} ended after {session.received} of {info.total_size} bytes; "
+                f"resume at offset {session.received}")
+        try:
+            buffer = session.assembler.finish()
+        except DigestMismatchError:
+            self.uploads.discard(desc.task_id)  # garbage: the node must start again from offset 0
+            raise
+        self.uploads.discard(desc.task_id)
+        try:
+            result = Serializer.loads(buffer, limits=self.decode_limits)
+        except DecodeError as exc:
+            handle.finish(TaskState.FAILED, f"result payload could not be decoded: {exc}",
+                          bytes_received=info.total_size)
+            raise
+        handle.finish(TaskState.SUCCEEDED, desc.error_message, result, bytes_received=info.total_size)
+        return pb.UploadResultResponse(task_id=desc.task_id, received_bytes=info.total_size)
+
+    # -- GetUploadStatus ---------------------------------------------------------------------------------
+    @translate_unary
+    async def GetUploadStatus(self, request: pb.GetUploadStatusRequest,
+                              context: Any) -> pb.GetUploadStatusResponse:
+        node_id = self._identify(context, request.version)
+        try:
+            self.board.lookup(request.task_id, node_id)
+        except TaskClosedError:
+            record = self.board.closed_record(request.task_id)
+            if record is not None and record.result_received:
+                return pb.GetUploadStatusResponse(acknowledged_offset=record.bytes_received, complete=True)
+            raise
+        return pb.GetUploadStatusResponse(acknowledged_offset=self.uploads.acknowledged(request.task_id))
+
+    # -- Report and Heartbeat -----------------------------------------------------------------------------
+    @translate_unary
+    async def Report(self, request: pb.ReportRequest, context: Any) -> pb.ReportResponse:
+        node_id = self._identify(context, request.version)
+        events = [convert.report_event_from_pb(e) for e in request.events]
+        if request.task_id:
+            handle = self.board.lookup(request.task_id, node_id)
+            for event in events:
+                handle.report(event)
+        else:
+            for event in events:
+                if isinstance(event.event, LogLine):
+                    log.info("node %s [%s] %s", node_id, event.event.level, event.event.message)
+        return pb.ReportResponse()
+
+    @translate_unary
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
+        node_id = self._identify(context, request.version)
+        if request.task_id:
+            try:
+                self.board.lookup(request.task_id, node_id).touch()
+            except (UnknownTaskError, TaskClosedError):
+                pass  # liveness only: the node learns about closed tasks from Report or UploadResult
+        return pb.HeartbeatResponse(shutting_down=self.is_stopping())

@@ -1,0 +1,282 @@
+"""One task sent to one node: its lifecycle, inactivity timeout, progress events and final result.
+
+A :class:`TaskHandle` is what :meth:`FedServer.dispatch` returns. Its payload is an
+:class:`~fedcore.framing.OutgoingPayload` shared by every node of the round (encoded once, streamed many
+times); the handle drops its reference when it closes, so the global model is freed after the round.
+
+Lifecycle (``TaskState``)::
+
+    QUEUED ──(payload fully streamed)──▶ RUNNING ──(first result chunk)──▶ UPLOADING
+       └─────────────┴───────────────────────┴──▶ SUCCEEDED | FAILED | REFUSED | TIMED_OUT | CANCELLED
+
+``last_activity`` moves on every sign of life for the task (a poll that waits for it, chunks sent or
+received, a Report or Heartbeat naming it); when it stays still for ``inactivity_timeout`` seconds the
+task ends TIMED_OUT. A slow but moving upload therefore never times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fedcore.framing import OutgoingPayload
+from fedcore.wire import LogLine, ReportEvent, TaskDescriptor, TaskKind, TaskOutcome, TrainingProgress
+
+log = logging.getLogger(__name__)
+
+
+class TaskState(str, enum.Enum):
+    QUEUED = "queued"  # waiting for the node to poll (or for its download to complete)
+    RUNNING = "running"  # payload delivered; the node works on it
+    UPLOADING = "uploading"  # result bytes are arriving
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # the node ran the task and it failed, or its result was unusable
+    REFUSED = "refused"  # the node refused to run it (plan not approved, no dataset)
+    TIMED_OUT = "timed_out"  # no activity for inactivity_timeout seconds
+    CANCELLED = "cancelled"  # cancelled by the researcher (round finished) or the server stopped
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (TaskState.QUEUED, TaskState.RUNNING, TaskState.UPLOADING)
+
+
+_STATE_OF_OUTCOME = {TaskOutcome.SUCCEEDED: TaskState.SUCCEEDED, TaskOutcome.FAILED: TaskState.FAILED,
+                     TaskOutcome.REFUSED: TaskState.REFUSED}
+
+
+def state_of_outcome(outcome: TaskOutcome) -> TaskState:
+    return _STATE_OF_OUTCOME[outcome]
+
+
+@dataclass(frozen=True)
+class TransferProgress:
+    """Bytes of a payload moved so far; ``direction`` is from the node's side (download = to the node)."""
+
+    direction: Literal["download", "upload"]
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class TaskTimings:
+    """``time.monotonic()`` stamps of a task's life; None for stages it never reached."""
+
+    dispatched_at: float
+    delivered_at: float | None
+    upload_started_at: float | None
+    finished_at: float
+
+    @property
+    def total_seconds(self) -> float:
+        return self.finished_at - self.dispatched_at
+
+    @property
+    def download_seconds(self) -> float | None:
+        """From dispatch to the payload fully streamed (includes waiting for the node's poll)."""
+        return None if self.delivered_at is None else self.delivered_at - self.dispatched_at
+
+    @property
+    def compute_seconds(self) -> float | None:
+        """From delivery to the first result byte (the node's work)."""
+        if self.delivered_at is None or self.upload_started_at is None:
+            return None
+        return self.upload_started_at - self.delivered_at
+
+    @property
+    def upload_seconds(self) -> float | None:
+        return None if self.upload_started_at is None else self.finished_at - self.upload_started_at
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """How a task ended. ``payload`` is the decoded result document (SUCCEEDED only, else None)."""
+
+    task_id: str
+    node_id: str
+    experiment_id: str
+    round: int
+    kind: TaskKind
+    outcome: TaskState
+    error_message: str
+    payload: Any
+    bytes_sent: int  # payload bytes streamed to the node, retransmissions included
+    bytes_received: int  # result bytes accepted from the node, resumed uploads counted once
+    timings: TaskTimings
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome is TaskState.SUCCEEDED
+
+
+@dataclass(frozen=True)
+class LateUpload:
+    """A result that arrived after its task closed; refused with FAILED_PRECONDITION, kept for the record."""
+
+    outcome: TaskOutcome
+    at: float  # time.monotonic()
+    closed_because: str
+
+
+TaskListener = Callable[["TaskHandle", "ReportEvent | TransferProgress"], None]
+
+
+class TaskHandle:
+    """A task dispatched to one node. Await :meth:`result`; :meth:`cancel` refuses any later result.
+
+    Progress: :meth:`subscribe` a callback ``(handle, event)`` called with each
+    :class:`~fedcore.wire.ReportEvent` the node reports and each :class:`TransferProgress` (per chunk);
+    ``latest_progress`` and ``logs`` keep the last values for polling-style consumers.
+    """
+
+    def __init__(self, *, task_id: str, node_id: str, experiment_id: str, round: int, kind: TaskKind,
+                 payload: OutgoingPayload, inactivity_timeout: float | None,
+                 on_close: Callable[[TaskHandle], None] | None = None, max_logs: int = 1000) -> None:
+        self.task_id = task_id
+        self.node_id = node_id
+        self.experiment_id = experiment_id
+        self.round = round
+        self.kind = TaskKind(kind)
+        self.inactivity_timeout = inactivity_timeout
+        self.state = TaskState.QUEUED
+        self.close_reason = ""
+        self.dispatched_at = self.last_activity = time.monotonic()
+        self.delivered_at: float | None = None
+        self.upload_started_at: float | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.latest_progress: TrainingProgress | None = None
+        self.logs: deque[tuple[float, LogLine]] = deque(maxlen=max_logs)
+        self.late_uploads: list[LateUpload] = []
+        self.senders = 0  # poll streams currently sending this task's payload
+        self._payload: OutgoingPayload | None = payload
+        self._listeners: list[TaskListener] = []
+        self._on_close = on_close
+        self._loop = asyncio.get_running_loop()
+        self._future: asyncio.Future[TaskResult] = self._loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm_timer()
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.task_id!r}, node={self.node_id!r}, round={self.round}, {self.state.value})"
+
+    # -- public API ----------------------------------------------------------------------------
+    @property
+    def payload(self) -> OutgoingPayload | None:
+        """The payload being sent; None once the task has closed."""
+        return self._payload
+
+    def descriptor(self, start_offset: int = 0) -> TaskDescriptor:
+        """The TaskHeader sent before the chunks (from ``start_offset`` when resuming)."""
+        if self._payload is None:
+            raise RuntimeError(f"task {self.task_id} is closed; its payload is gone")
+        return TaskDescriptor(self.task_id, self.experiment_id, self.round, self.kind,
+                              self._payload.info(start_offset), float(self.inactivity_timeout or 0.0))
+
+    def done(self) -> bool:
+        return self.state.terminal
+
+    async def result(self, timeout: float | None = None) -> TaskResult:
+        """Wait for the task to end (``TimeoutError`` after ``timeout`` seconds; the task goes on)."""
+        return await asyncio.wait_for(asyncio.shield(self._future), timeout)
+
+    def cancel(self, reason: str = "round finished") -> bool:
+        """End the task as CANCELLED; a later result is refused. False if it had already ended."""
+        return self._finish(TaskState.CANCELLED, reason, close_reason=reason)
+
+    def subscribe(self, listener: TaskListener) -> None:
+        self._listeners.append(listener)
+
+    def touch(self) -> None:
+        """Record activity (resets the inactivity timeout)."""
+        self.last_activity = time.monotonic()
+
+    # -- used by the server ----------------------------------------------------------------------
+    def report(self, event: ReportEvent) -> None:
+        self.touch()
+        if isinstance(event.event, TrainingProgress):
+            self.latest_progress = event.event
+        else:
+            self.logs.append((event.timestamp, event.event))
+        self._emit(event)
+
+    def transferred(self, direction: Literal["download", "upload"], nbytes: int, done: int, total: int) -> None:
+        self.touch()
+        if direction == "download":
+            self.bytes_sent += nbytes
+        self._emit(TransferProgress(direction, done, total))
+
+    def mark_delivered(self) -> None:
+        if self.state is TaskState.QUEUED:
+            self.state = TaskState.RUNNING
+            self.delivered_at = time.monotonic()
+        self.touch()
+
+    def mark_uploading(self) -> None:
+        if self.state in (TaskState.QUEUED, TaskState.RUNNING):
+            self.state = TaskState.UPLOADING
+            if self.delivered_at is None:
+                self.delivered_at = time.monotonic()
+        if self.upload_started_at is None:
+            self.upload_started_at = time.monotonic()
+        self.touch()
+
+    def finish(self, state: TaskState, error_message: str = "", payload: Any = None,
+               bytes_received: int = 0) -> bool:
+        """End the task with the node's outcome; False if it had already ended."""
+        if bytes_received:
+            self.bytes_received = bytes_received
+        return self._finish(state, error_message, payload, close_reason="result already received")
+
+    def record_late(self, outcome: TaskOutcome) -> None:
+        self.late_uploads.append(LateUpload(outcome, time.monotonic(), self.close_reason))
+        log.warning("late result (%s) for task %s from node %s refused: %s", outcome.value, self.task_id,
+                    self.node_id, self.close_reason)
+
+    # -- internals ------------------------------------------------------------------------------
+    def _finish(self, state: TaskState, error_message: str, payload: Any = None, *, close_reason: str) -> bool:
+        if self.state.terminal:
+            return False
+        self.state = state
+        self.close_reason = close_reason
+        now = time.monotonic()
+        timings = TaskTimings(self.dispatched_at, self.delivered_at, self.upload_started_at, now)
+        self._future.set_result(TaskResult(
+            self.task_id, self.node_id, self.experiment_id, self.round, self.kind, state, error_message,
+            payload, self.bytes_sent, self.bytes_received, timings))
+        self._payload = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._on_close is not None:
+            self._on_close(self)
+        return True
+
+    def _emit(self, event: ReportEvent | TransferProgress) -> None:
+        for listener in self._listeners:
+            try:
+                listener(self, event)
+            except Exception:  # a broken progress bar must not break the transfer
+                log.exception("task listener %r failed on %s", listener, type(event).__name__)
+
+    def _arm_timer(self) -> None:
+        if self.inactivity_timeout is None or self.state.terminal:
+            return
+        delay = self.last_activity + self.inactivity_timeout - time.monotonic()
+        self._timer = self._loop.call_later(max(delay, 0.0), self._check_inactivity)
+
+    def _check_inactivity(self) -> None:
+        self._timer = None
+        if self.state.terminal or self.inactivity_timeout is None:
+            return
+        if time.monotonic() - self.last_activity >= self.inactivity_timeout - 1e-3:  # timers may fire early
+            reason = f"timed out after {self.inactivity_timeout:g} s without activity"
+            self._finish(TaskState.TIMED_OUT, f"node {self.node_id} {reason} ({self.state.value})",
+                         close_reason=reason)
+        else:
+            self._arm_timer()
