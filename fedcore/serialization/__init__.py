@@ -3,4 +3,4 @@
 from fedcore.serialization.encoder import EncodedDocument
 from fedcore.serialization.serializer import DEFAULT_LIMITS, Serializer, SerializerLimits
 
-__all__ = ["Serializer", "SerializerLimits", "EncodedDocument", "DEFAULT_LIMITS"]
+__all__ = ["DEFAULT_LIMITS", "EncodedDocument", "Serializer", "SerializerLimits"]

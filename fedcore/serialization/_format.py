@@ -25,7 +25,7 @@ EXT_NPSCALAR = 2  # numpy scalar (np.float32(1.0), np.bool_(True), ...): same la
 EXT_TORCH = 3  # torch.Tensor: same layout; decoded as a detached CPU tensor
 EXT_TUPLE = 4  # payload: one msgpack array; decoded as a tuple
 EXT_ORDEREDDICT = 5  # payload: one msgpack map; decoded as collections.OrderedDict
-RESERVED_EXT_CODES = range(0, 16)
+RESERVED_EXT_CODES = range(16)
 
 MAX_NDIM = 32
 ALIGNMENT = 64  # array data of at least ALIGN_MIN_BYTES starts at a multiple of this offset in the document
