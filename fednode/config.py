@@ -145,6 +145,9 @@ class NodeConfig:
             ("grpc.http2.max_pings_without_data", ka.max_pings_without_data),
             ("grpc.max_receive_message_length", self.max_chunk_size + MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", self.upload_chunk_size + MESSAGE_OVERHEAD),
+            # a private subchannel per channel: a fresh channel after a failure must dial at once, not
+            # inherit the process-wide subchannel stuck in gRPC's own reconnect backoff (1 s, x1.6, 120 s)
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if self.server_name_override:
             options.append(("grpc.ssl_target_name_override", self.server_name_override))

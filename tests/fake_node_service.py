@@ -8,14 +8,19 @@ a cut network or a server crash would (the call ends with UNAVAILABLE after some
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
 
 from fedcore.framing import OutgoingPayload
+from fednode.client import NodeClient
+from fednode.config import BackoffPolicy, NodeConfig
 from fedstream.v1 import common_pb2, node_service_pb2_grpc
 from fedstream.v1 import node_service_pb2 as pb
 
@@ -30,6 +35,7 @@ class FakeTask:
     kind: int = common_pb2.TASK_KIND_TRAIN
     round: int = 1
     experiment_id: str = "exp-1"
+    announced_size: int | None = None  # lie about the payload size in the header (limit tests)
 
 
 @dataclass
@@ -54,7 +60,9 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
         self.upload_headers: list[pb.UploadHeader] = []
         self.results: dict[str, StoredResult] = {}
         self.result_event = asyncio.Event()
-        self.cancelled_streams = 0
+        self.registered_at: list[float] = []
+        self.download_bytes_sent = 0
+        self.upload_bytes_received = 0
         self.heartbeat_interval = heartbeat_interval
         self.max_chunk_size = max_chunk_size
         self.max_payload_size = max_payload_size
@@ -94,6 +102,7 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"protocol {request.version.major}.x not supported, server speaks 1.0")
         self.registrations.append(request)
+        self.registered_at.append(asyncio.get_running_loop().time())
         return pb.RegisterResponse(
             node_id="node-" + request.node_name, server_version=VERSION, max_poll_wait_seconds=5.0,
             max_chunk_size=self.max_chunk_size, max_payload_size=self.max_payload_size,
@@ -121,17 +130,19 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
                 return
             self.assigned[task.task_id] = task
         info = task.payload.info(start)
+        total = info.total_size if task.announced_size is None else task.announced_size
         yield pb.PollTaskResponse(task=pb.TaskHeader(
             task_id=task.task_id, experiment_id=task.experiment_id, round=task.round, kind=task.kind,
             inactivity_timeout_seconds=60.0,
             payload=common_pb2.PayloadHeader(
-                total_size=info.total_size, sha256=info.sha256, chunk_size=info.chunk_size,
-                chunk_count=info.chunk_count, start_offset=info.start_offset)))
+                total_size=total, sha256=info.sha256, chunk_size=info.chunk_size,
+                chunk_count=-(-(total - start) // info.chunk_size), start_offset=info.start_offset)))
         for sent, (offset, data) in enumerate(task.payload.iter_chunks(start)):
             if self.break_download_after is not None and sent == self.break_download_after:
                 self.break_download_after = None
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "download cut by the test")
             yield pb.PollTaskResponse(chunk=common_pb2.Chunk(offset=offset, data=bytes(data)))
+            self.download_bytes_sent += len(data)
 
     async def UploadResult(self, request_iterator, context):
         await self._authenticate(context)
@@ -151,6 +162,7 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
             if message.chunk.offset != len(stored.data):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chunk out of order")
             stored.data += message.chunk.data
+            self.upload_bytes_received += len(message.chunk.data)
             received += 1
             if self.break_upload_after is not None and received == self.break_upload_after:
                 self.break_upload_after = None
@@ -202,3 +214,31 @@ async def start_server(service: FakeNodeService, port: int = 0) -> tuple[grpc.ai
         raise RuntimeError(f"could not bind 127.0.0.1:{port}")
     await server.start()
     return server, bound
+
+
+def node_config(port: int, **overrides: Any) -> NodeConfig:
+    """An insecure loopback NodeConfig with test-sized timeouts and a fast backoff."""
+    values: dict[str, Any] = {
+        "server": f"127.0.0.1:{port}", "tls": "insecure", "token": TOKEN, "node_name": "n1",
+        "poll_wait_seconds": 2.0, "backoff": BackoffPolicy(initial=0.05, maximum=0.5),
+        "report_interval_seconds": 0.05, "call_timeout_seconds": 5.0, "idle_stream_timeout_seconds": 5.0,
+        "stop_grace_seconds": 2.0,
+    }
+    values.update(overrides)
+    return NodeConfig(**values)
+
+
+@contextlib.asynccontextmanager
+async def running(client: NodeClient, timeout: float = 5.0) -> AsyncIterator[asyncio.Task[None]]:
+    """Run ``client`` in a task for the block; stop it afterwards and wait (bounded) for run() to end."""
+    task = asyncio.create_task(client.run())
+    try:
+        yield task
+    finally:
+        client.stop()
+        await asyncio.wait_for(task, timeout)
+
+
+def arun(coro: Any, timeout: float = 60.0) -> Any:
+    """Run a test coroutine in a fresh event loop with a hard timeout."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
