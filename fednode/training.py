@@ -19,7 +19,7 @@ from fedcore.models import weights_to_numpy
 from fedcore.plans import ArrayDataset, TrainingProgress
 from fedcore.tasks import TrainResult, TrainTask
 from fedcore.training_args import TrainingArgs
-from fednode.plan_loader import load_plan_class
+from fedcore.plans.loader import load_plan_class
 
 ProgressCallback = Callable[[TrainingProgress], None]
 

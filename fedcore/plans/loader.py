@@ -1,4 +1,4 @@
-"""Turn an approved plan's source into a training plan class (node side).
+"""Turn a plan's source into a training plan class (nodes after approval; the researcher on resume).
 
 The source is executed as a fresh module named after its SHA-256, and only after the node's operator
 approved that exact SHA-256 (the caller checks :mod:`fednode.approvals` first). Loaded modules are cached

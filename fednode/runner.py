@@ -1,0 +1,57 @@
+"""The node's real task handler: approval check, dataset lookup, local training, reply.
+
+Everything that can go wrong in a task becomes a reply, never a dead node: an unapproved plan or a missing
+dataset is REFUSED with a message that says how to fix it, and a plan exception, NaN loss, shape mismatch
+or changed data file is FAILED with the error's message.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fedcore.errors import FedstreamError, PlanNotApprovedError
+from fedcore.tasks import TrainTask
+from fednode.approvals import PlanApprovals
+from fednode.datasets import DatasetRegistry
+from fednode.handler import ReceivedTask, TaskReply
+from fednode.reporter import Reporter
+from fednode.training import run_training
+
+log = logging.getLogger(__name__)
+
+
+class TrainingTaskHandler:
+    """Runs TRAIN tasks with the plans this node approved, on the datasets it registered."""
+
+    def __init__(self, datasets: DatasetRegistry, approvals: PlanApprovals, origin: str = "") -> None:
+        self.datasets = datasets
+        self.approvals = approvals
+        self.origin = origin  # recorded with newly seen plans (e.g. the server address)
+
+    def handle(self, task: ReceivedTask, reporter: Reporter) -> TaskReply:
+        if task.kind != "train":
+            return TaskReply.refused(f"this node runs 'train' tasks only, not {task.kind!r}")
+        try:
+            train = TrainTask.from_payload(task.payload)
+        except FedstreamError as exc:
+            return TaskReply.failed(f"malformed training task: {exc}")
+        try:
+            self.approvals.require_approved(train.plan.source, train.plan.name, self.origin)
+        except PlanNotApprovedError as exc:
+            reporter.log("WARNING", str(exc))
+            return TaskReply.refused(str(exc))
+        matches = self.datasets.find_by_tags(train.dataset_tags)
+        if not matches:
+            message = (f"no dataset on this node has all the tags {sorted(train.dataset_tags)}; "
+                       "register one with `fednode dataset add --tags ...`")
+            return TaskReply.refused(message)
+        record = sorted(matches, key=lambda r: r.name)[0]
+        try:
+            dataset = self.datasets.load(record.name)
+            reporter.log("INFO", f"round {train.round}: training {train.plan.name} on dataset {record.name!r} "
+                                 f"({len(dataset)} samples)")
+            result = run_training(train, dataset, progress=reporter.progress)
+        except Exception as exc:  # a plan's bug must never kill the node: it becomes the reply
+            log.warning("task %s failed: %s: %s", task.task_id, type(exc).__name__, exc)
+            return TaskReply.failed(f"{type(exc).__name__}: {exc}")
+        return TaskReply.succeeded(result.to_payload())
