@@ -199,9 +199,9 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         try:
             result = Serializer.loads(buffer, limits=self.decode_limits)
         except DecodeError as exc:
-            handle.finish(TaskState.FAILED, f"result payload could not be decoded: {exc}",
-                          bytes_received=info.total_size)
-            raise
+            message = f"result of task {desc.task_id} could not be decoded: {exc}"
+            handle.finish(TaskState.FAILED, message, bytes_received=info.total_size)
+            raise DecodeError(message) from None
         handle.finish(TaskState.SUCCEEDED, desc.error_message, result, bytes_received=info.total_size)
         return pb.UploadResultResponse(task_id=desc.task_id, received_bytes=info.total_size)
 
