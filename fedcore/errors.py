@@ -30,7 +30,9 @@
     │   ├── UploadConflictError                 a second upload stream for a task whose upload is running
     │   ├── ServerStateError                    the server is not running (dispatch before start or after stop)
     │   ├── HistoryError (also ValueError)      history.db: unknown experiment/round, bad record, not our schema
-    │   └── CheckpointError                     checkpoint unwritable or damaged: missing file, size/digest
+    │   ├── CheckpointError                     checkpoint unwritable or damaged: missing file, size/digest
+    │   └── ExperimentError (also ValueError)   an experiment is misconfigured or cannot go on
+    │       └── RoundFailedError                a round ended below quorum; names the missing nodes
     │                                           mismatch, corrupt msgpack, bad JSON, unknown format version
     └── NodeError                               a node cannot serve its server (fednode)
         ├── NodeConfigError (also ValueError)   bad node configuration: TLS mode, CA/cert/key, token, limits
@@ -171,6 +173,14 @@ class HistoryError(ServerError, ValueError):
 
 class CheckpointError(ServerError):
     """A checkpoint cannot be written or read back; the message names the file and what is wrong with it."""
+
+
+class ExperimentError(ServerError, ValueError):
+    """An experiment is misconfigured (plan, args, quorum) or cannot go on."""
+
+
+class RoundFailedError(ExperimentError):
+    """A round ended with fewer successful replies than the quorum; the last checkpoint stays intact."""
 
 
 class TrainingArgsWarning(UserWarning):

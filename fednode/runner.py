@@ -45,13 +45,13 @@ class TrainingTaskHandler:
             message = (f"no dataset on this node has all the tags {sorted(train.dataset_tags)}; "
                        "register one with `fednode dataset add --tags ...`")
             return TaskReply.refused(message)
-        record = sorted(matches, key=lambda r: r.name)[0]
+        record = min(matches, key=lambda r: r.name)
         try:
             dataset = self.datasets.load(record.name)
             reporter.log("INFO", f"round {train.round}: training {train.plan.name} on dataset {record.name!r} "
                                  f"({len(dataset)} samples)")
             result = run_training(train, dataset, progress=reporter.progress)
-        except Exception as exc:  # a plan's bug must never kill the node: it becomes the reply
+        except Exception as exc:  # noqa: BLE001 - a plan's bug must never kill the node: it becomes the reply
             log.warning("task %s failed: %s: %s", task.task_id, type(exc).__name__, exc)
             return TaskReply.failed(f"{type(exc).__name__}: {exc}")
         return TaskReply.succeeded(result.to_payload())
