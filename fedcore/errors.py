@@ -31,9 +31,9 @@
     │   ├── ServerStateError                    the server is not running (dispatch before start or after stop)
     │   ├── HistoryError (also ValueError)      history.db: unknown experiment/round, bad record, not our schema
     │   ├── CheckpointError                     checkpoint unwritable or damaged: missing file, size/digest
+    │   │                                       mismatch, corrupt msgpack, bad JSON, unknown format version
     │   └── ExperimentError (also ValueError)   an experiment is misconfigured or cannot go on
     │       └── RoundFailedError                a round ended below quorum; names the missing nodes
-    │                                           mismatch, corrupt msgpack, bad JSON, unknown format version
     └── NodeError                               a node cannot serve its server (fednode)
         ├── NodeConfigError (also ValueError)   bad node configuration: TLS mode, CA/cert/key, token, limits
         ├── ConnectionLostError                 server unreachable or a call broke mid-stream (retried, backoff)
