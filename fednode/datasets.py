@@ -6,8 +6,8 @@ refuses to train on anything but the registered bytes: a missing or changed file
 the path and the ``fednode dataset`` commands that fix it. A file whose mtime changed but whose bytes did
 not (a restore from backup) loads fine: the SHA-256 is the authority.
 
-The path is local knowledge: :class:`DatasetRecord` (local) holds it, :class:`DatasetInfo` (what the
-node announces to the server at Register) does not.
+The path is local knowledge: :class:`DatasetRecord` (local) holds it; :meth:`DatasetRegistry.metadata`
+gives the :class:`fedcore.wire.DatasetInfo` a node announces at Register, which does not.
 """
 
 from __future__ import annotations
@@ -27,28 +27,14 @@ import numpy as np
 
 from fedcore.errors import DatasetFileError, DatasetRegistryError
 from fedcore.plans.data import ArrayDataset
+from fedcore.wire import DatasetInfo
 from fednode import node_db
 from fednode.dataset_formats import infer_format, parse_dataset_bytes, read_file_bytes, resolve_dtype
 
-__all__ = ["DatasetInfo", "DatasetRecord", "DatasetRegistry", "check_name", "check_tags"]
+__all__ = ["DatasetRecord", "DatasetRegistry", "check_name", "check_tags"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _TAG = re.compile(r"[^\s,]{1,64}")
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Dataset metadata a node may share: no path, no digest (fields of ``fedstream.v1.DatasetInfo``).
-
-    ``shape`` is the feature array's, samples first; ``dtype`` its numpy string (``"<f4"``).
-    """
-
-    name: str
-    tags: tuple[str, ...]
-    num_samples: int
-    shape: tuple[int, ...]
-    dtype: str
-    format: str
 
 
 @dataclass(frozen=True)
@@ -72,7 +58,7 @@ class DatasetRecord:
 
     @property
     def info(self) -> DatasetInfo:
-        """The shareable part of this record."""
+        """The shareable part of this record (name, tags, sample count, X shape and dtype, format)."""
         return DatasetInfo(self.name, self.tags, self.num_samples, self.shape, self.dtype, self.format)
 
     def add_command(self) -> str:

@@ -20,8 +20,9 @@ from fedcore.errors import (
     NodeStoreError,
 )
 from fedcore.plans.data import ArrayDataset
+from fedcore.wire import DatasetInfo
 from fednode import node_db
-from fednode.datasets import DatasetInfo, DatasetRegistry
+from fednode.datasets import DatasetRegistry
 
 CSV = "age,bmi,label,pressure\n63,27.5,1,145\n41,22.0,0,120\n\n57,31.2,1,160\n"
 CSV_X = np.array([[63, 27.5, 145], [41, 22.0, 120], [57, 31.2, 160]])
