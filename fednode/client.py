@@ -26,6 +26,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 
 from fedcore.errors import (
@@ -56,6 +57,9 @@ from fednode.transport import EOF, NodeConnection
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CLIENT_VERSION = "fednode/0.1.0"
+#: Statuses of a poll that asked to resume a download and that a fresh poll (no resume) may cure.
+RESUME_REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+                             grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED})
 
 
 class ClientState(str, enum.Enum):
@@ -218,7 +222,15 @@ class NodeClient:
         wait = self._poll_wait()
         stream = conn.poll(wait, resume_id, resume_offset)
         try:
-            event = await stream.next(wait + self.config.call_timeout_seconds)
+            try:
+                event = await stream.next(wait + self.config.call_timeout_seconds)
+            except ServerRefusedError as exc:
+                if not resume_id or exc.code not in RESUME_REFUSALS:
+                    raise
+                # the server forgot the task (restart), closed it, or cannot resume there: start afresh
+                log.info("%s: cannot resume task %s (%s); polling afresh", self.config.node_name, resume_id, exc)
+                self._download = None
+                return None
             if event is None:
                 return None
             if isinstance(event, ShutdownNotice):

@@ -69,6 +69,8 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
         # fault injection: break the next download / upload after this many chunks (once)
         self.break_download_after: int | None = None
         self.break_upload_after: int | None = None
+        # stop sending (without ending the call) after this many chunks: the test kills the server
+        self.stall_download_after: int | None = None
         # answer the next poll with ServerShutdown(retry_after)
         self.shutdown_next_poll: float | None = None
         self.poll_started = asyncio.Event()
@@ -117,8 +119,10 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
             yield pb.PollTaskResponse(shutdown=pb.ServerShutdown(reason="test", retry_after_seconds=retry))
             return
         start = 0
-        task = self.assigned.get(request.resume_task_id) if request.resume_task_id else None
-        if task is not None:
+        if request.resume_task_id:
+            task = self.assigned.get(request.resume_task_id)
+            if task is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.resume_task_id} unknown")
             start = request.resume_offset
         elif self.assigned:
             task = next(iter(self.assigned.values()))
@@ -141,6 +145,8 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
             if self.break_download_after is not None and sent == self.break_download_after:
                 self.break_download_after = None
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "download cut by the test")
+            if sent == self.stall_download_after:
+                await asyncio.Event().wait()  # until the server stops and cancels this call
             yield pb.PollTaskResponse(chunk=common_pb2.Chunk(offset=offset, data=bytes(data)))
             self.download_bytes_sent += len(data)
 

@@ -252,3 +252,27 @@ def test_hundred_clients_share_one_event_loop():
         assert sorted(r.node_name for r in service.registrations) == sorted(f"n{i}" for i in range(100))
 
     arun(scenario(), timeout=90)
+
+
+def test_server_restart_mid_download_resume_refused_then_fresh_poll():
+    async def scenario():
+        first = FakeNodeService()
+        first.stall_download_after = 3
+        server, port = await start_server(first)
+        client = NodeClient(node_config(port), EchoHandler())
+        async with running(client):
+            first.add_task(FakeTask("old", OutgoingPayload.from_object({"w": np.ones(40_000)}, 4096)))
+            await first.wait_for(lambda: first.download_bytes_sent >= 3 * 4096)
+            await server.stop(None)
+            second = FakeNodeService()  # knows nothing of "old"
+            server, _ = await start_server(second, port)
+            try:
+                second.add_task(FakeTask("new", small_payload()))
+                await second.wait_results(1)
+            finally:
+                await server.stop(None)
+        assert [(p.resume_task_id, p.resume_offset) for p in second.polls[:1]] == [("old", 3 * 4096)]
+        assert second.polls[1].resume_task_id == ""
+        assert list(second.results) == ["new"]
+
+    arun(scenario())
