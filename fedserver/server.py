@@ -33,7 +33,7 @@ from fedcore.framing import OutgoingPayload
 from fedcore.serialization import DEFAULT_LIMITS, SerializerLimits
 from fedcore.wire import TaskKind
 from fedserver.auth import Authenticator, NodeStore
-from fedserver.config import ServerConfig
+from fedserver.config import MESSAGE_OVERHEAD, ServerConfig
 from fedserver.registry import NodeRegistry
 from fedserver.service import NodeService
 from fedserver.task_board import TaskBoard
@@ -164,9 +164,11 @@ class FedServer:
         if self.state is not ServerState.SERVING:
             raise ServerStateError(f"dispatch() needs a serving server; this one is {self.state.value}")
         record = self.registry.get(node_id)
-        if payload.chunk_size > self.config.max_chunk_size:
+        limit = self.config.max_message_size - MESSAGE_OVERHEAD
+        if payload.chunk_size > limit:
             raise LimitExceededError(
-                f"payload chunk size {payload.chunk_size} exceeds max_chunk_size {self.config.max_chunk_size}")
+                f"payload chunk size {payload.chunk_size} exceeds the largest chunk this server sends ({limit} "
+                "bytes); encode it with server.encode_payload")
         handle = TaskHandle(task_id=uuid.uuid4().hex, node_id=node_id, experiment_id=experiment_id,
                             round=round, kind=TaskKind(kind), payload=payload,
                             inactivity_timeout=inactivity_timeout, on_close=self.board.closed)

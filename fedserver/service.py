@@ -178,7 +178,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                     raise LimitExceededError(f"chunk of {n} bytes exceeds this server's limit of {max_chunk} bytes")
                 if handle.done():
                     raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
-                if n != info.chunk_size and offset + n != info.total_size:
+                if n < info.chunk_size and offset + n != info.total_size:  # larger: the assembler refuses
                     raise ChunkOrderError(
                         f"chunk at offset {offset} has {n} bytes: every chunk but the last must have "
                         f"chunk_size {info.chunk_size} bytes")

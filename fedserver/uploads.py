@@ -85,6 +85,9 @@ class UploadSessions:
         """Forget the session (completed, digest mismatch, task closed); its buffer is freed."""
         self._sessions.pop(task_id, None)
 
+    def session(self, task_id: str) -> UploadSession | None:
+        return self._sessions.get(task_id)
+
     def acknowledged(self, task_id: str) -> int:
         """Contiguous bytes received and kept for ``task_id`` (0 when there is no session)."""
         session = self._sessions.get(task_id)
