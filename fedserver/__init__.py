@@ -2,6 +2,8 @@
 
 Public entry points (imported lazily so ``import fedserver`` stays cheap):
 
+- :class:`~fedserver.experiment.Experiment` — the researcher's API: rounds, quorum, checkpoints, history;
+
 - :class:`~fedserver.server.FedServer` and :class:`~fedserver.config.ServerConfig` — the transport;
 - :class:`~fedserver.auth.NodeStore` — enrolled nodes and their tokens;
 - :class:`~fedserver.tasks.TaskHandle`, :class:`~fedserver.tasks.TaskResult`, :class:`~fedserver.tasks.TaskState`.
@@ -12,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
+    "Experiment": "fedserver.experiment",
+    "RoundReport": "fedserver.rounds",
     "FedServer": "fedserver.server",
     "ServerState": "fedserver.server",
     "ServerConfig": "fedserver.config",
@@ -20,7 +24,7 @@ _EXPORTS = {
     "TaskResult": "fedserver.tasks",
     "TaskState": "fedserver.tasks",
 }
-__all__ = ["FedServer", "NodeStore", "ServerConfig", "ServerState", "TaskHandle", "TaskResult", "TaskState"]
+__all__ = ["Experiment", "RoundReport", "FedServer", "NodeStore", "ServerConfig", "ServerState", "TaskHandle", "TaskResult", "TaskState"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,330 @@
+"""``Experiment``: the researcher's API — a training plan, its arguments, an aggregator, rounds.
+
+::
+
+    exp = Experiment(plan=MyPlan, training_args={"num_updates": 100, "lr": 0.05},
+                     aggregator=Scaffold(server_lr=1.0), rounds=10, dataset_tags=["demo"],
+                     min_nodes=2, round_timeout=120, checkpoint_dir="runs/ckpt", history_db="runs/history.db",
+                     server_config=ServerConfig(port=50051, tls="tls", ...))
+    history = exp.run()                                # list of RoundReport
+    exp = Experiment.resume("runs/ckpt", server_config=...)   # after a crash: from the last completed round
+    exp.run()
+
+The plan's whole module source is what nodes approve and run. After every completed round the global
+parameters, the aggregator's full state and the experiment's own state are checkpointed atomically, and
+a run resumed from round k's checkpoint produces the same parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from fedcore.aggregators import Aggregator, FedAverage, build_aggregator
+from fedcore.errors import ExperimentError, RoundFailedError
+from fedcore.models import weights_to_numpy
+from fedcore.plans import TrainingPlan
+from fedcore.plans.loader import load_plan_class
+from fedcore.strategies import AllNodes, ByTags, NodeSelector
+from fedcore.tasks import PlanSource, TrainTask
+from fedcore.training_args import TrainingArgs
+from fedserver.auth import NodeStore
+from fedserver.checkpoints import CheckpointStore
+from fedserver.config import ServerConfig
+from fedserver.history import HistoryStore
+from fedserver.history_records import NodeResultRecord
+from fedserver.rounds import NodeOutcome, RoundReport, run_round
+from fedserver.server import FedServer
+from fedserver.tasks import TaskHandle
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+class Experiment:
+    """A federated training run; constructor arguments are its configuration (see the module docstring).
+
+    Args:
+        plan: a TrainingPlan subclass defined in a .py file (nodes receive that file's source), or a PlanSource.
+        training_args: validated by :class:`fedcore.TrainingArgs` (unknown keys refused).
+        aggregator: FedAverage() (default) or Scaffold(server_lr=...).
+        rounds: number of rounds to run in total.
+        dataset_tags: nodes train on a dataset carrying all these tags; only such nodes are selected.
+        selection: a node selector applied to the nodes that have the tags (default: all of them).
+        min_nodes: quorum: a round completes only with at least this many aggregated replies.
+        round_timeout: seconds without activity (no report, no bytes) after which a node is given up.
+        node_wait_timeout: seconds to wait, before each round, for ``min_nodes`` eligible nodes to connect.
+        checkpoint_dir / history_db: where checkpoints and the SQLite history go (None: not kept).
+        server / server_config / node_store: a running FedServer to use, or the config of one to start.
+        on_round: called with each RoundReport after it is checkpointed (e.g. to evaluate the model).
+    """
+
+    def __init__(
+        self,
+        plan: type[TrainingPlan] | PlanSource,
+        training_args: Mapping[str, Any],
+        *,
+        aggregator: Aggregator | None = None,
+        rounds: int,
+        dataset_tags: Sequence[str] = (),
+        selection: NodeSelector | None = None,
+        min_nodes: int = 1,
+        round_timeout: float = 300.0,
+        node_wait_timeout: float = 120.0,
+        model_args: Mapping[str, Any] | None = None,
+        name: str = "experiment",
+        checkpoint_dir: str | Path | None = None,
+        keep_checkpoints: int | None = None,
+        history_db: str | Path | None = None,
+        server: FedServer | None = None,
+        server_config: ServerConfig | None = None,
+        node_store: NodeStore | None = None,
+        on_round: Callable[[RoundReport], None] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.plan = plan if isinstance(plan, PlanSource) else PlanSource.from_class(plan)
+        self.training_args = TrainingArgs.from_dict(dict(training_args))
+        self.aggregator = aggregator if aggregator is not None else FedAverage()
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ExperimentError(f"rounds must be an int >= 1, got {rounds!r}")
+        if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 1:
+            raise ExperimentError(f"min_nodes must be an int >= 1, got {min_nodes!r}")
+        for label, value in (("round_timeout", round_timeout), ("node_wait_timeout", node_wait_timeout)):
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ExperimentError(f"{label} must be a number of seconds > 0, got {value!r}")
+        if server is not None and server_config is not None:
+            raise ExperimentError("give either a running server or a server_config, not both")
+        self.rounds = rounds
+        self.dataset_tags = sorted(set(dataset_tags))
+        self.selection = selection
+        self.min_nodes = min_nodes
+        self.round_timeout = float(round_timeout)
+        self.node_wait_timeout = float(node_wait_timeout)
+        self.model_args = dict(model_args or {})
+        self.name = name
+        self.checkpoints = CheckpointStore(checkpoint_dir, keep_last=keep_checkpoints) if checkpoint_dir else None
+        self.history_path = Path(history_db) if history_db else None
+        self.server = server
+        self.server_config = server_config
+        self.node_store = node_store
+        self.on_round = on_round
+        self.progress = progress
+        # state (checkpointed)
+        self.completed_round = 0
+        self.params: dict[str, np.ndarray] | None = None
+        self.known_nodes: list[str] = []
+        self.history_id: int | None = None
+        self.reports: list[RoundReport] = []
+        self._last_handles: list[TaskHandle] = []
+
+    # -- public API ----------------------------------------------------------------------------
+    def run(self) -> list[RoundReport]:
+        """Run the remaining rounds (blocking; starts and stops its own server unless one was given)."""
+        return asyncio.run(self.run_async())
+
+    async def run_async(self) -> list[RoundReport]:
+        """:meth:`run` for callers already inside an event loop (with ``server=`` a running FedServer)."""
+        owns_server = self.server is None
+        if owns_server:
+            if self.server_config is None:
+                raise ExperimentError("Experiment needs server= (a running FedServer) or server_config=")
+            self.server = FedServer(self.server_config, self.node_store)
+            await self.server.start()
+        history = HistoryStore(self.history_path) if self.history_path else None
+        try:
+            return await self._run_rounds(self.server, history)
+        finally:
+            if history is not None:
+                history.close()
+            if owns_server:
+                await self.server.stop(grace=5.0)
+                self.server = None
+
+    @classmethod
+    def resume(cls, checkpoint_dir: str | Path, **overrides: Any) -> Experiment:
+        """Rebuild an experiment from its latest checkpoint; :meth:`run` then continues after that round.
+
+        ``overrides`` are constructor arguments that checkpoints cannot hold (``server``, ``server_config``,
+        ``node_store``, ``selection``, ``on_round``, ``progress``) or that may change (``rounds``,
+        ``round_timeout``, ``history_db``, ``keep_checkpoints``).
+        """
+        allowed = {"server", "server_config", "node_store", "selection", "on_round", "progress", "rounds",
+                   "round_timeout", "node_wait_timeout", "history_db", "keep_checkpoints"}
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise ExperimentError(f"resume() cannot override {unknown}; allowed: {sorted(allowed)}")
+        checkpoint = CheckpointStore(checkpoint_dir).load_latest()
+        state = checkpoint.experiment_state
+        if state.get("format") != STATE_FORMAT:
+            raise ExperimentError(f"checkpoint {checkpoint.folder} has experiment state format "
+                                  f"{state.get('format')!r}, expected {STATE_FORMAT}")
+        aggregator = build_aggregator(checkpoint.aggregator_name, checkpoint.aggregator_config)
+        aggregator.load_state(checkpoint.aggregator_state)
+        kwargs: dict[str, Any] = {
+            "aggregator": aggregator, "rounds": state["rounds"], "dataset_tags": state["dataset_tags"],
+            "min_nodes": state["min_nodes"], "round_timeout": state["round_timeout"],
+            "node_wait_timeout": state["node_wait_timeout"], "model_args": state["model_args"],
+            "name": state["name"], "checkpoint_dir": checkpoint_dir, "history_db": state["history_db"],
+        }
+        kwargs.update(overrides)
+        plan = PlanSource.from_source(state["plan"]["name"], state["plan"]["source"])
+        exp = cls(plan, state["training_args"], **kwargs)
+        exp.completed_round = checkpoint.round
+        exp.params = checkpoint.params
+        exp.known_nodes = list(state["known_nodes"])
+        exp.history_id = state.get("history_id") if exp.history_path == Path(state["history_db"] or "") else None
+        log.info("resuming experiment %r after round %d from %s", exp.name, checkpoint.round, checkpoint.folder)
+        return exp
+
+    def initial_params(self) -> dict[str, np.ndarray]:
+        """x_0: the plan's freshly initialised weights (seeded by ``training_args['seed']``), as numpy."""
+        plan = load_plan_class(self.plan)()
+        plan.model_args = dict(self.model_args)
+        plan.post_init(self.training_args)
+        return weights_to_numpy(plan.get_model_params())
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def _run_rounds(self, server: FedServer, history: HistoryStore | None) -> list[RoundReport]:
+        if self.params is None:
+            self.params = {k: np.array(v, copy=True) for k, v in self.initial_params().items()}
+        if history is not None:
+            if self.history_id is None:
+                self.history_id = history.start_experiment(self.name, self._describe())
+            else:
+                history.reopen_experiment(self.history_id)
+        key = f"{self.name}-{self.history_id or 0}"
+        bar = tqdm(total=self.rounds, initial=self.completed_round, desc=self.name, unit="round",
+                   disable=not self.progress, leave=True)
+        try:
+            for round_index in range(self.completed_round + 1, self.rounds + 1):
+                report = await self._one_round(server, history, round_index, key)
+                self.reports.append(report)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in report.metrics.items() if k.endswith(("loss", "accuracy"))})
+                if self.on_round is not None:
+                    self.on_round(report)
+        except BaseException as exc:
+            if history is not None and self.history_id is not None:
+                status = "failed" if isinstance(exc, Exception) else "stopped"
+                history.finish_experiment(self.history_id, status, f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            bar.close()
+            self._record_late(history)
+        if history is not None and self.history_id is not None:
+            history.finish_experiment(self.history_id, "completed")
+        return self.reports
+
+    async def _one_round(self, server: FedServer, history: HistoryStore | None, round_index: int,
+                         key: str) -> RoundReport:
+        self._record_late(history)
+        candidates = await self._eligible(server)
+        selector = self.selection or AllNodes()
+        selected = selector.select(candidates, round_index)
+        known = sorted(set(self.known_nodes) | {c.node_id for c in candidates})
+        if history is not None and self.history_id is not None:
+            history.start_round(self.history_id, round_index, selected, replace=True)
+        task = TrainTask(key, round_index, self.plan, self.training_args.to_dict(), self.params,
+                         self.aggregator.name, {}, self.dataset_tags, self.model_args)
+        handles: list[TaskHandle] = []
+
+        def record(outcome: NodeOutcome) -> None:
+            if history is not None and self.history_id is not None:
+                history.record_node_result(self._record_of(round_index, outcome))
+
+        try:
+            report = await run_round(server, self.aggregator, task, selected, known, min_nodes=self.min_nodes,
+                                     inactivity_timeout=self.round_timeout, experiment_key=key,
+                                     on_outcome=record, on_dispatch=handles.append)
+        except RoundFailedError as exc:
+            if history is not None and self.history_id is not None:
+                history.finish_round(self.history_id, round_index, "failed", error=str(exc))
+            raise
+        finally:
+            self._last_handles = handles
+        self.params = report.params
+        self.known_nodes = known
+        self.completed_round = round_index
+        if self.checkpoints is not None:
+            self.checkpoints.save(round_index, self.params, self.aggregator.name, self.aggregator.config(),
+                                  self.aggregator.state(), self._state())
+        if history is not None and self.history_id is not None:
+            history.finish_round(self.history_id, round_index, "completed", metrics=report.metrics)
+        log.info("round=%d completed nodes=%s metrics=%s seconds=%.2f", round_index, report.succeeded,
+                 report.metrics, report.duration_s)
+        return report
+
+    async def _eligible(self, server: FedServer):  # -> list[NodeInfo]
+        """Connected nodes that have the dataset tags, waiting up to node_wait_timeout for a quorum."""
+        tags_filter = ByTags(self.dataset_tags) if self.dataset_tags else AllNodes()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.node_wait_timeout
+        while True:
+            infos = server.registry.node_infos(connected_only=True)
+            keep = set(_safe_select(tags_filter, infos))
+            eligible = [i for i in infos if i.node_id in keep]
+            remaining = deadline - loop.time()
+            if len(eligible) >= self.min_nodes or remaining <= 0:
+                break
+            await server.wait_for_nodes(len(infos) + 1, min(remaining, 1.0))
+        if len(eligible) < self.min_nodes:
+            raise RoundFailedError(
+                f"only {len(eligible)} connected node(s) have the dataset tags {self.dataset_tags} "
+                f"({[i.node_id for i in eligible]}), quorum is {self.min_nodes}; waited {self.node_wait_timeout:g} s")
+        return eligible
+
+    def _record_late(self, history: HistoryStore | None) -> None:
+        """Late results of the previous round were refused by the server; record them, never apply them."""
+        handles, self._last_handles = self._last_handles, []
+        if history is None or self.history_id is None:
+            return
+        for handle in handles:
+            for late in handle.late_uploads:
+                history.record_node_result(NodeResultRecord(
+                    self.history_id, handle.round, handle.node_id, "late", task_id=handle.task_id,
+                    error=f"{late.outcome.value} result arrived after the task closed ({late.closed_because})"))
+            handle.late_uploads.clear()
+
+    def _record_of(self, round_index: int, outcome: NodeOutcome) -> NodeResultRecord:
+        result = outcome.result
+        return NodeResultRecord(
+            experiment_id=self.history_id or 0, round=round_index, node_id=outcome.node_id,
+            outcome=outcome.outcome, task_id=outcome.task_id,
+            num_samples=result.num_samples if result else None, num_steps=result.num_steps if result else None,
+            duration_s=max(outcome.duration_s, 0.0), bytes_in=outcome.bytes_in, bytes_out=outcome.bytes_out,
+            training_metrics=dict(result.metrics) if result else {},
+            validation_before=result.validation.get("before") if result else None,
+            validation_after=result.validation.get("after") if result else None,
+            error=outcome.error or None)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"plan": self.plan.name, "plan_sha256": self.plan.sha256, "training_args": self.training_args.to_dict(),
+                "aggregator": self.aggregator.name, "aggregator_config": self.aggregator.config(),
+                "rounds": self.rounds, "dataset_tags": self.dataset_tags, "min_nodes": self.min_nodes,
+                "round_timeout": self.round_timeout}
+
+    def _state(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "name": self.name, "completed_round": self.completed_round,
+                "plan": {"name": self.plan.name, "source": self.plan.source},
+                "training_args": self.training_args.to_dict(), "model_args": self.model_args,
+                "rounds": self.rounds, "dataset_tags": self.dataset_tags, "min_nodes": self.min_nodes,
+                "round_timeout": self.round_timeout, "node_wait_timeout": self.node_wait_timeout,
+                "known_nodes": self.known_nodes, "history_id": self.history_id,
+                "history_db": str(self.history_path) if self.history_path else None}
+
+
+def _safe_select(selector: NodeSelector, infos: list) -> list[str]:
+    """Ids a filter keeps; an empty candidate list or no match is an empty list, not an error."""
+    from fedcore.errors import StrategyError
+
+    try:
+        return selector.select(infos, 0) if infos else []
+    except StrategyError:
+        return []
