@@ -1,0 +1,169 @@
+"""``fednode start``: connect to a researcher's server and serve its tasks until stopped.
+
+:func:`register` adds the command. What answers the tasks is chosen with ``--handler`` from
+:data:`HANDLERS` (name -> setup function), so other task runners plug in with one entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import re
+import socket
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import NodeConfigError
+from fedcore.wire import DatasetInfo
+from fednode.config import NodeConfig
+from fednode.handler import EchoHandler, TaskHandler
+from fednode.home import FILES_HELP, add_home_options, db_path_from_args
+from fednode.launch import run_node
+
+__all__ = ["HANDLERS", "NodeSetup", "register"]
+
+TOKEN_ENV_VAR = "FEDNODE_TOKEN_FILE"
+_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
+
+
+@dataclass(frozen=True)
+class NodeSetup:
+    """What ``start`` runs: the task handler, the datasets announced at Register, the capabilities."""
+
+    handler: TaskHandler
+    datasets: list[DatasetInfo] = field(default_factory=list)
+    capabilities: list[str] = field(default_factory=list)
+
+
+def _train_setup(args: argparse.Namespace) -> NodeSetup:
+    from fednode.approvals import PlanApprovals
+    from fednode.datasets import DatasetRegistry
+    from fednode.runner import TrainingTaskHandler
+
+    db = db_path_from_args(args)
+    registry = DatasetRegistry(db)
+    handler = TrainingTaskHandler(registry, PlanApprovals(db), origin=args.server)
+    capabilities = ["numpy", "scaffold", "fedprox"]
+    if importlib.util.find_spec("torch") is not None:
+        capabilities.append("torch")
+    return NodeSetup(handler, registry.metadata(), capabilities)
+
+
+def _echo_setup(args: argparse.Namespace) -> NodeSetup:
+    return NodeSetup(EchoHandler(), [], ["echo"])
+
+
+#: ``--handler`` choices: name -> function building the node's setup from the parsed arguments.
+HANDLERS: dict[str, Callable[[argparse.Namespace], NodeSetup]] = {"train": _train_setup, "echo": _echo_setup}
+
+_DESCRIPTION = """\
+Connect to the researcher's fedserver at --server and serve its tasks until stopped. The node dials
+out (it never listens), registers with its name, datasets and capabilities, then long-polls for tasks.
+A task's payload is received in chunks and checked (size limit before anything is allocated, SHA-256
+after), the task runs, and the result is uploaded in chunks. Broken transfers resume where they
+stopped; if the server is down or restarts, the node reconnects with exponential backoff and jitter
+(0.5 s doubling up to 30 s). The datasets announced are those registered when the node starts.
+
+security:
+  The server certificate is checked against the CA given with --ca-cert (pinned: no system store, no
+  trust on first use). The node proves its identity with the token issued by `fedserver nodes enroll`
+  (--token-file, sent as 'authorization: Bearer' metadata) or, for mutual TLS, with --cert and --key
+  signed by the project CA (`fedserver certs`). --insecure sends everything, token included, in clear
+  text: use it only on loopback or for tests.
+
+handlers (--handler):
+  train   run approved training plans on the registered datasets (default); unapproved plans are
+          refused and recorded as pending for `fednode plans approve`
+  echo    send the received parameters back unchanged, to test a deployment end to end
+
+stopping:
+  SIGINT (Ctrl-C) or SIGTERM stops the node: a poll is abandoned at once, a running task is finished
+  and its result uploaded (up to --stop-grace seconds), then the connection closes. A second signal
+  exits immediately."""
+
+_EPILOG = f"""\
+examples:
+  fednode start --server fl.example.org:50051 --ca-cert ca.crt --token-file node.token --name clinic-a
+  fednode start --server fl.example.org:50051 --ca-cert ca.crt --cert clinic-a.crt --key clinic-a.key
+  fednode -v start --server 127.0.0.1:50051 --insecure --token-file node.token --handler echo
+
+exit status:
+  0 stopped by a signal, 1 configuration or other error, 2 refused by the server (bad or revoked
+  token, certificate not accepted, incompatible protocol version)
+
+{FILES_HELP}
+  {TOKEN_ENV_VAR}   token file when --token-file is not given"""
+
+
+def register(subparsers: Any) -> None:
+    """Add ``start`` to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    parser = subparsers.add_parser(
+        "start", help="connect to a researcher's server and serve its tasks",
+        description=_DESCRIPTION, epilog=textwrap.dedent(_EPILOG),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    server = parser.add_argument_group("server")
+    server.add_argument("--server", required=True, metavar="HOST:PORT", help="address of the researcher's fedserver")
+    server.add_argument("--server-name", metavar="NAME",
+                        help="host name expected in the server certificate when it differs from HOST")
+    security = parser.add_argument_group("security (one of --insecure or --ca-cert)")
+    mode = security.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--insecure", action="store_true", help="plain TCP without TLS (loopback and tests only)")
+    mode.add_argument("--ca-cert", type=Path, metavar="FILE", help="PEM of the CA that signed the server certificate")
+    security.add_argument("--cert", type=Path, metavar="FILE", help="this node's certificate (PEM), for mutual TLS")
+    security.add_argument("--key", type=Path, metavar="FILE", help="this node's private key (PEM), for mutual TLS")
+    security.add_argument("--token-file", type=Path, metavar="FILE",
+                          help=f"file holding this node's token (default: ${TOKEN_ENV_VAR}); not needed with --cert")
+    node = parser.add_argument_group("node")
+    node.add_argument("--name", default=socket.gethostname(), help="name shown to the researcher (default: host name)")
+    node.add_argument("--handler", choices=sorted(HANDLERS), default="train", help="what answers tasks (default: train)")
+    add_home_options(parser)
+    tuning = parser.add_argument_group("tuning")
+    tuning.add_argument("--poll-wait", type=float, default=30.0, metavar="SECONDS",
+                        help="long-poll duration asked of the server (default: 30)")
+    tuning.add_argument("--chunk-size", type=_size, default=1 << 20, metavar="BYTES",
+                        help="upload chunk size, e.g. 1MiB (default: 1MiB; the server may lower it)")
+    tuning.add_argument("--max-payload", type=_size, default=4 << 30, metavar="BYTES",
+                        help="largest task payload accepted, e.g. 4GiB (default: 4GiB)")
+    tuning.add_argument("--stop-grace", type=float, default=10.0, metavar="SECONDS",
+                        help="time an upload in flight gets to finish after a stop signal (default: 10)")
+    parser.set_defaults(func=_start)
+
+
+def _size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 65536, 512KiB, 1MiB, 4GiB)")
+    return int(match.group(1)) * _UNITS[unit]
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """The NodeConfig that ``fednode start`` options describe."""
+    if args.insecure and (args.cert or args.key):
+        raise NodeConfigError("--cert/--key need TLS: give --ca-cert instead of --insecure")
+    if bool(args.cert) != bool(args.key):
+        raise NodeConfigError("mutual TLS needs both --cert and --key")
+    tls = "insecure" if args.insecure else ("mtls" if args.cert else "tls")
+    token_file = args.token_file
+    if token_file is None and os.environ.get(TOKEN_ENV_VAR):
+        token_file = Path(os.environ[TOKEN_ENV_VAR])
+    return NodeConfig(
+        server=args.server, tls=tls, ca_cert=args.ca_cert, client_cert=args.cert, client_key=args.key,
+        token_file=token_file, node_name=args.name, server_name_override=args.server_name,
+        poll_wait_seconds=args.poll_wait, upload_chunk_size=args.chunk_size, max_payload_size=args.max_payload,
+        stop_grace_seconds=args.stop_grace)
+
+
+def _start(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    setup = HANDLERS[args.handler](args)
+    print(f"fednode: serving {config.server} as {config.node_name!r} ({config.tls}, handler {args.handler}, "
+          f"{len(setup.datasets)} datasets); Ctrl-C to stop", file=sys.stderr, flush=True)
+    asyncio.run(run_node(config, setup.handler, setup.datasets, setup.capabilities))
+    return 0
