@@ -1,14 +1,18 @@
 """``fednode dataset ...`` and ``fednode plans ...`` through argparse, on real node homes in tmp_path.
 
-The commands are mounted with their ``register(subparsers)`` on a parser built here (the same way the
-top-level ``fednode`` parser mounts them) and run in-process; ``main``-level behaviour (exit codes, error
-printing) belongs to the top-level CLI's tests.
+Most tests mount the commands with their ``register(subparsers)`` on a parser built here (the same way
+the top-level ``fednode`` parser mounts them) and run in-process; the last ones run the real
+``python -m fednode`` in a subprocess for exit statuses and error printing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +23,7 @@ from fednode.approvals import PlanApprovals
 from fednode.datasets import DatasetRegistry
 from fednode.home import DB_FILENAME, HOME_ENV_VAR, db_path, node_home
 
+ROOT = Path(__file__).resolve().parents[1]
 CSV = "age,bmi,label\n63,27.5,1\n41,22.0,0\n57,31.2,1\n"
 PLAN = "class LinearPlan:\n    '''a plan'''\n"
 
@@ -197,3 +202,31 @@ def test_help_reads_like_a_man_page(argv, capsys):
     assert "files:" in text and DB_FILENAME in text and HOME_ENV_VAR in text
     if argv == ["plans"]:
         assert "examples:" in text and "SHA-256" in text and "fednode plans approve" in text
+
+
+# ------------------------------------------------------------------------------------ python -m fednode
+def fednode(home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, HOME_ENV_VAR: str(home)}
+    return subprocess.run([sys.executable, "-m", "fednode", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_real_command_registers_lists_and_reports_errors(home, csv_file):
+    done = fednode(home, "dataset", "add", "heart", str(csv_file), "--target", "label", "--tags", "cardio")
+    assert done.returncode == 0, done.stderr
+    assert "registered dataset 'heart'" in done.stdout
+    listed = fednode(home, "dataset", "list", "--json")
+    assert [d["name"] for d in json.loads(listed.stdout)] == ["heart"]
+    again = fednode(home, "dataset", "add", "heart", str(csv_file), "--target", "label")
+    assert again.returncode == 1
+    assert again.stderr.startswith("fednode: error: a dataset named 'heart' is already registered")
+    assert (home / DB_FILENAME).is_file()
+
+
+def test_real_command_approves_a_pending_plan(home):
+    record = PlanApprovals(db_path(home)).submit(PLAN, "LinearPlan", "researcher-1")
+    done = fednode(home, "plans", "approve", record.sha256[:8], "--note", "reviewed")
+    assert done.returncode == 0, done.stderr
+    assert PlanApprovals(db_path(home)).get(record.sha256).note == "reviewed"
+    unknown = fednode(home, "plans", "show", "deadbeef00")
+    assert unknown.returncode == 1 and "no training plan 'deadbeef00'" in unknown.stderr
