@@ -1,0 +1,126 @@
+"""``fednode`` command line: help, option mapping, and `fednode start` as a real process stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from fake_node_service import arun
+
+from fedcore.errors import NodeConfigError
+from fedcore.wire import TaskKind
+from fednode.cli import build_parser, main
+from fednode.cli_start import config_from_args
+from fedserver.auth import NodeStore
+from fedserver.config import ServerConfig
+from fedserver.server import FedServer
+from fedserver.tasks import TaskState
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["start", "--server", "h:1", *argv])
+
+
+def test_help_reads_like_a_man_page(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["start", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for section in ("security:", "handlers (--handler):", "stopping:", "examples:", "exit status:", "files:"):
+        assert section in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert all(name in top for name in ("start", "dataset", "plans"))
+
+
+def test_options_map_to_node_config(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    cfg = config_from_args(parse("--insecure", "--token-file", str(token), "--name", "n",
+                                 "--chunk-size", "512KiB", "--max-payload", "2GiB"))
+    assert (cfg.tls, cfg.node_name, cfg.upload_chunk_size, cfg.max_payload_size) == ("insecure", "n", 512 << 10, 2 << 30)
+    assert cfg.resolve_token() == "abc"
+    ca = tmp_path / "ca.crt"
+    cfg = config_from_args(parse("--ca-cert", str(ca), "--token-file", str(token)))
+    assert cfg.tls == "tls" and cfg.ca_cert == ca
+    cfg = config_from_args(parse("--ca-cert", str(ca), "--cert", "n.crt", "--key", "n.key"))
+    assert cfg.tls == "mtls" and cfg.client_cert == Path("n.crt") and cfg.resolve_token() is None
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("--insecure", "--cert", "a", "--key", "b"), "--cert/--key need TLS"),
+    (("--ca-cert", "ca", "--cert", "a"), "needs both --cert and --key"),
+    (("--ca-cert", "ca",), "needs a token or token_file"),
+])
+def test_bad_option_combinations_name_the_problem(argv, message, monkeypatch):
+    monkeypatch.delenv("FEDNODE_TOKEN_FILE", raising=False)
+    with pytest.raises(NodeConfigError, match=message):
+        config_from_args(parse(*argv))
+
+
+def test_bad_size_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse("--insecure", "--chunk-size", "lots")
+    assert info.value.code == 2
+    assert "'lots' is not a size" in capsys.readouterr().err
+
+
+def _start_command(port: int, token_file: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "fednode", "start", "--server", f"127.0.0.1:{port}", "--insecure",
+            "--token-file", str(token_file), "--name", "cli-node", "--handler", "echo", *extra]
+
+
+def test_start_serves_tasks_and_stops_cleanly_on_sigterm(tmp_path):
+    async def scenario():
+        store = NodeStore(tmp_path / "nodes.db")
+        token_file = tmp_path / "node.token"
+        token_file.write_text(store.enroll("cli-node") + "\n")
+        server = FedServer(ServerConfig(port=0, tls="insecure", max_poll_wait_seconds=30), store)
+        port = await server.start()
+        proc = await asyncio.create_subprocess_exec(
+            *_start_command(port, token_file, "--home", str(tmp_path / "home")), cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            assert await server.wait_for_nodes(1, timeout=30) == ["cli-node"]
+            handle = server.dispatch("cli-node", TaskKind.TRAIN, server.encode_payload({"x": [1, 2]}),
+                                     experiment_id="exp", round=1)
+            result = await handle.result(timeout=20)
+            await asyncio.sleep(0.2)  # back in its long poll
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), 10)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await server.stop(grace=1)
+        assert result.outcome is TaskState.SUCCEEDED and result.payload == {"x": [1, 2]}
+        assert proc.returncode == 0, err.decode()
+        text = err.decode()
+        assert "serving 127.0.0.1" in text and "SIGTERM received: stopping" in text
+
+    arun(scenario())
+
+
+def test_start_with_unknown_token_exits_2(tmp_path):
+    async def scenario():
+        store = NodeStore(tmp_path / "nodes.db")
+        token_file = tmp_path / "node.token"
+        token_file.write_text("fsn1_not-a-real-token\n")
+        server = FedServer(ServerConfig(port=0, tls="insecure"), store)
+        port = await server.start()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *_start_command(port, token_file), cwd=ROOT, stderr=asyncio.subprocess.PIPE)
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            await server.stop(grace=1)
+        assert proc.returncode == 2
+        assert "refused by the server" in err.decode() and "UNAUTHENTICATED" in err.decode()
+
+    arun(scenario())
