@@ -1,0 +1,78 @@
+"""``fedserver``: the researcher's command line. Subcommands come from a registry of modules.
+
+Each module in :data:`COMMAND_MODULES` has ``register(subparsers)``, which adds its subcommands and sets
+``func`` (``args -> exit status``) on each. To add a command, write ``fedserver/cli_<name>.py`` with a
+``register`` function and append its module name here. Errors derived from
+:class:`fedcore.errors.FedstreamError` are printed as ``fedserver: error: ...`` with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from fedcore.errors import FedstreamError
+from fedserver.home import FILES_HELP, add_home_option
+
+COMMAND_MODULES: list[str] = [
+    "fedserver.cli_serve",
+    "fedserver.cli_nodes",
+    "fedserver.cli_certs",
+    "fedserver.cli_history",
+]
+
+DESCRIPTION = """\
+fedserver runs the researcher's side of a fedstream federation: a gRPC server that nodes (hospitals,
+sites) dial out to, receive training tasks from, and upload their results to. Nodes never open a port.
+
+Before the first run: create a project CA and a server certificate (`fedserver certs init`, `fedserver
+certs server --host NAME`), then enrol every node: `fedserver nodes enroll ID` prints the node's token
+(token mode) or `fedserver certs node ID` writes its client certificate (mutual TLS)."""
+
+EPILOG = f"""\
+{FILES_HELP}
+
+exit status:
+  0 success; 1 an operation failed (the message says why); 2 bad command-line usage
+
+examples:
+  fedserver certs init && fedserver certs server --host fed.example.org
+  fedserver nodes enroll hospital-a
+  fedserver serve --address 0.0.0.0 --port 50051
+  fedserver COMMAND --help          the manual of one command
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedserver", description=DESCRIPTION, epilog=textwrap.dedent(EPILOG),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_home_option(parser)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-v: info, -vv: debug); logs go to stderr")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except FedstreamError as exc:
+        print(f"fedserver: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
