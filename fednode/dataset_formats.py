@@ -7,6 +7,7 @@ is no window for the file to change in between.
 - **CSV**: a header row, comma separated, numeric cells only (``nan``/``inf`` are parsed and refused);
   one column is the target y (by header name or 0-based index, negative counts from the end), the others
   are the features X, shape (n, columns − 1). X and y get the requested ``dtype`` (default float32).
+  numpy's C reader parses it; only when that fails is it re-read row by row to name the bad cell.
 - **NPZ**: arrays ``X`` and ``y`` (``numpy.savez``) with the same first dimension; never unpickled. X is
   cast to ``dtype`` (None keeps the stored dtype); y keeps its stored dtype (labels may be integers).
 
