@@ -34,6 +34,7 @@ from fedcore.errors import (
     EncodeError,
     FramingError,
     MessageError,
+    NodeError,
     PayloadSizeError,
     SerializationError,
     ServerRefusedError,
@@ -150,7 +151,10 @@ class NodeClient:
         return self._stop.is_set()
 
     async def run(self) -> None:
-        """Serve until :meth:`stop`. Raises ServerRefusedError or VersionMismatchError when refused."""
+        """Serve until :meth:`stop` (once per client). Raises ServerRefusedError or VersionMismatchError
+        when the server refuses this node: retrying cannot fix a bad token or another protocol version."""
+        if self._loop is not None:
+            raise NodeError("NodeClient.run() was already called; create one client per run")
         self._loop = asyncio.get_running_loop()
         name = self.config.node_name
         try:

@@ -6,8 +6,10 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 from fake_node_service import FakeNodeService, FakeTask, arun, free_port, node_config, running, start_server
 
+from fedcore.errors import NodeError
 from fedcore.framing import OutgoingPayload
 from fedcore.serialization import Serializer
 from fedcore.wire import TrainingProgress
@@ -274,5 +276,16 @@ def test_server_restart_mid_download_resume_refused_then_fresh_poll():
         assert [(p.resume_task_id, p.resume_offset) for p in second.polls[:1]] == [("old", 3 * 4096)]
         assert second.polls[1].resume_task_id == ""
         assert list(second.results) == ["new"]
+
+    arun(scenario())
+
+
+def test_run_twice_is_refused():
+    async def scenario():
+        client = NodeClient(node_config(free_port()), EchoHandler())
+        client.stop()
+        await client.run()
+        with pytest.raises(NodeError, match="already called"):
+            await client.run()
 
     arun(scenario())
