@@ -24,7 +24,7 @@ import random
 from collections.abc import Awaitable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -53,7 +53,7 @@ from fednode.config import NodeConfig
 from fednode.handler import ReceivedTask, TaskHandler, TaskReply
 from fednode.reporter import Reporter, ReportPump
 from fednode.transfers import PendingUpload, TaskDownload
-from fednode.transport import EOF, NodeConnection
+from fednode.transport import EOF, NodeConnection, PollStream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -259,7 +259,7 @@ class NodeClient:
                                             max_chunk_size=self.config.max_chunk_size)
         return self._download
 
-    async def _download_task(self, stream: Any, descriptor: TaskDescriptor) -> _Polled:
+    async def _download_task(self, stream: PollStream, descriptor: TaskDescriptor) -> _Polled:
         self.state = ClientState.DOWNLOADING
         task_id = descriptor.task_id
         try:
@@ -282,11 +282,26 @@ class NodeClient:
                 self._download = None
                 return _Polled(descriptor, early_reply=PendingUpload.failed(task_id, f"bad task stream: {exc}"))
         self._download = None
+        await self._read_stream_end(stream, task_id)
         try:
             buffer = assembler.finish()
         except FramingError as exc:
             return _Polled(descriptor, early_reply=PendingUpload.failed(task_id, f"bad task payload: {exc}"))
         return _Polled(descriptor, buffer=buffer)
+
+    async def _read_stream_end(self, stream: PollStream, task_id: str) -> None:
+        """Wait for the server to end the stream, so it records the task as delivered (not to resend).
+
+        The payload is complete by now: a failure here is logged, never a reason to download again.
+        """
+        try:
+            tail = await stream.next(self.config.idle_stream_timeout_seconds)
+        except (NodeError, MessageError) as exc:
+            log.info("%s: task %s stream did not end cleanly (%s)", self.config.node_name, task_id, exc)
+            return
+        if tail is not EOF:
+            log.warning("%s: ignoring %s after the last chunk of task %s", self.config.node_name,
+                        type(tail).__name__, task_id)
 
     # -- running a task -----------------------------------------------------------------------
     async def _execute(self, conn: NodeConnection, polled: _Polled) -> PendingUpload:

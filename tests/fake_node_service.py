@@ -71,6 +71,10 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
         self.break_upload_after: int | None = None
         # stop sending (without ending the call) after this many chunks: the test kills the server
         self.stall_download_after: int | None = None
+        # pause after the last chunk before ending the stream (a server still busy with its bookkeeping)
+        self.linger_after_last_chunk = 0.0
+        self.streams_completed = 0  # PollTask streams that sent a whole task and ended normally
+        self.streams_cancelled = 0  # ... that the node cancelled
         # answer the next poll with ServerShutdown(retry_after)
         self.shutdown_next_poll: float | None = None
         self.poll_started = asyncio.Event()
@@ -149,6 +153,12 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
                 await asyncio.Event().wait()  # until the server stops and cancels this call
             yield pb.PollTaskResponse(chunk=common_pb2.Chunk(offset=offset, data=bytes(data)))
             self.download_bytes_sent += len(data)
+        try:
+            await asyncio.sleep(self.linger_after_last_chunk)
+        except asyncio.CancelledError:
+            self.streams_cancelled += 1
+            raise
+        self.streams_completed += 1
 
     async def UploadResult(self, request_iterator, context):
         await self._authenticate(context)

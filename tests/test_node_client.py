@@ -267,3 +267,22 @@ def test_wrong_token_ends_run_with_server_refused():
         assert service.registrations == []
 
     arun(scenario())
+
+
+def test_node_reads_the_task_stream_to_its_end():
+    """Cancelling right after the last chunk would make the server think the task was not delivered."""
+
+    async def scenario():
+        service = FakeNodeService()
+        service.linger_after_last_chunk = 0.3
+        server, port = await start_server(service)
+        client = NodeClient(node_config(port), EchoHandler())
+        try:
+            async with running(client):
+                service.add_task(FakeTask("t1", OutgoingPayload.from_object(params(1000), CHUNK)))
+                await service.wait_results(1)
+        finally:
+            await server.stop(None)
+        assert (service.streams_completed, service.streams_cancelled) == (1, 0)
+
+    arun(scenario())

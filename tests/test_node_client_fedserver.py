@@ -288,3 +288,4 @@ def test_network_cut_mid_upload_resumes_from_acknowledged_offset(tmp_path, caplo
         assert client.sessions == 2
 
     arun(scenario())
+
