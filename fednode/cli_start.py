@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import logging
 import os
 import re
 import socket
@@ -31,6 +32,8 @@ __all__ = ["HANDLERS", "NodeSetup", "register"]
 TOKEN_ENV_VAR = "FEDNODE_TOKEN_FILE"
 _UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class NodeSetup:
@@ -48,7 +51,11 @@ def _train_setup(args: argparse.Namespace) -> NodeSetup:
 
     db = db_path_from_args(args)
     registry = DatasetRegistry(db)
-    handler = TrainingTaskHandler(registry, PlanApprovals(db), origin=args.server)
+    approvals = PlanApprovals(db, auto_approve=args.auto_approve)
+    if args.auto_approve:
+        log.warning("--auto-approve: every training plan this node receives is approved and RUN without review "
+                    "(demos only; plans are Python code)")
+    handler = TrainingTaskHandler(registry, approvals, origin=args.server)
     capabilities = ["numpy", "scaffold", "fedprox"]
     if importlib.util.find_spec("torch") is not None:
         capabilities.append("torch")
@@ -122,6 +129,9 @@ def register(subparsers: Any) -> None:
     node = parser.add_argument_group("node")
     node.add_argument("--name", default=socket.gethostname(), help="name shown to the researcher (default: host name)")
     node.add_argument("--handler", choices=sorted(HANDLERS), default="train", help="what answers tasks (default: train)")
+    node.add_argument("--auto-approve", action="store_true",
+                      help="approve every training plan received, without review: FOR DEMOS ONLY (plans are "
+                           "Python code that runs on this machine); the default requires `fednode plans approve`")
     add_home_options(parser)
     tuning = parser.add_argument_group("tuning")
     tuning.add_argument("--poll-wait", type=float, default=30.0, metavar="SECONDS",
