@@ -35,11 +35,11 @@ from fedcore.wire import TaskKind
 from fedserver.auth import Authenticator, NodeStore
 from fedserver.config import MESSAGE_OVERHEAD, ServerConfig
 from fedserver.registry import NodeRegistry
-from fedserver.service import NodeService
+from fedserver.service import NodeService, add_node_service
 from fedserver.task_board import TaskBoard
 from fedserver.tasks import TaskHandle
 from fedserver.uploads import UploadSessions
-from fedstream.v1 import node_service_pb2, node_service_pb2_grpc
+from fedstream.v1 import node_service_pb2
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class FedServer:
         self._service = NodeService(cfg, self._auth, self.registry, self.board, self.uploads,
                                     is_stopping=lambda: self.state is not ServerState.SERVING,
                                     decode_limits=self._decode_limits)
-        node_service_pb2_grpc.add_NodeServiceServicer_to_server(self._service, server)
+        add_node_service(self._service, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

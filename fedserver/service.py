@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
 
 from fedcore.errors import (
     ChunkOrderError,
@@ -92,7 +93,8 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
 
     # -- PollTask --------------------------------------------------------------------------------------
     @translate_stream
-    async def PollTask(self, request: pb.PollTaskRequest, context: Any) -> AsyncIterator[pb.PollTaskResponse]:
+    async def PollTask(self, request: pb.PollTaskRequest,
+                       context: Any) -> AsyncIterator[pb.PollTaskResponse | bytes]:
         node_id = self._identify(context, request.version)
         if self.is_stopping():
             yield self._shutdown_message()
@@ -131,7 +133,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         notice = ShutdownNotice("server stopping", self.config.shutdown_retry_after_seconds)
         return pb.PollTaskResponse(shutdown=convert.shutdown_to_pb(notice))
 
-    async def _stream_task(self, handle: TaskHandle, start: int) -> AsyncIterator[pb.PollTaskResponse]:
+    async def _stream_task(self, handle: TaskHandle, start: int) -> AsyncIterator[pb.PollTaskResponse | bytes]:
         payload = handle.payload
         header = convert.task_descriptor_to_pb(handle.descriptor(start))
         assert payload is not None  # descriptor() raised otherwise
@@ -140,7 +142,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         for offset, data in payload.iter_chunks(start):
             if handle.done():
                 raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
-            yield pb.PollTaskResponse(chunk=common_pb2.Chunk(offset=offset, data=bytes(data)))
+            yield convert.encode_chunk_event(offset, data)  # pre-serialized: one copy per chunk
             handle.transferred("download", len(data), offset + len(data), total)
 
     # -- UploadResult ---------------------------------------------------------------------------------
@@ -243,3 +245,29 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             except (UnknownTaskError, TaskClosedError):
                 pass  # liveness only: the node learns about closed tasks from Report or UploadResult
         return pb.HeartbeatResponse(shutting_down=self.is_stopping())
+
+
+def _serialize(message: Any) -> bytes:
+    """Response serializer that lets pre-serialized messages (``bytes``) through unchanged."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_node_service(service: NodeService, server: grpc.aio.Server) -> None:
+    """Register ``service`` like the generated ``add_NodeServiceServicer_to_server``, except that every
+    response serializer accepts pre-serialized bytes (chunks from :func:`convert.encode_chunk_event`)."""
+    descriptor = pb.DESCRIPTOR.services_by_name["NodeService"]
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for method in descriptor.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        factory = factories[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(getattr(service, method.name),
+                                        request_deserializer=request_class.FromString,
+                                        response_serializer=_serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    server.add_registered_method_handlers(descriptor.full_name, handlers)

@@ -169,3 +169,13 @@ def test_check_version_accepts_same_major_and_names_both_on_mismatch() -> None:
         check_version(common_pb2.ProtocolVersion(major=2, minor=3))
     with pytest.raises(VersionMismatchError, match=r"version 0\.0 .* this node"):
         check_version(common_pb2.ProtocolVersion(), side="node")
+
+
+@pytest.mark.parametrize(("offset", "size"), [(0, 1), (0, 1 << 20), (5 << 30, 1000), (127, 128), (1 << 40, 3)])
+def test_encoded_chunk_event_is_the_protobuf_serialization(offset: int, size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    expected = node_service_pb2.PollTaskResponse(chunk=common_pb2.Chunk(offset=offset, data=data))
+    raw = convert.encode_chunk_event(offset, memoryview(data))
+    assert raw == expected.SerializeToString()
+    parsed = node_service_pb2.UploadResultRequest.FromString(raw)
+    assert (parsed.chunk.offset, parsed.chunk.data) == (offset, data)

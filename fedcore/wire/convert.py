@@ -106,6 +106,33 @@ def chunk_to_pb(offset: int, data: bytes | memoryview) -> common_pb2.Chunk:
     return common_pb2.Chunk(offset=offset, data=bytes(data))
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_CHUNK_EVENT_TAG = b"\x12"  # field 2, length-delimited: ``chunk`` in PollTaskResponse and UploadResultRequest
+_OFFSET_TAG = b"\x08"  # Chunk.offset: field 1, varint
+_DATA_TAG = b"\x12"  # Chunk.data: field 2, length-delimited
+
+
+def encode_chunk_event(offset: int, data: bytes | memoryview) -> bytes:
+    """The serialized ``PollTaskResponse{chunk}`` (= ``UploadResultRequest{chunk}``) for one chunk.
+
+    Byte-identical to ``PollTaskResponse(chunk=Chunk(offset=..., data=...)).SerializeToString()`` but
+    with a single copy of ``data`` (a memoryview is fine): building the protobuf message copies the
+    bytes twice more and makes 1 MiB chunks stream ~3x slower on the measured machine. Pass the result
+    to a gRPC call whose serializer lets ``bytes`` through.
+    """
+    n = len(data)
+    inner = (_OFFSET_TAG + _varint(offset) if offset else b"") + _DATA_TAG + _varint(n)
+    return b"".join((_CHUNK_EVENT_TAG, _varint(len(inner) + n), inner, data))
+
+
 # -- registration ----------------------------------------------------------------------------------
 def dataset_info_to_pb(info: DatasetInfo) -> common_pb2.DatasetInfo:
     return common_pb2.DatasetInfo(name=info.name, tags=list(info.tags), num_samples=info.num_samples,
