@@ -20,12 +20,13 @@
  *    map as an object or a Map (values.js);
  *  - it writes JavaScript Maps, int keys, Float64 and 64-bit ints in the smallest format: a small
  *    Encoder subclass (its protected write methods are stable within the locked 3.x version).
- * Large arrays (1 KiB of data or more) are written as ext 32 through @msgpack/msgpack's position-aware
- * extension form so their data starts at a multiple of 64 bytes from the document start, as Python does.
+ * Arrays of 512 data bytes or more are written as ext 32 through @msgpack/msgpack's position-aware
+ * extension form; from 1 KiB their data starts at a multiple of 64 bytes from the document start, as
+ * Python writes them (smaller arrays use the smallest ext format that fits).
  */
 const { Encoder, Decoder, ExtData } = require("@msgpack/msgpack");
 const { DecodeError, EncodeError } = require("../errors.js");
-const { NDArray, encodeLayout, decodeLayout, EXT_OF_KIND, ALIGN_MIN_BYTES } = require("./ndarray.js");
+const { NDArray, encodeLayout, decodeLayout, EXT_OF_KIND, EXT32_MIN_BYTES } = require("./ndarray.js");
 const { Tuple, OrderedDict, Float64, isIndexLike } = require("./values.js");
 
 const DEFAULT_MAX_DEPTH = 100;
@@ -92,7 +93,7 @@ const EXTENSIONS = {
   tryToEncode(object, ctx) {
     if (object instanceof NDArray) {
       const type = EXT_OF_KIND[object.kind];
-      if (object.nbytes >= ALIGN_MIN_BYTES) return new ExtData(type, (pos) => encodeLayout(object, ctx.base + pos));
+      if (object.nbytes >= EXT32_MIN_BYTES) return new ExtData(type, (pos) => encodeLayout(object, ctx.base + pos));
       return new ExtData(type, encodeLayout(object, null));
     }
     if (object instanceof Tuple) {

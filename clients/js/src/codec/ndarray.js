@@ -13,6 +13,8 @@ const MAX_NDIM = 32;
 /** Arrays with this many data bytes or more start at a multiple of ALIGNMENT from the document start. */
 const ALIGN_MIN_BYTES = 1024;
 const ALIGNMENT = 64;
+/** Arrays with this many data bytes or more are written as ext 32 (smaller ones: smallest ext format). */
+const EXT32_MIN_BYTES = 512;
 
 /**
  * An n-d array: `values` (a typed array in machine byte order, see dtypes.js), `shape` (numbers,
@@ -84,12 +86,13 @@ function headerSize(dtype, ndim) {
 
 /**
  * The ext payload of `array` (layout of docs/serialization.md). `dataPos` is the absolute offset in the
- * document where this payload starts, or null when it is written unaligned (small arrays).
+ * document where this payload starts, or null for an ext format chosen by size (small arrays); arrays
+ * of ALIGN_MIN_BYTES or more get the padding that puts their data at a multiple of ALIGNMENT.
  */
 function encodeLayout(array, dataPos) {
   const head = headerSize(array.dtype, array.ndim);
   let pad = 0;
-  if (dataPos !== null) pad = (ALIGNMENT - ((dataPos + head) % ALIGNMENT)) % ALIGNMENT;
+  if (dataPos !== null && array.nbytes >= ALIGN_MIN_BYTES) pad = (ALIGNMENT - ((dataPos + head) % ALIGNMENT)) % ALIGNMENT;
   const data = array.toBytes();
   const out = new Uint8Array(head + pad + data.byteLength);
   const view = new DataView(out.buffer);
@@ -163,5 +166,5 @@ function decodeLayout(data, extType, at, copy) {
 }
 
 module.exports = {
-  NDArray, encodeLayout, decodeLayout, EXT_OF_KIND, KIND_OF_EXT, ALIGN_MIN_BYTES, ALIGNMENT,
+  NDArray, encodeLayout, decodeLayout, EXT_OF_KIND, KIND_OF_EXT, ALIGN_MIN_BYTES, ALIGNMENT, EXT32_MIN_BYTES,
 };
