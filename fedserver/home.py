@@ -19,7 +19,7 @@ CERTS_DIR = "certs"
 #: The FILES / ENVIRONMENT part of the man-page-like help of commands that use the server home.
 FILES_HELP = f"""\
 files:
-  HOME/{NODES_DB}                      enrolled nodes: id, SHA-256 of the token, enrolment, revocation
+  HOME/{NODES_DB}                       enrolled nodes: id, SHA-256 of the token, enrolment, revocation
   HOME/{CERTS_DIR}/ca.crt, ca.key           the project CA (keep ca.key offline once nodes have certificates)
   HOME/{CERTS_DIR}/server.crt, server.key   the server certificate (SAN localhost, 127.0.0.1, ::1, --host)
   HOME/{CERTS_DIR}/nodes/ID.crt, ID.key     node certificates for mutual TLS (common name = node id)
