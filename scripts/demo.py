@@ -146,10 +146,11 @@ def main() -> int:
             cli("fednode", "dataset", "add", f"site{i}", str(path), "--tags", "demo", "--home", str(home))
             log = open(out / f"site{i}.log", "w")
             nodes.append(subprocess.Popen(
-                [sys.executable, "-m", "fednode", "-v", "start", "--home", str(home), "--server", f"127.0.0.1:{port}",
+                [sys.executable, "-m", "fednode", os.environ.get("FEDSTREAM_DEMO_NODE_VERBOSITY", "-v"), "start", "--home", str(home), "--server", f"127.0.0.1:{port}",
                  "--ca-cert", str(server_home / "certs" / "ca.crt"), "--token-file", str(tokens[i]),
                  "--name", f"site-{i}", "--auto-approve"],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1"}))  # 3 nodes + server share 2 cores
         print(f"== started {len(nodes)} fednode processes (pids {[p.pid for p in nodes]}), server on port {port}")
         results = asyncio.run(researcher(out, port, args.rounds))
     finally:
