@@ -24,7 +24,7 @@ _EXPORTS = {
     "TaskResult": "fedserver.tasks",
     "TaskState": "fedserver.tasks",
 }
-__all__ = ["Experiment", "RoundReport", "FedServer", "NodeStore", "ServerConfig", "ServerState", "TaskHandle", "TaskResult", "TaskState"]
+__all__ = ["Experiment", "FedServer", "NodeStore", "RoundReport", "ServerConfig", "ServerState", "TaskHandle", "TaskResult", "TaskState"]
 
 
 def __getattr__(name: str) -> Any:
