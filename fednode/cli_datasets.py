@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fednode.cli_format import format_bytes, format_time, key_values, text_table
+from fedcore.text_output import format_bytes, format_time, key_values, text_table
 from fednode.datasets import DatasetRecord, DatasetRegistry
 from fednode.home import FILES_HELP, add_home_options, db_path_from_args
 

@@ -12,8 +12,8 @@ import json
 import textwrap
 from typing import Any
 
+from fedcore.text_output import format_time, key_values, text_table
 from fednode.approvals import MIN_PREFIX, STATUSES, PlanApprovals, PlanRecord
-from fednode.cli_format import format_time, key_values, text_table
 from fednode.home import FILES_HELP, add_home_options, db_path_from_args
 
 __all__ = ["register"]

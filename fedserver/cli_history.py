@@ -11,12 +11,12 @@ import argparse
 import json
 import os
 import textwrap
-from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fedcore.errors import HistoryError
+from fedcore.text_output import format_bytes, text_table
 from fedserver.history import HistoryStore
 from fedserver.history_records import METRIC_SOURCES
 
@@ -233,25 +233,6 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 # -- text output ---------------------------------------------------------------------------------
-
-
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Columns left-aligned, two spaces apart, headers first; None shows as '-'; no trailing spaces."""
-    cells = [list(headers)] + [["-" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(row[j]) for row in cells) for j in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
-
-
-def format_bytes(size: int) -> str:
-    """``1536`` → ``1.5 KiB``; exact bytes below 1 KiB."""
-    if size < 1024:
-        return f"{size} B"
-    value = size / 1024
-    for unit in ("KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _metrics(metrics: dict[str, Any]) -> str:

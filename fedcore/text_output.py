@@ -1,4 +1,4 @@
-"""Plain-text output of the ``fednode`` store commands: aligned tables, local times, byte sizes."""
+"""Plain-text output shared by the ``fedserver`` and ``fednode`` commands: aligned tables, times, byte sizes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ __all__ = ["format_bytes", "format_time", "key_values", "text_table"]
 
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Columns left-aligned and separated by two spaces, headers first; no trailing spaces."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    """Columns left-aligned and separated by two spaces, headers first; no trailing spaces; None shows as ``-``."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(row[j]) for row in cells) for j in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
