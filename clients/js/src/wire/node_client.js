@@ -1,0 +1,337 @@
+"use strict";
+/**
+ * NodeClient: the node side of fedstream.v1.NodeService (docs/protocol.md §4), step by step:
+ *
+ *   register()                      RegisterRequest → keeps the server's limits
+ *   poll()                          one PollTask long poll → NoTask | ServerShutdown | a verified task payload
+ *                                   (chunks into one preallocated Buffer, SHA-256 checked; a broken
+ *                                   download resumes with resume_task_id / resume_offset)
+ *   report(taskId, events)          Report: progress and log lines
+ *   upload(taskId, outcome, ...)    UploadResult in chunks with the digest; resumes via GetUploadStatus
+ *   run(trainer)                    the loop: register, poll, run, report, upload; reconnects with backoff
+ *
+ * Every call carries the protocol version and, in token modes, `authorization: Bearer <token>`.
+ */
+const { once } = require("node:events");
+const grpc = require("@grpc/grpc-js");
+const { loadFedstream, PROTOCOL_VERSION } = require("./proto.js");
+const { callMetadata } = require("./connection.js");
+const { ChunkAssembler, payloadHeader, chunksOf, sha256, MiB } = require("./chunks.js");
+const { PayloadError } = require("../errors.js");
+
+const Status = grpc.status;
+const RETRYABLE = new Set([Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.RESOURCE_EXHAUSTED, Status.ABORTED]);
+/** Task-level refusals: the task is gone for this node (drop it, keep running). */
+const TASK_GONE = new Set([Status.FAILED_PRECONDITION, Status.NOT_FOUND, Status.PERMISSION_DENIED]);
+
+
+/** Exponential backoff with full jitter: uniform in [0.5, 1] × min(cap, base · 2^(attempt−1)). */
+function backoffMs(attempt, baseMs = 500, capMs = 15000) {
+  const ceiling = Math.min(capMs, baseMs * 2 ** Math.max(0, attempt - 1));
+  return ceiling * (0.5 + Math.random() / 2);
+}
+
+/** True for errors that stop the node: bad identity, or a protocol major version the server refuses. */
+function isFatal(err) {
+  return err.code === Status.UNAUTHENTICATED
+    || (err.code === Status.FAILED_PRECONDITION && /protocol version/.test(err.details || err.message || ""));
+}
+
+class NodeClient {
+  /**
+   * @param {object} o
+   * @param {string} o.server host:port
+   * @param {grpc.ChannelCredentials} o.credentials from connection.channelCredentials()
+   * @param {string|null} o.token node token (token modes), null with mutual TLS
+   * @param {string} o.nodeName display name
+   * @param {object[]} o.datasets DatasetInfo messages
+   * @param {string[]} o.capabilities
+   * @param {number} [o.pollWaitSeconds=30] long-poll wait asked for (capped by the server)
+   * @param {number} [o.maxPayloadSize] largest task payload accepted, bytes
+   * @param {number} [o.maxChunkSize] largest chunk accepted, bytes
+   * @param {number} [o.uploadChunkSize] chunk size of uploads (≤ the server's max_chunk_size)
+   * @param {object} [o.channelOptions] extra grpc channel options (e.g. grpc.ssl_target_name_override)
+   * @param {(level: string, msg: string) => void} [o.log]
+   */
+  constructor(o) {
+    this.server = o.server;
+    this.token = o.token || null;
+    this.nodeName = o.nodeName || "";
+    this.datasets = o.datasets || [];
+    this.capabilities = o.capabilities || [];
+    this.clientVersion = o.clientVersion || "fedstream-js/0.1.0";
+    this.pollWaitSeconds = o.pollWaitSeconds ?? 30;
+    this.callTimeoutSeconds = o.callTimeoutSeconds ?? 30;
+    this.streamAllowanceSeconds = o.streamAllowanceSeconds ?? 600;
+    this.limits = { maxPayloadSize: o.maxPayloadSize ?? 4 * 1024 * MiB, maxChunkSize: o.maxChunkSize ?? 16 * MiB };
+    this.uploadChunkSize = o.uploadChunkSize ?? MiB;
+    this.maxUploadAttempts = o.maxUploadAttempts ?? 8;
+    this.log = o.log || (() => {});
+    const { NodeService } = loadFedstream(o.protosDir);
+    const message = this.limits.maxChunkSize + 64 * 1024;
+    this.stub = new NodeService(this.server, o.credentials, {
+      "grpc.max_receive_message_length": message,
+      "grpc.max_send_message_length": message,
+      "grpc.keepalive_time_ms": 30000,
+      "grpc.keepalive_timeout_ms": 20000,
+      ...(o.channelOptions || {}),
+    });
+    this.registration = null; // RegisterResponse once registered
+    this.partial = null; // {taskId, assembler} of a broken download
+    this.currentCall = null;
+    this.stopped = false;
+    this.wakeUp = null; // resolves the sleep in progress on stop()
+  }
+
+  /** Wait `ms`, or less when stop() is called. */
+  sleep(ms) {
+    if (this.stopped) return Promise.resolve();
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, ms);
+      function done() {
+        clearTimeout(timer);
+        resolve();
+      }
+      this.wakeUp = done;
+    }).finally(() => {
+      this.wakeUp = null;
+    });
+  }
+
+  deadline(seconds) {
+    return new Date(Date.now() + seconds * 1000);
+  }
+
+  unary(method, request, timeoutSeconds = this.callTimeoutSeconds) {
+    return new Promise((resolve, reject) => {
+      this.stub[method](request, callMetadata(this.token), { deadline: this.deadline(timeoutSeconds) },
+        (err, response) => (err ? reject(err) : resolve(response)));
+    });
+  }
+
+  /** Register (again after every reconnect); keeps the server's limits. */
+  async register() {
+    const response = await this.unary("Register", {
+      version: PROTOCOL_VERSION,
+      node_name: this.nodeName,
+      datasets: this.datasets,
+      capabilities: this.capabilities,
+      client_version: this.clientVersion,
+    });
+    this.registration = response;
+    return response;
+  }
+
+  /**
+   * One long poll. Resolves to {kind: "no_task"}, {kind: "shutdown", reason, retryAfterSeconds} or
+   * {kind: "task", header, payload} with the verified payload Buffer.
+   */
+  async poll() {
+    const maxWait = this.registration ? this.registration.max_poll_wait_seconds : this.pollWaitSeconds;
+    const wait = maxWait > 0 ? Math.min(this.pollWaitSeconds, maxWait) : this.pollWaitSeconds;
+    const request = { version: PROTOCOL_VERSION, wait_seconds: wait };
+    const resuming = this.partial && this.partial.assembler.keptOffset > 0 ? this.partial : null;
+    if (resuming) {
+      request.resume_task_id = resuming.taskId;
+      request.resume_offset = resuming.assembler.keptOffset;
+    }
+    const call = this.stub.PollTask(request, callMetadata(this.token),
+      { deadline: this.deadline(wait + this.streamAllowanceSeconds) });
+    this.currentCall = call;
+    let header = null;
+    let assembler = null;
+    try {
+      for await (const message of call) {
+        if (message.event === "no_task") return { kind: "no_task" };
+        if (message.event === "shutdown") {
+          return { kind: "shutdown", reason: message.shutdown.reason, retryAfterSeconds: message.shutdown.retry_after_seconds };
+        }
+        if (message.event === "task") {
+          header = message.task;
+          const p = header.payload || { total_size: 0, sha256: sha256(Buffer.alloc(0)), chunk_size: 1, chunk_count: 0, start_offset: 0 };
+          if (resuming && resuming.taskId === header.task_id && p.start_offset > 0) {
+            resuming.assembler.resume(p);
+            assembler = resuming.assembler;
+          } else {
+            assembler = new ChunkAssembler(p, this.limits);
+          }
+          this.partial = { taskId: header.task_id, assembler };
+        } else if (message.event === "chunk") {
+          if (!assembler) throw new PayloadError(`chunk at offset ${message.chunk.offset} before any TaskHeader`);
+          assembler.add(message.chunk);
+        }
+      }
+    } catch (err) {
+      if (resuming && TASK_GONE.has(err.code)) this.partial = null; // resume refused: poll afresh next time
+      if (err instanceof PayloadError) this.partial = null;
+      throw err;
+    } finally {
+      this.currentCall = null;
+      call.cancel();
+    }
+    if (!assembler) throw new PayloadError("PollTask stream ended without NoTask, TaskHeader or ServerShutdown");
+    if (!assembler.complete) throw new PayloadError(`PollTask stream ended after ${assembler.received} of ${assembler.header.total_size} payload bytes`);
+    this.partial = null;
+    const payload = assembler.finish();
+    return { kind: "task", header, payload };
+  }
+
+  /** Report events (ReportEvent messages) for a task. */
+  report(taskId, events) {
+    return this.unary("Report", { version: PROTOCOL_VERSION, task_id: taskId, events });
+  }
+
+  heartbeat(taskId = "") {
+    return this.unary("Heartbeat", { version: PROTOCOL_VERSION, task_id: taskId });
+  }
+
+  uploadStatus(taskId) {
+    return this.unary("GetUploadStatus", { version: PROTOCOL_VERSION, task_id: taskId });
+  }
+
+  /** One UploadResult stream: the header, then the chunks from header.start_offset. */
+  uploadOnce(taskId, outcome, errorMessage, doc, header) {
+    let failed = null;
+    const response = new Promise((resolve, reject) => {
+      const call = this.stub.UploadResult(callMetadata(this.token),
+        { deadline: this.deadline(this.callTimeoutSeconds + this.streamAllowanceSeconds) },
+        (err, res) => {
+          if (err) {
+            failed = err;
+            reject(err);
+          } else resolve(res);
+        });
+      this.currentCall = call;
+      (async () => {
+        call.write({ header: { version: PROTOCOL_VERSION, task_id: taskId, outcome, error_message: errorMessage, payload: header } });
+        if (doc) {
+          for (const chunk of chunksOf(doc, header.chunk_size, header.start_offset)) {
+            if (failed) return;
+            if (!call.write({ chunk })) await Promise.race([once(call, "drain"), response.catch(() => {})]);
+          }
+        }
+        call.end();
+      })().catch((err) => {
+        failed = err;
+        call.cancel();
+      });
+    });
+    return response.finally(() => {
+      this.currentCall = null;
+    });
+  }
+
+  /**
+   * Upload a task's result. `doc` is the encoded result (SUCCEEDED) or null (FAILED / REFUSED: no
+   * payload). Retries broken uploads from the server's acknowledged offset; after DATA_LOSS, from 0.
+   */
+  async upload(taskId, outcome, errorMessage = "", doc = null) {
+    const serverMax = this.registration ? this.registration.max_chunk_size : 0;
+    const chunkSize = serverMax > 0 ? Math.min(this.uploadChunkSize, serverMax) : this.uploadChunkSize;
+    const digest = doc ? sha256(doc) : null;
+    if (doc && this.registration && this.registration.max_payload_size > 0 && doc.byteLength > this.registration.max_payload_size) {
+      throw new PayloadError(`result of ${doc.byteLength} bytes is over the server's max_payload_size ${this.registration.max_payload_size}`);
+    }
+    let start = 0;
+    for (let attempt = 1; ; attempt++) {
+      const header = doc ? payloadHeader(doc, chunkSize, start, digest) : null;
+      try {
+        return await this.uploadOnce(taskId, outcome, errorMessage, doc, header);
+      } catch (err) {
+        const resumable = RETRYABLE.has(err.code) || (err.code === Status.INVALID_ARGUMENT && /resume at offset/.test(err.details || ""));
+        if (attempt >= this.maxUploadAttempts || this.stopped || !(resumable || err.code === Status.DATA_LOSS)) throw err;
+        this.log("WARNING", `upload of task ${taskId} broke (${err.details || err.message}); attempt ${attempt + 1}`);
+        if (err.code === Status.DATA_LOSS) {
+          start = 0;
+          continue;
+        }
+        await this.sleep(backoffMs(attempt));
+        const status = await this.uploadStatus(taskId).catch(() => ({ acknowledged_offset: 0, complete: false }));
+        if (status.complete) return { task_id: taskId, received_bytes: doc ? doc.byteLength : 0 };
+        start = doc && status.acknowledged_offset % chunkSize === 0 ? status.acknowledged_offset : 0;
+      }
+    }
+  }
+
+  /** Run one task with `trainer` (see training/train_task.js), reporting, then upload its result. */
+  async handleTask(task, trainer) {
+    const { header, payload } = task;
+    const taskId = header.task_id;
+    this.log("INFO", `task ${taskId}: round ${header.round}, ${header.kind}, ${payload.length} bytes`);
+    let gone = null;
+    const report = async (events) => {
+      if (gone) return;
+      try {
+        await this.report(taskId, events);
+      } catch (err) {
+        if (TASK_GONE.has(err.code)) gone = err;
+        else this.log("WARNING", `report for task ${taskId} failed: ${err.details || err.message}`);
+      }
+    };
+    const { outcome, errorMessage, payload: result } = await trainer.run(header, payload, report);
+    if (gone) {
+      this.log("WARNING", `task ${taskId} is no longer accepted (${gone.details}); result dropped`);
+      return null;
+    }
+    this.log(outcome === "TASK_OUTCOME_SUCCEEDED" ? "INFO" : "WARNING",
+      `task ${taskId}: ${outcome}${errorMessage ? ` (${errorMessage})` : ""}`);
+    try {
+      return await this.upload(taskId, outcome, errorMessage, result);
+    } catch (err) {
+      if (!TASK_GONE.has(err.code)) throw err;
+      this.log("WARNING", `task ${taskId}: result not accepted (${err.details || err.message})`);
+      return null;
+    }
+  }
+
+  /**
+   * The node loop until stop() (or `maxTasks` tasks handled, 0: no limit): register, poll, run tasks.
+   * Retryable failures reconnect with backoff and jitter; UNAUTHENTICATED and a refused protocol
+   * version end the loop with the error.
+   */
+  async run(trainer, { maxTasks = 0 } = {}) {
+    let failures = 0;
+    let handled = 0;
+    while (!this.stopped) {
+      try {
+        if (!this.registration) {
+          const r = await this.register();
+          this.log("INFO", `registered as ${r.node_id} with ${this.server} (server protocol ${r.server_version.major}.${r.server_version.minor})`);
+        }
+        const event = await this.poll();
+        failures = 0;
+        if (event.kind === "task") {
+          await this.handleTask(event, trainer);
+          handled += 1;
+          if (maxTasks && handled >= maxTasks) break;
+        } else if (event.kind === "shutdown") {
+          this.log("INFO", `server stopping (${event.reason}); reconnecting in ${event.retryAfterSeconds} s`);
+          this.registration = null;
+          await this.sleep(event.retryAfterSeconds * 1000 * (1 + Math.random() / 2));
+        }
+      } catch (err) {
+        if (this.stopped) break;
+        if (isFatal(err)) throw err;
+        failures += 1;
+        if (err.code === Status.UNAVAILABLE) this.registration = null;
+        const delay = TASK_GONE.has(err.code) ? 0 : backoffMs(failures);
+        this.log("WARNING", `${err.details || err.message}; retrying in ${(delay / 1000).toFixed(1)} s`);
+        await this.sleep(delay);
+      }
+    }
+  }
+
+  /** Stop the loop: cancel the call in progress; run() resolves. */
+  stop() {
+    this.stopped = true;
+    if (this.currentCall) this.currentCall.cancel();
+    if (this.wakeUp) this.wakeUp();
+  }
+
+  close() {
+    this.stop();
+    this.stub.close();
+  }
+}
+
+module.exports = { NodeClient, backoffMs, isFatal };
