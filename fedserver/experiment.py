@@ -41,7 +41,7 @@ from fedserver.history import HistoryStore
 from fedserver.history_records import NodeResultRecord
 from fedserver.rounds import NodeOutcome, RoundReport, run_round
 from fedserver.server import FedServer
-from fedserver.tasks import TaskHandle
+from fedserver.tasks import TaskHandle, TaskState
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,9 @@ class Experiment:
         self.known_nodes: list[str] = []
         self.history_id: int | None = None
         self.reports: list[RoundReport] = []
-        self._last_handles: list[TaskHandle] = []
+        # tasks of finished rounds whose node never replied (timed out, cancelled): their result may still
+        # arrive, during any later round, and is then refused by the server and recorded here as 'late'
+        self._awaiting_late: list[TaskHandle] = []
 
     # -- public API ----------------------------------------------------------------------------
     def run(self) -> list[RoundReport]:
@@ -248,7 +250,7 @@ class Experiment:
                 history.finish_round(self.history_id, round_index, "failed", error=str(exc))
             raise
         finally:
-            self._last_handles = handles
+            self._awaiting_late += [h for h in handles if h.state in (TaskState.TIMED_OUT, TaskState.CANCELLED)]
         self.params = report.params
         self.known_nodes = known
         self.completed_round = round_index
@@ -281,16 +283,24 @@ class Experiment:
         return eligible
 
     def _record_late(self, history: HistoryStore | None) -> None:
-        """Late results of the previous round were refused by the server; record them, never apply them."""
-        handles, self._last_handles = self._last_handles, []
-        if history is None or self.history_id is None:
-            return
-        for handle in handles:
-            for late in handle.late_uploads:
-                history.record_node_result(NodeResultRecord(
-                    self.history_id, handle.round, handle.node_id, "late", task_id=handle.task_id,
-                    error=f"{late.outcome.value} result arrived after the task closed ({late.closed_because})"))
+        """Record the late results the server refused since the last call (never apply them).
+
+        Called before each round and when the run ends. A task whose node never replied is watched
+        until its late result comes, however many rounds later; one that arrives after the run ended
+        is still refused by the server, but no longer recorded.
+        """
+        still_waiting = []
+        for handle in self._awaiting_late:
+            if not handle.late_uploads:
+                still_waiting.append(handle)
+                continue
+            if history is not None and self.history_id is not None:
+                for late in handle.late_uploads:
+                    history.record_node_result(NodeResultRecord(
+                        self.history_id, handle.round, handle.node_id, "late", task_id=handle.task_id,
+                        error=f"{late.outcome.value} result arrived after the task closed ({late.closed_because})"))
             handle.late_uploads.clear()
+        self._awaiting_late = still_waiting
 
     def _record_of(self, round_index: int, outcome: NodeOutcome) -> NodeResultRecord:
         result = outcome.result
