@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def node_env(**extra: str) -> dict[str, str]:
 
 def run_cli(*argv: str, check: bool = True, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
     """``python -m <argv>`` from the repository root; ``check``: raise with its output on a non-zero exit."""
-    proc = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=node_env(), text=True,
+    proc = subprocess.run([sys.executable, "-m", *argv], check=False, cwd=ROOT, env=node_env(), text=True,
                           capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"`{' '.join(argv)}` exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -174,7 +175,7 @@ class Federation:
                             key_file=self.pki.key_file, max_poll_wait_seconds=2.0,
                             heartbeat_interval_seconds=self.heartbeat_interval)
 
-    async def __aenter__(self) -> Federation:
+    async def __aenter__(self) -> Self:
         self.server = FedServer(self.server_config(), self.store)
         self.port = await self.server.start()
         return self

@@ -8,21 +8,22 @@ happen at a known point rather than after a guessed sleep.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from e2e_support import Federation, least_squares_sites, run_cli
+from plans_gated import GatedLinearPlan
+from plans_lsq import LinearPlan
+
 from fedcore.aggregators import FedAverage
 from fedcore.errors import CheckpointError, RoundFailedError
 from fedserver.checkpoints import CheckpointStore
 from fedserver.experiment import Experiment
 from fedserver.history import HistoryStore
 from fedserver.tasks import TaskState
-from plans_gated import GatedLinearPlan
-from plans_lsq import LinearPlan
 
 ARGS = {"num_updates": 20, "lr": 0.02, "batch_size": 16, "seed": 7, "shuffle": True}
 SITES = least_squares_sites()
@@ -168,7 +169,6 @@ def test_node_that_joins_late_takes_part_in_later_rounds(tmp_path: Path) -> None
 def test_stale_reply_is_refused_recorded_late_and_never_applied(tmp_path: Path) -> None:
     """site-2 is held (silent: heartbeats every 10 s) past the 1.5 s round timeout; round 1 ends without
     it; only then is it let go, so its round-1 result reaches a server that has closed the task."""
-    from fedcore.plans.loader import load_plan_class  # noqa: F401 - the plan runs here too, to recompute
     from fedcore.tasks import PlanSource, TrainTask
     from fednode.datasets import DatasetRegistry
     from fednode.training import run_training
@@ -220,3 +220,70 @@ def test_stale_reply_is_refused_recorded_late_and_never_applied(tmp_path: Path) 
     for name in x0:
         np.testing.assert_allclose(round1[name], two[name], rtol=1e-6, atol=1e-7)
         assert not np.allclose(round1[name], three[name], rtol=1e-3, atol=1e-4), name
+
+
+def test_unapproved_plan_refused_then_approved_with_the_cli(tmp_path: Path) -> None:
+    def fednode(*argv: str) -> str:
+        return run_cli("fednode", *argv).stdout
+
+    async def scenario():
+        async with Federation(tmp_path, SITES) as fed:
+            fed.prepare(range(2))
+            for i in range(2):
+                fed.start_node(i, auto_approve=False)
+            await fed.wait_registered(["site-0", "site-1"])
+            first = Experiment(LinearPlan, ARGS, rounds=1, dataset_tags=["lsq"], min_nodes=2, round_timeout=5,
+                               node_wait_timeout=10, server=fed.server, history_db=tmp_path / "h.db",
+                               checkpoint_dir=tmp_path / "ckpt-refused", progress=False)
+            with pytest.raises(RoundFailedError) as refused:
+                await first.run_async()
+            listings, approvals = [], []
+            for i in range(2):
+                home = str(tmp_path / f"site-{i}")
+                listings.append(await asyncio.to_thread(fednode, "plans", "list", "--status", "pending", "--home", home))
+                pending = json.loads(await asyncio.to_thread(
+                    fednode, "plans", "list", "--status", "pending", "--json", "--home", home))
+                assert [p["name"] for p in pending] == ["LinearPlan"]
+                approvals.append(await asyncio.to_thread(
+                    fednode, "plans", "approve", pending[0]["sha256"][:12], "--note", "e2e test", "--home", home))
+            second = Experiment(LinearPlan, ARGS, rounds=2, dataset_tags=["lsq"], min_nodes=2, round_timeout=5,
+                                node_wait_timeout=10, server=fed.server, history_db=tmp_path / "h.db",
+                                progress=False)
+            reports = await asyncio.wait_for(second.run_async(), 20)
+            return str(refused.value), first, listings, approvals, reports
+
+    message, first, listings, approvals, reports = run(scenario())
+    assert "refused" in message and "fednode plans approve" in message and "quorum is 2" in message
+    assert not (tmp_path / "ckpt-refused" / "latest.json").exists()
+    table = history_outcomes(tmp_path / "h.db", first.history_id)
+    assert table == {1: {"site-0": ["refused"], "site-1": ["refused"]}}
+    for listing in listings:
+        assert "LinearPlan" in listing and "pending" in listing
+    assert all("is now approved" in a for a in approvals)
+    assert [r.succeeded for r in reports] == [["site-0", "site-1"]] * 2
+
+
+def test_corrupted_checkpoint_is_refused_naming_the_file(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+
+    async def scenario():
+        async with Federation(tmp_path, SITES) as fed:
+            fed.prepare(range(2))
+            for i in range(2):
+                fed.start_node(i)
+            await fed.wait_registered(["site-0", "site-1"])
+            exp = Experiment(LinearPlan, ARGS, rounds=2, dataset_tags=["lsq"], min_nodes=2, round_timeout=5,
+                             node_wait_timeout=10, server=fed.server, checkpoint_dir=ckpt, progress=False)
+            return await asyncio.wait_for(exp.run_async(), 20)
+
+    reports = run(scenario())
+    assert [r.round for r in reports] == [1, 2]
+    Experiment.resume(ckpt, progress=False)  # intact: loads
+    target = ckpt / "round-0002" / "params.msgpack"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as info:
+        Experiment.resume(ckpt, progress=False)
+    message = str(info.value)
+    assert str(target) in message and "does not match the manifest" in message, message
