@@ -24,10 +24,13 @@ class EncodeError extends TypeError {
     this.name = "EncodeError";
   }
 }
-// EncodeError is a TypeError (as in Python) and still a FedstreamError for `instanceof`.
+// EncodeError is a TypeError (as in Python) and still a FedstreamError for `instanceof`; subclasses keep
+// the ordinary `instanceof`.
 Object.defineProperty(FedstreamError, Symbol.hasInstance, {
-  value: (obj) => obj instanceof Error && (Error.prototype.isPrototypeOf.call(FedstreamError.prototype, obj)
-    || obj instanceof EncodeError),
+  value(obj) {
+    const ordinary = Function.prototype[Symbol.hasInstance].call(this, obj);
+    return ordinary || (this === FedstreamError && obj instanceof EncodeError);
+  },
 });
 
 class DecodeError extends FedstreamError {}

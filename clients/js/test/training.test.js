@@ -1,0 +1,161 @@
+"use strict";
+/**
+ * The local update (least_squares.js) recomputed from its docstring's formulas, its convergence to the
+ * normal equations' solution, dataset loading, and LinearTrainer's answers to good and bad TRAIN tasks.
+ */
+const test = require("node:test");
+const assert = require("node:assert/strict");
+const fs = require("node:fs");
+const os = require("node:os");
+const path = require("node:path");
+const crypto = require("node:crypto");
+const { leastSquaresGD, meanSquaredError } = require("../src/training/least_squares.js");
+const { loadDataset } = require("../src/training/dataset.js");
+const { LinearTrainer } = require("../src/training/train_task.js");
+const { encode, decode, NDArray, Float64 } = require("../src/codec");
+const { ConfigError } = require("../src/errors.js");
+
+// y = 2 x0 − x1 + 0.5, exactly, on 6 points
+const X = Float64Array.from([1, 0, 0, 1, 1, 1, 2, 0, 0, 3, 2, 2]);
+const Y = Float64Array.from([2.5, -0.5, 1.5, 4.5, -2.5, 2.5]);
+const DATA = { X, y: Y, n: 6, d: 2 };
+
+test("one step is W -= lr (X^T G - delta), b -= lr (sum G - delta) with G = 2 (XW + b - y) / n", () => {
+  const W0 = [0.3, -0.2];
+  const b0 = [0.1];
+  const delta = { coef: [0.05, -0.01], intercept: [0.02] };
+  const lr = 0.1;
+  const G = [];
+  for (let i = 0; i < 6; i++) G.push((2 * (X[2 * i] * W0[0] + X[2 * i + 1] * W0[1] + b0[0] - Y[i])) / 6);
+  const gW = [0, 1].map((j) => G.reduce((s, g, i) => s + X[2 * i + j] * g, 0));
+  const gb = G.reduce((s, g) => s + g, 0);
+  const out = leastSquaresGD(DATA, { coef: W0, intercept: b0 }, { lr, steps: 1, correction: delta });
+  assert.ok(Math.abs(out.coef[0] - (W0[0] - lr * (gW[0] - delta.coef[0]))) < 1e-15);
+  assert.ok(Math.abs(out.coef[1] - (W0[1] - lr * (gW[1] - delta.coef[1]))) < 1e-15);
+  assert.ok(Math.abs(out.intercept[0] - (b0[0] - lr * (gb - delta.intercept[0]))) < 1e-15);
+  assert.ok(Math.abs(out.losses[0] - meanSquaredError(DATA, W0, b0)) < 1e-15, "loss before the update");
+});
+
+test("many steps converge to the exact least-squares solution", () => {
+  const out = leastSquaresGD(DATA, { coef: [0, 0], intercept: [0] }, { lr: 0.05, steps: 3000 });
+  assert.ok(Math.abs(out.coef[0] - 2) < 1e-6 && Math.abs(out.coef[1] + 1) < 1e-6 && Math.abs(out.intercept[0] - 0.5) < 1e-6,
+    `${out.coef} ${out.intercept}`);
+  assert.ok(out.losses.every((l, i) => i === 0 || l <= out.losses[i - 1] + 1e-15), "loss never increases at this lr");
+});
+
+test("a diverging run stops with the step that produced a non-finite loss", () => {
+  assert.throws(() => leastSquaresGD(DATA, { coef: [0, 0], intercept: [0] }, { lr: 50, steps: 2000 }),
+    /non-finite loss .* at step \d+; that step's update was not applied/);
+});
+
+function tmpFile(name, text) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "fedstream-js-"));
+  const file = path.join(dir, name);
+  fs.writeFileSync(file, text);
+  return file;
+}
+
+test("CSV and JSON datasets load features in file order, the target apart", () => {
+  const csv = loadDataset(tmpFile("site.csv", "a,y,b\n1,10,2\n3,30,4\n"), "y");
+  assert.deepEqual([csv.name, csv.format, csv.n, csv.d, csv.features, [...csv.X], [...csv.y]],
+    ["site", "csv", 2, 2, ["a", "b"], [1, 2, 3, 4], [10, 30]]);
+  const json = loadDataset(tmpFile("d.json", JSON.stringify([{ b: 1, a: 2, y: 3 }])), "y", { features: ["a", "b"] });
+  assert.deepEqual([...json.X], [2, 1]);
+});
+
+test("bad dataset files are ConfigErrors naming the line, column or key", () => {
+  const cases = [
+    [tmpFile("x.csv", "a,y\n1,2\n3\n"), "y", /line 3 has 1 fields, the header has 2/],
+    [tmpFile("x.csv", "a,y\n1,abc\n"), "y", /line 2, column y: "abc" is not a finite number/],
+    [tmpFile("x.csv", "a,y\n1,2\n"), "z", /no target column "z"; columns: a, y/],
+    [tmpFile("x.json", "[{\"a\": \"1\", \"y\": 2}]"), "y", /record 0, key a: "1" is not a finite number/],
+    [tmpFile("x.txt", "a"), "y", /unknown format ".txt"/],
+    ["/nonexistent/file.csv", "y", /does not exist/],
+  ];
+  for (const [file, target, why] of cases) assert.throws(() => loadDataset(file, target), (e) => e instanceof ConfigError && why.test(e.message));
+});
+
+// -- LinearTrainer on TRAIN task documents -------------------------------------------------------
+const SOURCE = "class LinearPlan(NumpyTrainingPlan): ...\n";
+const SHA = crypto.createHash("sha256").update(SOURCE).digest("hex");
+const TRAIN = { kind: "TASK_KIND_TRAIN", task_id: "t1", round: 1 };
+
+function task(overrides = {}) {
+  return {
+    format: 1,
+    experiment_id: "e",
+    round: 1,
+    plan: { name: "LinearPlan", source: SOURCE, sha256: SHA },
+    training_args: { lr: new Float64(0.05), num_updates: 50, batch_size: 32 },
+    model_args: {},
+    params: { coef: NDArray.zeros([2, 1], ">f4"), intercept: NDArray.zeros([1], ">f4") },
+    aggregator: "fedavg",
+    aggregator_state: {},
+    dataset_tags: ["lsq"],
+    ...overrides,
+  };
+}
+
+const trainer = new LinearTrainer({ ...DATA, name: "site", format: "csv" }, { tags: ["lsq", "other"], approvedPlans: [SHA.toUpperCase()] });
+
+test("a TRAIN task gives a TRAIN result: same names, shapes and dtypes, samples, steps, lr, metrics", async () => {
+  const events = [];
+  const out = await trainer.run(TRAIN, Buffer.from(encode(task())), async (e) => { events.push(...e); });
+  assert.equal(out.outcome, "TASK_OUTCOME_SUCCEEDED", out.errorMessage);
+  const result = decode(Buffer.from(out.payload));
+  assert.deepEqual(Object.keys(result), ["format", "params", "num_samples", "num_steps", "lr", "metrics", "validation", "duration_s"]);
+  assert.equal(result.format, 1);
+  assert.deepEqual([result.params.coef.dtype, result.params.coef.shape, result.params.intercept.shape], [">f4", [2, 1], [1]]);
+  const expected = leastSquaresGD(DATA, { coef: [0, 0], intercept: [0] }, { lr: 0.05, steps: 50 });
+  assert.deepEqual([...result.params.coef.values], [...Float32Array.from(expected.coef)]);
+  assert.deepEqual([result.num_samples, result.num_steps, result.lr], [300, 50, 0.05]);
+  const tail = expected.losses.slice(-10);
+  assert.ok(Math.abs(result.metrics.loss - tail.reduce((a, b) => a + b) / 10) < 1e-12);
+  assert.ok(events.some((e) => e.log) && events.filter((e) => e.progress).length === 5, "a log line, progress every 10 steps");
+  assert.equal(events.at(-1).progress.iteration, 50);
+});
+
+test("lr is written as a float 64 even when integral (1.0), as the schema says", async () => {
+  const out = await trainer.run(TRAIN, Buffer.from(encode(task({ training_args: { lr: 1, num_updates: 1 } }))));
+  const bytes = Buffer.from(out.payload);
+  const at = bytes.indexOf(Buffer.from("a26c72", "hex")); // "lr"
+  assert.equal(bytes[at + 3], 0xcb);
+});
+
+test("tasks this node will not run are REFUSED, broken ones FAILED, each with the reason", async () => {
+  const other = "print('hi')\n";
+  const cases = [
+    [{ kind: "TASK_KIND_EVALUATE" }, {}, "REFUSED", /TRAIN tasks only, got TASK_KIND_EVALUATE/],
+    [TRAIN, { plan: { name: "P", source: other, sha256: crypto.createHash("sha256").update(other).digest("hex") } }, "REFUSED",
+      /training plan P \(sha256 [0-9a-f]{64}\) is not approved on this node; .*--approve-plan/],
+    [TRAIN, { plan: { name: "P", source: SOURCE, sha256: "0".repeat(64) } }, "FAILED", /does not match the source's SHA-256/],
+    [TRAIN, { dataset_tags: ["lsq", "eu"] }, "REFUSED", /no dataset with tags \[lsq, eu\]: dataset site has tags \[lsq, other\]/],
+    [TRAIN, { aggregator: "fedprox" }, "REFUSED", /aggregator fedprox is not supported/],
+    [TRAIN, { training_args: { lr: 0.1, num_updates: 5, momentum: 0.9 } }, "REFUSED", /momentum = 0.9: this node runs plain gradient descent only/],
+    [TRAIN, { training_args: { lr: 0.1 } }, "FAILED", /needs num_updates \(or epochs\) >= 1/],
+    [TRAIN, { params: { coef: NDArray.zeros([3, 1], "<f4"), intercept: NDArray.zeros([1], "<f4") } }, "FAILED",
+      /params.coef must have shape \(2, 1\), got \(3, 1\)/],
+    [TRAIN, { params: { coef: NDArray.zeros([2, 1], "<i4"), intercept: NDArray.zeros([1], "<f4") } }, "FAILED", /float dtype .* got <i4/],
+    [TRAIN, { params: { coef: NDArray.zeros([2, 1], "<f4"), intercept: NDArray.zeros([1], "<f4"), w: 1 } }, "FAILED", /params has w/],
+    [TRAIN, { aggregator: "scaffold" }, "FAILED", /Scaffold task without a correction/],
+    [TRAIN, { format: 2 }, "FAILED", /unsupported task format 2/],
+    [TRAIN, { training_args: { lr: 1e6, num_updates: 3000 } }, "FAILED", /non-finite loss .* at step \d+/],
+  ];
+  for (const [header, overrides, outcome, why] of cases) {
+    const out = await trainer.run(header, Buffer.from(encode(task(overrides))));
+    assert.equal(out.outcome, `TASK_OUTCOME_${outcome}`, `${why}: ${out.errorMessage}`);
+    assert.match(out.errorMessage, why);
+    assert.equal(out.payload, null);
+  }
+  const garbage = await trainer.run(TRAIN, Buffer.from([0xc1]));
+  assert.equal(garbage.outcome, "TASK_OUTCOME_FAILED");
+});
+
+test("Scaffold: the correction delta_i enters every step as g - delta_i", async () => {
+  const correction = { coef: new NDArray(Float32Array.from([0.5, -0.25]), [2, 1], "<f4"), intercept: new NDArray(Float32Array.from([0.125]), [1], "<f4") };
+  const doc = task({ aggregator: "scaffold", aggregator_state: { correction }, training_args: { lr: 0.05, num_updates: 7 } });
+  const out = await trainer.run(TRAIN, Buffer.from(encode(doc)));
+  assert.equal(out.outcome, "TASK_OUTCOME_SUCCEEDED", out.errorMessage);
+  const want = leastSquaresGD(DATA, { coef: [0, 0], intercept: [0] }, { lr: 0.05, steps: 7, correction: { coef: [0.5, -0.25], intercept: [0.125] } });
+  assert.deepEqual([...decode(Buffer.from(out.payload)).params.coef.values], [...Float32Array.from(want.coef)]);
+});
