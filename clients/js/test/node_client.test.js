@@ -1,0 +1,294 @@
+"use strict";
+/**
+ * NodeClient against a scripted NodeService written with grpc-js from the same protos: identity and
+ * version on every call, a download cut mid-payload and resumed, an upload cut and resumed from
+ * GetUploadStatus, DATA_LOSS, a bad digest, ServerShutdown, UNAUTHENTICATED, and the whole loop.
+ */
+const test = require("node:test");
+const assert = require("node:assert/strict");
+const crypto = require("node:crypto");
+const grpc = require("@grpc/grpc-js");
+const { NodeClient } = require("../src/wire/node_client.js");
+const { loadFedstream } = require("../src/wire/proto.js");
+const { payloadHeader, chunksOf, sha256 } = require("../src/wire/chunks.js");
+const { LinearTrainer } = require("../src/training/train_task.js");
+const { encode, decode, NDArray, Float64 } = require("../src/codec");
+const { PayloadError } = require("../src/errors.js");
+
+const { NodeService } = loadFedstream();
+const TOKEN = "tok-123";
+const fail = (code, details) => Object.assign(new Error(details), { code, details });
+
+/**
+ * A NodeService whose PollTask answers come from `script.polls` (functions (call, fake) run in turn)
+ * and whose uploads keep their bytes per task, like fedserver's.
+ */
+class FakeServer {
+  constructor(script = {}) {
+    this.script = { polls: [], ...script };
+    this.calls = [];
+    this.registers = 0;
+    this.uploads = new Map();
+    this.uploadHeaders = [];
+    this.reports = [];
+  }
+
+  seen(method, call) {
+    const auth = call.metadata.get("authorization");
+    const request = call.request || {};
+    this.calls.push({ method, auth: auth[0], version: request.version });
+  }
+
+  async start() {
+    this.server = new grpc.Server();
+    this.server.addService(NodeService.service, {
+      Register: (call, cb) => {
+        this.seen("Register", call);
+        this.registers += 1;
+        if (this.script.register) return this.script.register(call, cb);
+        cb(null, { node_id: "js-1", server_version: { major: 1, minor: 0 }, max_poll_wait_seconds: 2,
+          max_chunk_size: 4096, max_payload_size: 1 << 20, heartbeat_interval_seconds: 1 });
+      },
+      PollTask: (call) => {
+        this.seen("PollTask", call);
+        const next = this.script.polls.shift();
+        if (next) next(call, this);
+        else setTimeout(() => { call.write({ no_task: {} }); call.end(); }, 20);
+      },
+      UploadResult: (call, cb) => this.upload(call, cb),
+      GetUploadStatus: (call, cb) => {
+        this.seen("GetUploadStatus", call);
+        const u = this.uploads.get(call.request.task_id);
+        cb(null, { acknowledged_offset: u ? u.received : 0, complete: Boolean(u && u.complete) });
+      },
+      Report: (call, cb) => {
+        this.seen("Report", call);
+        this.reports.push(...call.request.events);
+        cb(null, {});
+      },
+      Heartbeat: (call, cb) => {
+        this.seen("Heartbeat", call);
+        cb(null, { shutting_down: false });
+      },
+    });
+    const port = await new Promise((resolve, reject) => {
+      this.server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p)));
+    });
+    this.address = `127.0.0.1:${port}`;
+    return this;
+  }
+
+  upload(call, cb) {
+    let header = null;
+    let u = null;
+    let chunks = 0;
+    let done = false;
+    const finish = (err, res) => {
+      if (!done) {
+        done = true;
+        cb(err, res);
+      }
+    };
+    call.on("data", (msg) => {
+      if (done) return;
+      if (msg.event === "header") {
+        header = msg.header;
+        this.calls.push({ method: "UploadResult", auth: call.metadata.get("authorization")[0], version: header.version });
+        this.uploadHeaders.push(header);
+        const p = header.payload;
+        u = this.uploads.get(header.task_id);
+        if (!u || !p || p.start_offset === 0) {
+          u = { buffer: Buffer.alloc(p ? p.total_size : 0), received: 0, complete: false, header };
+          this.uploads.set(header.task_id, u);
+        }
+        return;
+      }
+      const { offset, data } = msg.chunk;
+      assert.equal(offset, u.received, "chunks arrive in order from the acknowledged offset");
+      data.copy(u.buffer, offset);
+      u.received += data.length;
+      chunks += 1;
+      if (this.script.breakUploadAfter && chunks === this.script.breakUploadAfter) {
+        this.script.breakUploadAfter = 0;
+        finish(fail(grpc.status.UNAVAILABLE, "connection cut (test)"));
+      }
+    });
+    call.on("end", () => {
+      if (done) return;
+      const p = header.payload;
+      if (p && p.total_size > 0) {
+        if (!sha256(u.buffer).equals(p.sha256) || this.script.dataLossOnce) {
+          this.script.dataLossOnce = false;
+          this.uploads.delete(header.task_id);
+          return finish(fail(grpc.status.DATA_LOSS, "SHA-256 mismatch (test)"));
+        }
+      }
+      u.complete = true;
+      finish(null, { task_id: header.task_id, received_bytes: u.received });
+    });
+  }
+
+  stop() {
+    return new Promise((resolve) => this.server.tryShutdown(resolve));
+  }
+}
+
+/** Poll answer: a task header then chunks [from, to) of doc, then end (or a cut after `cutAfter` chunks). */
+function sendTask(taskId, doc, { chunkSize = 1024, from = 0, cutAfter = null, digest = null, kind = "TASK_KIND_TRAIN" } = {}) {
+  return (call) => {
+    const payload = payloadHeader(doc, chunkSize, from, digest);
+    call.write({ task: { task_id: taskId, experiment_id: "e", round: 1, kind, payload, inactivity_timeout_seconds: 30 } });
+    let n = 0;
+    for (const chunk of chunksOf(doc, chunkSize, from)) {
+      if (cutAfter !== null && n === cutAfter) {
+        call.emit("error", fail(grpc.status.UNAVAILABLE, "stream cut (test)"));
+        return;
+      }
+      call.write({ chunk });
+      n += 1;
+    }
+    call.end();
+  };
+}
+
+function client(fake, extra = {}) {
+  return new NodeClient({ server: fake.address, credentials: grpc.credentials.createInsecure(), token: TOKEN,
+    nodeName: "test", datasets: [], capabilities: ["js"], pollWaitSeconds: 1, uploadChunkSize: 1024, ...extra });
+}
+
+function checkIdentity(fake) {
+  for (const c of fake.calls) {
+    assert.equal(c.auth, `Bearer ${TOKEN}`, `${c.method} carries the token`);
+    assert.deepEqual({ ...c.version }, { major: 1, minor: 0 }, `${c.method} carries version 1.0`);
+  }
+}
+
+test("a download cut mid-payload resumes from the kept offset; an upload cut resumes from GetUploadStatus", async () => {
+  const doc = crypto.randomBytes(10 * 1024 + 77);
+  const fake = await new FakeServer({ breakUploadAfter: 4 }).start();
+  fake.script.polls.push(sendTask("t1", doc, { cutAfter: 3 }), (call) => {
+    assert.equal(call.request.resume_task_id, "t1");
+    assert.equal(call.request.resume_offset, 3 * 1024);
+    sendTask("t1", doc, { from: 3 * 1024 })(call);
+  });
+  const c = client(fake);
+  try {
+    const reg = await c.register();
+    assert.equal(reg.node_id, "js-1");
+    await assert.rejects(c.poll(), (e) => e.code === grpc.status.UNAVAILABLE);
+    assert.equal(c.partial.assembler.keptOffset, 3 * 1024);
+    const task = await c.poll();
+    assert.equal(task.kind, "task");
+    assert.ok(task.payload.equals(doc));
+    assert.equal(c.partial, null);
+
+    const result = crypto.randomBytes(9000);
+    const res = await c.upload("t1", "TASK_OUTCOME_SUCCEEDED", "", result);
+    assert.equal(res.received_bytes, 9000);
+    assert.ok(fake.uploads.get("t1").buffer.equals(result));
+    assert.deepEqual(fake.uploadHeaders.map((h) => h.payload.start_offset), [0, 4096]);
+    assert.ok(fake.calls.some((x) => x.method === "GetUploadStatus"));
+    checkIdentity(fake);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("DATA_LOSS makes the upload start over from offset 0; FAILED outcomes carry no payload", async () => {
+  const fake = await new FakeServer({ dataLossOnce: true }).start();
+  const c = client(fake);
+  try {
+    await c.register();
+    const result = crypto.randomBytes(3000);
+    await c.upload("t2", "TASK_OUTCOME_SUCCEEDED", "", result);
+    assert.deepEqual(fake.uploadHeaders.map((h) => h.payload.start_offset), [0, 0]);
+    assert.ok(fake.uploads.get("t2").buffer.equals(result));
+    await c.upload("t3", "TASK_OUTCOME_FAILED", "boom");
+    const h = fake.uploadHeaders.at(-1);
+    assert.deepEqual([h.outcome, h.error_message, h.payload], ["TASK_OUTCOME_FAILED", "boom", null]);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("a payload whose SHA-256 differs is refused and its bytes dropped", async () => {
+  const doc = crypto.randomBytes(5000);
+  const fake = await new FakeServer().start();
+  fake.script.polls.push(sendTask("t4", doc, { digest: sha256(Buffer.from("other")) }));
+  const c = client(fake);
+  try {
+    await assert.rejects(c.poll(), (e) => e instanceof PayloadError && /SHA-256 mismatch/.test(e.message));
+    assert.equal(c.partial, null);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("run(): ServerShutdown makes the node register again; a task is trained, reported and uploaded", async () => {
+  const source = "class LinearPlan: ...\n";
+  const sha = crypto.createHash("sha256").update(source).digest("hex");
+  const task = encode({
+    format: 1, experiment_id: "e", round: 1, plan: { name: "LinearPlan", source, sha256: sha },
+    training_args: { lr: new Float64(0.1), num_updates: 5 }, model_args: {},
+    params: { coef: NDArray.zeros([1, 1], "<f4"), intercept: NDArray.zeros([1], "<f4") },
+    aggregator: "fedavg", aggregator_state: {}, dataset_tags: ["t"],
+  });
+  const fake = await new FakeServer().start();
+  fake.script.polls.push(
+    (call) => { call.write({ shutdown: { reason: "restarting", retry_after_seconds: 0.01 } }); call.end(); },
+    (call) => { call.write({ no_task: {} }); call.end(); },
+    sendTask("t5", Buffer.from(task)),
+  );
+  const data = { X: Float64Array.from([1, 2, 3]), y: Float64Array.from([2, 4, 6]), n: 3, d: 1, name: "d", format: "csv" };
+  const c = client(fake);
+  try {
+    await c.run(new LinearTrainer(data, { tags: ["t"], approvedPlans: [sha] }), { maxTasks: 1 });
+    assert.equal(fake.registers, 2);
+    const stored = fake.uploads.get("t5");
+    assert.ok(stored.complete);
+    assert.equal(stored.header.outcome, "TASK_OUTCOME_SUCCEEDED");
+    const result = decode(stored.buffer);
+    assert.deepEqual([result.num_steps, result.num_samples], [5, 15]);
+    assert.ok(result.params.coef.values[0] > 0, "moved toward y = 2x");
+    assert.ok(fake.reports.some((e) => e.event === "progress" && Number(e.progress.iteration) === 5));
+    checkIdentity(fake);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("run() stops at once with UNAUTHENTICATED instead of retrying", async () => {
+  const fake = await new FakeServer({
+    register: (call, cb) => cb(fail(grpc.status.UNAUTHENTICATED, "unknown or revoked token")),
+  }).start();
+  const c = client(fake);
+  try {
+    await assert.rejects(c.run({ run: async () => assert.fail("no task expected") }),
+      (e) => e.code === grpc.status.UNAUTHENTICATED);
+    assert.equal(fake.registers, 1);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("stop() ends a long poll and a backoff promptly", async () => {
+  const fake = await new FakeServer().start();
+  fake.script.polls.push(() => {}); // never answers
+  const c = client(fake, { pollWaitSeconds: 30 });
+  try {
+    const running = c.run({ run: async () => assert.fail("no task expected") });
+    await new Promise((r) => setTimeout(r, 200));
+    const t0 = Date.now();
+    c.stop();
+    await running;
+    assert.ok(Date.now() - t0 < 1000);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
