@@ -46,26 +46,32 @@ def register(subparsers: Any) -> None:
     serve = subparsers.add_parser("serve", help="run the transport server until interrupted",
                                   description=DESCRIPTION, epilog=FILES_HELP, formatter_class=_RAW)
     add_home_option(serve)
-    d = ServerConfig.__dataclass_fields__
-    serve.add_argument("--address", default="127.0.0.1", help="address to bind (default: %(default)s; "
-                       "0.0.0.0 or [::] for every interface)")
-    serve.add_argument("--port", type=int, default=50051, help="port to bind, 0 for any free port (default: %(default)s)")
-    serve.add_argument("--tls", choices=TLS_MODES, default="tls", help="connection security (default: %(default)s)")
-    serve.add_argument("--cert", type=Path, help="server certificate (default: HOME/certs/server.crt)")
-    serve.add_argument("--key", type=Path, help="server private key (default: HOME/certs/server.key)")
-    serve.add_argument("--ca", type=Path, help="CA of node certificates, mtls (default: HOME/certs/ca.crt)")
-    serve.add_argument("--max-payload-size", type=parse_size, default=d["max_payload_size"].default,
-                       help="largest result a node may upload (default: 4GiB)")
-    serve.add_argument("--max-chunk-size", type=parse_size, default=d["max_chunk_size"].default,
-                       help="largest chunk a node may upload (default: 4MiB)")
-    serve.add_argument("--chunk-size", type=parse_size, default=d["chunk_size"].default,
-                       help="chunk size the server sends with (default: 1MiB)")
-    serve.add_argument("--max-concurrent-uploads", type=int, default=d["max_concurrent_uploads"].default,
-                       help="uploads holding a buffer at once (default: %(default)s)")
-    serve.add_argument("--max-poll-wait", type=float, default=d["max_poll_wait_seconds"].default,
-                       help="longest long poll, seconds (default: %(default)s)")
+    add_server_options(serve)
     serve.add_argument("--grace", type=float, default=5.0, help="seconds given to transfers on stop (default: %(default)s)")
     serve.set_defaults(func=_serve)
+
+
+def add_server_options(parser: argparse._ActionsContainer) -> None:
+    """Add the options :func:`config_from_args` reads (address, port, TLS files, limits) to a parser or an
+    argument group; shared by ``serve`` and ``run``."""
+    d = ServerConfig.__dataclass_fields__
+    parser.add_argument("--address", default="127.0.0.1", help="address to bind (default: %(default)s; "
+                        "0.0.0.0 or [::] for every interface)")
+    parser.add_argument("--port", type=int, default=50051, help="port to bind, 0 for any free port (default: %(default)s)")
+    parser.add_argument("--tls", choices=TLS_MODES, default="tls", help="connection security (default: %(default)s)")
+    parser.add_argument("--cert", type=Path, help="server certificate (default: HOME/certs/server.crt)")
+    parser.add_argument("--key", type=Path, help="server private key (default: HOME/certs/server.key)")
+    parser.add_argument("--ca", type=Path, help="CA of node certificates, mtls (default: HOME/certs/ca.crt)")
+    parser.add_argument("--max-payload-size", type=parse_size, default=d["max_payload_size"].default,
+                        help="largest result a node may upload (default: 4GiB)")
+    parser.add_argument("--max-chunk-size", type=parse_size, default=d["max_chunk_size"].default,
+                        help="largest chunk a node may upload (default: 4MiB)")
+    parser.add_argument("--chunk-size", type=parse_size, default=d["chunk_size"].default,
+                        help="chunk size the server sends with (default: 1MiB)")
+    parser.add_argument("--max-concurrent-uploads", type=int, default=d["max_concurrent_uploads"].default,
+                        help="uploads holding a buffer at once (default: %(default)s)")
+    parser.add_argument("--max-poll-wait", type=float, default=d["max_poll_wait_seconds"].default,
+                        help="longest long poll, seconds (default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
