@@ -112,6 +112,8 @@ class ServerConfig:
             ("grpc.keepalive_time_ms", ms(self.keepalive_time_seconds)),
             ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_seconds)),
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(self.min_client_ping_interval_seconds)),
+            # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS is spelled like this; an unknown name is
+            # silently ignored and the 5-minute default then answers keepalive pings with GOAWAY too_many_pings
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_client_ping_interval_seconds)),
             ("grpc.http2.max_ping_strikes", 2),
         ]

@@ -22,7 +22,7 @@ def test_grpc_message_limits_sit_just_above_the_largest_chunk() -> None:
     assert options["grpc.max_receive_message_length"] == (8 << 20) + MESSAGE_OVERHEAD
     assert options["grpc.max_send_message_length"] == (8 << 20) + MESSAGE_OVERHEAD
     assert options["grpc.keepalive_time_ms"] == 60_000
-    assert options["grpc.http2.min_recv_ping_interval_without_data_ms"] == 10_000
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
