@@ -115,6 +115,11 @@ test("a TRAIN task gives a TRAIN result: same names, shapes and dtypes, samples,
   assert.equal(events.at(-1).progress.iteration, 50);
 });
 
+test("dry_run runs exactly one step", async () => {
+  const out = await trainer.run(TRAIN, Buffer.from(encode(task({ training_args: { lr: 0.1, num_updates: 40, dry_run: true } }))));
+  assert.equal(decode(Buffer.from(out.payload)).num_steps, 1);
+});
+
 test("lr is written as a float 64 even when integral (1.0), as the schema says", async () => {
   const out = await trainer.run(TRAIN, Buffer.from(encode(task({ training_args: { lr: 1, num_updates: 1 } }))));
   const bytes = Buffer.from(out.payload);

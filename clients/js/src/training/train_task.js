@@ -6,7 +6,9 @@
  * A JavaScript node does not execute the plan's Python source: it trains its own linear model, and only
  * for plans its operator approved by SHA-256 (`--approve-plan`), like fednode's plan approvals. What it
  * needs from the task: params `coef` (d × 1) and `intercept` (1,) of a float dtype, d = the number of
- * feature columns; `training_args.lr` and `num_updates` (or `epochs`: one full-batch step per epoch).
+ * feature columns; `training_args.lr` and `num_updates` (or `epochs`: one full-batch step per epoch;
+ * `dry_run`: one step). Other training args (batch_size, shuffle, seed, ...) do not apply to full-batch
+ * gradient descent; momentum, weight_decay and fedprox_mu must be 0.
  *
  * Outcomes: REFUSED when the node will not run the task (plan not approved, no dataset with the tags,
  * an unsupported kind, aggregator or optimizer option), FAILED when the task is broken (bad payload,
@@ -126,7 +128,8 @@ class LinearTrainer {
     }
     const lr = argNumber(args, "lr", 0.01);
     if (!(lr > 0)) throw new TaskError(`training_args.lr must be > 0, got ${lr}`);
-    const steps = argNumber(args, "num_updates", null) ?? argNumber(args, "epochs", null);
+    const dryRun = get(args, "dry_run") === true;
+    const steps = dryRun ? 1 : argNumber(args, "num_updates", null) ?? argNumber(args, "epochs", null);
     if (!Number.isInteger(steps) || steps < 1) throw new TaskError("training_args needs num_updates (or epochs) >= 1");
     const params = get(task, "params");
     if (!isMap(params)) throw new TaskError("task.params must be a map of arrays");
