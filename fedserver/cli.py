@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "fedserver.cli_nodes",
     "fedserver.cli_certs",
     "fedserver.cli_history",
+    "fedserver.cli_run",
 ]
 
 DESCRIPTION = """\

@@ -151,6 +151,44 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def prepare_nodes(tmp: Path, sites: Sequence[tuple[np.ndarray, np.ndarray]], indices: Iterable[int],
+                  enroll: Callable[[str], str], tags: Sequence[str] = ("lsq",)) -> list[NodeProcess]:
+    """For each site ``i`` in ``indices``: home ``tmp/site-i`` with ``data.npz`` registered as ``data-i``
+    (``fednode dataset add``, run in parallel) and the token ``enroll("site-i")`` in a 0600 file."""
+    prepared, commands = [], []
+    for i in indices:
+        node_id = f"site-{i}"
+        home = tmp / node_id
+        home.mkdir(parents=True, exist_ok=True)
+        data = home / "data.npz"
+        X, y = sites[i]
+        np.savez(data, X=X, y=y)
+        token_file = home / "node.token"
+        token_file.write_text(enroll(node_id).strip() + "\n")
+        token_file.chmod(0o600)
+        commands.append(["fednode", "dataset", "add", f"data-{i}", str(data), "--tags", ",".join(tags),
+                         "--home", str(home)])
+        prepared.append(NodeProcess(node_id, home, token_file, tmp / f"{node_id}.log"))
+    run_clis(commands)
+    return prepared
+
+
+def stop_processes(nodes: Iterable[NodeProcess], timeout: float = 5.0) -> None:
+    """SIGTERM every running node, then SIGKILL those still alive after ``timeout`` seconds in all."""
+    nodes = list(nodes)
+    for node in nodes:
+        if node.running:
+            node.popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        if node.popen is None:
+            continue
+        try:
+            node.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            node.kill()
+
+
 @dataclass
 class Federation:
     """A TLS FedServer (port 0) in this process and node processes; use as ``async with``."""
@@ -189,17 +227,7 @@ class Federation:
 
     def stop_all(self) -> None:
         """Stop every node process (SIGTERM, then SIGKILL); never raises for one that already died."""
-        for node in self.nodes.values():
-            if node.running:
-                node.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
-        for node in self.nodes.values():
-            if node.popen is None:
-                continue
-            try:
-                node.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                node.kill()
+        stop_processes(self.nodes.values())
 
     # -- nodes ---------------------------------------------------------------------------------
     @staticmethod
@@ -208,23 +236,8 @@ class Federation:
 
     def prepare(self, indices: Iterable[int]) -> list[NodeProcess]:
         """Homes, data files, datasets (``fednode dataset add``, in parallel) and tokens for sites ``indices``."""
-        prepared, commands = [], []
-        for i in indices:
-            node_id = self.node_id(i)
-            home = self.tmp / node_id
-            home.mkdir(exist_ok=True)
-            data = home / "data.npz"
-            X, y = self.sites[i]
-            np.savez(data, X=X, y=y)
-            token_file = home / "node.token"
-            token_file.write_text(self.store.enroll(node_id) + "\n")
-            token_file.chmod(0o600)
-            commands.append(["fednode", "dataset", "add", f"data-{i}", str(data), "--tags", ",".join(self.tags),
-                             "--home", str(home)])
-            node = NodeProcess(node_id, home, token_file, self.tmp / f"{node_id}.log")
-            self.nodes[node_id] = node
-            prepared.append(node)
-        run_clis(commands)
+        prepared = prepare_nodes(self.tmp, self.sites, indices, self.store.enroll, self.tags)
+        self.nodes.update((node.node_id, node) for node in prepared)
         return prepared
 
     def start_node(self, i: int, *, auto_approve: bool = True, gate: Path | None = None) -> NodeProcess:

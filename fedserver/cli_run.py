@@ -1,0 +1,331 @@
+"""``fedserver run``: run a federated :class:`~fedserver.experiment.Experiment` from the command line.
+
+The inputs a researcher types (a plan file and class, training arguments as JSON, an aggregator) are
+turned into the Experiment API's objects here, each refused with a message that names the problem; the
+rounds themselves run in :mod:`fedserver.experiment`. The server options are those of ``fedserver serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import importlib.util
+import json
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from fedcore.aggregators import AGGREGATORS, Aggregator, build_aggregator
+from fedcore.errors import ExperimentError, RoundFailedError, ServerConfigError, TrainingArgsError
+from fedcore.plans import TrainingPlan
+from fedcore.training_args import TrainingArgs
+from fedserver.auth import NodeStore
+from fedserver.checkpoints import CheckpointStore
+from fedserver.cli_history import DB_ENV_VAR, DEFAULT_DB
+from fedserver.cli_serve import add_server_options, config_from_args
+from fedserver.config import ServerConfig
+from fedserver.experiment import Experiment
+from fedserver.home import FILES_HELP, add_home_option, home_from_args, nodes_db
+from fedserver.rounds import RoundReport
+from fedserver.server import FedServer
+
+__all__ = ["format_round", "load_plan_class_from_file", "load_training_args", "register"]
+
+_RAW = argparse.RawDescriptionHelpFormatter
+_ARGS_EXAMPLE = '{"num_updates": 100, "lr": 0.05}'
+
+DESCRIPTION = f"""\
+Run a federated training experiment: start the server, wait for nodes, then for each round send every
+selected node the global model and the training plan, aggregate the replies as they arrive, checkpoint,
+and print one line per round under a progress bar. Nodes run `fednode start` and must have approved
+the plan (`fednode plans approve`), or be started with --auto-approve for demos.
+
+training plan (--plan FILE.py:CLASS):
+  CLASS is a subclass of fedcore.plans.TorchTrainingPlan or NumpyTrainingPlan defined in FILE.py. The
+  whole source of FILE.py is what nodes receive, approve by its SHA-256 and run, so it must import only
+  what nodes have (fedcore, numpy, torch). It also runs here, to initialise the global model.
+
+training arguments (--args JSON or --args-file FILE.json):
+  a JSON object, e.g. '{_ARGS_EXAMPLE}'. Keys:
+{textwrap.fill(", ".join(TrainingArgs.valid_keys()), width=100, initial_indent="    ", subsequent_indent="    ")}
+  num_updates (local steps per round) wins over epochs; seed makes the model initialisation and the
+  batch order reproducible.
+
+aggregation (--aggregator):
+  fedavg    x <- sum_i n_i y_i / sum_i n_i, weighted by the samples each node saw (default)
+  scaffold  Scaffold with control variates (Karimireddy et al. 2020, option II); --server-lr is the
+            global step size eta_g (default 1.0); needs plain SGD (momentum 0, weight_decay 0)
+
+rounds, nodes and time:
+  Each round selects every connected node with a dataset carrying all --tags. A node that fails,
+  refuses or stays silent for --round-timeout seconds (no progress report, heartbeat or transferred
+  byte: a slow but moving transfer never times out) is recorded and left out; the round completes
+  if at least --min-nodes replies were aggregated, and otherwise fails naming the missing nodes. A
+  reply that arrives after its round ended is refused and recorded as 'late', never applied. Before
+  each round the server waits up to --node-wait seconds for --min-nodes eligible nodes.
+
+checkpoints and resuming (--checkpoint-dir, --resume):
+  After every completed round the global model, the aggregator's full state (Scaffold: every control
+  variate) and the experiment's configuration are written atomically to --checkpoint-dir. A failed
+  or interrupted run leaves the last completed round's checkpoint intact; `fedserver run --resume
+  --checkpoint-dir DIR` continues after it with the same plan and arguments (only --rounds,
+  --round-timeout, --node-wait and --history-db may change) and gives the same numbers as an
+  uninterrupted run.
+
+output:
+  stdout: the server address, one line per round (round, nodes that replied / selected, aggregated
+  metrics: train_*, val_before_*, val_after_*, seconds, nodes left out and why), and a summary.
+  stderr: the progress bar (--no-progress to hide it), warnings and errors. Every round and node
+  result also goes to the history database (`fedserver history`, `fedserver plot`).
+
+security (--tls): as `fedserver serve`: tls (default; server certificate in HOME/certs, nodes send the
+token from `fedserver nodes enroll`), mtls (node certificates from `fedserver certs node`), insecure
+(plaintext; loopback experiments only)."""
+
+EPILOG = f"""\
+examples:
+  fedserver run --plan plans/mlp.py:MLPPlan --args '{_ARGS_EXAMPLE}' --rounds 10 \\
+                --tags cardio --min-nodes 2 --checkpoint-dir runs/mlp
+  fedserver run --plan plans/mlp.py:MLPPlan --args-file args.json --aggregator scaffold \\
+                --server-lr 1.0 --rounds 20 --tags cardio --min-nodes 3 --name mlp-scaffold
+  fedserver run --resume --checkpoint-dir runs/mlp --rounds 20     # continue after a failure
+
+exit status:
+  0 every round completed; 1 a round failed below quorum, or bad input (plan file, class, JSON,
+  training arguments, server configuration), with the reason on stderr; 2 bad command-line usage;
+  130 interrupted by SIGINT or SIGTERM (the last completed round's checkpoint stays usable)
+
+{FILES_HELP}
+  {DB_ENV_VAR}   history database when --history-db is not given (default ./{DEFAULT_DB})"""
+
+
+def register(subparsers: Any) -> None:
+    """Add ``run`` to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    run = subparsers.add_parser("run", help="run a federated training experiment", description=DESCRIPTION,
+                                epilog=EPILOG, formatter_class=_RAW)
+    add_home_option(run)
+    what = run.add_argument_group("experiment")
+    what.add_argument("--plan", metavar="FILE.py:CLASS", help="the training plan class and the file defining it")
+    given = what.add_mutually_exclusive_group()
+    given.add_argument("--args", metavar="JSON", help=f"training arguments as a JSON object, e.g. '{_ARGS_EXAMPLE}'")
+    given.add_argument("--args-file", type=Path, metavar="FILE", help="training arguments from a JSON file")
+    what.add_argument("--aggregator", choices=sorted(AGGREGATORS), default="fedavg",
+                      help="how replies are combined (default: %(default)s)")
+    what.add_argument("--server-lr", type=float, metavar="ETA",
+                      help="Scaffold's global step size eta_g (default: 1.0; scaffold only)")
+    what.add_argument("--rounds", type=int, metavar="N", help="total number of rounds (required unless --resume)")
+    what.add_argument("--name", help="experiment name in the history and on the progress bar (default: CLASS)")
+    nodes = run.add_argument_group("nodes and timeouts")
+    nodes.add_argument("--tags", metavar="TAG[,TAG...]", action="append", default=[],
+                       help="select nodes with a dataset carrying all these tags; comma separated, repeatable")
+    nodes.add_argument("--min-nodes", type=int, default=1, metavar="K",
+                       help="quorum: replies a round needs to complete (default: %(default)s)")
+    nodes.add_argument("--round-timeout", type=float, metavar="SECONDS",
+                       help="give a node up after this long without any activity (default: 300)")
+    nodes.add_argument("--node-wait", type=float, metavar="SECONDS",
+                       help="wait this long before each round for --min-nodes nodes (default: 120)")
+    out = run.add_argument_group("outputs")
+    out.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
+                     help="write a checkpoint after every round here (default: none)")
+    out.add_argument("--history-db", type=Path, metavar="FILE",
+                     help=f"history database (default: ${DB_ENV_VAR}, else ./{DEFAULT_DB})")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the experiment checkpointed in --checkpoint-dir after its last round")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar (the per-round lines stay)")
+    add_server_options(run.add_argument_group("server (as `fedserver serve`)"))
+    run.set_defaults(func=_run)
+
+
+# -- turning command-line text into Experiment inputs ----------------------------------------------
+def load_plan_class_from_file(spec: str) -> type[TrainingPlan]:
+    """Import ``FILE.py`` of ``FILE.py:CLASS`` and return its TrainingPlan subclass ``CLASS``.
+
+    Raises:
+        ExperimentError: malformed spec, missing file, import failure, no such class, not a TrainingPlan.
+    """
+    path_text, sep, class_name = spec.rpartition(":")
+    if not sep or not path_text or not class_name.isidentifier():
+        raise ExperimentError(f"--plan must be FILE.py:CLASS (e.g. plans/mlp.py:MLPPlan), got {spec!r}")
+    path = Path(path_text)
+    if not path.is_file():
+        raise ExperimentError(f"--plan: plan file {path_text!r} does not exist or is not a file")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    module_name = f"fedserver_run_plan_{digest}"
+    loader_spec = importlib.util.spec_from_file_location(module_name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ExperimentError(f"--plan: {path_text!r} is not a Python source file (expected FILE.py)")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[module_name] = module  # dataclasses and inspect.getsource look the module up here
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:  # the researcher's file: any failure is reported
+        sys.modules.pop(module_name, None)
+        raise ExperimentError(f"--plan: importing {path_text!r} failed: {type(exc).__name__}: {exc}") from exc
+    found = getattr(module, class_name, None)
+    if found is None:
+        plans = sorted(name for name, value in vars(module).items()
+                       if isinstance(value, type) and issubclass(value, TrainingPlan) and value.__module__ == module_name)
+        raise ExperimentError(f"--plan: {path_text!r} defines no {class_name!r}; training plans defined there: "
+                              f"{', '.join(plans) if plans else 'none'}")
+    if not (isinstance(found, type) and issubclass(found, TrainingPlan)) or found is TrainingPlan:
+        what = f"class {found.__name__}" if isinstance(found, type) else f"a {type(found).__name__}"
+        raise ExperimentError(f"--plan: {class_name!r} in {path_text!r} is {what}, not a TrainingPlan subclass "
+                              "(derive it from fedcore.plans.TorchTrainingPlan or NumpyTrainingPlan)")
+    return found
+
+
+def load_training_args(text: str | None, path: Path | None) -> dict[str, Any]:
+    """The training arguments of ``--args`` (JSON text) or ``--args-file``, validated by TrainingArgs."""
+    where = "--args"
+    if path is not None:
+        where = f"--args-file {str(path)!r}"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ExperimentError(f"{where}: cannot read the file: {getattr(exc, 'strerror', None) or exc}") from None
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ExperimentError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; "
+                              f"expected an object such as '{_ARGS_EXAMPLE}'") from None
+    if not isinstance(value, dict):
+        raise ExperimentError(f"{where} must be a JSON object of training arguments such as '{_ARGS_EXAMPLE}', "
+                              f"got a JSON {type(value).__name__}")
+    try:
+        return TrainingArgs.from_dict(value).to_dict()
+    except TrainingArgsError as exc:
+        raise ExperimentError(f"{where}: {exc}") from None
+
+
+def _aggregator(args: argparse.Namespace) -> Aggregator:
+    if args.server_lr is not None and args.aggregator != "scaffold":
+        raise ExperimentError(f"--server-lr applies to --aggregator scaffold only, not {args.aggregator!r}")
+    config = {"server_lr": args.server_lr} if args.server_lr is not None else {}
+    return build_aggregator(args.aggregator, config)
+
+
+def _tags(values: list[str]) -> list[str]:
+    return [tag.strip() for value in values for tag in value.split(",") if tag.strip()]
+
+
+def _history_db(args: argparse.Namespace) -> Path:
+    return args.history_db or Path(os.environ.get(DB_ENV_VAR) or DEFAULT_DB)
+
+
+def format_round(report: RoundReport, total: int) -> str:
+    """One line per round: ``round 3/10  nodes 2/3  train_loss=0.1234 ...  (1.20 s)  left out: site-2 (timeout)``."""
+    metrics = "  ".join(f"{name}={value:.4g}" for name, value in sorted(report.metrics.items()))
+    line = (f"round {report.round}/{total}  nodes {len(report.succeeded)}/{len(report.selected)}"
+            f"{'  ' + metrics if metrics else ''}  ({report.duration_s:.2f} s)")
+    left_out = [f"{o.node_id} ({o.outcome})" for o in report.outcomes if o.outcome != "succeeded"]
+    return line + (f"  left out: {', '.join(left_out)}" if left_out else "")
+
+
+# -- the command -----------------------------------------------------------------------------------
+def _check_options(args: argparse.Namespace) -> None:
+    if args.resume:
+        if args.checkpoint_dir is None:
+            raise ExperimentError("--resume needs --checkpoint-dir DIR (the checkpoints of the run to continue)")
+        fixed = [flag for flag, value in (("--plan", args.plan), ("--args", args.args),
+                                          ("--args-file", args.args_file), ("--name", args.name),
+                                          ("--tags", args.tags or None), ("--server-lr", args.server_lr))
+                 if value is not None]
+        if fixed:
+            raise ExperimentError(f"--resume continues with the checkpoint's own configuration; drop {', '.join(fixed)}")
+        return
+    if args.plan is None or args.rounds is None:
+        raise ExperimentError("a new run needs --plan FILE.py:CLASS and --rounds N (or --resume)")
+    if args.checkpoint_dir is not None:
+        latest = CheckpointStore(args.checkpoint_dir).latest_round() if args.checkpoint_dir.is_dir() else None
+        if latest is not None:
+            raise ExperimentError(f"--checkpoint-dir {str(args.checkpoint_dir)!r} already holds a run (last round "
+                                  f"{latest}): add --resume to continue it, or choose another directory")
+
+
+def _experiment(args: argparse.Namespace, server: FedServer, on_round) -> Experiment:
+    common: dict[str, Any] = {"server": server, "on_round": on_round, "progress": not args.no_progress}
+    if args.resume:
+        overrides = {key: value for key, value in (("rounds", args.rounds), ("round_timeout", args.round_timeout),
+                                                   ("node_wait_timeout", args.node_wait),
+                                                   ("history_db", args.history_db)) if value is not None}
+        return Experiment.resume(args.checkpoint_dir, **common, **overrides)
+    plan = load_plan_class_from_file(args.plan)
+    return Experiment(
+        plan, load_training_args(args.args, args.args_file), aggregator=_aggregator(args), rounds=args.rounds,
+        dataset_tags=_tags(args.tags), min_nodes=args.min_nodes,
+        round_timeout=300.0 if args.round_timeout is None else args.round_timeout,
+        node_wait_timeout=120.0 if args.node_wait is None else args.node_wait,
+        name=args.name or plan.__name__, checkpoint_dir=args.checkpoint_dir, history_db=_history_db(args), **common)
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_options(args)
+    if not args.resume:  # refuse bad input before a port is bound
+        load_plan_class_from_file(args.plan)
+        load_training_args(args.args, args.args_file)
+        _aggregator(args)
+    config = config_from_args(args)
+    store = NodeStore(nodes_db(home_from_args(args)))
+    if config.tls != "mtls" and not store.list():
+        raise ServerConfigError("no node is enrolled, so no node could connect: run `fedserver nodes enroll ID`")
+    return asyncio.run(_serve_and_run(args, config, store))
+
+
+async def _serve_and_run(args: argparse.Namespace, config: ServerConfig, store: NodeStore) -> int:
+    server = FedServer(config, store)
+    port = await server.start()
+    loop = asyncio.get_running_loop()
+    current = asyncio.current_task()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, current.cancel)
+    exp: Experiment | None = None
+    try:
+        exp = _experiment(args, server, lambda report: tqdm.write(format_round(report, exp.rounds), file=sys.stdout))
+        print(f"fedserver: serving on {config.address}:{port} ({config.tls}); experiment {exp.name!r}: plan "
+              f"{exp.plan.name} ({exp.plan.sha256[:12]}), {exp.aggregator.name}, rounds {exp.completed_round + 1}.."
+              f"{exp.rounds}, tags {exp.dataset_tags or 'any'}, quorum {exp.min_nodes}", flush=True)
+        started = time.perf_counter()
+        reports = await exp.run_async()
+    except RoundFailedError as exc:
+        print(f"fedserver: error: {exc}", file=sys.stderr)
+        _print_resume_hint(exp)
+        return 1
+    except asyncio.CancelledError:
+        current.uncancel()  # our own signal handler asked for it: handled here
+        print("\nfedserver: interrupted", file=sys.stderr)
+        _print_resume_hint(exp)
+        return 130
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await server.stop(grace=5.0)
+    seconds = time.perf_counter() - started
+    print(f"completed {len(reports)} round(s) in {seconds:.1f} s ({seconds / max(len(reports), 1):.2f} s per round)")
+    if reports:
+        print("final metrics: " + ("  ".join(f"{k}={v:.4g}" for k, v in sorted(reports[-1].metrics.items())) or "-"))
+    if exp.checkpoints is not None:
+        print(f"checkpoints: {exp.checkpoints.directory} (latest round {exp.completed_round})")
+    if exp.history_path is not None:
+        print(f"history: {exp.history_path}, experiment {exp.history_id} "
+              f"(fedserver history --db {exp.history_path} --experiment {exp.history_id})")
+    return 0
+
+
+def _print_resume_hint(exp: Experiment | None) -> None:
+    if exp is None or exp.checkpoints is None:
+        return
+    if exp.completed_round == 0:
+        print("fedserver: no round completed, so there is no checkpoint to resume from", file=sys.stderr)
+        return
+    print(f"fedserver: the checkpoint of round {exp.completed_round} is intact; once the nodes are back: "
+          f"fedserver run --resume --checkpoint-dir {exp.checkpoints.directory}", file=sys.stderr)

@@ -1,0 +1,141 @@
+"""``fedserver run``: bad input refused with a clear message (in process), and one real run as processes.
+
+The real run: ``fedserver certs`` and ``fedserver nodes enroll`` set up a server home, two ``fednode
+start`` processes connect over TLS, ``python -m fedserver run`` trains 3 Scaffold rounds and exits 0;
+with the nodes gone, ``--resume`` for a 4th round fails below quorum and exits 1, checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from e2e_support import ROOT, TESTS, least_squares_sites, node_env, prepare_nodes, run_cli, stop_processes
+
+from fedserver.checkpoints import CheckpointStore
+from fedserver.cli import main
+from fedserver.history import HistoryStore
+
+ARGS = {"num_updates": 20, "lr": 0.02, "batch_size": 16, "seed": 7}
+PLAN = f"{TESTS / 'plans_lsq.py'}:LinearPlan"
+
+
+def fedserver_main(argv: list[str], capsys) -> tuple[int, str]:
+    status = main(argv)
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plan", "missing.py:Plan", "--rounds", "1"], "plan file 'missing.py' does not exist"),
+    (["--plan", "plans_lsq.py", "--rounds", "1"], "--plan must be FILE.py:CLASS"),
+    (["--plan", f"{TESTS / 'plans_lsq.py'}:NoSuchPlan", "--rounds", "1"],
+     "defines no 'NoSuchPlan'; training plans defined there: LinearPlan"),
+    (["--plan", f"{TESTS / 'plans_lsq.py'}:NumpyModel", "--rounds", "1"],
+     "is class NumpyModel, not a TrainingPlan subclass (derive it from fedcore.plans.TorchTrainingPlan"),
+    (["--plan", f"{TESTS / 'plans_lsq.py'}:np", "--rounds", "1"], "is a module, not a TrainingPlan subclass"),
+    (["--plan", PLAN, "--rounds", "1", "--args", "{num_updates: 3}"],
+     "--args is not valid JSON: Expecting property name enclosed in double quotes at line 1 column 2"),
+    (["--plan", PLAN, "--rounds", "1", "--args", "[1, 2]"], "--args must be a JSON object"),
+    (["--plan", PLAN, "--rounds", "1", "--args", '{"num_update": 3}'], "unknown training argument(s) 'num_update'"),
+    (["--plan", PLAN, "--rounds", "1", "--server-lr", "0.5"], "--server-lr applies to --aggregator scaffold only"),
+    (["--plan", PLAN, "--rounds", "1", "--aggregator", "scaffold", "--server-lr", "-1"], "server_lr must be"),
+    (["--rounds", "1"], "a new run needs --plan FILE.py:CLASS and --rounds N"),
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--resume", "--checkpoint-dir", "ckpt", "--plan", PLAN, "--server-lr", "2"],
+     "--resume continues with the checkpoint's own configuration; drop --plan, --server-lr"),
+])
+def test_bad_input_exits_1_naming_the_problem(argv, message, capsys, tmp_path) -> None:
+    status, err = fedserver_main(["--home", str(tmp_path / "home"), "run", *argv], capsys)
+    assert status == 1, err
+    assert err.startswith("fedserver: error: ") and message in err, err
+    assert not (tmp_path / "home").exists(), "bad input is refused before anything is created"
+
+
+def test_args_file_errors_name_the_file(capsys, tmp_path) -> None:
+    bad = tmp_path / "args.json"
+    bad.write_text('{"lr": 0.1,}')
+    status, err = fedserver_main(["run", "--plan", PLAN, "--rounds", "1", "--args-file", str(bad)], capsys)
+    assert status == 1 and f"--args-file '{bad}' is not valid JSON" in err, err
+    status, err = fedserver_main(["run", "--plan", PLAN, "--rounds", "1", "--args-file", str(tmp_path / "no.json")],
+                                 capsys)
+    assert status == 1 and "cannot read the file: No such file or directory" in err, err
+
+
+def test_new_run_refuses_a_checkpoint_dir_that_holds_a_run(capsys, tmp_path) -> None:
+    CheckpointStore(tmp_path / "ckpt").save(2, {"w": np.zeros(3, np.float32)}, "fedavg", {}, {}, {"format": 1})
+    status, err = fedserver_main(["run", "--plan", PLAN, "--rounds", "3", "--checkpoint-dir", str(tmp_path / "ckpt")],
+                                 capsys)
+    assert status == 1 and "already holds a run (last round 2): add --resume to continue it" in err, err
+
+
+def test_help_reads_like_a_man_page(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    for section in ("training plan (--plan FILE.py:CLASS)", "training arguments", "aggregation", "checkpoints",
+                    "resuming", "examples:", "exit status:", "files:", "environment:", "FEDSERVER_HISTORY_DB"):
+        assert section in out, section
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_as_a_process_with_fednode_processes(tmp_path: Path) -> None:
+    home = tmp_path / "server"
+    run_cli("fedserver", "certs", "init", "--home", str(home))
+    run_cli("fedserver", "certs", "server", "--home", str(home))
+
+    def enroll(node_id: str) -> str:
+        return run_cli("fedserver", "nodes", "enroll", node_id, "--quiet", "--home", str(home)).stdout
+
+    nodes = prepare_nodes(tmp_path, least_squares_sites(2), range(2), enroll)
+    port = _free_port()
+    ckpt, db = tmp_path / "ckpt", tmp_path / "history.db"
+    base = [sys.executable, "-m", "fedserver", "--home", str(home), "run", "--port", str(port),
+            "--max-poll-wait", "2", "--checkpoint-dir", str(ckpt), "--history-db", str(db)]
+    command = base + ["--plan", PLAN, "--args", json.dumps(ARGS), "--aggregator", "scaffold", "--server-lr", "1.0",
+                      "--rounds", "3", "--tags", "lsq", "--min-nodes", "2", "--round-timeout", "10",
+                      "--node-wait", "20", "--name", "cli-e2e"]
+    server = subprocess.Popen(command, cwd=ROOT, env=node_env(), text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        for node in nodes:
+            node.start(port, home / "certs" / "ca.crt")
+        out, err = server.communicate(timeout=30)
+        logs = "\n".join(n.log() for n in nodes)
+        assert server.returncode == 0, f"{out}\n{err}\n{logs}"
+        stop_processes(nodes)
+        # with the nodes gone, one more round cannot reach its quorum: exit 1, checkpoint of round 3 intact
+        again = subprocess.run(base + ["--resume", "--rounds", "4", "--node-wait", "1"], cwd=ROOT, env=node_env(),
+                               text=True, capture_output=True, timeout=30, check=False)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate(timeout=10)
+        stop_processes(nodes)
+
+    assert f"fedserver: serving on 127.0.0.1:{port} (tls); experiment 'cli-e2e'" in out, out
+    lines = [line for line in out.splitlines() if line.startswith("round ")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"], out
+    assert all("nodes 2/2" in line and "train_loss=" in line for line in lines), out
+    assert "completed 3 round(s)" in out and f"checkpoints: {ckpt} (latest round 3)" in out, out
+    assert "cli-e2e" in err and "3/3" in err, f"a tqdm bar over rounds on stderr: {err!r}"
+    with HistoryStore(db) as history:
+        (experiment,) = history.experiments()
+        assert experiment.name == "cli-e2e" and experiment.config["aggregator"] == "scaffold"
+        assert [r.status for r in history.rounds(experiment.id)] == ["completed"] * 3
+
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert "fedserver: error: only 0 connected node(s)" in again.stderr and "quorum is 2" in again.stderr
+    assert f"the checkpoint of round 3 is intact; once the nodes are back: fedserver run --resume --checkpoint-dir " \
+           f"{ckpt}" in again.stderr
+    assert CheckpointStore(ckpt).latest_round() == 3
