@@ -70,7 +70,8 @@ class FedServer:
         self.registry = NodeRegistry(liveness_timeout=liveness)
         self.uploads = UploadSessions(max_payload_size=config.max_payload_size,
                                       max_chunk_size=config.max_chunk_size,
-                                      max_sessions=config.max_concurrent_uploads)
+                                      max_sessions=config.max_concurrent_uploads,
+                                      max_buffered_bytes=config.max_upload_buffer_bytes)
         self.board = TaskBoard(on_close=self._task_closed)
         self._auth = Authenticator(config.tls, node_store)
         self._decode_limits = decode_limits

@@ -2,14 +2,23 @@
 
 Each session holds one :class:`~fedcore.framing.ChunkAssembler` (one preallocated buffer). Limits are
 checked on the announced header before the buffer exists: payload size and chunk size against the
-server's maxima, and the number of sessions holding a buffer (running or waiting for a resume) against
-``max_sessions``. A broken stream leaves its session parked: ``acknowledged(task_id)`` says where to
-resume, and an UploadResult whose header starts there continues into the same buffer.
+server's maxima, and the sessions holding a buffer (running or waiting for a resume) against
+``max_sessions`` and ``max_buffered_bytes``. A broken stream leaves its session parked:
+``acknowledged(task_id)`` says where to resume, and an UploadResult whose header starts there continues
+into the same buffer.
+
+An upload that finds no room waits in line (:meth:`UploadSessions.wait_for_room`, oldest first) while a
+running upload may free some, instead of being refused: a thousand nodes replying at once queue behind
+``max_sessions`` buffers, and two 2.4 GB replies are received one after the other when
+``max_buffered_bytes`` holds only one. Only when nothing running can free room is the upload refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedcore.errors import ChunkOrderError, LimitExceededError, UploadConflictError
@@ -32,11 +41,15 @@ class UploadSession:
 class UploadSessions:
     """Open upload sessions and the limits that bound them."""
 
-    def __init__(self, *, max_payload_size: int, max_chunk_size: int, max_sessions: int) -> None:
+    def __init__(self, *, max_payload_size: int, max_chunk_size: int, max_sessions: int,
+                 max_buffered_bytes: int | None = None) -> None:
         self.max_payload_size = max_payload_size
         self.max_chunk_size = max_chunk_size
         self.max_sessions = max_sessions
+        self.max_buffered_bytes = max_buffered_bytes  # None: no byte budget; one upload always fits
         self._sessions: dict[str, UploadSession] = {}
+        self._buffered = 0  # bytes announced by the open sessions (their buffers' sizes)
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -51,6 +64,58 @@ class UploadSessions:
             raise LimitExceededError(
                 f"announced chunk size of {info.chunk_size} bytes exceeds this server's limit of "
                 f"{self.max_chunk_size} bytes")
+
+    def _room_for(self, task_id: str, size: int) -> bool:
+        """Whether a fresh upload of ``size`` bytes for ``task_id`` fits now (its own parked bytes excluded)."""
+        own = self._sessions.get(task_id)
+        count = len(self._sessions) - (own is not None)
+        held = self._buffered - (own.assembler.info.total_size if own is not None else 0)
+        if count >= self.max_sessions:
+            return False
+        return self.max_buffered_bytes is None or count == 0 or held + size <= self.max_buffered_bytes
+
+    def _running(self) -> bool:
+        return any(s.active for s in self._sessions.values())
+
+    def _wake(self, everyone: bool = False) -> None:
+        """Let the oldest waiter (or all of them) look for room again."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not everyone:
+                    return
+
+    async def wait_for_room(self, task_id: str, size: int, timeout: float,
+                            on_wake: Callable[[], None] | None = None) -> bool:
+        """Wait in line until a fresh upload of ``size`` bytes fits; True when it does.
+
+        Returns False at once when no running upload could free room (only parked sessions hold the
+        buffers: :meth:`begin` then refuses), and after ``timeout`` seconds. ``on_wake`` is called each
+        time the line moves (e.g. to count waiting as activity of the task). Call :meth:`begin` right
+        after, with no ``await`` in between, so the room is still there.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        woken = False
+        while not self._room_for(task_id, size):
+            remaining = deadline - loop.time()
+            if not self._running() or remaining <= 0:
+                return False
+            waiter = loop.create_future()
+            if woken:
+                self._waiters.appendleft(waiter)  # woken but beaten to the room: keep our place in line
+            else:
+                self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                self._wake()  # in case our turn came as the clock ran out: pass it on
+                return False
+            woken = True
+            if on_wake is not None:
+                on_wake()
+        return True
 
     def begin(self, task_id: str, node_id: str, info: PayloadInfo) -> UploadSession:
         """Start (``start_offset`` 0) or resume (``start_offset`` = acknowledged offset) an upload."""
@@ -67,23 +132,35 @@ class UploadSessions:
             existing.active = True
             return existing
         if existing is not None:
-            del self._sessions[task_id]  # a fresh start replaces the parked bytes
+            self.discard(task_id)  # a fresh start replaces the parked bytes
         if len(self._sessions) >= self.max_sessions:
             raise LimitExceededError(
                 f"too many concurrent uploads ({len(self._sessions)}, limit {self.max_sessions}); "
                 "retry later")
+        if not self._room_for(task_id, info.total_size):
+            raise LimitExceededError(
+                f"uploads in progress hold {self._buffered} bytes; {info.total_size} more exceed this server's "
+                f"upload buffer limit of {self.max_buffered_bytes} bytes; retry later")
         assembler = ChunkAssembler(info, max_payload_size=self.max_payload_size,
                                    max_chunk_size=self.max_chunk_size)
         session = self._sessions[task_id] = UploadSession(task_id, node_id, assembler)
+        self._buffered += info.total_size
+        if self._waiters:
+            self._wake()  # the next in line may fit too (a byte budget can hold several small uploads)
         return session
 
     def end(self, session: UploadSession) -> None:
         """The stream writing into ``session`` ended (the session stays for a resume)."""
         session.active = False
+        if self._waiters and not self._running():
+            self._wake(everyone=True)  # only parked sessions are left: waiting cannot help any more
 
     def discard(self, task_id: str) -> None:
         """Forget the session (completed, digest mismatch, task closed); its buffer is freed."""
-        self._sessions.pop(task_id, None)
+        session = self._sessions.pop(task_id, None)
+        if session is not None:
+            self._buffered -= session.assembler.info.total_size
+            self._wake()
 
     def session(self, task_id: str) -> UploadSession | None:
         return self._sessions.get(task_id)
