@@ -17,7 +17,7 @@ const grpc = require("@grpc/grpc-js");
 const { loadFedstream, PROTOCOL_VERSION } = require("./proto.js");
 const { callMetadata } = require("./connection.js");
 const { ChunkAssembler, payloadHeader, chunksOf, sha256, MiB } = require("./chunks.js");
-const { PayloadError } = require("../errors.js");
+const { PayloadError, ProtocolError } = require("../errors.js");
 
 const Status = grpc.status;
 const RETRYABLE = new Set([Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.RESOURCE_EXHAUSTED, Status.ABORTED]);
@@ -157,19 +157,19 @@ class NodeClient {
           }
           this.partial = { taskId: header.task_id, assembler };
         } else if (message.event === "chunk") {
-          if (!assembler) throw new PayloadError(`chunk at offset ${message.chunk.offset} before any TaskHeader`);
+          if (!assembler) throw new ProtocolError(`chunk at offset ${message.chunk.offset} before any TaskHeader`);
           assembler.add(message.chunk);
         }
       }
     } catch (err) {
       if (resuming && TASK_GONE.has(err.code)) this.partial = null; // resume refused: poll afresh next time
-      if (err instanceof PayloadError) this.partial = null;
+      if (err instanceof PayloadError || err instanceof ProtocolError) this.partial = null;
       throw err;
     } finally {
       this.currentCall = null;
       call.cancel();
     }
-    if (!assembler) throw new PayloadError("PollTask stream ended without NoTask, TaskHeader or ServerShutdown");
+    if (!assembler) throw new ProtocolError("PollTask stream ended without NoTask, TaskHeader or ServerShutdown");
     if (!assembler.complete) throw new PayloadError(`PollTask stream ended after ${assembler.received} of ${assembler.header.total_size} payload bytes`);
     this.partial = null;
     const payload = assembler.finish();
