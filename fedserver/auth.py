@@ -13,6 +13,7 @@ import hashlib
 import re
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,7 +66,11 @@ class EnrolledNode:
 class NodeStore:
     """Enrolled nodes in a SQLite file: ``enroll`` issues a token, ``lookup`` checks one, ``revoke`` ends it.
 
-    Each method opens its own short connection, so the CLI and a running server can share the file.
+    Writes open their own short connection, so the CLI and a running server can share the file. The
+    checks made on every call (:meth:`lookup`, :meth:`is_revoked`) answer from a cache kept on one
+    long-lived read connection and emptied whenever ``PRAGMA data_version`` says that anyone (this
+    object, the CLI, another process) committed to the file: a revocation still counts from the very
+    next call, and a thousand nodes polling cost a dictionary look-up each, not a SQLite connection.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -73,6 +78,30 @@ class NodeStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as conn:
             conn.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None
+        self._seen_version: int | None = None
+        self._active: dict[str, str] = {}  # token SHA-256 -> id of the active node holding it
+        self._revoked: dict[str, bool] = {}  # enrolled node id -> revoked?
+
+    def close(self) -> None:
+        """Close the read connection (the store reopens it if used again)."""
+        with self._lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+                self._seen_version = None
+
+    def _cached_reader(self) -> sqlite3.Connection:
+        """The read connection, the caches emptied first if the file changed since the last call."""
+        if self._reader is None:
+            self._reader = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False, isolation_level=None)
+        version = self._reader.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._seen_version:
+            self._active.clear()
+            self._revoked.clear()
+            self._seen_version = version
+        return self._reader
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -114,10 +143,17 @@ class NodeStore:
 
     def lookup(self, token: str) -> str | None:
         """The id of the active node holding ``token``, or None."""
-        with self._connect() as conn:
-            row = conn.execute("SELECT node_id FROM nodes WHERE token_sha256 = ? AND revoked_at IS NULL",
-                               (token_digest(token),)).fetchone()
-        return row[0] if row else None
+        digest = token_digest(token)
+        with self._lock:
+            reader = self._cached_reader()
+            node_id = self._active.get(digest)
+            if node_id is None:
+                row = reader.execute("SELECT node_id FROM nodes WHERE token_sha256 = ? AND revoked_at IS NULL",
+                                     (digest,)).fetchone()
+                if row is None:
+                    return None  # unknown tokens are not cached: a flood of them cannot grow the cache
+                node_id = self._active[digest] = row[0]
+        return node_id
 
     def get(self, node_id: str) -> EnrolledNode | None:
         with self._connect() as conn:
@@ -126,8 +162,16 @@ class NodeStore:
         return EnrolledNode(*row) if row else None
 
     def is_revoked(self, node_id: str) -> bool:
-        node = self.get(node_id)
-        return node is not None and not node.active
+        """Whether ``node_id`` is enrolled and revoked (an unknown node is not revoked)."""
+        with self._lock:
+            reader = self._cached_reader()
+            revoked = self._revoked.get(node_id)
+            if revoked is None:
+                row = reader.execute("SELECT revoked_at FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+                if row is None:
+                    return False
+                revoked = self._revoked[node_id] = row[0] is not None
+        return revoked
 
     def list(self) -> list[EnrolledNode]:
         """Every enrolled node, revoked ones included, by id."""
