@@ -156,6 +156,10 @@ class HistoryStore:
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA journal_mode = WAL")
+        # WAL + NORMAL: a commit is not fsynced (checkpoints are), so recording a node's result costs
+        # ~0.2 ms instead of ~2.5 ms on the event loop (a 1000-node round: 0.2 s, not 2.5 s). The file
+        # stays consistent; a power cut (not a crash of fedserver) may lose the last results recorded.
+        conn.execute("PRAGMA synchronous = NORMAL")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
