@@ -83,5 +83,6 @@ async def federation(tmp: Path, sites: Sequence[tuple[np.ndarray, np.ndarray]], 
     finally:
         for node in nodes:
             node.client.stop()
-        await asyncio.wait([n.task for n in nodes] or [asyncio.sleep(0)], timeout=15)
+        if nodes:
+            await asyncio.wait([n.task for n in nodes], timeout=15)
         await server.stop(grace=1.0)
