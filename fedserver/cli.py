@@ -44,6 +44,7 @@ examples:
   fedserver certs init && fedserver certs server --host fed.example.org
   fedserver nodes enroll hospital-a
   fedserver serve --address 0.0.0.0 --port 50051
+  fedserver run --plan plans/mlp.py:MLPPlan --args '{{"num_updates": 100}}' --rounds 10 --min-nodes 2
   fedserver COMMAND --help          the manual of one command
 """
 
