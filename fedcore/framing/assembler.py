@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
 
 from fedcore.errors import ChunkOrderError, DigestMismatchError, FramingError, PayloadSizeError
+from fedcore.framing.digest import PrefixDigest
 from fedcore.framing.payload import PayloadInfo
 from fedcore.serialization import DEFAULT_LIMITS, Serializer, SerializerLimits
 
@@ -17,7 +17,8 @@ class ChunkAssembler:
 
     Limits are checked before any memory is reserved: the announced size against ``max_payload_size``,
     the announced chunk size against ``max_chunk_size``. Chunks must arrive in order with no gap or
-    overlap and never past the announced size; the SHA-256 is computed as chunks arrive and checked by
+    overlap and never past the announced size; the SHA-256 is computed as chunks arrive (in a worker
+    thread, overlapping the next receives: :class:`~fedcore.framing.digest.PrefixDigest`) and checked by
     :meth:`finish`. Nothing is decoded before the digest matches, so a bad stream is never half-applied.
     A broken transfer keeps its buffer: :meth:`resume` accepts the same payload again from ``received``.
     """
@@ -35,7 +36,7 @@ class ChunkAssembler:
         self.max_chunk_size = max_chunk_size
         self._buffer = np.empty(info.total_size, dtype=np.uint8)
         self._view = memoryview(self._buffer)
-        self._hash = hashlib.sha256()
+        self._digest = PrefixDigest(self._view)
         self.received = 0
         self._finished = False
 
@@ -74,8 +75,8 @@ class ChunkAssembler:
                 f"chunk at offset {offset} of {n} bytes ends past the announced size {self.info.total_size}"
             )
         self._view[offset:end] = data
-        self._hash.update(self._view[offset:end])
         self.received = end
+        self._digest.extend(end)
 
     def finish(self) -> np.ndarray:
         """Check completeness and digest; return the payload as a writable uint8 array."""
@@ -83,10 +84,12 @@ class ChunkAssembler:
             raise ChunkOrderError(
                 f"payload incomplete: {self.received} of {self.info.total_size} bytes received (missing chunks)"
             )
-        if not self._finished and self._hash.digest() != self.info.sha256:
-            raise DigestMismatchError(
-                f"SHA-256 mismatch: announced {self.info.sha256.hex()}, received {self._hash.hexdigest()}"
-            )
+        if not self._finished:
+            digest = self._digest.digest()
+            if digest != self.info.sha256:
+                raise DigestMismatchError(
+                    f"SHA-256 mismatch: announced {self.info.sha256.hex()}, received {digest.hex()}"
+                )
         self._finished = True
         return self._buffer
 

@@ -8,6 +8,8 @@ protobuf only, never grpc, so both the server and the node (and tools) can use i
 
 from __future__ import annotations
 
+from typing import Any
+
 from fedcore.errors import FramingError, MessageError
 from fedcore.framing import PayloadInfo
 from fedcore.wire.messages import (
@@ -131,6 +133,65 @@ def encode_chunk_event(offset: int, data: bytes | memoryview) -> bytes:
     n = len(data)
     inner = (_OFFSET_TAG + _varint(offset) if offset else b"") + _DATA_TAG + _varint(n)
     return b"".join((_CHUNK_EVENT_TAG, _varint(len(inner) + n), inner, data))
+
+
+ChunkEvent = tuple[int, memoryview]
+"""``(offset, data)`` of one chunk message, ``data`` a zero-copy view of the received bytes."""
+
+
+def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
+    """``(value, next position)``; ``(-1, pos)`` when no well-formed varint of at most 10 bytes starts there."""
+    value = shift = 0
+    for i in range(pos, min(pos + 10, len(raw))):
+        byte = raw[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    return -1, pos
+
+
+def decode_chunk_event(raw: bytes) -> ChunkEvent | None:
+    """The chunk of a serialized ``PollTaskResponse{chunk}`` / ``UploadResultRequest{chunk}``, or None.
+
+    The inverse of :func:`encode_chunk_event` without protobuf's two copies: ``data`` is a view of
+    ``raw``. Only the exact layout of a message holding one chunk and nothing else is recognised (chunk
+    field, then optional offset, then data, lengths adding up to ``len(raw)``); anything else returns
+    None and must be parsed by protobuf, so no message is ever read differently from protobuf.
+    """
+    if len(raw) < 2 or raw[0] != 0x12:
+        return None
+    inner, pos = _read_varint(raw, 1)
+    if inner < 0 or pos + inner != len(raw):
+        return None
+    offset = 0
+    if pos < len(raw) and raw[pos] == 0x08:
+        offset, pos = _read_varint(raw, pos + 1)
+        if offset < 0 or offset >= 1 << 64:
+            return None
+    if pos >= len(raw) or raw[pos] != 0x12:
+        return None
+    n, pos = _read_varint(raw, pos + 1)
+    if n < 0 or pos + n != len(raw):
+        return None
+    return offset, memoryview(raw)[pos:]
+
+
+def poll_response_from_bytes(raw: bytes) -> node_service_pb2.PollTaskResponse | ChunkEvent:
+    """gRPC response deserializer of PollTask: chunks as :data:`ChunkEvent` (zero-copy), others parsed."""
+    chunk = decode_chunk_event(raw)
+    return node_service_pb2.PollTaskResponse.FromString(raw) if chunk is None else chunk
+
+
+def upload_request_from_bytes(raw: bytes) -> node_service_pb2.UploadResultRequest | ChunkEvent:
+    """gRPC request deserializer of UploadResult: chunks as :data:`ChunkEvent` (zero-copy), others parsed."""
+    chunk = decode_chunk_event(raw)
+    return node_service_pb2.UploadResultRequest.FromString(raw) if chunk is None else chunk
+
+
+def message_to_bytes(message: Any) -> bytes:
+    """gRPC serializer that lets pre-serialized messages (``bytes``, see :func:`encode_chunk_event`) through."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 # -- registration ----------------------------------------------------------------------------------
@@ -257,13 +318,18 @@ def poll_request_to_pb(wait_seconds: float, resume_task_id: str = "", resume_off
                                             resume_task_id=resume_task_id, resume_offset=resume_offset)
 
 
-PollEvent = TaskDescriptor | tuple[int, bytes] | ShutdownNotice | None
+PollEvent = TaskDescriptor | tuple[int, bytes | memoryview] | ShutdownNotice | None
 """What one ``PollTaskResponse`` carries: a task header, an ``(offset, data)`` chunk, a shutdown, or
 None for NoTask."""
 
 
-def poll_event_from_pb(pb: node_service_pb2.PollTaskResponse) -> PollEvent:
-    """Decode one message of the PollTask stream; an empty ``event`` oneof is a MessageError."""
+def poll_event_from_pb(pb: node_service_pb2.PollTaskResponse | ChunkEvent) -> PollEvent:
+    """Decode one message of the PollTask stream; an empty ``event`` oneof is a MessageError.
+
+    A :data:`ChunkEvent` (from :func:`poll_response_from_bytes`) is already decoded and passes through.
+    """
+    if type(pb) is tuple:
+        return pb
     which = pb.WhichOneof("event")
     if which == "chunk":
         return int(pb.chunk.offset), pb.chunk.data

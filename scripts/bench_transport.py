@@ -1,0 +1,258 @@
+#!/usr/bin/env python
+"""Transport throughput and memory: fedstream's chunked gRPC path against a raw grpcio stream, same run.
+
+For each payload size and each direction (download = server → node, upload = node → server) it runs, in
+fresh processes (one per side, so RSS is per side):
+
+* raw: a minimal grpc.aio service over ``bytes`` (generic handlers, identity (de)serializers), 1 MiB
+  slices of a preallocated buffer, loopback, insecure; the receiver only counts bytes;
+* fedstream: ``FedServer.dispatch`` of ``{"params": {name: float32 array}}`` received by a real
+  ``fednode.client.NodeClient`` (header, chunks into a ChunkAssembler, SHA-256 check, decode); and the
+  node answering with a result of the same size through UploadResult, received, checked and decoded by
+  the server. Every fedstream transfer is checked intact (per-array SHA-256 of dtype, shape and bytes).
+
+Timings: raw from the call to the last byte counted; fedstream download from ``dispatch`` (the node's
+poll already waiting) to the node's handler receiving the decoded arrays; fedstream upload from the
+UploadResult header reaching the server to the decoded result (the server's own task timings). The
+one-off encode + SHA-256 of the sender's document is reported apart (the server encodes a model once
+for every node). RSS is sampled by this process from /proc/<pid>/status every ~20 ms: "sender RSS" is
+the sender's peak growth over its RSS just before the transfer, "receiver RSS" the receiver's peak above
+its baseline, both relative to the payload size.
+
+Targets (issue "wire"): fedstream throughput >= 0.75x raw in each direction; sender RSS growth <= 0.25x
+payload; receiver peak RSS <= 1.25x payload above baseline; the 2.5 GB payload (over gRPC's 2 GB message
+limit) arrives intact. Exit status 1 when a target is missed.
+
+Usage: python scripts/bench_transport.py [--sizes 40 400] [--huge 2500] [--skip-huge] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_transport_roles as roles
+
+MB = 1_000_000
+TARGET_RATIO, TARGET_SENDER, TARGET_RECEIVER = 0.75, 0.25, 1.25
+CTX = mp.get_context("spawn")  # grpc must not be forked after it started
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's VmRSS (bytes) every ``period`` seconds with a monotonic stamp."""
+
+    def __init__(self, pid: int, period: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.path = f"/proc/{pid}/status"
+        self.period = period
+        self.samples: list[tuple[float, int]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                with open(self.path) as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            self.samples.append((time.monotonic(), int(line.split()[1]) * 1024))
+                            break
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            self._halt.wait(self.period)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+    def before(self, t: float) -> int:
+        """The last sample taken before ``t`` (the baseline)."""
+        earlier = [rss for at, rss in self.samples if at <= t]
+        return earlier[-1] if earlier else self.samples[0][1]
+
+    def peak(self, t0: float, t1: float) -> int:
+        inside = [rss for at, rss in self.samples if t0 <= at <= t1 + self.period]
+        return max(inside) if inside else self.before(t1)
+
+
+@dataclass
+class Run:
+    """One transfer: seconds, bytes, both sides' RSS growth (bytes) and whether it arrived intact."""
+
+    seconds: float
+    nbytes: int
+    sender_growth: int
+    receiver_growth: int
+    intact: bool | None = None
+    encode_s: float | None = None
+
+
+class Pair:
+    """A server process and a client process with their pipes and RSS samplers.
+
+    With ``profile`` (a folder), each side is also sampled by ``py-spy record`` into collapsed stacks
+    (``<name>-server.txt``, ``<name>-client.txt``; py-spy must be installed).
+    """
+
+    profile: Path | None = None
+
+    def __init__(self, server: Callable[..., None], client: Callable[..., None], spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.name = f"{server.__name__}-{spec['mode']}-{spec['size'] // MB}MB"
+        self.spies: list[subprocess.Popen[bytes]] = []
+        self.s_conn, s_child = CTX.Pipe()
+        self.server = CTX.Process(target=server, args=(s_child, spec), daemon=True)
+        self.server.start()
+        self.s_rss = RssSampler(self.server.pid)
+        self.s_rss.start()
+        self._spy(self.server.pid, "server")
+        first = self._recv(self.s_conn, self.server)
+        self.c_conn, c_child = CTX.Pipe()
+        self.client = CTX.Process(target=client, args=(c_child, {**spec, **first}), daemon=True)
+        self.client.start()
+        self.c_rss = RssSampler(self.client.pid)
+        self.c_rss.start()
+        self._spy(self.client.pid, "client")
+
+    def _spy(self, pid: int, side: str) -> None:
+        if self.profile is None:
+            return
+        out = self.profile / f"{self.name}-{side}.txt"
+        self.spies.append(subprocess.Popen(
+            ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", str(out), "--rate", "250",
+             "--threads", "--idle", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    @staticmethod
+    def _recv(conn: Any, proc: Any, timeout: float = 3600.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not conn.poll(0.2):
+            if not proc.is_alive():
+                raise RuntimeError(f"{proc.name} exited with {proc.exitcode} before reporting")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{proc.name} silent for {timeout} s")
+        return conn.recv()
+
+    def finish(self) -> None:
+        for proc in (self.client, self.server):
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+        self.s_rss.stop()
+        self.c_rss.stop()
+        for spy in self.spies:
+            spy.wait(60)
+
+
+def run_raw(mode: str, size: int, chunk: int) -> Run:
+    pair = Pair(roles.raw_server, roles.raw_client, {"mode": mode, "size": size, "chunk": chunk})
+    try:
+        c = pair._recv(pair.c_conn, pair.client)
+        pair.s_conn.send("done")
+        s = pair._recv(pair.s_conn, pair.server)
+    finally:
+        pair.finish()
+    if mode == "upload" and s["received"]["total"] != size or c["bytes"] != size:
+        raise RuntimeError(f"raw {mode}: {c['bytes']} bytes moved, expected {size}")
+    t0, t1 = c["start_at"], c["end_at"]
+    sender, receiver = (pair.s_rss, pair.c_rss) if mode == "download" else (pair.c_rss, pair.s_rss)
+    return Run(t1 - t0, size, sender.peak(t0, t1) - sender.before(t0), receiver.peak(t0, t1) - receiver.before(t0))
+
+
+def run_fed(mode: str, size: int, chunk: int) -> Run:
+    pair = Pair(roles.fed_server, roles.fed_node, {"mode": mode, "size": size, "chunk": chunk})
+    try:
+        n = pair._recv(pair.c_conn, pair.client)
+        s = pair._recv(pair.s_conn, pair.server)
+    finally:
+        pair.finish()
+    intact = n["digests"] == s["digests"] and len(s["digests"]) > 0
+    t0 = s["start_at"]
+    if mode == "download":
+        nbytes, t1, t_end = s["payload_size"], n["handled_at"], n["handler_done_at"]
+        sender, receiver = pair.s_rss, pair.c_rss
+        s_window, encode_s = (t0, t1), s["encode_s"]
+        seconds = t1 - t0
+    else:
+        nbytes, t1, t_end = s["result_size"], s["finished_at"], s["verified_at"]
+        sender, receiver = pair.c_rss, pair.s_rss
+        s_window, encode_s = (t0, t1), s["upload_started_at"] - n["handled_at"]
+        seconds = t1 - s["upload_started_at"]
+    return Run(seconds, nbytes, sender.peak(*s_window) - sender.before(t0),
+               receiver.peak(t0, t_end) - receiver.before(t0), intact, encode_s)
+
+
+def summarize(runs: list[Run]) -> dict[str, float]:
+    """Median throughput over the runs, worst-case RSS (the largest growth seen)."""
+    return {
+        "gbps": statistics.median(r.nbytes / r.seconds / 1e9 for r in runs),
+        "sender": max(r.sender_growth / r.nbytes for r in runs),
+        "receiver": max(r.receiver_growth / r.nbytes for r in runs),
+        "encode": statistics.median(r.encode_s for r in runs) if runs[0].encode_s is not None else float("nan"),
+        "intact": all(r.intact for r in runs) if runs[0].intact is not None else True,
+    }
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[40, 400], help="payload sizes in MB (1e6 bytes)")
+    ap.add_argument("--huge", type=int, default=2500, help="size of the over-2-GB payload in MB (run once)")
+    ap.add_argument("--skip-huge", action="store_true", help="skip the over-2-GB payload")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per size and direction (median throughput)")
+    ap.add_argument("--chunk", type=int, default=1 << 20, help="chunk size in bytes (both paths)")
+    ap.add_argument("--profile", type=Path, help="folder for py-spy collapsed stacks of every process")
+    args = ap.parse_args()
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        Pair.profile = args.profile
+    plan = [(mb, args.repeat) for mb in args.sizes] + ([] if args.skip_huge else [(args.huge, 1)])
+    import grpc
+
+    print(f"bench_transport: Python {sys.version.split()[0]}, grpcio {grpc.__version__}, "
+          f"{mp.cpu_count()} cores, loopback, insecure, chunk {args.chunk} bytes")
+    header = (f"{'size':>8} {'dir':>8} | {'raw GB/s':>8} {'fed GB/s':>8} {'ratio':>6} | {'send RSS':>8} "
+              f"{'recv RSS':>8} | {'raw send':>8} {'raw recv':>8} | {'encode s':>8} | intact | verdict")
+    print(header)
+    print("-" * len(header))
+    misses: list[str] = []
+    for mb, repeat in plan:
+        size = mb * MB
+        for mode in ("download", "upload"):
+            raw_runs, fed_runs = [], []
+            for _ in range(repeat):  # interleaved, so a drifting machine load hits both alike
+                raw_runs.append(run_raw(mode, size, args.chunk))
+                fed_runs.append(run_fed(mode, size, args.chunk))
+            raw, fed = summarize(raw_runs), summarize(fed_runs)
+            ratio = fed["gbps"] / raw["gbps"]
+            checks = {"throughput": ratio >= TARGET_RATIO, "sender RSS": fed["sender"] <= TARGET_SENDER,
+                      "receiver RSS": fed["receiver"] <= TARGET_RECEIVER, "intact": fed["intact"]}
+            missed = [name for name, ok in checks.items() if not ok]
+            misses += [f"{mb} MB {mode}: {name}" for name in missed]
+            print(f"{mb:>5} MB {mode:>8} | {raw['gbps']:8.2f} {fed['gbps']:8.2f} {ratio:5.2f}x | "
+                  f"{fed['sender']:7.2f}x {fed['receiver']:7.2f}x | {raw['sender']:7.2f}x {raw['receiver']:7.2f}x | "
+                  f"{fed['encode']:8.2f} | {'yes' if fed['intact'] else 'NO':>6} | "
+                  + " ".join(f"{name} {verdict(ok)}" for name, ok in checks.items()), flush=True)
+    print(f"targets: fed/raw >= {TARGET_RATIO}x, sender RSS growth <= {TARGET_SENDER}x payload, "
+          f"receiver peak RSS <= {TARGET_RECEIVER}x payload above baseline, every payload intact")
+    if misses:
+        print("MISSED: " + "; ".join(misses))
+        return 1
+    print("all targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""The processes of ``bench_transport.py``: a raw grpcio pair and a fedstream pair, one process per side.
+
+Every role is a process target ``role(conn, spec)``: ``conn`` is its end of a pipe to the orchestrator,
+``spec`` a dict (mode "download" = server → client/node, "upload" = client/node → server; ``size``
+bytes; ``chunk`` bytes). A role sends dict messages whose ``*_at`` values are ``time.monotonic()``
+stamps (CLOCK_MONOTONIC is system-wide on Linux, so stamps of different processes compare), from which
+the orchestrator cuts its RSS windows and computes throughput.
+
+The raw pair is the baseline: generic handlers with identity (de)serializers over ``bytes``, 1 MiB slices
+of one preallocated ``bytes`` buffer, the receiver only counting. The fedstream pair is the real code:
+``FedServer.dispatch`` / ``UploadResult`` on one side, ``fednode.client.NodeClient`` (its download into a
+``ChunkAssembler``, digest check, decode in the worker, encode and upload of the reply) on the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RAW_SERVICE = "bench.RawBytes"
+MESSAGE_LIMIT = 64 << 20  # raw pair: generous gRPC message limits, chunks are 1 MiB
+now = time.monotonic
+
+
+# -- payload ---------------------------------------------------------------------------------------------
+def make_params(nbytes: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A model-like dict of float32 arrays totalling ``nbytes`` (4M-element matrices plus bias vectors)."""
+    rng = np.random.default_rng(seed)
+    params: dict[str, np.ndarray] = {}
+    remaining = nbytes // 4
+    layer = 0
+    while remaining > 0:
+        n = min(remaining, 4_000_000)
+        shape = (n // 1000, 1000) if n % 1000 == 0 else (n,)
+        params[f"layer{layer}.weight"] = rng.random(shape, dtype=np.float32)
+        remaining -= n
+        if remaining > 0:
+            b = min(remaining, 1000)
+            params[f"layer{layer}.bias"] = rng.random(b, dtype=np.float32)
+            remaining -= b
+        layer += 1
+    return params
+
+
+def array_digests(params: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of each array's dtype, shape and bytes (no copy: hashes the array's own memory)."""
+    out = {}
+    for name, a in params.items():
+        h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+        out[name] = h.hexdigest()
+    return out
+
+
+def quiet_logs() -> None:
+    logging.basicConfig(level=logging.ERROR)
+
+
+# -- raw grpcio baseline -----------------------------------------------------------------------------------
+def raw_server(conn: Any, spec: dict[str, Any]) -> None:
+    asyncio.run(_raw_server(conn, spec))
+
+
+async def _raw_server(conn: Any, spec: dict[str, Any]) -> None:
+    import grpc
+
+    size, chunk = spec["size"], spec["chunk"]
+    buf = np.random.default_rng(1).bytes(size) if spec["mode"] == "download" else b""
+    done = asyncio.Event()
+    received: dict[str, Any] = {}
+
+    async def download(request: bytes, context: Any) -> Any:
+        for offset in range(0, size, chunk):
+            yield buf[offset : offset + chunk]
+
+    async def upload(request_iterator: Any, context: Any) -> bytes:
+        total = 0
+        async for message in request_iterator:
+            total += len(message)
+        received.update(total=total, end_at=now())
+        done.set()
+        return total.to_bytes(8, "little")
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MESSAGE_LIMIT),
+                                      ("grpc.max_send_message_length", MESSAGE_LIMIT)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RAW_SERVICE, {
+        "Download": grpc.unary_stream_rpc_method_handler(download),
+        "Upload": grpc.stream_unary_rpc_method_handler(upload),
+    }),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    conn.send({"port": port, "ready_at": now()})
+    await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # the client is done
+    conn.send({"received": received})
+    await server.stop(1.0)
+
+
+def raw_client(conn: Any, spec: dict[str, Any]) -> None:
+    asyncio.run(_raw_client(conn, spec))
+
+
+async def _raw_client(conn: Any, spec: dict[str, Any]) -> None:
+    import grpc
+
+    size, chunk = spec["size"], spec["chunk"]
+    buf = np.random.default_rng(2).bytes(size) if spec["mode"] == "upload" else b""
+    options = [("grpc.max_receive_message_length", MESSAGE_LIMIT), ("grpc.max_send_message_length", MESSAGE_LIMIT)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{spec['port']}", options=options) as channel:
+        await channel.channel_ready()
+        await asyncio.sleep(0.1)  # a settled baseline RSS sample before the transfer
+        if spec["mode"] == "download":
+            call = channel.unary_stream(f"/{RAW_SERVICE}/Download")(b"")
+            t0 = now()
+            total = 0
+            async for message in call:
+                total += len(message)
+        else:
+            call = channel.stream_unary(f"/{RAW_SERVICE}/Upload")()
+            t0 = now()
+            for offset in range(0, size, chunk):
+                await call.write(buf[offset : offset + chunk])
+            await call.done_writing()
+            total = int.from_bytes(await call, "little")
+        t1 = now()
+    conn.send({"start_at": t0, "end_at": t1, "bytes": total})
+
+
+# -- fedstream ------------------------------------------------------------------------------------------
+def fed_server(conn: Any, spec: dict[str, Any]) -> None:
+    quiet_logs()
+    asyncio.run(_fed_server(conn, spec))
+
+
+async def _fed_server(conn: Any, spec: dict[str, Any]) -> None:
+    from fedcore.wire import TaskKind
+    from fedserver.auth import NodeStore
+    from fedserver.config import ServerConfig
+    from fedserver.server import FedServer
+
+    mode, size, chunk = spec["mode"], spec["size"], spec["chunk"]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = NodeStore(Path(tmp) / "nodes.sqlite")
+        token = store.enroll("bench-node")
+        server = FedServer(ServerConfig(port=0, tls="insecure", chunk_size=chunk, max_payload_size=8 << 30,
+                                        max_poll_wait_seconds=60.0), store)
+        info: dict[str, Any] = {}
+        if mode == "download":
+            params = make_params(size)
+            info["digests"] = array_digests(params)
+            t = now()
+            payload = server.encode_payload({"params": params, "round": 1})
+            info["encode_s"] = now() - t
+        else:
+            payload = server.encode_payload({"round": 1, "reply_size": size})
+        info["payload_size"] = payload.total_size
+        port = await server.start()
+        conn.send({"port": port, "token": token})
+        [node_id] = await server.wait_for_nodes(1, timeout=120)
+        while server.registry.get(node_id).open_polls == 0:  # let the node's long poll be waiting
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # a settled baseline RSS sample on both sides
+        info["start_at"] = now()
+        handle = server.dispatch(node_id, TaskKind.TRAIN, payload, experiment_id="bench", round=1)
+        del payload
+        result = await handle.result(timeout=3600)
+        info["end_at"] = now()
+        if not result.succeeded:
+            raise RuntimeError(f"bench task ended {result.outcome}: {result.error_message}")
+        info["upload_started_at"] = result.timings.upload_started_at
+        info["finished_at"] = result.timings.finished_at
+        if mode == "upload":
+            info["digests"] = array_digests(result.payload["params"])
+            info["result_size"] = result.bytes_received
+        info["verified_at"] = now()
+        del result
+        await server.stop(1.0)
+        conn.send(info)
+
+
+def fed_node(conn: Any, spec: dict[str, Any]) -> None:
+    quiet_logs()
+    asyncio.run(_fed_node(conn, spec))
+
+
+async def _fed_node(conn: Any, spec: dict[str, Any]) -> None:
+    from fednode.client import NodeClient
+    from fednode.config import NodeConfig
+    from fednode.handler import ReceivedTask, TaskReply
+
+    mode, size, chunk = spec["mode"], spec["size"], spec["chunk"]
+    info: dict[str, Any] = {}
+    reply: dict[str, Any] = {"ok": True}
+    if mode == "upload":
+        params = make_params(size, seed=3)
+        info["digests"] = array_digests(params)
+        reply = {"params": params, "num_samples": 1}
+    handled = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    class BenchHandler:
+        def handle(self, task: ReceivedTask, reporter: Any) -> TaskReply:
+            info["handled_at"] = now()
+            if mode == "download":
+                info["digests"] = array_digests(task.payload["params"])
+            info["handler_done_at"] = now()
+            loop.call_soon_threadsafe(handled.set)
+            return TaskReply.succeeded(reply)
+
+    config = NodeConfig(server=f"127.0.0.1:{spec['port']}", tls="insecure", token=spec["token"],
+                        node_name="bench-node", upload_chunk_size=chunk, poll_wait_seconds=60.0,
+                        max_payload_size=8 << 30)
+    client = NodeClient(config, BenchHandler())
+    runner = asyncio.create_task(client.run())
+    await handled.wait()
+    while client.results_delivered == 0 and not runner.done():
+        await asyncio.sleep(0.01)
+    info["delivered_at"] = now()
+    client.stop()
+    await runner
+    conn.send(info)
