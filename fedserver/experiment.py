@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,9 @@ class Experiment:
         checkpoint_dir / history_db: where checkpoints and the SQLite history go (None: not kept).
         server / server_config / node_store: a running FedServer to use, or the config of one to start.
         on_round: called with each RoundReport after it is checkpointed (e.g. to evaluate the model).
+        keep_round_params: False drops a round's global parameters from its report in ``reports`` once the
+            next round completes, so memory holds one model, not one per round (``params`` and the last
+            report keep the latest); True (default) keeps every round's.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class Experiment:
         node_store: NodeStore | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
         progress: bool = True,
+        keep_round_params: bool = True,
     ) -> None:
         self.plan = plan if isinstance(plan, PlanSource) else PlanSource.from_class(plan)
         self.training_args = TrainingArgs.from_dict(dict(training_args))
@@ -116,6 +121,7 @@ class Experiment:
         self.node_store = node_store
         self.on_round = on_round
         self.progress = progress
+        self.keep_round_params = keep_round_params
         # state (checkpointed)
         self.completed_round = 0
         self.params: dict[str, np.ndarray] | None = None
@@ -154,11 +160,11 @@ class Experiment:
         """Rebuild an experiment from its latest checkpoint; :meth:`run` then continues after that round.
 
         ``overrides`` are constructor arguments that checkpoints cannot hold (``server``, ``server_config``,
-        ``node_store``, ``selection``, ``on_round``, ``progress``) or that may change (``rounds``,
+        ``node_store``, ``selection``, ``on_round``, ``progress``, ``keep_round_params``) or that may change (``rounds``,
         ``round_timeout``, ``history_db``, ``keep_checkpoints``).
         """
         allowed = {"server", "server_config", "node_store", "selection", "on_round", "progress", "rounds",
-                   "round_timeout", "node_wait_timeout", "history_db", "keep_checkpoints"}
+                   "keep_round_params", "round_timeout", "node_wait_timeout", "history_db", "keep_checkpoints"}
         unknown = sorted(set(overrides) - allowed)
         if unknown:
             raise ExperimentError(f"resume() cannot override {unknown}; allowed: {sorted(allowed)}")
@@ -207,6 +213,8 @@ class Experiment:
         try:
             for round_index in range(self.completed_round + 1, self.rounds + 1):
                 report = await self._one_round(server, history, round_index, key)
+                if not self.keep_round_params and self.reports:
+                    self.reports[-1] = replace(self.reports[-1], params={})
                 self.reports.append(report)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in report.metrics.items() if k.endswith(("loss", "accuracy"))})

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -153,4 +153,14 @@ def _accept(aggregator: Aggregator, result: TaskResult) -> NodeOutcome:
                                         reply.lr, reply.metrics))
     except FedstreamError as exc:
         return NodeOutcome(outcome="failed", error=f"unusable reply: {exc}", **common)
-    return NodeOutcome(outcome="succeeded", result=reply, **common)
+    finally:
+        _drop_params(result.payload)
+    # the outcome outlives the round (reports, history): it keeps the counts and metrics, not the params
+    return NodeOutcome(outcome="succeeded", result=replace(reply, params={}), **common)
+
+
+def _drop_params(payload: Any) -> None:
+    """Forget the reply's arrays once they are accumulated (or refused): they are views of the upload
+    buffer, which the task handle's result would otherwise keep alive until the round's handles go."""
+    if isinstance(payload, dict):
+        payload.pop("params", None)

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedcore.aggregators._api import Aggregator, NodeReply, ParamSpec, cast_back
+from fedcore.aggregators._api import Aggregator, NodeReply, ParamSpec, add_scaled, cast_back
 from fedcore.errors import AggregationError
 
 __all__ = ["FedAverage"]
@@ -51,7 +51,7 @@ class FedAverage(Aggregator):
             return
         weight = np.float64(reply.num_samples)
         for key, total in self._weighted_sum.items():
-            total += weight * reply.params[key].astype(np.float64, copy=False)
+            add_scaled(total, reply.params[key], weight)
         self._total_samples += reply.num_samples
 
     def _result(self) -> dict[str, np.ndarray]:
@@ -60,7 +60,10 @@ class FedAverage(Aggregator):
                 "FedAverage: every reply reported num_samples=0, the weighted mean is undefined"
             )
         total = np.float64(self._total_samples)
-        result = {key: cast_back(acc / total, self._specs[key]) for key, acc in self._weighted_sum.items()}
+        result = {}
+        for key, acc in self._weighted_sum.items():
+            np.divide(acc, total, out=acc)  # in place: the sums are dropped below, no second float64 model
+            result[key] = cast_back(acc, self._specs[key])
         self._discard()
         return result
 
