@@ -48,6 +48,7 @@ class ServerConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_concurrent_uploads: int = 16  # upload sessions holding a buffer (active or waiting for a resume)
     max_upload_buffer_bytes: int = 4 * GiB  # bytes those buffers may hold together (one upload always fits)
+    max_send_buffer_bytes: int = 64 * MiB  # task chunk bytes handed to gRPC and not yet sent, all streams
     max_poll_wait_seconds: float = 30.0
     heartbeat_interval_seconds: float = 10.0
     shutdown_retry_after_seconds: float = 5.0  # told to nodes in ServerShutdown
@@ -74,7 +75,7 @@ class ServerConfig:
             if not path.is_file():
                 raise ServerConfigError(f"{name} {path} does not exist or is not a file")
         for name in ("max_payload_size", "max_chunk_size", "chunk_size", "max_concurrent_uploads",
-                     "max_upload_buffer_bytes"):
+                     "max_upload_buffer_bytes", "max_send_buffer_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ServerConfigError(f"{name} must be an int > 0, got {value!r}")

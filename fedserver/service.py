@@ -39,6 +39,7 @@ from fedserver.auth import Authenticator
 from fedserver.config import ServerConfig
 from fedserver.errors import translate_stream, translate_unary
 from fedserver.registry import NodeRegistry
+from fedserver.send_budget import SendBudget
 from fedserver.task_board import TaskBoard
 from fedserver.tasks import TaskHandle, TaskState, state_of_outcome
 from fedserver.uploads import UploadSessions
@@ -61,6 +62,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         self.uploads = uploads
         self.is_stopping = is_stopping
         self.decode_limits = decode_limits
+        self.send_budget = SendBudget(config.max_send_buffer_bytes)
         self.open_polls = 0
         self._polls_idle = asyncio.Event()
         self._polls_idle.set()
@@ -139,11 +141,22 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         assert payload is not None  # descriptor() raised otherwise
         yield pb.PollTaskResponse(task=header)
         total = payload.total_size
-        for offset, data in payload.iter_chunks(start):
-            if handle.done():
-                raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
-            yield convert.encode_chunk_event(offset, data)  # pre-serialized: one copy per chunk
-            handle.transferred("download", len(data), offset + len(data), total)
+        started = asyncio.get_running_loop().time()  # older streams get the send budget first
+        chunks = payload.iter_chunks(start)
+        offset = start
+        while offset < total:
+            # budget first, then the chunk: a chunk straddling segments is a joined copy, made only now
+            size = min(payload.chunk_size, total - offset)
+            await self.send_budget.acquire(size, started)
+            try:
+                if handle.done():
+                    raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+                offset, data = next(chunks)
+                yield convert.encode_chunk_event(offset, data)  # pre-serialized: one copy per chunk
+            finally:
+                self.send_budget.release(size)  # gRPC has sent it (or the stream is gone)
+            offset += len(data)
+            handle.transferred("download", len(data), offset, total)
 
     # -- UploadResult ---------------------------------------------------------------------------------
     @translate_unary

@@ -161,7 +161,7 @@ async def run_bench(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     store = NodeStore(folder / "nodes.db")
     tokens = store.enroll_many([f"node-{i:04d}" for i in range(args.nodes)])
     enroll_s = time.perf_counter() - started
-    config = ServerConfig(port=0, tls="insecure", max_concurrent_uploads=args.max_uploads)
+    config = ServerConfig(port=0, tls="insecure", max_concurrent_uploads=args.max_uploads, chunk_size=args.chunk_size)
     server = FedServer(config, store)
     port = await server.start()
     idle_rss = status_bytes("VmRSS")
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=int, default=100_000, help="float32 parameters of the model")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-uploads", type=int, default=16, help="ServerConfig.max_concurrent_uploads")
+    parser.add_argument("--chunk-size", type=int, default=1 << 20, help="ServerConfig.chunk_size (bytes)")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--no-history", dest="history", action="store_false", help="no SQLite history")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
