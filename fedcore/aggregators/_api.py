@@ -140,7 +140,10 @@ BLOCK = 1 << 18
 
 
 def add_scaled(total: np.ndarray, value: np.ndarray, weight: np.float64) -> None:
-    """``total += weight · value`` in float64, block by block (``total``: a C-contiguous float64 array).
+    """``total += weight · value`` in float64, block by block (``total``: a C-contiguous float array).
+
+    With a narrower ``total`` (FedAverage(accumulator="param_dtype")) each element of the float64
+    ``total + weight · value`` is rounded once into it.
 
     Same numbers as ``total += weight * value.astype(np.float64)`` (each element is widened exactly, then
     multiplied, then added) without that expression's two model-sized float64 temporaries: their page
