@@ -121,10 +121,13 @@ class NodeRegistry:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            ids = self.connected()
             remaining = deadline - loop.time()
-            if len(ids) >= n or remaining <= 0:
-                return ids
+            # fewer registered than n cannot make n connected: skip the O(N) scan (a thousand nodes
+            # registering one by one would otherwise cost a million liveness checks)
+            if len(self._nodes) >= n or remaining <= 0:
+                ids = self.connected()
+                if len(ids) >= n or remaining <= 0:
+                    return ids
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
