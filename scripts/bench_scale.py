@@ -175,11 +175,17 @@ async def run_bench(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             raise SystemExit(f"only {len(connected)} of {args.nodes} nodes registered in {args.timeout:g} s")
         register_cpu = cpu_seconds() - cpu0
         round_marks: list[float] = []
+        round_rss: list[int] = []
+
+        def on_round(report: Any) -> None:
+            round_marks.append(time.perf_counter())
+            round_rss.append(status_bytes("VmRSS"))
+
         exp = Experiment(PlanSource.from_source(PLAN_NAME, PLAN_SOURCE), {"num_updates": 1, "lr": 0.01},
                          rounds=args.rounds, dataset_tags=[TAG], min_nodes=args.nodes, round_timeout=args.timeout,
                          node_wait_timeout=args.timeout, model_args={"n_features": args.params - 1},
                          history_db=folder / "history.db" if args.history else None, server=server,
-                         on_round=lambda report: round_marks.append(time.perf_counter()), progress=False)
+                         on_round=on_round, progress=False)
         exp.params = exp.initial_params()  # built before the clock starts (the plan is not what we measure)
         cpu1 = cpu_seconds()
         t1 = time.perf_counter()
@@ -199,6 +205,7 @@ async def run_bench(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "aggregated": [len(r.succeeded) for r in reports],
         "server_cpu_s_rounds": round(run_cpu, 2), "server_cpu_s_total": round(cpu_seconds() - cpu0, 2),
         "server_idle_rss_mb": round(idle_rss / 2**20), "server_peak_rss_mb": round(status_bytes("VmHWM") / 2**20),
+        "server_rss_after_round_mb": [round(rss / 2**20) for rss in round_rss],
         "workers": worker_stats,
     }
 
