@@ -2,7 +2,7 @@
 
 ::
 
-    python scripts/bench_scale.py                      # 1000 nodes in 4 processes, 100K params, 2 rounds
+    python scripts/bench_scale.py                      # 1000 nodes in 4 processes, 100K params, 3 rounds
     python scripts/bench_scale.py --nodes 200 --procs 1 --rounds 1 --json out.json
 
 The server (a real :class:`fedserver.FedServer`, port 0, insecure, tokens from ``NodeStore.enroll_many``)
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=4, help="worker processes hosting the node clients")
     parser.add_argument("--threads", type=int, default=2, help="handler threads per worker process")
     parser.add_argument("--params", type=int, default=100_000, help="float32 parameters of the model")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-uploads", type=int, default=16, help="ServerConfig.max_concurrent_uploads")
     parser.add_argument("--chunk-size", type=int, default=1 << 20, help="ServerConfig.chunk_size (bytes)")
     parser.add_argument("--timeout", type=float, default=120.0)
