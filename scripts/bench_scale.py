@@ -234,12 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=1 << 20, help="ServerConfig.chunk_size (bytes)")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--no-history", dest="history", action="store_false", help="no SQLite history")
+    parser.add_argument("--log-level", default="ERROR", help="server log level (INFO: a line per node and outcome)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level if not args.worker else logging.ERROR,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.worker:
         raise_nofile(len(json.loads(args.tokens.read_text())) + 256)
         asyncio.run(run_worker(args.port, json.loads(args.tokens.read_text()), args.threads))
