@@ -34,6 +34,7 @@ from fedcore.serialization import DEFAULT_LIMITS, SerializerLimits
 from fedcore.wire import TaskKind
 from fedserver.auth import Authenticator, NodeStore
 from fedserver.config import MESSAGE_OVERHEAD, ServerConfig
+from fedserver.malloc_policy import release_large_blocks
 from fedserver.registry import NodeRegistry
 from fedserver.service import NodeService, add_node_service
 from fedserver.task_board import TaskBoard
@@ -85,6 +86,7 @@ class FedServer:
         if self.state is not ServerState.CREATED:
             raise ServerStateError(f"start() on a server that is {self.state.value}; create a new FedServer")
         cfg = self.config
+        release_large_blocks()  # model-sized arrays go back to the OS when freed (see fedserver.malloc_policy)
         server = grpc.aio.server(options=cfg.grpc_options())
         self._service = NodeService(cfg, self._auth, self.registry, self.board, self.uploads,
                                     is_stopping=lambda: self.state is not ServerState.SERVING,
