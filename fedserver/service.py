@@ -216,7 +216,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         except DigestMismatchError:
             self.uploads.discard(desc.task_id)  # garbage: the node must start again from offset 0
             raise
-        self.uploads.discard(desc.task_id)
+        self.uploads.discard(desc.task_id, held_until_freed=buffer)  # counted until the result is aggregated
         try:
             result = Serializer.loads(buffer, limits=self.decode_limits)
         except DecodeError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,8 @@ class UploadSessions:
         self.max_sessions = max_sessions
         self.max_buffered_bytes = max_buffered_bytes  # None: no byte budget; one upload always fits
         self._sessions: dict[str, UploadSession] = {}
-        self._buffered = 0  # bytes announced by the open sessions (their buffers' sizes)
+        self._buffered = 0  # bytes of the open sessions' buffers, and of finished ones not yet freed
+        self._unfreed = 0  # finished uploads whose buffers are still alive (their result being aggregated)
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     def __len__(self) -> int:
@@ -72,10 +74,11 @@ class UploadSessions:
         held = self._buffered - (own.assembler.info.total_size if own is not None else 0)
         if count >= self.max_sessions:
             return False
-        return self.max_buffered_bytes is None or count == 0 or held + size <= self.max_buffered_bytes
+        return self.max_buffered_bytes is None or held == 0 or held + size <= self.max_buffered_bytes
 
     def _running(self) -> bool:
-        return any(s.active for s in self._sessions.values())
+        """Whether room will free itself: a stream is writing, or a finished buffer is about to be freed."""
+        return self._unfreed > 0 or any(s.active for s in self._sessions.values())
 
     def _wake(self, everyone: bool = False) -> None:
         """Let the oldest waiter (or all of them) look for room again."""
@@ -152,15 +155,35 @@ class UploadSessions:
     def end(self, session: UploadSession) -> None:
         """The stream writing into ``session`` ended (the session stays for a resume)."""
         session.active = False
+        if self._waiters:  # looked at on the next loop step, once a finished upload was discarded
+            asyncio.get_running_loop().call_soon(self._wake_if_hopeless)
+
+    def _wake_if_hopeless(self) -> None:
         if self._waiters and not self._running():
             self._wake(everyone=True)  # only parked sessions are left: waiting cannot help any more
 
-    def discard(self, task_id: str) -> None:
-        """Forget the session (completed, digest mismatch, task closed); its buffer is freed."""
+    def discard(self, task_id: str, *, held_until_freed: object = None) -> None:
+        """Forget the session (completed, digest mismatch, task closed).
+
+        Its bytes stop counting against ``max_buffered_bytes`` at once, or, given ``held_until_freed``
+        (the assembled buffer, whose decoded arrays live on until the result is aggregated), only when
+        that object is garbage-collected: the next upload must not be received into memory the previous
+        one still occupies.
+        """
         session = self._sessions.pop(task_id, None)
-        if session is not None:
-            self._buffered -= session.assembler.info.total_size
-            self._wake()
+        if session is None:
+            return
+        size = session.assembler.info.total_size
+        if held_until_freed is None:
+            self._freed(size, finished=False)
+            return
+        self._unfreed += 1
+        weakref.finalize(held_until_freed, _call_soon, asyncio.get_running_loop(), self._freed, size)
+
+    def _freed(self, size: int, finished: bool = True) -> None:
+        self._buffered -= size
+        self._unfreed -= finished
+        self._wake()
 
     def session(self, task_id: str) -> UploadSession | None:
         return self._sessions.get(task_id)
@@ -169,3 +192,12 @@ class UploadSessions:
         """Contiguous bytes received and kept for ``task_id`` (0 when there is no session)."""
         session = self._sessions.get(task_id)
         return 0 if session is None else session.received
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: object) -> None:
+    """Run ``callback`` on ``loop`` from wherever the buffer was freed (nothing to do once it is closed)."""
+    if not loop.is_closed():
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # closed in between
+            pass

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedcore.errors import LimitExceededError
@@ -92,6 +93,21 @@ async def test_a_byte_budget_receives_big_uploads_one_after_the_other() -> None:
     assert await asyncio.wait_for(waiting, 1) is True
     uploads.begin("big2", "b", info(900))
     assert len(uploads) == 2
+
+
+@async_test
+async def test_a_finished_upload_counts_against_the_byte_budget_until_its_buffer_is_freed() -> None:
+    uploads = sessions(max_sessions=16, max_buffered_bytes=1000)
+    first = uploads.begin("t1", "a", info(900))
+    assembled = np.empty(900, np.uint8)  # what finish() returned: decoded arrays are views of it
+    uploads.end(first)
+    uploads.discard("t1", held_until_freed=assembled)
+    waiting = asyncio.ensure_future(uploads.wait_for_room("t2", 900, timeout=5))
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "the first result is still being aggregated: its 900 bytes are still in use"
+    del assembled
+    assert await asyncio.wait_for(waiting, 1) is True
+    uploads.begin("t2", "b", info(900))
 
 
 def test_two_hundred_node_clients_complete_a_fedavg_round(tmp_path: Path) -> None:
