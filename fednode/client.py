@@ -56,6 +56,9 @@ from fednode.transfers import PendingUpload, TaskDownload
 from fednode.transport import EOF, NodeConnection, PollStream
 
 log = logging.getLogger(__name__)
+
+#: Upload attempts while the server answers RESOURCE_EXHAUSTED "no upload buffer free" (with backoff).
+BUSY_UPLOAD_ATTEMPTS = 8
 T = TypeVar("T")
 CLIENT_VERSION = "fednode/0.1.0"
 #: Statuses of a poll that asked to resume a download and that a fresh poll (no resume) may cure.
@@ -370,13 +373,29 @@ class NodeClient:
         if upload is None:
             return
         self.state = ClientState.UPLOADING
-        try:
-            await self._stoppable(self._send(conn, upload), grace=self.config.stop_grace_seconds)
-        except ServerRefusedError as exc:
-            log.warning("%s: result of task %s dropped: %s", self.config.node_name, upload.task_id, exc)
-        else:
-            self.results_delivered += 1
+        for attempt in range(BUSY_UPLOAD_ATTEMPTS):
+            try:
+                await self._stoppable(self._send(conn, upload), grace=self.config.stop_grace_seconds)
+            except ServerRefusedError as exc:
+                if self._server_busy(exc, upload) and attempt + 1 < BUSY_UPLOAD_ATTEMPTS:
+                    delay = self.config.backoff.delay(attempt, self._rng)
+                    log.info("%s: server busy with other uploads (%s); retrying task %s in %.2f s",
+                             self.config.node_name, exc.details, upload.task_id, delay)
+                    await self._stoppable(asyncio.sleep(delay))
+                    continue
+                log.warning("%s: result of task %s dropped: %s", self.config.node_name, upload.task_id, exc)
+            else:
+                self.results_delivered += 1
+            break
         self._upload = None
+
+    def _server_busy(self, exc: ServerRefusedError, upload: PendingUpload) -> bool:
+        """RESOURCE_EXHAUSTED for a result within the announced limits means "no upload buffer free now"
+        (docs/protocol.md, error codes): worth retrying later, unlike a payload over max_payload_size."""
+        if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return False
+        limit = self.settings.max_payload_size if self.settings else 0
+        return limit == 0 or upload.total_size <= limit
 
     async def _send(self, conn: NodeConnection, upload: PendingUpload) -> None:
         start = 0

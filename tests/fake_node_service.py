@@ -75,6 +75,8 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
         self.linger_after_last_chunk = 0.0
         self.streams_completed = 0  # PollTask streams that sent a whole task and ended normally
         self.streams_cancelled = 0  # ... that the node cancelled
+        # answer this many upload attempts with RESOURCE_EXHAUSTED "no upload buffer free" (then accept)
+        self.busy_uploads = 0
         # answer the next poll with ServerShutdown(retry_after)
         self.shutdown_next_poll: float | None = None
         self.poll_started = asyncio.Event()
@@ -165,6 +167,9 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
         first = await request_iterator.__anext__()
         header = first.header
         self.upload_headers.append(header)
+        if self.busy_uploads > 0:
+            self.busy_uploads -= 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent uploads (16, limit 16)")
         if header.task_id not in self.assigned and header.task_id not in self.results:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"task {header.task_id} unknown")
         stored = self.results.get(header.task_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import numpy as np
@@ -14,6 +15,7 @@ from fedcore.framing import OutgoingPayload
 from fedcore.serialization import Serializer
 from fedcore.wire import DatasetInfo, TaskKind, TrainingProgress
 from fednode.client import NodeClient
+from fednode.config import BackoffPolicy
 from fednode.handler import EchoHandler, ReceivedTask, TaskReply
 from fedstream.v1 import common_pb2
 
@@ -170,6 +172,28 @@ def test_handler_returning_a_non_reply_is_a_failed_task():
         header = service.results["t1"].header
         assert header.outcome == common_pb2.TASK_OUTCOME_FAILED
         assert "returned dict, not a TaskReply" in header.error_message
+
+    arun(scenario())
+
+
+def test_busy_server_upload_is_retried_not_dropped():
+    """RESOURCE_EXHAUSTED for a result within the server's limits means "no buffer free now": retry."""
+    async def scenario():
+        service = FakeNodeService()
+        service.busy_uploads = 2
+        server, port = await start_server(service)
+        config = node_config(port)
+        client = NodeClient(config, RecordingHandler())
+        client.config = dataclasses.replace(config, backoff=BackoffPolicy(initial=0.01, maximum=0.05))
+        try:
+            async with running(client):
+                service.add_task(FakeTask("t1", OutgoingPayload.from_object(params(1000), CHUNK)))
+                await service.wait_results(1)
+        finally:
+            await server.stop(None)
+        assert len(service.upload_headers) == 3, "two refusals, then the accepted upload"
+        assert client.results_delivered == 1
+        np.testing.assert_array_equal(decoded(service, "t1")["params"]["w"], params(1000)["params"]["w"])
 
     arun(scenario())
 
