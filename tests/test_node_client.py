@@ -183,7 +183,8 @@ def test_busy_server_upload_is_retried_not_dropped():
         service.busy_uploads = 2
         server, port = await start_server(service)
         config = node_config(port)
-        client = NodeClient(config, RecordingHandler())
+        handler = RecordingHandler()
+        client = NodeClient(config, handler)
         client.config = dataclasses.replace(config, backoff=BackoffPolicy(initial=0.01, maximum=0.05))
         try:
             async with running(client):
@@ -192,6 +193,7 @@ def test_busy_server_upload_is_retried_not_dropped():
         finally:
             await server.stop(None)
         assert len(service.upload_headers) == 3, "two refusals, then the accepted upload"
+        assert len(handler.tasks) == 1, "the result was kept and resent, not dropped and recomputed"
         assert client.results_delivered == 1
         np.testing.assert_array_equal(decoded(service, "t1")["params"]["w"], params(1000)["params"]["w"])
 
