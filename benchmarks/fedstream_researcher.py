@@ -36,7 +36,8 @@ TRAINING_ARGS = {"num_updates": 1, "batch_size": 1, "lr": 1e-3, "shuffle": False
 
 
 async def researcher(args: argparse.Namespace) -> dict:
-    config = ServerConfig(address="127.0.0.1", port=args.port, tls="insecure", max_poll_wait_seconds=30.0)
+    limits = {"max_upload_buffer_bytes": args.upload_buffer_mb << 20} if args.upload_buffer_mb else {}
+    config = ServerConfig(address="127.0.0.1", port=args.port, tls="insecure", max_poll_wait_seconds=30.0, **limits)
     server = FedServer(config, NodeStore(args.home / "nodes.db"))
     port = await server.start()
     print(f"PORT {port}", flush=True)
@@ -77,6 +78,8 @@ def main() -> int:
     ap.add_argument("--params", type=int, required=True)
     ap.add_argument("--rounds", type=int, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--upload-buffer-mb", type=int, default=0,
+                    help="ServerConfig.max_upload_buffer_bytes in MiB (0: the server's default)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("fedserver.server").setLevel(logging.ERROR)  # the insecure-mode warning, known here

@@ -70,7 +70,8 @@ def prepare(workdir: Path, nodes: int) -> list[tuple[Path, Path]]:
     return out
 
 
-def run(params: int, nodes: int, rounds: int, workdir: Path, timeout: float = 1800.0) -> Measurement:
+def run(params: int, nodes: int, rounds: int, workdir: Path, upload_buffer_mb: int = 0,
+        timeout: float = 1800.0) -> Measurement:
     """One fedstream run of ``rounds`` FedAvg rounds of ``params`` float32 parameters with ``nodes`` nodes."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "server").mkdir(exist_ok=True)
@@ -82,7 +83,8 @@ def run(params: int, nodes: int, rounds: int, workdir: Path, timeout: float = 18
         log = files.enter_context(open(workdir / "researcher.log", "w"))
         researcher = subprocess.Popen(
             [sys.executable, str(RESEARCHER), "--home", str(workdir / "server"), "--nodes", str(nodes),
-             "--params", str(params), "--rounds", str(rounds), "--out", str(out)],
+             "--params", str(params), "--rounds", str(rounds), "--out", str(out),
+             "--upload-buffer-mb", str(upload_buffer_mb)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         sampler = RssSampler([researcher.pid]).start()
         try:

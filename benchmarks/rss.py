@@ -122,3 +122,28 @@ class RssSampler:
             self.samples += 1
             self.peak = max(self.peak, value)
             self._stop.wait(self.interval)
+
+
+def idle_fraction(seconds: float = 1.0) -> float:
+    """Fraction of all cores' time spent idle over ``seconds`` (``/proc/stat``: idle + iowait over total)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)
+
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_until_quiet(max_wait: float, threshold: float = 0.85) -> float:
+    """Wait up to ``max_wait`` s until the cores are >= ``threshold`` idle; return the last idle fraction seen.
+
+    Other work on a small machine (test suites) slows whichever side of a comparison runs beside it.
+    """
+    deadline = time.monotonic() + max_wait
+    idle = idle_fraction()
+    while idle < threshold and time.monotonic() < deadline:
+        idle = idle_fraction(2.0)
+    return idle

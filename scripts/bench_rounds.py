@@ -16,15 +16,19 @@ Reported per configuration: median seconds per round excluding the first, and th
 during the rounds (fedstream: the researcher process's own VmHWM; Flower: SuperLink + SuperExec +
 ServerApp, summed, sampled every 10 ms) with the idle RSS before round 1 (fedstream: server up, nodes
 connected, initial model built; Flower: SuperLink up, SuperNodes connected). Ratios are fedstream/Flower
-from the same run. The load average before each measurement is printed: other work on the machine
-slows either side, so compare ratios and repeat noisy rows.
+from the same run. Each measurement first waits (``--quiet-wait``) for the cores to be >= 85% idle and
+the idle fraction seen is printed: other work on the machine slows either side, so repeat noisy rows.
 
 Targets (issue "performance and scale"): seconds per round <= 0.1x Flower's at 1M and 10M parameters and
 <= 0.15x at 50M; fedstream's peak RSS at 10M parameters with 8 nodes <= 4x the model size above idle.
 Exit status 1 when a measured target is missed.
 
+The fedstream server receives replies into at most ``--upload-buffer`` MiB of buffers (64; one reply
+always fits): replies beyond it wait in line, which bounds memory whatever the number of nodes.
+
 Usage: python scripts/bench_rounds.py [--params 1M 10M 50M] [--nodes 2 8] [--rounds 5]
-                                      [--only fedstream|flower] [--cache DIR] [--markdown FILE]
+                                      [--only fedstream|flower] [--upload-buffer 64] [--cache DIR]
+                                      [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import fedstream_rounds
 import flower_rounds
 from fedstream_rounds import Measurement
+from rss import wait_until_quiet
 
 MB = 1e6
 TIME_TARGETS = {1_000_000: 0.10, 10_000_000: 0.10, 50_000_000: 0.15}
@@ -63,10 +68,6 @@ def count(text: str) -> int:
 
 def human(n: int) -> str:
     return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n / 1e6:g}M"
-
-
-def loadavg() -> float:
-    return os.getloadavg()[0]
 
 
 def warm_memory(gib: float) -> None:
@@ -94,7 +95,7 @@ def machine() -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| P | N | fedstream s/round | Flower s/round | time ratio | fedstream peak RSS (above idle) "
-            "| Flower peak RSS (above idle) | RSS ratio | load |")
+            "| Flower peak RSS (above idle) | RSS ratio | CPU idle before |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         fs, fl = r.get("fedstream"), r.get("flower")
@@ -102,7 +103,7 @@ def table(rows: list[dict]) -> str:
         mem_ratio = f"{fs.peak_rss / fl.peak_rss:.2f}" if fs and fl else "–"
         lines.append(
             f"| {human(r['params'])} | {r['nodes']} | {_secs(fs)} | {_secs(fl)} | {ratio}{r.get('time_flag', '')} "
-            f"| {_mem(fs)}{r.get('mem_flag', '')} | {_mem(fl)} | {mem_ratio} | {r['load']:.1f} |")
+            f"| {_mem(fs)}{r.get('mem_flag', '')} | {_mem(fl)} | {mem_ratio} | {r['idle']} |")
     return "\n".join(lines)
 
 
@@ -145,6 +146,11 @@ def main() -> int:
         help="where Flower's venv and the run folders go (default: ~/.cache/fedstream-bench)")
     ap.add_argument("--warm-memory", type=float, default=8.0, metavar="GIB",
                     help="touch and free this much memory first (VM guests back memory lazily; default 8)")
+    ap.add_argument("--upload-buffer", type=int, default=64, metavar="MIB",
+                    help="fedstream server's max_upload_buffer_bytes in MiB: replies beyond it are received one "
+                         "after the other (default 64, like its 64 MiB send budget; 0: the server default, 4 GiB)")
+    ap.add_argument("--quiet-wait", type=float, default=180.0, metavar="SECONDS",
+                    help="each measurement first waits up to this long for the cores to be >= 85%% idle")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = ap.parse_args()
     if args.rounds < 2:
@@ -158,21 +164,25 @@ def main() -> int:
     missed: list[str] = []
     for params in args.params:
         for nodes in args.nodes:
-            row: dict = {"params": params, "nodes": nodes, "load": loadavg()}
+            row: dict = {"params": params, "nodes": nodes}
             tag = f"P={human(params)} N={nodes}"
+            idle = []
             if args.only != "flower":
+                idle.append(wait_until_quiet(args.quiet_wait))
                 started = time.perf_counter()
-                row["fedstream"] = fs = fedstream_rounds.run(params, nodes, args.rounds, runs / f"fedstream-{tag}")
+                row["fedstream"] = fs = fedstream_rounds.run(params, nodes, args.rounds, runs / f"fedstream-{tag}",
+                                                             upload_buffer_mb=args.upload_buffer)
                 print(f"{tag} fedstream: {fs.median_seconds:.3f} s/round {[round(s, 3) for s in fs.round_seconds]}, "
                       f"peak RSS {fs.peak_rss / MB:.0f} MB (idle {fs.idle_rss / MB:.0f} MB) "
-                      f"[{time.perf_counter() - started:.0f} s, load {row['load']:.1f}]", flush=True)
+                      f"[{time.perf_counter() - started:.0f} s, {idle[-1]:.0%} idle before]", flush=True)
             if args.only != "fedstream":
+                idle.append(wait_until_quiet(args.quiet_wait))
                 started = time.perf_counter()
-                load = loadavg()
                 row["flower"] = fl = flower_rounds.run(params, nodes, args.rounds, runs / f"flower-{tag}", bin_dir)
                 print(f"{tag} Flower: {fl.median_seconds:.3f} s/round {[round(s, 3) for s in fl.round_seconds]}, "
                       f"peak RSS {fl.peak_rss / MB:.0f} MB (idle {fl.idle_rss / MB:.0f} MB) "
-                      f"[{time.perf_counter() - started:.0f} s, load {load:.1f}]", flush=True)
+                      f"[{time.perf_counter() - started:.0f} s, {idle[-1]:.0%} idle before]", flush=True)
+            row["idle"] = " / ".join(f"{x:.0%}" for x in idle)
             missed += check(row)
             rows.append(row)
     text = table(rows)
