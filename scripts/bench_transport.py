@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,43 +47,54 @@ import bench_transport_roles as roles
 
 MB = 1_000_000
 TARGET_RATIO, TARGET_SENDER, TARGET_RECEIVER = 0.75, 0.25, 1.25
-CTX = mp.get_context("spawn")  # grpc must not be forked after it started
+CTX = mp.get_context("spawn")
 
 
 class RssSampler(threading.Thread):
-    """Samples a process's VmRSS (bytes) every ``period`` seconds with a monotonic stamp."""
+    """Samples a process's VmRSS (bytes) and CPU time (seconds) every ``period`` s, with a monotonic stamp."""
+
+    TICK = os.sysconf("SC_CLK_TCK")
 
     def __init__(self, pid: int, period: float = 0.02) -> None:
         super().__init__(daemon=True)
-        self.path = f"/proc/{pid}/status"
+        self.pid = pid
         self.period = period
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, int, float]] = []
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
             try:
-                with open(self.path) as f:
-                    for line in f:
-                        if line.startswith("VmRSS:"):
-                            self.samples.append((time.monotonic(), int(line.split()[1]) * 1024))
-                            break
-            except (FileNotFoundError, ProcessLookupError):
+                with open(f"/proc/{self.pid}/status") as f:
+                    rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+                with open(f"/proc/{self.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                cpu = (int(fields[11]) + int(fields[12])) / self.TICK  # utime + stime
+            except (FileNotFoundError, ProcessLookupError, StopIteration):
                 return
+            self.samples.append((time.monotonic(), rss, cpu))
             self._halt.wait(self.period)
 
     def stop(self) -> None:
         self._halt.set()
         self.join()
 
+    def _at(self, t: float) -> tuple[float, int, float]:
+        earlier = [s for s in self.samples if s[0] <= t]
+        return earlier[-1] if earlier else self.samples[0]
+
     def before(self, t: float) -> int:
-        """The last sample taken before ``t`` (the baseline)."""
-        earlier = [rss for at, rss in self.samples if at <= t]
-        return earlier[-1] if earlier else self.samples[0][1]
+        """RSS of the last sample taken before ``t`` (the baseline)."""
+        return self._at(t)[1]
 
     def peak(self, t0: float, t1: float) -> int:
-        inside = [rss for at, rss in self.samples if t0 <= at <= t1 + self.period]
+        inside = [rss for at, rss, _ in self.samples if t0 <= at <= t1 + self.period]
         return max(inside) if inside else self.before(t1)
+
+    def cpu(self, t0: float, t1: float) -> float:
+        """CPU seconds (all threads) used between the samples around ``t0`` and ``t1``."""
+        later = [s for s in self.samples if s[0] >= t1]
+        return (later[0] if later else self.samples[-1])[2] - self._at(t0)[2]
 
 
 def cpu_idle(seconds: float = 1.0) -> float:
@@ -118,6 +130,8 @@ class Run:
     receiver_growth: int
     intact: bool | None = None
     encode_s: float | None = None
+    sender_cpu: float = 0.0  # CPU seconds of the sender process during the transfer
+    receiver_cpu: float = 0.0
 
 
 class Pair:
@@ -127,11 +141,12 @@ class Pair:
     (``<name>-server.txt``, ``<name>-client.txt``; py-spy must be installed).
     """
 
-    profile: Path | None = None
+    profile: ClassVar[Path | None] = None
+    profile_flags: ClassVar[list[str]] = ["--nonblocking"]  # or ["--native"]: C frames too, pausing the process to sample
 
     def __init__(self, server: Callable[..., None], client: Callable[..., None], spec: dict[str, Any]) -> None:
         self.spec = spec
-        self.name = f"{server.__name__}-{spec['mode']}-{spec['size'] // MB}MB"
+        self.name = f"{server.__name__}{'-verify' * bool(spec.get('verify'))}-{spec['mode']}-{spec['size'] // MB}MB"
         self.spies: list[subprocess.Popen[bytes]] = []
         self.s_conn, s_child = CTX.Pipe()
         self.server = CTX.Process(target=server, args=(s_child, spec), daemon=True)
@@ -153,7 +168,7 @@ class Pair:
         out = self.profile / f"{self.name}-{side}.txt"
         self.spies.append(subprocess.Popen(
             ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", str(out), "--rate", "250",
-             "--threads", "--idle", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+             "--threads", *self.profile_flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     @staticmethod
     def _recv(conn: Any, proc: Any, timeout: float = 3600.0) -> dict[str, Any]:
@@ -176,8 +191,8 @@ class Pair:
             spy.wait(60)
 
 
-def run_raw(mode: str, size: int, chunk: int) -> Run:
-    pair = Pair(roles.raw_server, roles.raw_client, {"mode": mode, "size": size, "chunk": chunk})
+def run_raw(mode: str, size: int, chunk: int, verify: bool = False) -> Run:
+    pair = Pair(roles.raw_server, roles.raw_client, {"mode": mode, "size": size, "chunk": chunk, "verify": verify})
     try:
         c = pair._recv(pair.c_conn, pair.client)
         pair.s_conn.send("done")
@@ -188,7 +203,8 @@ def run_raw(mode: str, size: int, chunk: int) -> Run:
         raise RuntimeError(f"raw {mode}: {c['bytes']} bytes moved, expected {size}")
     t0, t1 = c["start_at"], c["end_at"]
     sender, receiver = (pair.s_rss, pair.c_rss) if mode == "download" else (pair.c_rss, pair.s_rss)
-    return Run(t1 - t0, size, sender.peak(t0, t1) - sender.before(t0), receiver.peak(t0, t1) - receiver.before(t0))
+    return Run(t1 - t0, size, sender.peak(t0, t1) - sender.before(t0), receiver.peak(t0, t1) - receiver.before(t0),
+               sender_cpu=sender.cpu(t0, t1), receiver_cpu=receiver.cpu(t0, t1))
 
 
 def run_fed(mode: str, size: int, chunk: int) -> Run:
@@ -204,14 +220,15 @@ def run_fed(mode: str, size: int, chunk: int) -> Run:
         nbytes, t1, t_end = s["payload_size"], n["handled_at"], n["handler_done_at"]
         sender, receiver = pair.s_rss, pair.c_rss
         s_window, encode_s = (t0, t1), s["encode_s"]
-        seconds = t1 - t0
+        seconds, c0 = t1 - t0, t0
     else:
         nbytes, t1, t_end = s["result_size"], s["finished_at"], s["verified_at"]
         sender, receiver = pair.c_rss, pair.s_rss
         s_window, encode_s = (t0, t1), s["upload_started_at"] - n["handled_at"]
-        seconds = t1 - s["upload_started_at"]
+        seconds, c0 = t1 - s["upload_started_at"], s["upload_started_at"]
     return Run(seconds, nbytes, sender.peak(*s_window) - sender.before(t0),
-               receiver.peak(t0, t_end) - receiver.before(t0), intact, encode_s)
+               receiver.peak(t0, t_end) - receiver.before(t0), intact, encode_s,
+               sender.cpu(c0, t1), receiver.cpu(c0, t1))
 
 
 def summarize(runs: list[Run]) -> dict[str, float]:
@@ -222,6 +239,8 @@ def summarize(runs: list[Run]) -> dict[str, float]:
         "receiver": max(r.receiver_growth / r.nbytes for r in runs),
         "encode": statistics.median(r.encode_s for r in runs) if runs[0].encode_s is not None else float("nan"),
         "intact": all(r.intact for r in runs) if runs[0].intact is not None else True,
+        "cpu_send": statistics.median(r.sender_cpu / (r.nbytes / 1e9) for r in runs),
+        "cpu_recv": statistics.median(r.receiver_cpu / (r.nbytes / 1e9) for r in runs),
     }
 
 
@@ -239,10 +258,12 @@ def main() -> int:
     ap.add_argument("--quiet-wait", type=float, default=120.0,
                     help="seconds each run may wait for the machine to be >= 85%% idle (0: do not wait)")
     ap.add_argument("--profile", type=Path, help="folder for py-spy collapsed stacks of every process")
+    ap.add_argument("--profile-native", action="store_true", help="profile C frames too (slows the runs)")
     args = ap.parse_args()
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
         Pair.profile = args.profile
+        Pair.profile_flags = ["--native"] if args.profile_native else ["--nonblocking"]
     plan = [(mb, args.repeat) for mb in args.sizes] + ([] if args.skip_huge else [(args.huge, 1)])
     import grpc
 
@@ -254,16 +275,19 @@ def main() -> int:
     print("-" * len(header))
     misses: list[str] = []
     idle: list[float] = []
+    costs: list[str] = []
     for mb, repeat in plan:
         size = mb * MB
         for mode in ("download", "upload"):
-            raw_runs, fed_runs = [], []
-            for _ in range(repeat):  # interleaved, so a drifting machine load hits both alike
+            raw_runs, ver_runs, fed_runs = [], [], []
+            for _ in range(repeat):  # interleaved, so a drifting machine load hits all alike
                 idle.append(wait_until_quiet(args.quiet_wait))
                 raw_runs.append(run_raw(mode, size, args.chunk))
                 idle.append(wait_until_quiet(args.quiet_wait))
+                ver_runs.append(run_raw(mode, size, args.chunk, verify=True))
+                idle.append(wait_until_quiet(args.quiet_wait))
                 fed_runs.append(run_fed(mode, size, args.chunk))
-            raw, fed = summarize(raw_runs), summarize(fed_runs)
+            raw, ver, fed = summarize(raw_runs), summarize(ver_runs), summarize(fed_runs)
             ratio = fed["gbps"] / raw["gbps"]
             checks = {"throughput": ratio >= TARGET_RATIO, "sender RSS": fed["sender"] <= TARGET_SENDER,
                       "receiver RSS": fed["receiver"] <= TARGET_RECEIVER, "intact": fed["intact"]}
@@ -273,6 +297,16 @@ def main() -> int:
                   f"{fed['sender']:7.2f}x {fed['receiver']:7.2f}x | {raw['sender']:7.2f}x {raw['receiver']:7.2f}x | "
                   f"{fed['encode']:8.2f} | {'yes' if fed['intact'] else 'NO':>6} | "
                   + " ".join(f"{name} {verdict(ok)}" for name, ok in checks.items()), flush=True)
+            costs.append(f"{mb:>5} MB {mode:>8} | {raw['cpu_send']:8.2f} {raw['cpu_recv']:8.2f} | "
+                         f"{ver['gbps']:8.2f} {fed['gbps'] / ver['gbps']:7.2f}x {ver['cpu_recv']:8.2f} "
+                         f"{ver['receiver']:7.2f}x | {fed['cpu_send']:8.2f} {fed['cpu_recv']:8.2f}")
+    print("\nWhere the time goes. CPU s/GB = CPU seconds of each process (all threads) per GB moved; at 1 GB/s, "
+          "2.0 s/GB keeps both cores busy.\n'raw+verify' = the raw stream whose receiver also keeps the bytes in "
+          "one buffer and SHA-256s them in a thread (numpy + hashlib only): the floor of any verified receiver.")
+    print(f"{'size':>8} {'dir':>8} | {'raw CPU s/GB':>17} | {'raw+verify':>8} {'fed/it':>8} {'CPU recv':>8} "
+          f"{'recv RSS':>8} | {'fed CPU s/GB':>17}")
+    print(f"{'':>17} | {'send':>8} {'recv':>8} | {'GB/s':>8} {'':>8} {'s/GB':>8} {'':>8} | {'send':>8} {'recv':>8}")
+    print("\n".join(costs))
     print(f"machine idle before the runs: min {min(idle):.0%}, median {statistics.median(idle):.0%} "
           f"(runs wait up to {args.quiet_wait:g} s for >= 85% idle)")
     print(f"targets: fed/raw >= {TARGET_RATIO}x, sender RSS growth <= {TARGET_SENDER}x payload, "

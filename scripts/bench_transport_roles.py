@@ -7,7 +7,8 @@ stamps (CLOCK_MONOTONIC is system-wide on Linux, so stamps of different processe
 the orchestrator cuts its RSS windows and computes throughput.
 
 The raw pair is the baseline: generic handlers with identity (de)serializers over ``bytes``, 1 MiB slices
-of one preallocated ``bytes`` buffer, the receiver only counting. The fedstream pair is the real code:
+of one preallocated ``bytes`` buffer, the receiver only counting (or, with ``spec["verify"]``, also
+keeping and hashing the bytes, see :class:`RawSink`). The fedstream pair is the real code:
 ``FedServer.dispatch`` / ``UploadResult`` on one side, ``fednode.client.NodeClient`` (its download into a
 ``ChunkAssembler``, digest check, decode in the worker, encode and upload of the reply) on the other.
 """
@@ -64,6 +65,44 @@ def quiet_logs() -> None:
 
 
 # -- raw grpcio baseline -----------------------------------------------------------------------------------
+class RawSink:
+    """What a raw receiver does with each message: count it, or (``verify``) also keep it and hash it.
+
+    The verifying sink is the least any receiver that keeps and checks the bytes must do, written with
+    numpy and hashlib only: copy into one preallocated buffer, SHA-256 in a thread behind the copies.
+    """
+
+    def __init__(self, size: int, verify: bool) -> None:
+        self.total = 0
+        self.verify = verify
+        if verify:
+            import queue
+            import threading
+
+            self._buf = memoryview(np.empty(size, dtype=np.uint8))
+            self._hash = hashlib.sha256()
+            self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+            self._hasher = threading.Thread(target=self._hash_ranges, daemon=True)
+            self._hasher.start()
+
+    def _hash_ranges(self) -> None:
+        while (item := self._ranges.get()) is not None:
+            self._hash.update(self._buf[item[0] : item[1]])
+
+    def add(self, message: bytes) -> None:
+        n = len(message)
+        if self.verify:
+            self._buf[self.total : self.total + n] = message
+            self._ranges.put((self.total, self.total + n))
+        self.total += n
+
+    def close(self) -> None:
+        if self.verify:
+            self._ranges.put(None)
+            self._hasher.join()
+            self._hash.digest()
+
+
 def raw_server(conn: Any, spec: dict[str, Any]) -> None:
     asyncio.run(_raw_server(conn, spec))
 
@@ -81,12 +120,13 @@ async def _raw_server(conn: Any, spec: dict[str, Any]) -> None:
             yield buf[offset : offset + chunk]
 
     async def upload(request_iterator: Any, context: Any) -> bytes:
-        total = 0
+        sink = RawSink(size, spec.get("verify", False))
         async for message in request_iterator:
-            total += len(message)
-        received.update(total=total, end_at=now())
+            sink.add(message)
+        sink.close()
+        received.update(total=sink.total, end_at=now())
         done.set()
-        return total.to_bytes(8, "little")
+        return sink.total.to_bytes(8, "little")
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MESSAGE_LIMIT),
                                       ("grpc.max_send_message_length", MESSAGE_LIMIT)])
@@ -118,9 +158,11 @@ async def _raw_client(conn: Any, spec: dict[str, Any]) -> None:
         if spec["mode"] == "download":
             call = channel.unary_stream(f"/{RAW_SERVICE}/Download")(b"")
             t0 = now()
-            total = 0
+            sink = RawSink(size, spec.get("verify", False))
             async for message in call:
-                total += len(message)
+                sink.add(message)
+            sink.close()
+            total = sink.total
         else:
             call = channel.stream_unary(f"/{RAW_SERVICE}/Upload")()
             t0 = now()

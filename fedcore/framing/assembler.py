@@ -8,6 +8,7 @@ import numpy as np
 
 from fedcore.errors import ChunkOrderError, DigestMismatchError, FramingError, PayloadSizeError
 from fedcore.framing.digest import PrefixDigest
+from fedcore.framing.memory import receive_buffer
 from fedcore.framing.payload import PayloadInfo
 from fedcore.serialization import DEFAULT_LIMITS, Serializer, SerializerLimits
 
@@ -34,7 +35,7 @@ class ChunkAssembler:
             raise ChunkOrderError(f"a new transfer must start at offset 0, not {info.start_offset}")
         self.info = info
         self.max_chunk_size = max_chunk_size
-        self._buffer = np.empty(info.total_size, dtype=np.uint8)
+        self._buffer = receive_buffer(info.total_size)  # its pages are faulted in by a worker thread
         self._view = memoryview(self._buffer)
         self._digest = PrefixDigest(self._view)
         self.received = 0
