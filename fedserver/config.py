@@ -49,6 +49,9 @@ class ServerConfig:
     max_concurrent_uploads: int = 16  # upload sessions holding a buffer (active or waiting for a resume)
     max_upload_buffer_bytes: int = 4 * GiB  # bytes those buffers may hold together (one upload always fits)
     max_send_buffer_bytes: int = 64 * MiB  # task chunk bytes handed to gRPC and not yet sent, all streams
+    # per-stream HTTP/2 receive window; None: gRPC sizes it by bandwidth-delay probing (fast on long links,
+    # but each reply waiting for upload room may then sit ~10-20 MB deep in gRPC); bytes: fixed, probing off
+    receive_window_bytes: int | None = None
     max_poll_wait_seconds: float = 30.0
     heartbeat_interval_seconds: float = 10.0
     shutdown_retry_after_seconds: float = 5.0  # told to nodes in ServerShutdown
@@ -79,6 +82,9 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ServerConfigError(f"{name} must be an int > 0, got {value!r}")
+        window = self.receive_window_bytes
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 65535):
+            raise ServerConfigError(f"receive_window_bytes must be None or an int >= 65535, got {window!r}")
         if self.chunk_size > self.max_chunk_size:
             raise ServerConfigError(
                 f"chunk_size {self.chunk_size} must not exceed max_chunk_size {self.max_chunk_size}")
@@ -119,4 +125,7 @@ class ServerConfig:
             # silently ignored and the 5-minute default then answers keepalive pings with GOAWAY too_many_pings
             ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_client_ping_interval_seconds)),
             ("grpc.http2.max_ping_strikes", 2),
-        ]
+        ] + ([] if self.receive_window_bytes is None else [
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", self.receive_window_bytes),
+        ])

@@ -66,3 +66,29 @@ def test_reports_keep_counts_not_reply_params_and_drop_old_global_params(tmp_pat
             assert outcome.result is not None and outcome.result.params == {}
             assert outcome.result.num_samples > 0 and outcome.result.num_steps == 5
     assert reports[-1].metrics["train_loss"] > 0
+
+
+def test_receive_window_is_a_fixed_grpc_window_and_is_validated() -> None:
+    from fedcore.errors import ServerConfigError
+    from fedserver.config import ServerConfig
+
+    assert not any(name == "grpc.http2.bdp_probe" for name, _ in ServerConfig(tls="insecure").grpc_options())
+    options = dict(ServerConfig(tls="insecure", receive_window_bytes=256 << 10).grpc_options())
+    assert options["grpc.http2.bdp_probe"] == 0 and options["grpc.http2.lookahead_bytes"] == 256 << 10
+    for bad in (0, 1000, True, 1.5e6):
+        with pytest.raises(ServerConfigError, match="receive_window_bytes"):
+            ServerConfig(tls="insecure", receive_window_bytes=bad)
+
+
+def test_rounds_run_with_a_small_receive_window_and_one_upload_at_a_time(tmp_path: Path) -> None:
+    sites = least_squares_sites()
+
+    async def main():
+        kwargs = {"receive_window_bytes": 65535, "max_upload_buffer_bytes": 1}
+        async with federation(tmp_path, sites, server_kwargs=kwargs) as (server, _, _):
+            exp = Experiment(LinearPlan, ARGS, aggregator=FedAverage(), rounds=2, dataset_tags=["lsq"],
+                             min_nodes=3, round_timeout=30, server=server, progress=False)
+            return await exp.run_async()
+
+    reports = asyncio.run(asyncio.wait_for(main(), timeout=120))
+    assert [sorted(r.succeeded) for r in reports] == [["site-0", "site-1", "site-2"]] * 2
