@@ -2,8 +2,9 @@
 
 Started by :mod:`benchmarks.fedstream_rounds` (one process, so its memory is the server's alone). It prints
 ``PORT <n>`` once listening, waits for ``--nodes`` nodes, resets its peak RSS (``VmHWM``) and records its
-idle RSS, runs the rounds and writes a JSON summary to ``--out``: seconds per round (each round from the
-end of the previous one, so between-round work counts), idle RSS, and peak RSS during the rounds.
+idle RSS, prints ``ROUNDS START``, runs the rounds, prints ``ROUNDS END`` and writes a JSON summary to
+``--out``: seconds per round (each round from the end of the previous one, so between-round work
+counts), idle RSS, peak RSS and CPU seconds during the rounds.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ TRAINING_ARGS = {"num_updates": 1, "batch_size": 1, "lr": 1e-3, "shuffle": False
 
 async def researcher(args: argparse.Namespace) -> dict:
     limits = {"max_upload_buffer_bytes": args.upload_buffer_mb << 20} if args.upload_buffer_mb else {}
+    if args.receive_window_kib:
+        limits["receive_window_bytes"] = args.receive_window_kib << 10
     config = ServerConfig(address="127.0.0.1", port=args.port, tls="insecure", max_poll_wait_seconds=30.0, **limits)
     server = FedServer(config, NodeStore(args.home / "nodes.db"))
     port = await server.start()
@@ -52,7 +55,7 @@ async def researcher(args: argparse.Namespace) -> dict:
             if len(report.succeeded) != args.nodes:
                 raise SystemExit(f"round {report.round}: only {report.succeeded} replied")
 
-        exp = Experiment(BenchPlan, TRAINING_ARGS, aggregator=FedAverage(), rounds=args.rounds,
+        exp = Experiment(BenchPlan, TRAINING_ARGS, aggregator=FedAverage(accumulator=args.accumulator), rounds=args.rounds,
                          dataset_tags=["bench"], min_nodes=args.nodes, round_timeout=300.0,
                          node_wait_timeout=120.0, model_args={"num_params": args.params}, name="bench",
                          server=server, on_round=on_round, progress=False, keep_round_params=False)
@@ -61,11 +64,15 @@ async def researcher(args: argparse.Namespace) -> dict:
         await asyncio.sleep(0.5)  # let the nodes' first long polls settle
         reset_peak()
         idle = rss_bytes()
-        started = time.perf_counter()
+        print("ROUNDS START", flush=True)
+        cpu0, started = time.process_time(), time.perf_counter()
         await exp.run_async()
+        cpu = time.process_time() - cpu0
         peak = peak_bytes()
+        print("ROUNDS END", flush=True)
         rounds = [b - a for a, b in zip([started, *ends], ends)]
-        return {"round_seconds": rounds, "round_internal_seconds": internal, "idle_rss": idle, "peak_rss": peak}
+        return {"round_seconds": rounds, "round_internal_seconds": internal, "idle_rss": idle, "peak_rss": peak,
+                "cpu_seconds": cpu}
     finally:
         await server.stop(grace=2.0)
 
@@ -78,6 +85,9 @@ def main() -> int:
     ap.add_argument("--params", type=int, required=True)
     ap.add_argument("--rounds", type=int, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--accumulator", default="float64", help="FedAverage(accumulator=...)")
+    ap.add_argument("--receive-window-kib", type=int, default=0,
+                    help="ServerConfig.receive_window_bytes in KiB (0: None, gRPC's probing)")
     ap.add_argument("--upload-buffer-mb", type=int, default=0,
                     help="ServerConfig.max_upload_buffer_bytes in MiB (0: the server's default)")
     args = ap.parse_args()

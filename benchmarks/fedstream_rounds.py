@@ -71,7 +71,7 @@ def prepare(workdir: Path, nodes: int) -> list[tuple[Path, Path]]:
 
 
 def run(params: int, nodes: int, rounds: int, workdir: Path, upload_buffer_mb: int = 0,
-        timeout: float = 1800.0) -> Measurement:
+        accumulator: str = "float64", receive_window_kib: int = 0, timeout: float = 1800.0) -> Measurement:
     """One fedstream run of ``rounds`` FedAvg rounds of ``params`` float32 parameters with ``nodes`` nodes."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "server").mkdir(exist_ok=True)
@@ -84,7 +84,8 @@ def run(params: int, nodes: int, rounds: int, workdir: Path, upload_buffer_mb: i
         researcher = subprocess.Popen(
             [sys.executable, str(RESEARCHER), "--home", str(workdir / "server"), "--nodes", str(nodes),
              "--params", str(params), "--rounds", str(rounds), "--out", str(out),
-             "--upload-buffer-mb", str(upload_buffer_mb)],
+             "--upload-buffer-mb", str(upload_buffer_mb), "--accumulator", accumulator,
+             "--receive-window-kib", str(receive_window_kib)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         sampler = RssSampler([researcher.pid]).start()
         try:
@@ -99,6 +100,7 @@ def run(params: int, nodes: int, rounds: int, workdir: Path, upload_buffer_mb: i
                      f"127.0.0.1:{port}", "--insecure", "--token-file", str(token), "--name", f"bench-{i}",
                      "--auto-approve"],
                     cwd=ROOT, stdout=node_log, stderr=subprocess.STDOUT, env=env))
+            node_cpu = _node_cpu_during_rounds(researcher, [proc.pid for proc in procs], timeout)
             code = researcher.wait(timeout=timeout)
             if code != 0:
                 raise RuntimeError(f"researcher exited with {code}; see {workdir / 'researcher.log'}")
@@ -117,5 +119,30 @@ def run(params: int, nodes: int, rounds: int, workdir: Path, upload_buffer_mb: i
                     proc.kill()
     result = json.loads(out.read_text())
     return Measurement("fedstream", params, nodes, result["round_seconds"], result["idle_rss"], result["peak_rss"],
-                       notes={"sampled_peak_rss": sampler_peak,
+                       notes={"sampled_peak_rss": sampler_peak, "server_cpu_seconds": result["cpu_seconds"],
+                              "nodes_cpu_seconds": node_cpu,
                               "round_internal_seconds": result["round_internal_seconds"]})
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (``/proc/<pid>/stat``), 0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _node_cpu_during_rounds(researcher: subprocess.Popen, pids: list[int], timeout: float) -> float:
+    """CPU seconds the node processes spend between the researcher's ROUNDS START and ROUNDS END lines."""
+    deadline = time.monotonic() + timeout
+    start = None
+    for line in researcher.stdout or ():
+        if line.startswith("ROUNDS START"):
+            start = sum(_cpu_seconds(pid) for pid in pids)
+        elif line.startswith("ROUNDS END") and start is not None:
+            return sum(_cpu_seconds(pid) for pid in pids) - start
+        if time.monotonic() > deadline:
+            break
+    return float("nan")

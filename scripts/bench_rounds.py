@@ -23,12 +23,14 @@ Targets (issue "performance and scale"): seconds per round <= 0.1x Flower's at 1
 <= 0.15x at 50M; fedstream's peak RSS at 10M parameters with 8 nodes <= 4x the model size above idle.
 Exit status 1 when a measured target is missed.
 
-The fedstream server receives replies into at most ``--upload-buffer`` MiB of buffers (64; one reply
-always fits): replies beyond it wait in line, which bounds memory whatever the number of nodes.
+fedstream's server runs with two memory bounds (``--server-defaults`` drops both): replies are received
+into at most ``--upload-buffer`` MiB of buffers (64; one reply always fits), the others wait in line, and
+a waiting reply holds at most ``--receive-window`` KiB (256) inside gRPC. Together they keep the server's
+memory O(model) whatever the number of nodes.
 
 Usage: python scripts/bench_rounds.py [--params 1M 10M 50M] [--nodes 2 8] [--rounds 5]
-                                      [--only fedstream|flower] [--upload-buffer 64] [--cache DIR]
-                                      [--markdown FILE]
+                                      [--only fedstream|flower] [--upload-buffer 64] [--receive-window 256]
+                                      [--server-defaults] [--accumulator float64] [--cache DIR] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -149,12 +151,22 @@ def main() -> int:
     ap.add_argument("--upload-buffer", type=int, default=64, metavar="MIB",
                     help="fedstream server's max_upload_buffer_bytes in MiB: replies beyond it are received one "
                          "after the other (default 64, like its 64 MiB send budget; 0: the server default, 4 GiB)")
+    ap.add_argument("--receive-window", type=int, default=256, metavar="KIB",
+                    help="fedstream server's receive_window_bytes in KiB: what a reply waiting for upload room may "
+                         "hold inside gRPC (default 256; 0: gRPC's bandwidth-delay probing, the server default)")
+    ap.add_argument("--server-defaults", action="store_true",
+                    help="run fedstream's server with its default limits (same as --upload-buffer 0 --receive-window 0)")
+    ap.add_argument("--accumulator", choices=("float64", "param_dtype"), default="float64",
+                    help="fedstream's FedAverage accumulator (default float64: a float64 sum, 2x a float32 model; "
+                         "param_dtype: summed in float32, 1x)")
     ap.add_argument("--quiet-wait", type=float, default=180.0, metavar="SECONDS",
                     help="each measurement first waits up to this long for the cores to be >= 85%% idle")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = ap.parse_args()
     if args.rounds < 2:
         ap.error("--rounds must be >= 2 (the first round is not counted)")
+    if args.server_defaults:
+        args.upload_buffer = args.receive_window = 0
     args.cache.mkdir(parents=True, exist_ok=True)
     bin_dir = flower_rounds.ensure_flower(args.cache) if args.only != "fedstream" else None
     warm_memory(args.warm_memory)
@@ -171,9 +183,13 @@ def main() -> int:
                 idle.append(wait_until_quiet(args.quiet_wait))
                 started = time.perf_counter()
                 row["fedstream"] = fs = fedstream_rounds.run(params, nodes, args.rounds, runs / f"fedstream-{tag}",
-                                                             upload_buffer_mb=args.upload_buffer)
+                                                             upload_buffer_mb=args.upload_buffer,
+                                                             receive_window_kib=args.receive_window,
+                                                             accumulator=args.accumulator)
                 print(f"{tag} fedstream: {fs.median_seconds:.3f} s/round {[round(s, 3) for s in fs.round_seconds]}, "
-                      f"peak RSS {fs.peak_rss / MB:.0f} MB (idle {fs.idle_rss / MB:.0f} MB) "
+                      f"peak RSS {fs.peak_rss / MB:.0f} MB (idle {fs.idle_rss / MB:.0f} MB), CPU s/round: server "
+                      f"{fs.notes['server_cpu_seconds'] / args.rounds:.2f}, nodes "
+                      f"{fs.notes['nodes_cpu_seconds'] / args.rounds:.2f} "
                       f"[{time.perf_counter() - started:.0f} s, {idle[-1]:.0%} idle before]", flush=True)
             if args.only != "fedstream":
                 idle.append(wait_until_quiet(args.quiet_wait))
