@@ -55,8 +55,8 @@ async def researcher(args: argparse.Namespace) -> dict:
             if len(report.succeeded) != args.nodes:
                 raise SystemExit(f"round {report.round}: only {report.succeeded} replied")
 
-        exp = Experiment(BenchPlan, TRAINING_ARGS, aggregator=FedAverage(accumulator=args.accumulator), rounds=args.rounds,
-                         dataset_tags=["bench"], min_nodes=args.nodes, round_timeout=300.0,
+        exp = Experiment(BenchPlan, TRAINING_ARGS, aggregator=FedAverage(accumulator=args.accumulator),
+                         rounds=args.rounds, dataset_tags=["bench"], min_nodes=args.nodes, round_timeout=300.0,
                          node_wait_timeout=120.0, model_args={"num_params": args.params}, name="bench",
                          server=server, on_round=on_round, progress=False, keep_round_params=False)
         # idle = the server up, the nodes connected and the initial model built, as run() would build it

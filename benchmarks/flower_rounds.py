@@ -153,7 +153,8 @@ def run(params: int, nodes: int, rounds: int, workdir: Path, bin_dir: Path, time
         _stop_trees(procs)
         for handle in logs:
             handle.close()
-    names = sorted({name.split(" ")[0].rsplit("/", 1)[-1] + " " + name.split(" ")[1].rsplit("/", 1)[-1]
-                    for name in sampler.names.values() if " " in name})
+    # command lines are "<venv>/bin/python <venv>/bin/<program> ...": keep the program names
+    names = sorted({Path(words[1]).name for words in (name.split() for name in sampler.names.values())
+                    if len(words) > 1})
     return Measurement("flower", params, nodes, result["round_seconds"], idle, peak,
                        notes={"server_processes": names, "rss_samples": sampler.samples})
