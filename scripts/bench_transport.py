@@ -110,9 +110,11 @@ def cpu_idle(seconds: float = 1.0) -> float:
     return (idle1 - idle0) / max(total1 - total0, 1)
 
 
-def wait_until_quiet(max_wait: float, threshold: float = 0.85) -> float:
-    """Wait (up to ``max_wait`` s) until other processes leave the cores >= ``threshold`` idle; the last idle
-    fraction seen. Benchmarks sharing a 2-core machine with test suites measure noise otherwise."""
+def wait_until_quiet(max_wait: float, threshold: float = 0.85, settle: float = 0.0) -> float:
+    """Sleep ``settle`` s, then wait (up to ``max_wait`` s) until other processes leave the cores >= ``threshold``
+    idle; the last idle fraction seen. Benchmarks sharing a 2-core machine with test suites measure noise
+    otherwise. The settling pause puts every run in the same memory state (see ``--settle``)."""
+    time.sleep(settle)
     deadline = time.monotonic() + max_wait
     idle = cpu_idle()
     while idle < threshold and time.monotonic() < deadline:
@@ -257,6 +259,9 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=1 << 20, help="chunk size in bytes (both paths)")
     ap.add_argument("--quiet-wait", type=float, default=120.0,
                     help="seconds each run may wait for the machine to be >= 85%% idle (0: do not wait)")
+    ap.add_argument("--settle", type=float, default=5.0,
+                    help="seconds to pause before each run: on a VM that hands freed pages back to its host "
+                         "(free page reporting), every run then starts with cold memory, as a long-lived node does")
     ap.add_argument("--profile", type=Path, help="folder for py-spy collapsed stacks of every process")
     ap.add_argument("--profile-native", action="store_true", help="profile C frames too (slows the runs)")
     args = ap.parse_args()
@@ -281,11 +286,11 @@ def main() -> int:
         for mode in ("download", "upload"):
             raw_runs, ver_runs, fed_runs = [], [], []
             for _ in range(repeat):  # interleaved, so a drifting machine load hits all alike
-                idle.append(wait_until_quiet(args.quiet_wait))
+                idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
                 raw_runs.append(run_raw(mode, size, args.chunk))
-                idle.append(wait_until_quiet(args.quiet_wait))
+                idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
                 ver_runs.append(run_raw(mode, size, args.chunk, verify=True))
-                idle.append(wait_until_quiet(args.quiet_wait))
+                idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
                 fed_runs.append(run_fed(mode, size, args.chunk))
             raw, ver, fed = summarize(raw_runs), summarize(ver_runs), summarize(fed_runs)
             ratio = fed["gbps"] / raw["gbps"]

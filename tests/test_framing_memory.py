@@ -47,3 +47,30 @@ def test_pages_become_resident_without_being_written() -> None:
         pytest.skip("the kernel refused MADV_POPULATE_WRITE")
     assert _rss() - before >= 0.9 * size  # nothing wrote to buf: only the prefault made it resident
     del buf
+
+
+def _smaps_field(address: int, field: str) -> int:
+    """``field`` (e.g. THPeligible) of the mapping holding ``address`` in /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise LookupError(f"{field} not found for address {address:#x}")
+
+
+@pytest.mark.skipif(memory._madvise is None, reason="needs Linux >= 5.14 (MADV_POPULATE_WRITE)")
+def test_receive_buffers_opt_out_of_transparent_huge_pages() -> None:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        if "[never]" in f.read():
+            pytest.skip("transparent huge pages are disabled on this machine")
+    plain = np.empty(64 << 20, dtype=np.uint8)  # numpy opts large arrays in
+    buf = memory.receive_buffer(64 << 20)
+    _drain_prefault()
+    assert _smaps_field(plain.ctypes.data + (32 << 20), "THPeligible") == 1
+    assert _smaps_field(buf.ctypes.data + (32 << 20), "THPeligible") == 0
+    assert _smaps_field(buf.ctypes.data + (32 << 20), "AnonHugePages") == 0
