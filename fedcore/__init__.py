@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Serializer", "TrainingArgs", "MiniBatchTrainingIterationsAccountant", "__version__"]
+__all__ = ["MiniBatchTrainingIterationsAccountant", "Serializer", "TrainingArgs", "__version__"]
 __version__ = "0.1.0"
 
 

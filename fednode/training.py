@@ -17,9 +17,9 @@ import numpy as np
 from fedcore.errors import PlanError
 from fedcore.models import weights_to_numpy
 from fedcore.plans import ArrayDataset, TrainingProgress
+from fedcore.plans.loader import load_plan_class
 from fedcore.tasks import TrainResult, TrainTask
 from fedcore.training_args import TrainingArgs
-from fedcore.plans.loader import load_plan_class
 
 ProgressCallback = Callable[[TrainingProgress], None]
 

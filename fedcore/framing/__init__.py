@@ -3,4 +3,4 @@
 from fedcore.framing.assembler import ChunkAssembler, assemble
 from fedcore.framing.payload import DEFAULT_CHUNK_SIZE, OutgoingPayload, PayloadInfo, SharedMapPayload
 
-__all__ = ["ChunkAssembler", "OutgoingPayload", "PayloadInfo", "DEFAULT_CHUNK_SIZE", "SharedMapPayload", "assemble"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "ChunkAssembler", "OutgoingPayload", "PayloadInfo", "SharedMapPayload", "assemble"]

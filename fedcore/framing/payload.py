@@ -9,8 +9,9 @@ that straddle segment boundaries are small joined copies.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from fedcore.errors import FramingError, PayloadSizeError
 from fedcore.serialization import DEFAULT_LIMITS, Serializer, SerializerLimits
