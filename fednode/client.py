@@ -40,6 +40,7 @@ from fedcore.errors import (
     ServerRefusedError,
 )
 from fedcore.framing import OutgoingPayload
+from fedcore.framing.memory import keep_chunk_memory
 from fedcore.serialization import Serializer
 from fedcore.wire import (
     DatasetInfo,
@@ -159,6 +160,8 @@ class NodeClient:
         if self._loop is not None:
             raise NodeError("NodeClient.run() was already called; create one client per run")
         self._loop = asyncio.get_running_loop()
+        # chunk-sized blocks reused, not trimmed and refaulted per chunk (fedcore.framing.memory)
+        keep_chunk_memory(self.config.upload_chunk_size)
         name = self.config.node_name
         try:
             while True:

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fedcore.errors import LimitExceededError, ServerStateError
 from fedcore.framing import OutgoingPayload
+from fedcore.framing.memory import keep_chunk_memory
 from fedcore.serialization import DEFAULT_LIMITS, SerializerLimits
 from fedcore.wire import TaskKind
 from fedserver.auth import Authenticator, NodeStore
@@ -87,6 +88,7 @@ class FedServer:
             raise ServerStateError(f"start() on a server that is {self.state.value}; create a new FedServer")
         cfg = self.config
         release_large_blocks()  # model-sized arrays go back to the OS when freed (see fedserver.malloc_policy)
+        keep_chunk_memory(cfg.chunk_size)  # chunk-sized blocks reused, not trimmed and refaulted per chunk
         server = grpc.aio.server(options=cfg.grpc_options())
         self._service = NodeService(cfg, self._auth, self.registry, self.board, self.uploads,
                                     is_stopping=lambda: self.state is not ServerState.SERVING,

@@ -74,3 +74,67 @@ def test_receive_buffers_opt_out_of_transparent_huge_pages() -> None:
     assert _smaps_field(plain.ctypes.data + (32 << 20), "THPeligible") == 1
     assert _smaps_field(buf.ctypes.data + (32 << 20), "THPeligible") == 0
     assert _smaps_field(buf.ctypes.data + (32 << 20), "AnonHugePages") == 0
+
+
+_HEAP_PROBE = """
+import sys
+from fedcore.framing import memory
+
+def heap() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(int(hi, 16) - int(lo, 16) for lo, hi in
+                   (line.split()[0].split("-") for line in f if line.rstrip().endswith("[heap]")))
+
+if sys.argv[1] == "keep":
+    assert memory.keep_chunk_memory(1 << 20)
+before = heap()
+block = bytes(3 << 20)  # a 3 MiB chunk-sized block
+grown = heap() - before
+del block
+print(grown, heap() - before)
+"""
+
+
+def _heap_growth(mode: str) -> tuple[int, int]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, timeout=60,
+                         check=True)
+    grown, kept = out.stdout.split()
+    return int(grown), int(kept)
+
+
+@pytest.mark.skipif(not memory._glibc(), reason="glibc malloc only")
+def test_kept_chunk_memory_comes_from_the_heap_and_stays_there() -> None:
+    grown, kept = _heap_growth("default")  # fresh process: glibc maps a 3 MiB block apart
+    assert grown < (1 << 20)
+    grown, kept = _heap_growth("keep")
+    assert grown >= (2 << 20)  # served from the heap (the top may already have had some room)...
+    assert kept == grown  # ...and not trimmed away when freed, so the next chunk reuses it
+
+
+_RAISE_PROBE = """
+from fedcore.framing import memory
+if not memory.keep_chunk_memory(1 << 20):
+    raise SystemExit(3)
+assert memory._kept >= memory.MMAP_THRESHOLD  # model-sized blocks keep their own mappings
+assert memory.keep_chunk_memory(6 << 20)  # larger chunks: just above a chunk message
+assert memory._kept == (6 << 20) + (64 << 10)
+assert memory.keep_chunk_memory(1 << 10)  # a smaller request keeps the larger setting
+assert memory._kept == (6 << 20) + (64 << 10)
+assert memory.keep_chunk_memory(1 << 40)  # capped at glibc's maximum instead of failing
+assert memory._kept == memory._MMAP_THRESHOLD_MAX
+"""
+
+
+def test_keep_chunk_memory_only_raises_the_thresholds() -> None:
+    import subprocess
+    import sys
+
+    # in a child: the settings are process-wide and must not leak into the other tests
+    proc = subprocess.run([sys.executable, "-c", _RAISE_PROBE], check=False, capture_output=True, text=True,
+                          timeout=60)
+    if proc.returncode == 3:
+        pytest.skip("not glibc")
+    assert proc.returncode == 0, proc.stderr

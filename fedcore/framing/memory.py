@@ -1,4 +1,4 @@
-"""Receive buffers whose pages are faulted in by a background thread, not by the thread writing chunks.
+"""Memory for chunk streaming: receive buffers faulted in by a worker thread, chunk blocks kept for reuse.
 
 The first write to each page of a fresh allocation is a page fault; on the measured VM (Firecracker, free
 pages handed back to the host) that costs ~0.55 CPU-seconds per GB with 4 KiB pages, more than receiving
@@ -12,12 +12,20 @@ Huge pages come from the large free blocks a VM with free page reporting has han
 so every one is a cold host fault: measured 1.1-2.0 CPU-s/GB after a few idle seconds, against a
 steady 0.55 with small pages (``scripts/bench_transport.py``, docs/performance.md). Elsewhere, or on
 older kernels, the buffer is simply faulted by its writer as before.
+
+Every chunk also passes through a few chunk-sized blocks (the message ``bytes``, gRPC's copy, the
+received ``bytes``), allocated and freed about a thousand times per GB. glibc's default thresholds
+let them bounce between a fresh ``brk``/``mmap`` and a trim back to the kernel on every chunk (two
+``brk`` calls per chunk measured on the server), so each chunk faulted its pages in again: ~0.5 CPU
+s/GB on each side. :func:`keep_chunk_memory` sets the thresholds once per process (``FedServer``
+and ``NodeClient`` call it) so those blocks come from and return to the heap.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -81,3 +89,46 @@ def receive_buffer(size: int) -> np.ndarray:
         except RuntimeError:  # interpreter shutting down: the writer faults the pages itself
             pass
     return buffer
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
+MMAP_THRESHOLD = 4 << 20  # bytes: blocks this large get their own mapping (as fedserver.malloc_policy sets)
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses larger (HEAP_MAX_SIZE / 2 on 64-bit)
+_kept = 0  # mmap threshold set so far
+
+
+def _glibc() -> bool:
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):  # not a GNU libc
+        return False
+
+
+def keep_chunk_memory(chunk_size: int) -> bool:
+    """Let glibc serve chunk messages from its heap and keep freed ones for the next chunk (process-wide).
+
+    Sets ``M_MMAP_THRESHOLD`` to 4 MiB, or just above a chunk message when chunks are larger, so a
+    chunk is never a fresh ``mmap`` while model-sized arrays still get their own mapping, returned to
+    the kernel when freed (the policy of ``fedserver.malloc_policy``); and ``M_TRIM_THRESHOLD`` to twice
+    that (glibc's own rule for its dynamic thresholds), so freeing a chunk does not hand the top of the
+    heap back to the kernel only for the next chunk to fault it in again. Only ever raises the settings;
+    a threshold the user set through ``GLIBC_TUNABLES`` is left alone. True when glibc took them.
+    """
+    global _kept
+    threshold = min(max(MMAP_THRESHOLD, chunk_size + (64 << 10)), _MMAP_THRESHOLD_MAX)
+    with _pool_lock:
+        if threshold <= _kept:
+            return True
+        if not _glibc():
+            return False
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError):
+            return False
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        tunables = os.environ.get("GLIBC_TUNABLES", "")
+        ok = ("mmap_threshold" in tunables or mallopt(_M_MMAP_THRESHOLD, threshold) == 1) and (
+            "trim_threshold" in tunables or mallopt(_M_TRIM_THRESHOLD, 2 * threshold) == 1)
+        if ok:
+            _kept = threshold
+        return ok
