@@ -62,6 +62,8 @@ def array_digests(params: dict[str, Any]) -> dict[str, str]:
 
 def quiet_logs() -> None:
     logging.basicConfig(level=logging.ERROR)
+    # the node stopping cancels its next long poll; grpc.aio logs that CancelledError as an error
+    logging.getLogger("grpc._cython.cygrpc").setLevel(logging.CRITICAL)
 
 
 # -- raw grpcio baseline -----------------------------------------------------------------------------------
