@@ -148,7 +148,8 @@ class Pair:
 
     def __init__(self, server: Callable[..., None], client: Callable[..., None], spec: dict[str, Any]) -> None:
         self.spec = spec
-        self.name = f"{server.__name__}{'-verify' * bool(spec.get('verify'))}-{spec['mode']}-{spec['size'] // MB}MB"
+        extra = "-verify" * bool(spec.get("verify")) + "-keep" * bool(spec.get("keep"))
+        self.name = f"{server.__name__}{extra}-{spec['mode']}-{spec['size'] // MB}MB"
         self.spies: list[subprocess.Popen[bytes]] = []
         self.s_conn, s_child = CTX.Pipe()
         self.server = CTX.Process(target=server, args=(s_child, spec), daemon=True)
@@ -193,8 +194,9 @@ class Pair:
             spy.wait(60)
 
 
-def run_raw(mode: str, size: int, chunk: int, verify: bool = False) -> Run:
-    pair = Pair(roles.raw_server, roles.raw_client, {"mode": mode, "size": size, "chunk": chunk, "verify": verify})
+def run_raw(mode: str, size: int, chunk: int, verify: bool = False, keep: bool = False) -> Run:
+    spec = {"mode": mode, "size": size, "chunk": chunk, "verify": verify, "keep": keep}
+    pair = Pair(roles.raw_server, roles.raw_client, spec)
     try:
         c = pair._recv(pair.c_conn, pair.client)
         pair.s_conn.send("done")
@@ -284,15 +286,18 @@ def main() -> int:
     for mb, repeat in plan:
         size = mb * MB
         for mode in ("download", "upload"):
-            raw_runs, ver_runs, fed_runs = [], [], []
+            raw_runs, keep_runs, ver_runs, fed_runs = [], [], [], []
             for _ in range(repeat):  # interleaved, so a drifting machine load hits all alike
                 idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
                 raw_runs.append(run_raw(mode, size, args.chunk))
                 idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
-                ver_runs.append(run_raw(mode, size, args.chunk, verify=True))
+                keep_runs.append(run_raw(mode, size, args.chunk, keep=True))
+                idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
+                ver_runs.append(run_raw(mode, size, args.chunk, verify=True, keep=True))
                 idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
                 fed_runs.append(run_fed(mode, size, args.chunk))
-            raw, ver, fed = summarize(raw_runs), summarize(ver_runs), summarize(fed_runs)
+            raw, keep, ver = summarize(raw_runs), summarize(keep_runs), summarize(ver_runs)
+            fed = summarize(fed_runs)
             ratio = fed["gbps"] / raw["gbps"]
             checks = {"throughput": ratio >= TARGET_RATIO, "sender RSS": fed["sender"] <= TARGET_SENDER,
                       "receiver RSS": fed["receiver"] <= TARGET_RECEIVER, "intact": fed["intact"]}
@@ -301,18 +306,20 @@ def main() -> int:
                   f"{fed['sender']:7.2f}x {fed['receiver']:7.2f}x | {'yes' if fed['intact'] else 'NO':>6} | "
                   + ", ".join(f"{name} {verdict(ok)}" for name, ok in checks.items()), flush=True)
             context.append(
-                f"{mb:>5} MB {mode:>8} | {ver['gbps']:8.2f} {fed['gbps'] / ver['gbps']:7.2f}x | "
-                f"{raw['cpu_send']:5.2f} {raw['cpu_recv']:5.2f} | {ver['cpu_recv']:5.2f} | "
-                f"{fed['cpu_send']:5.2f} {fed['cpu_recv']:5.2f} | {raw['receiver']:5.2f}x {ver['receiver']:5.2f}x | "
-                f"{fed['encode']:6.2f}")
-    print("\nContext. 'raw+verify': the raw stream whose receiver also keeps the bytes in one preallocated buffer")
-    print("and SHA-256s them in a thread (numpy + hashlib only), the least any verifying receiver does.")
-    print("CPU s/GB: CPU seconds of each process (all threads) per GB moved, during the transfer (2 cores:")
-    print("2.0 s/GB at 1 GB/s keeps both busy). recv RSS: receiver peak above baseline / payload. encode s:")
-    print("the sender's one-off encode + SHA-256 of its document, before the transfer (not in GB/s).")
-    print(f"{'':>17} | {'raw+verify':>17} | {'raw CPU':>11} | {'r+v':>5} | {'fed CPU':>11} | {'recv RSS':>13} |")
-    print(f"{'size':>8} {'dir':>8} | {'GB/s':>8} {'fed/it':>8} | {'send':>5} {'recv':>5} | {'recv':>5} | "
-          f"{'send':>5} {'recv':>5} | {'raw':>6} {'r+v':>6} | encode s")
+                f"{mb:>5} MB {mode:>8} | {keep['gbps']:5.2f} {fed['gbps'] / keep['gbps']:5.2f}x | "
+                f"{ver['gbps']:5.2f} {fed['gbps'] / ver['gbps']:5.2f}x | "
+                f"{raw['cpu_send']:4.2f} {raw['cpu_recv']:4.2f} | {keep['cpu_send']:4.2f} {keep['cpu_recv']:4.2f} | "
+                f"{ver['cpu_recv']:4.2f} | {fed['cpu_send']:4.2f} {fed['cpu_recv']:4.2f} | "
+                f"{raw['receiver']:5.2f}x {ver['receiver']:5.2f}x | {fed['encode']:5.2f}")
+    print("\nContext. raw*: the raw pair with fedstream's glibc malloc thresholds (keep_chunk_memory). r+v: raw*")
+    print("whose receiver also keeps the bytes in one preallocated numpy buffer and SHA-256s them in a thread,")
+    print("the least any verifying receiver does. CPU s/GB: CPU seconds of a process (all threads) per GB moved")
+    print("during the transfer (2 cores: 2.0 s/GB at 1 GB/s keeps both busy). recv RSS: receiver peak above")
+    print("baseline / payload. enc s: the sender's one-off encode + SHA-256 of its document (not in GB/s).")
+    print(f"{'':>17} | {'raw*':>12} | {'r+v':>12} | {'raw CPU':>9} | {'raw* CPU':>9} | {'r+v':>4} | "
+          f"{'fed CPU':>9} | {'recv RSS':>13} |")
+    print(f"{'size':>8} {'dir':>8} | {'GB/s':>5} {'fed/':>6} | {'GB/s':>5} {'fed/':>6} | {'send':>4} {'recv':>4} | "
+          f"{'send':>4} {'recv':>4} | {'recv':>4} | {'send':>4} {'recv':>4} | {'raw':>6} {'r+v':>6} | enc s")
     print("\n".join(context))
     print(f"machine idle before the runs: min {min(idle):.0%}, median {statistics.median(idle):.0%} "
           f"(runs wait up to {args.quiet_wait:g} s for >= 85% idle)")

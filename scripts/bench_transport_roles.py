@@ -8,7 +8,8 @@ the orchestrator cuts its RSS windows and computes throughput.
 
 The raw pair is the baseline: generic handlers with identity (de)serializers over ``bytes``, 1 MiB slices
 of one preallocated ``bytes`` buffer, the receiver only counting (or, with ``spec["verify"]``, also
-keeping and hashing the bytes, see :class:`RawSink`). The fedstream pair is the real code:
+keeping and hashing the bytes, see :class:`RawSink`); ``spec["keep"]`` gives both processes fedstream's
+glibc thresholds (:func:`fedcore.framing.memory.keep_chunk_memory`), for context. The fedstream pair is the real code:
 ``FedServer.dispatch`` / ``UploadResult`` on one side, ``fednode.client.NodeClient`` (its download into a
 ``ChunkAssembler``, digest check, decode in the worker, encode and upload of the reply) on the other.
 """
@@ -105,7 +106,15 @@ class RawSink:
             self._hash.digest()
 
 
+def _raw_setup(spec: dict[str, Any]) -> None:
+    if spec.get("keep"):  # the same glibc thresholds as fedstream's processes (context, not the baseline)
+        from fedcore.framing.memory import keep_chunk_memory
+
+        keep_chunk_memory(spec["chunk"])
+
+
 def raw_server(conn: Any, spec: dict[str, Any]) -> None:
+    _raw_setup(spec)
     asyncio.run(_raw_server(conn, spec))
 
 
@@ -145,6 +154,7 @@ async def _raw_server(conn: Any, spec: dict[str, Any]) -> None:
 
 
 def raw_client(conn: Any, spec: dict[str, Any]) -> None:
+    _raw_setup(spec)
     asyncio.run(_raw_client(conn, spec))
 
 
