@@ -9,7 +9,10 @@ fresh processes (one per side, so RSS is per side):
 * fedstream: ``FedServer.dispatch`` of ``{"params": {name: float32 array}}`` received by a real
   ``fednode.client.NodeClient`` (header, chunks into a ChunkAssembler, SHA-256 check, decode); and the
   node answering with a result of the same size through UploadResult, received, checked and decoded by
-  the server. Every fedstream transfer is checked intact (per-array SHA-256 of dtype, shape and bytes).
+  the server. Every fedstream transfer is checked intact (per-array SHA-256 of dtype, shape and bytes);
+* for context only: raw* (the raw pair with fedstream's glibc malloc thresholds) and r+v (raw* whose
+  receiver also keeps the bytes in one buffer and SHA-256s them in a thread: what any verifying
+  receiver must do), with each process's CPU seconds per GB moved.
 
 Timings: raw from the call to the last byte counted; fedstream download from ``dispatch`` (the node's
 poll already waiting) to the node's handler receiving the decoded arrays; fedstream upload from the
@@ -17,13 +20,16 @@ UploadResult header reaching the server to the decoded result (the server's own 
 one-off encode + SHA-256 of the sender's document is reported apart (the server encodes a model once
 for every node). RSS is sampled by this process from /proc/<pid>/status every ~20 ms: "sender RSS" is
 the sender's peak growth over its RSS just before the transfer, "receiver RSS" the receiver's peak above
-its baseline, both relative to the payload size.
+its baseline, both relative to the payload size. Runs are interleaved; each waits --settle seconds (freed
+memory goes back to the VM's host, so every run starts cold) and for a >= 85% idle machine (--quiet-wait).
 
 Targets (issue "wire"): fedstream throughput >= 0.75x raw in each direction; sender RSS growth <= 0.25x
 payload; receiver peak RSS <= 1.25x payload above baseline; the 2.5 GB payload (over gRPC's 2 GB message
 limit) arrives intact. Exit status 1 when a target is missed.
 
 Usage: python scripts/bench_transport.py [--sizes 40 400] [--huge 2500] [--skip-huge] [--repeat 3]
+       [--settle 5] [--quiet-wait 120] [--chunk 1048576] [--profile DIR [--profile-native]]
+Figures and what they are made of: docs/performance.md, "Transport".
 """
 
 from __future__ import annotations
