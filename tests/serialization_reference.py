@@ -57,3 +57,19 @@ def ext_hook(code: int, payload: bytes):
 def unpack(document: bytes):
     """Decode a fedstream document (numpy content only) with stock msgpack and :func:`ext_hook`."""
     return msgpack.unpackb(document, ext_hook=ext_hook, strict_map_key=False)
+
+#: torch dtypes the serializer must round-trip (shared by the round-trip and property tests).
+TORCH_DTYPES = [
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+    "complex64",
+    "complex128",
+]

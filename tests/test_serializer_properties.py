@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from serialization_reference import unpack
+from serialization_reference import TORCH_DTYPES, unpack
 from strict_equality import assert_deep_equal
 
 from fedcore.errors import DecodeError
@@ -212,20 +212,6 @@ def test_every_proper_prefix_of_a_document_is_a_decode_error(tree):
             Serializer.loads(blob[:cut])
 
 
-TORCH_DTYPES = [
-    "float32",
-    "float16",
-    "bfloat16",
-    "float64",
-    "int64",
-    "int32",
-    "int16",
-    "int8",
-    "uint8",
-    "bool",
-    "complex64",
-    "complex128",
-]
 
 
 @st.composite

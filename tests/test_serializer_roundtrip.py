@@ -10,7 +10,7 @@ from collections import OrderedDict
 import msgpack
 import numpy as np
 import pytest
-from serialization_reference import array_payload, unpack
+from serialization_reference import TORCH_DTYPES, array_payload, unpack
 from strict_equality import assert_deep_equal
 
 from fedcore.errors import DecodeError, EncodeError
@@ -442,20 +442,6 @@ def test_load_names_the_file_when_it_is_corrupt(tmp_path):
 
 
 # -- torch ----------------------------------------------------------------------------------------
-TORCH_DTYPES = [
-    "float32",
-    "float16",
-    "bfloat16",
-    "float64",
-    "int64",
-    "int32",
-    "int16",
-    "int8",
-    "uint8",
-    "bool",
-    "complex64",
-    "complex128",
-]
 
 
 def make_tensor(dtype_name: str, shape: tuple[int, ...], seed: int = 0):
