@@ -9,13 +9,11 @@ server exits 2; an interrupted command exits 130.
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
-import sys
 import textwrap
 from collections.abc import Sequence
 
-from fedcore.errors import FedstreamError, ServerRefusedError, VersionMismatchError
+from fedcore.command_line import add_subcommands, run_command
+from fedcore.errors import ServerRefusedError, VersionMismatchError
 
 #: Modules that add subcommands, in --help order.
 COMMAND_MODULES: tuple[str, ...] = ("fednode.cli_start", "fednode.cli_datasets", "fednode.cli_plans")
@@ -42,26 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fednode", description=_DESCRIPTION, epilog=textwrap.dedent(_EPILOG),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output on stderr (-v: info, -vv: debug)")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    add_subcommands(parser, COMMAND_MODULES)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except (ServerRefusedError, VersionMismatchError) as exc:
-        print(f"fednode: refused by the server: {exc}", file=sys.stderr)
-        return 2
-    except FedstreamError as exc:
-        print(f"fednode: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv, refusals=(ServerRefusedError, VersionMismatchError))

@@ -9,13 +9,10 @@ Each module in :data:`COMMAND_MODULES` has ``register(subparsers)``, which adds 
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
-import sys
 import textwrap
 from collections.abc import Sequence
 
-from fedcore.errors import FedstreamError
+from fedcore.command_line import add_subcommands, run_command
 from fedserver.home import FILES_HELP, add_home_option
 
 COMMAND_MODULES: list[str] = [
@@ -54,26 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedserver", description=DESCRIPTION, epilog=textwrap.dedent(EPILOG),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_home_option(parser)
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log more (-v: info, -vv: debug); logs go to stderr")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    add_subcommands(parser, COMMAND_MODULES)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except FedstreamError as exc:
-        print(f"fedserver: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":
