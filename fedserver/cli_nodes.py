@@ -67,7 +67,11 @@ def _when(timestamp: float | None) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    nodes = _store(args).list()
+    path = nodes_db(home_from_args(args))
+    if not path.exists():  # listing reads: it never creates a home or a database
+        print(f"no nodes enrolled: no node database at {path} (see `fedserver nodes enroll --help`)")
+        return 0
+    nodes = NodeStore(path).list()
     if not nodes:
         print("no nodes enrolled (see `fedserver nodes enroll --help`)")
         return 0
