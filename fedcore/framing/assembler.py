@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from fedcore.errors import ChunkOrderError, DigestMismatchError, FramingError, PayloadSizeError
+from fedcore.framing.buffer_pool import BufferPool
 from fedcore.framing.digest import PrefixDigest
 from fedcore.framing.memory import receive_buffer
 from fedcore.framing.payload import PayloadInfo
@@ -22,9 +23,14 @@ class ChunkAssembler:
     thread, overlapping the next receives: :class:`~fedcore.framing.digest.PrefixDigest`) and checked by
     :meth:`finish`. Nothing is decoded before the digest matches, so a bad stream is never half-applied.
     A broken transfer keeps its buffer: :meth:`resume` accepts the same payload again from ``received``.
+
+    With a ``pool`` the buffer is leased from it (:class:`~fedcore.framing.buffer_pool.BufferPool`, with
+    ``pool_room`` passed on as its ``room``): memory of an earlier transfer whose arrays are all gone.
+    ``held_bytes`` is the memory the buffer stands for (the block's footprint; the size without a pool).
     """
 
-    def __init__(self, info: PayloadInfo, *, max_payload_size: int, max_chunk_size: int) -> None:
+    def __init__(self, info: PayloadInfo, *, max_payload_size: int, max_chunk_size: int,
+                 pool: BufferPool | None = None, pool_room: int | None = None) -> None:
         if info.total_size > max_payload_size:
             raise PayloadSizeError(
                 f"payload of {info.total_size} bytes exceeds the limit of {max_payload_size} bytes"
@@ -35,7 +41,12 @@ class ChunkAssembler:
             raise ChunkOrderError(f"a new transfer must start at offset 0, not {info.start_offset}")
         self.info = info
         self.max_chunk_size = max_chunk_size
-        self._buffer = receive_buffer(info.total_size)  # its pages are faulted in by a worker thread
+        if pool is None:
+            self._buffer = receive_buffer(info.total_size)  # its pages are faulted in by a worker thread
+            self.held_bytes, self.reused = info.total_size, False
+        else:
+            lease = pool.take(info.total_size, room=pool_room)
+            self._buffer, self.held_bytes, self.reused = lease.buffer, lease.held_bytes, lease.reused
         self._view = memoryview(self._buffer)
         self._digest = PrefixDigest(self._view)
         self.received = 0

@@ -80,12 +80,19 @@ def _populate(buffer: np.ndarray) -> None:
 
 def receive_buffer(size: int) -> np.ndarray:
     """An uninitialised ``uint8`` array of ``size`` bytes whose pages a worker thread starts faulting in."""
-    buffer = np.empty(size, dtype=np.uint8)
-    if _madvise is not None and size >= PREFAULT_MIN:
+    return fresh_block(size, size)
+
+
+def fresh_block(capacity: int, used: int) -> np.ndarray:
+    """An uninitialised ``uint8`` array of ``capacity`` bytes, out of huge pages; a worker thread starts
+    faulting in its first ``used`` bytes (the rest, headroom of :class:`~fedcore.framing.buffer_pool.BufferPool`
+    blocks, stays untouched: no page, no RSS)."""
+    buffer = np.empty(capacity, dtype=np.uint8)
+    if _madvise is not None and used >= PREFAULT_MIN:
         first, end = _pages(buffer)
         _madvise(first, end - first, _MADV_NOHUGEPAGE)  # before any page is touched; best effort
         try:
-            _prefault_pool().submit(_populate, buffer)
+            _prefault_pool().submit(_populate, buffer[:used])
         except RuntimeError:  # interpreter shutting down: the writer faults the pages itself
             pass
     return buffer
