@@ -277,18 +277,8 @@ class CheckpointStore:
 
     def load(self, round: int) -> Checkpoint:
         """The checkpoint of ``round``, every file verified against the manifest."""
-        round = _check_round(round)
-        folder = self.directory / folder_name(round)
-        if not folder.is_dir():
-            raise CheckpointError(
-                f"no checkpoint for round {round}: folder {folder} is missing (have {self.rounds()})"
-            )
-        manifest = self._read_manifest(folder, round)
-        params = self._read_msgpack(folder / PARAMS, manifest)
-        if not isinstance(params, dict) or not all(
-            isinstance(k, str) and isinstance(v, np.ndarray) for k, v in params.items()
-        ):
-            raise CheckpointError(f"{folder / PARAMS}: expected a map of str names to arrays")
+        folder, manifest = self._open(round)
+        params = self._read_params(folder, manifest)
         aggregator = self._read_msgpack(folder / AGGREGATOR, manifest)
         if (
             not isinstance(aggregator, dict)
@@ -301,7 +291,7 @@ class CheckpointStore:
             )
         experiment_state = self._read_json(folder / EXPERIMENT, manifest)
         return Checkpoint(
-            round=round,
+            round=manifest["round"],
             params=params,
             aggregator_name=aggregator["name"],
             aggregator_config=aggregator["config"],
@@ -310,6 +300,33 @@ class CheckpointStore:
             created_at=manifest["created_at"],
             folder=folder,
         )
+
+    def load_params(self, round: int) -> dict[str, np.ndarray]:
+        """Only the global params x of ``round``'s checkpoint, verified against the manifest (size, SHA-256).
+
+        What ``Experiment(low_memory=True)`` reloads x from: one file read, the aggregator and experiment
+        files untouched. The arrays are writable views of one buffer of the file's size.
+        """
+        folder, manifest = self._open(round)
+        return self._read_params(folder, manifest)
+
+    def _open(self, round: int) -> tuple[Path, dict[str, Any]]:
+        """The folder of ``round`` and its checked manifest."""
+        round = _check_round(round)
+        folder = self.directory / folder_name(round)
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"no checkpoint for round {round}: folder {folder} is missing (have {self.rounds()})"
+            )
+        return folder, self._read_manifest(folder, round)
+
+    def _read_params(self, folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+        params = self._read_msgpack(folder / PARAMS, manifest)
+        if not isinstance(params, dict) or not all(
+            isinstance(k, str) and isinstance(v, np.ndarray) for k, v in params.items()
+        ):
+            raise CheckpointError(f"{folder / PARAMS}: expected a map of str names to arrays")
+        return params
 
     def _read_manifest(self, folder: Path, round: int) -> dict[str, Any]:
         path = folder / MANIFEST

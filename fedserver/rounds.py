@@ -3,6 +3,10 @@
     select nodes → begin_round → send each node its task (the global model encoded once, plus its own
     aggregator state) → accumulate every reply into the aggregator as it arrives → finalize.
 
+With a releasable :class:`~fedserver.round_model.RoundModel` (``Experiment(low_memory=True)``) the round
+releases x as soon as every selected node has downloaded its task (or ended without needing it): from
+then on the server holds the running sum and the uploads, not x; a resumed download reloads it.
+
 A node that fails, refuses, times out (no activity for ``inactivity_timeout`` seconds — a slow but
 moving transfer is activity) or sends an unusable reply is recorded and left out; the round completes if
 at least ``min_nodes`` replies were aggregated, else :class:`RoundFailedError` names the missing nodes
@@ -22,11 +26,11 @@ import numpy as np
 
 from fedcore.aggregators import Aggregator, NodeReply
 from fedcore.errors import FedstreamError, RoundFailedError
-from fedcore.framing import SharedMapPayload
 from fedcore.tasks import TrainResult, TrainTask
 from fedcore.wire import TaskKind
+from fedserver.round_model import RoundModel
 from fedserver.server import FedServer
-from fedserver.tasks import TaskHandle, TaskResult, TaskState
+from fedserver.tasks import TaskHandle, TaskResult, TaskState, TransferProgress
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ def round_metrics(outcomes: Sequence[NodeOutcome]) -> dict[str, float]:
 async def run_round(
     server: FedServer,
     aggregator: Aggregator,
-    task: TrainTask,
+    task: TrainTask | RoundModel,
     selected: Sequence[str],
     known_nodes: Sequence[str],
     *,
@@ -96,47 +100,82 @@ async def run_round(
     on_outcome: Callable[[NodeOutcome], None] | None = None,
     on_dispatch: Callable[[TaskHandle], None] | None = None,
 ) -> RoundReport:
-    """Run round ``task.round`` with ``selected`` nodes, starting from ``task.params`` (x).
+    """Run round ``task.round`` with ``selected`` nodes, starting from x (``task.params``).
 
+    ``task``: the round's TrainTask, or its RoundModel; a releasable one is released once every node
+    has its task, if the aggregator does not keep x (``Aggregator.keeps_global_params``).
     ``on_outcome`` is called as each node's outcome is known (history, progress bars); ``on_dispatch``
     with each task handle (progress subscriptions).
     """
     started = time.perf_counter()
-    aggregator.begin_round(task.round, task.params, list(selected), list(known_nodes))
+    model = task if isinstance(task, RoundModel) else RoundModel(task, server.config.chunk_size)
+    del task  # x lives in ``model`` only: releasing it there frees it
+    aggregator.begin_round(model.round, model.params(), list(selected), list(known_nodes))
     try:
-        shared = SharedMapPayload(task.shared_entries(), list(TrainTask.OWN_KEYS), server.config.chunk_size)
         handles: dict[str, TaskHandle] = {}
         for node_id in selected:
-            payload = shared.build({"aggregator_state": aggregator.node_task_state(node_id)})
+            payload = model.payload({"aggregator_state": aggregator.node_task_state(node_id)})
             handle = server.dispatch(node_id, TaskKind.TRAIN, payload, experiment_id=experiment_key,
-                                     round=task.round, inactivity_timeout=inactivity_timeout)
+                                     round=model.round, inactivity_timeout=inactivity_timeout)
             handles[node_id] = handle
             if on_dispatch is not None:
                 on_dispatch(handle)
-        del shared
+        payload = None  # the handles hold the payloads
+        releaser = _ReleaseWhenDownloaded(model, list(handles.values()), aggregator)
         outcomes: list[NodeOutcome] = []
         for next_done in asyncio.as_completed([h.result() for h in handles.values()]):
             outcome = _accept(aggregator, await next_done)
+            releaser.check()
             outcomes.append(outcome)
-            log.info("round=%d node=%s outcome=%s%s", task.round, outcome.node_id, outcome.outcome,
+            log.info("round=%d node=%s outcome=%s%s", model.round, outcome.node_id, outcome.outcome,
                      f" error={outcome.error!r}" if outcome.error else "")
             if on_outcome is not None:
                 on_outcome(outcome)
     except BaseException:
         aggregator.abort_round()
-        server.cancel_round(experiment_key, task.round, "round aborted")
+        server.cancel_round(experiment_key, model.round, "round aborted")
         raise
     ok = [o for o in outcomes if o.outcome == "succeeded"]
     if len(ok) < min_nodes:
         aggregator.abort_round()
         missing = sorted(f"{o.node_id} ({o.outcome}: {o.error})" for o in outcomes if o.outcome != "succeeded")
         raise RoundFailedError(
-            f"round {task.round} failed: {len(ok)} of {len(selected)} selected nodes replied, quorum is "
+            f"round {model.round} failed: {len(ok)} of {len(selected)} selected nodes replied, quorum is "
             f"{min_nodes}; missing: {', '.join(missing)}")
     params = aggregator.finalize()
     outcomes.sort(key=lambda o: o.node_id)
-    return RoundReport(task.round, list(selected), outcomes, params, round_metrics(ok),
+    return RoundReport(model.round, list(selected), outcomes, params, round_metrics(ok),
                        time.perf_counter() - started)
+
+
+class _ReleaseWhenDownloaded:
+    """Releases a releasable round model once no selected node still needs x to download its task.
+
+    A node needs x until its payload has been streamed completely (or its task ended); :meth:`check` is
+    called on every completed download (a transfer listener) and on every finished task.
+    """
+
+    def __init__(self, model: RoundModel, handles: list[TaskHandle], aggregator: Aggregator) -> None:
+        self.model = model
+        self.handles = handles
+        self.downloaded: set[str] = set()
+        self.active = model.releasable and not aggregator.keeps_global_params
+        if self.active:
+            for handle in handles:
+                handle.subscribe(self._on_event)
+            self.check()
+
+    def _on_event(self, handle: TaskHandle, event: object) -> None:
+        if isinstance(event, TransferProgress) and event.direction == "download" and event.done == event.total:
+            self.downloaded.add(handle.task_id)
+            self.check()
+
+    def check(self) -> None:
+        if not self.active or self.model.released:
+            return
+        if all(h.task_id in self.downloaded or h.state is not TaskState.QUEUED for h in self.handles):
+            self.model.release()
+            log.info("round=%d every node has its task: global model released", self.model.round)
 
 
 def _accept(aggregator: Aggregator, result: TaskResult) -> NodeOutcome:

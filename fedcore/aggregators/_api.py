@@ -191,6 +191,10 @@ class Aggregator(ABC):
     name: ClassVar[str]
     #: dtype kinds a member can aggregate ("f" float, "i"/"u" integer).
     supported_kinds: ClassVar[str] = "fiu"
+    #: Whether the member keeps the global params x from ``begin_round`` to ``finalize`` (Scaffold: x⁺ = x + …).
+    #: False promises that it keeps only their names, shapes and dtypes, so the server may drop x once
+    #: every node has it (``Experiment(low_memory=True)``). Members must say so; True is the safe default.
+    keeps_global_params: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._round: _OpenRound | None = None

@@ -41,6 +41,7 @@ class FedAverage(Aggregator):
     """
 
     name: ClassVar[str] = "fedavg"
+    keeps_global_params: ClassVar[bool] = False  # x⁺ needs only the replies
 
     def __init__(self, accumulator: str = "float64") -> None:
         super().__init__()

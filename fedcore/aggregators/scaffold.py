@@ -43,6 +43,7 @@ class Scaffold(Aggregator):
 
     name: ClassVar[str] = "scaffold"
     supported_kinds: ClassVar[str] = "f"
+    keeps_global_params: ClassVar[bool] = True  # x⁺ = x + η_g · mean(y_i − x) and c_i⁺ need x
 
     def __init__(self, server_lr: float = 1.0) -> None:
         super().__init__()

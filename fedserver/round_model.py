@@ -1,0 +1,171 @@
+"""``RoundModel``: the global model x of one round, and the task payloads streamed from it.
+
+x is encoded and hashed once (:class:`~fedcore.framing.SharedMapPayload`); every node's payload
+(:class:`TaskPayload`) streams views of those same bytes, followed by its own small entries.
+
+A releasable round model (``reload`` given, as ``Experiment(low_memory=True)`` does) can let go of x:
+:meth:`RoundModel.release` drops every reference it and its payloads hold, so that, once every node has
+its task, the server holds the running sum and one upload without x beside them. Whoever needs x after
+that gets it back through ``reload`` (the last checkpoint), verified: the shared entries re-encoded from
+the reloaded arrays must hash to the digest computed from x at the start of the round, so what comes
+back is x bit for bit (names, order, dtypes, shapes, bytes), or :class:`CheckpointError` says it is not.
+Two users of a reload: a node resuming a download after the release (:meth:`TaskPayload.iter_chunks`
+streams from the reloaded x while any such stream runs), and a round that fails (``params()``).
+
+A reload reads and hashes the checkpoint on the calling thread: on the event loop, a resumed download
+or a failed round waits for about one read and two SHA-256 passes of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from fedcore.errors import CheckpointError, EncodeError, ExperimentError, FramingError
+from fedcore.framing import OutgoingPayload, PayloadInfo, SharedMapPayload
+from fedcore.tasks import TrainTask
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, np.ndarray]
+
+
+class RoundModel:
+    """x of round ``task.round`` and the payloads built from it (see the module docstring).
+
+    ``reload``: returns x again (e.g. ``CheckpointStore.load_params`` of the checkpoint holding it);
+    None makes the model non-releasable (x is held until the object goes).
+    """
+
+    def __init__(self, task: TrainTask, chunk_size: int, *, reload: Callable[[], Params] | None = None) -> None:
+        self._task = replace(task, params={})  # every field but x, to re-encode the shared entries
+        self.chunk_size = chunk_size
+        self._reload = reload
+        self._x: Params | None = task.params
+        self._shared: SharedMapPayload | None = self._encode(task.params)
+        self._reference = self._probe(self._shared)  # digest of the shared entries with x, + empty own entries
+        self._payloads: list[TaskPayload] = []
+        # while resumed downloads stream after the release: the reloaded x and its encoding, and how many streams
+        self._reloaded: tuple[Params, SharedMapPayload] | None = None
+        self._streams = 0
+
+    @property
+    def round(self) -> int:
+        return self._task.round
+
+    @property
+    def releasable(self) -> bool:
+        return self._reload is not None
+
+    @property
+    def released(self) -> bool:
+        return self._x is None
+
+    def params(self) -> Params:
+        """x: the arrays given at construction, or (after :meth:`release`) x reloaded and verified."""
+        if self._x is not None:
+            return self._x
+        if self._reloaded is not None:
+            return self._reloaded[0]
+        return self._load()[0]
+
+    def payload(self, own: dict[str, Any]) -> TaskPayload:
+        """The payload of one node whose own entries are ``own`` (exactly ``TrainTask.OWN_KEYS``)."""
+        if self._shared is None:
+            raise ExperimentError(f"round {self.round}: the global model was released; no new task can be built")
+        built = TaskPayload(self, own, self._shared.build(own))
+        self._payloads.append(built)
+        return built
+
+    def release(self) -> None:
+        """Drop x and its encoding here and in every payload built from it (reloaded when needed again)."""
+        if self._reload is None:
+            raise ExperimentError(f"round {self.round}: this round model cannot reload x, so it cannot release it")
+        self._x = None
+        self._shared = None
+        for built in self._payloads:
+            built._inner = None
+
+    # -- reloading ---------------------------------------------------------------------------------
+    def _encode(self, params: Params) -> SharedMapPayload:
+        entries = replace(self._task, params=params).shared_entries()
+        return SharedMapPayload(entries, list(TrainTask.OWN_KEYS), self.chunk_size)
+
+    @staticmethod
+    def _probe(shared: SharedMapPayload) -> bytes:
+        return shared.build({key: {} for key in TrainTask.OWN_KEYS}).sha256
+
+    def _load(self) -> tuple[Params, SharedMapPayload]:
+        assert self._reload is not None
+        params = self._reload()
+        try:
+            shared = self._encode(params)
+        except (EncodeError, FramingError) as exc:  # not this round's x either
+            raise CheckpointError(f"round {self.round}: the reloaded global model cannot be encoded: {exc}") from None
+        if self._probe(shared) != self._reference:
+            raise CheckpointError(
+                f"round {self.round}: the reloaded global model is not the one this round started from (its "
+                "encoding's SHA-256 differs): the checkpoint was replaced, or x was changed in place during the round")
+        log.info("round=%d global model reloaded and verified (%d bytes)", self.round, shared.shared_size)
+        return params, shared
+
+    def _stream_started(self) -> SharedMapPayload:
+        """The encoding to stream a released payload from (reloaded for the first of concurrent streams)."""
+        if self._shared is not None:  # not released after all
+            shared = self._shared
+        elif self._reloaded is not None:
+            shared = self._reloaded[1]
+        else:
+            self._reloaded = self._load()
+            shared = self._reloaded[1]
+        self._streams += 1
+        return shared
+
+    def _stream_ended(self) -> None:
+        self._streams -= 1
+        if self._streams == 0:
+            self._reloaded = None
+
+
+class TaskPayload:
+    """One node's task payload: an :class:`~fedcore.framing.OutgoingPayload` that survives its model's release.
+
+    Size, digest and chunking never change; after the release, streaming it (a resumed download)
+    rebuilds the bytes from the reloaded x and checks their digest before sending any.
+    """
+
+    def __init__(self, model: RoundModel, own: dict[str, Any], inner: OutgoingPayload) -> None:
+        self._model = model
+        self._own = own
+        self._inner: OutgoingPayload | None = inner
+        self.chunk_size = inner.chunk_size
+        self.total_size = inner.total_size
+        self.sha256 = inner.sha256
+
+    def info(self, start_offset: int = 0) -> PayloadInfo:
+        """The header describing this payload when sending from ``start_offset``."""
+        return PayloadInfo(self.total_size, self.sha256, self.chunk_size, start_offset)
+
+    def iter_chunks(self, start_offset: int = 0) -> Iterator[tuple[int, memoryview | bytes]]:
+        """``(offset, data)`` pairs from ``start_offset`` to the end, as OutgoingPayload yields them."""
+        if self._inner is not None:
+            yield from self._inner.iter_chunks(start_offset)
+            return
+        self.info(start_offset)  # validates the offset before anything is reloaded
+        shared = self._model._stream_started()
+        try:
+            rebuilt = shared.build(self._own)
+            if rebuilt.sha256 != self.sha256 or rebuilt.total_size != self.total_size:
+                raise CheckpointError(f"round {self._model.round}: the rebuilt task payload differs from the one "
+                                      "announced to the node")
+            yield from rebuilt.iter_chunks(start_offset)
+        finally:
+            self._model._stream_ended()
+
+    def tobytes(self) -> bytes:
+        """The whole document as one ``bytes`` (for small payloads and tests)."""
+        return b"".join(data for _, data in self.iter_chunks())
