@@ -140,6 +140,10 @@ def register(subparsers: Any) -> None:
                         help="upload chunk size, e.g. 1MiB (default: 1MiB; the server may lower it)")
     tuning.add_argument("--max-payload", type=_size, default=4 << 30, metavar="BYTES",
                         help="largest task payload accepted, e.g. 4GiB (default: 4GiB)")
+    tuning.add_argument("--receive-pool", type=_size, default=1 << 30, metavar="BYTES",
+                        help="idle download buffers kept for the next task, e.g. 512MiB; 0 turns reuse off. "
+                             "Saves faulting in fresh memory every round, for as much more memory held between "
+                             "rounds (default: 1GiB, i.e. a model up to 1 GiB is received in place)")
     tuning.add_argument("--stop-grace", type=float, default=10.0, metavar="SECONDS",
                         help="time an upload in flight gets to finish after a stop signal (default: 10)")
     parser.set_defaults(func=_start)
@@ -167,7 +171,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         server=args.server, tls=tls, ca_cert=args.ca_cert, client_cert=args.cert, client_key=args.key,
         token_file=token_file, node_name=args.name, server_name_override=args.server_name,
         poll_wait_seconds=args.poll_wait, upload_chunk_size=args.chunk_size, max_payload_size=args.max_payload,
-        stop_grace_seconds=args.stop_grace)
+        stop_grace_seconds=args.stop_grace, receive_pool_bytes=args.receive_pool)
 
 
 def _start(args: argparse.Namespace) -> int:

@@ -13,6 +13,9 @@ another protocol major version) ends :meth:`NodeClient.run` with the error.
 
 The client holds no global state and starts no thread of its own besides the handler's worker (from the
 loop's default executor unless one is injected), so hundreds of clients can share one event loop.
+Downloads are received into buffers from the client's own :class:`~fedcore.framing.BufferPool`
+(``config.receive_pool_bytes``): the next task's payload reuses the memory of the previous one once
+nothing references it, instead of faulting in fresh pages every round.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from fedcore.errors import (
     SerializationError,
     ServerRefusedError,
 )
-from fedcore.framing import OutgoingPayload
+from fedcore.framing import BufferPool, OutgoingPayload
 from fedcore.framing.memory import keep_chunk_memory
 from fedcore.serialization import Serializer
 from fedcore.wire import (
@@ -129,6 +132,8 @@ class NodeClient:
         self._download: TaskDownload | None = None
         self._upload: PendingUpload | None = None
         self._attempt = 0  # consecutive failed sessions, for the backoff
+        #: Download buffers kept between tasks (see NodeConfig.receive_pool_bytes; 0: a fresh one every task).
+        self.receive_pool = BufferPool(config.receive_pool_bytes)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -218,6 +223,7 @@ class NodeClient:
                 if polled is None:
                     continue
                 self._upload = polled.early_reply or await self._execute(conn, polled)
+                polled = None  # drop the payload buffer now: the next task may reuse it (receive_pool)
                 await self._deliver(conn)
         finally:
             await conn.close(None)
@@ -262,7 +268,7 @@ class NodeClient:
             return current
         self._download = None  # a different task, or a fresh start: free the old buffer first
         self._download = TaskDownload.start(descriptor, max_payload_size=self.config.max_payload_size,
-                                            max_chunk_size=self.config.max_chunk_size)
+                                            max_chunk_size=self.config.max_chunk_size, pool=self.receive_pool)
         return self._download
 
     async def _download_task(self, stream: PollStream, descriptor: TaskDescriptor) -> _Polled:

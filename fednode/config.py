@@ -89,6 +89,11 @@ class NodeConfig:
     upload_chunk_size: int = DEFAULT_CHUNK_SIZE  # bytes per uploaded chunk (the server may lower it)
     max_payload_size: int = 4 << 30  # largest task payload accepted, bytes (checked before allocating)
     max_chunk_size: int = 4 << 20  # largest chunk accepted, bytes
+    #: Bytes of idle download buffers kept for the next task (0: off). A node receives the same-sized model
+    #: every round: a kept buffer skips faulting in fresh memory (~0.55 CPU s/GB, more on a VM that handed
+    #: idle memory back to its host), at the price of that much more RSS between rounds. A buffer is reused
+    #: only once nothing (a plan's arrays included) references the previous task's payload.
+    receive_pool_bytes: int = 1 << 30
     call_timeout_seconds: float = 30.0  # deadline of unary calls (Register, Report, Heartbeat, status)
     idle_stream_timeout_seconds: float = 120.0  # a task stream silent this long is considered broken
     report_interval_seconds: float = 0.5  # batching period of progress/log events
@@ -113,6 +118,9 @@ class NodeConfig:
         for name in ("upload_chunk_size", "max_payload_size", "max_chunk_size"):
             if getattr(self, name) <= 0:
                 raise NodeConfigError(f"{name} must be > 0 bytes, got {getattr(self, name)}")
+        pool = self.receive_pool_bytes
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
+            raise NodeConfigError(f"receive_pool_bytes must be an int >= 0 bytes (0: off), got {pool!r}")
         for name in ("poll_wait_seconds", "call_timeout_seconds", "idle_stream_timeout_seconds",
                      "report_interval_seconds", "heartbeat_interval_seconds"):
             if not getattr(self, name) > 0:

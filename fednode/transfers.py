@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fedcore.errors import MessageError
-from fedcore.framing import ChunkAssembler, OutgoingPayload
+from fedcore.framing import BufferPool, ChunkAssembler, OutgoingPayload
 from fedcore.wire import ResultDescriptor, TaskDescriptor, TaskOutcome
 
 
@@ -23,15 +23,18 @@ class TaskDownload:
     assembler: ChunkAssembler
 
     @classmethod
-    def start(cls, descriptor: TaskDescriptor, *, max_payload_size: int, max_chunk_size: int) -> TaskDownload:
-        """Check the announced sizes against our limits, then allocate (PayloadSizeError before allocating)."""
+    def start(cls, descriptor: TaskDescriptor, *, max_payload_size: int, max_chunk_size: int,
+              pool: BufferPool | None = None) -> TaskDownload:
+        """Check the announced sizes against our limits, then allocate (PayloadSizeError before allocating);
+        with a ``pool``, the buffer of an earlier task nothing references any more is reused."""
         info = descriptor.payload
         if info.start_offset != 0:
             raise MessageError(
                 f"server resumes task {descriptor.task_id!r} at offset {info.start_offset}, but this node holds "
                 "no partial download of it"
             )
-        assembler = ChunkAssembler(info, max_payload_size=max_payload_size, max_chunk_size=max_chunk_size)
+        assembler = ChunkAssembler(info, max_payload_size=max_payload_size, max_chunk_size=max_chunk_size,
+                                   pool=pool)
         return cls(descriptor, assembler)
 
     def accepts_resume(self, descriptor: TaskDescriptor) -> bool:

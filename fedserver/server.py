@@ -73,7 +73,8 @@ class FedServer:
         self.uploads = UploadSessions(max_payload_size=config.max_payload_size,
                                       max_chunk_size=config.max_chunk_size,
                                       max_sessions=config.max_concurrent_uploads,
-                                      max_buffered_bytes=config.max_upload_buffer_bytes)
+                                      max_buffered_bytes=config.max_upload_buffer_bytes,
+                                      pool_bytes=config.upload_pool_bytes)
         self.board = TaskBoard(on_close=self._task_closed)
         self._auth = Authenticator(config.tls, node_store)
         self._decode_limits = decode_limits

@@ -7,6 +7,13 @@ server's maxima, and the sessions holding a buffer (running or waiting for a res
 ``acknowledged(task_id)`` says where to resume, and an UploadResult whose header starts there continues
 into the same buffer.
 
+Buffers come from the server's :class:`~fedcore.framing.BufferPool` (``pool_bytes``, at most
+``max_buffered_bytes``): the replies of a round are the size of the last round's, and a block whose
+result was aggregated and freed is reused instead of faulting in fresh memory. Idle pooled blocks
+count against ``max_buffered_bytes`` too: a new upload releases those it has no room for before its
+buffer is allocated, and a reused block counts what its pages hold (its footprint), so buffers in
+use, finished ones not yet freed and idle ones never hold more than the budget together.
+
 An upload that finds no room waits in line (:meth:`UploadSessions.wait_for_room`, oldest first) while a
 running upload may free some, instead of being refused: a thousand nodes replying at once queue behind
 ``max_sessions`` buffers, and two 2.4 GB replies are received one after the other when
@@ -23,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedcore.errors import ChunkOrderError, LimitExceededError, UploadConflictError
-from fedcore.framing import ChunkAssembler, PayloadInfo
+from fedcore.framing import BufferPool, ChunkAssembler, PayloadInfo
 
 
 @dataclass
@@ -43,11 +50,13 @@ class UploadSessions:
     """Open upload sessions and the limits that bound them."""
 
     def __init__(self, *, max_payload_size: int, max_chunk_size: int, max_sessions: int,
-                 max_buffered_bytes: int | None = None) -> None:
+                 max_buffered_bytes: int | None = None, pool_bytes: int = 0) -> None:
         self.max_payload_size = max_payload_size
         self.max_chunk_size = max_chunk_size
         self.max_sessions = max_sessions
         self.max_buffered_bytes = max_buffered_bytes  # None: no byte budget; one upload always fits
+        idle_cap = pool_bytes if max_buffered_bytes is None else min(pool_bytes, max_buffered_bytes)
+        self.pool = BufferPool(idle_cap)  # idle upload buffers kept for the next round's replies
         self._sessions: dict[str, UploadSession] = {}
         self._buffered = 0  # bytes of the open sessions' buffers, and of finished ones not yet freed
         self._unfreed = 0  # finished uploads whose buffers are still alive (their result being aggregated)
@@ -71,7 +80,7 @@ class UploadSessions:
         """Whether a fresh upload of ``size`` bytes for ``task_id`` fits now (its own parked bytes excluded)."""
         own = self._sessions.get(task_id)
         count = len(self._sessions) - (own is not None)
-        held = self._buffered - (own.assembler.info.total_size if own is not None else 0)
+        held = self._buffered - (own.assembler.held_bytes if own is not None else 0)
         if count >= self.max_sessions:
             return False
         return self.max_buffered_bytes is None or held == 0 or held + size <= self.max_buffered_bytes
@@ -144,10 +153,11 @@ class UploadSessions:
             raise LimitExceededError(
                 f"uploads in progress hold {self._buffered} bytes; {info.total_size} more exceed this server's "
                 f"upload buffer limit of {self.max_buffered_bytes} bytes; retry later")
+        room = None if self.max_buffered_bytes is None else self.max_buffered_bytes - self._buffered
         assembler = ChunkAssembler(info, max_payload_size=self.max_payload_size,
-                                   max_chunk_size=self.max_chunk_size)
+                                   max_chunk_size=self.max_chunk_size, pool=self.pool, pool_room=room)
         session = self._sessions[task_id] = UploadSession(task_id, node_id, assembler)
-        self._buffered += info.total_size
+        self._buffered += assembler.held_bytes
         if self._waiters:
             self._wake()  # the next in line may fit too (a byte budget can hold several small uploads)
         return session
@@ -173,7 +183,7 @@ class UploadSessions:
         session = self._sessions.pop(task_id, None)
         if session is None:
             return
-        size = session.assembler.info.total_size
+        size = session.assembler.held_bytes
         if held_until_freed is None:
             self._freed(size, finished=False)
             return

@@ -112,15 +112,16 @@ class BufferPool:
     def take(self, size: int, *, room: int | None = None) -> Lease:
         """A writable, uninitialised ``uint8`` buffer of ``size`` bytes, from an idle block when one fits.
 
-        ``room``: bytes this lease and the idle blocks may hold together; idle blocks beyond it are
-        released before a fresh block is allocated (None: only ``max_idle_bytes`` bounds them).
+        ``room``: bytes this lease and the idle blocks may hold together (a lease always gets ``size``):
+        only a block whose footprint fits is reused, and idle blocks beyond the rest are released before
+        a fresh block is allocated (None: only ``max_idle_bytes`` bounds them).
         """
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise FramingError(f"buffer size must be an int >= 0, got {size!r}")
         if size < self.min_block_bytes or self.max_idle_bytes == 0:
             return Lease(fresh_block(size, size), size, False)
         with self._locked():
-            block = self._best_fit(size)
+            block = self._best_fit(size, max(size, room) if room is not None else None)
             if block is not None:
                 self._idle.remove(block)
                 self._idle_bytes -= block.footprint
@@ -139,11 +140,13 @@ class BufferPool:
         weakref.finalize(buffer, self._give_back, block).atexit = False
         return Lease(buffer, held, reused)
 
-    def _best_fit(self, size: int) -> _Block | None:
+    def _best_fit(self, size: int, max_held: int | None) -> _Block | None:
+        """The smallest idle block holding ``size`` within the waste allowed (and ``max_held`` of footprint)."""
         best = None
         for block in self._idle:
             capacity = block.array.nbytes
             if size <= capacity and size >= capacity * (1.0 - self.max_waste) and (
+                    max_held is None or block.footprint <= max_held) and (
                     best is None or capacity < best.array.nbytes):
                 best = block
         return best
