@@ -13,6 +13,14 @@
 The plan's whole module source is what nodes approve and run. After every completed round the global
 parameters, the aggregator's full state and the experiment's own state are checkpointed atomically, and
 a run resumed from round k's checkpoint produces the same parameters as an uninterrupted run.
+
+``low_memory=True`` (FedAvg; needs ``checkpoint_dir``) keeps the global model x out of memory for most of
+a round: x is released once every selected node has downloaded its task, and reloaded from the checkpoint
+that holds it — verified bit for bit against the digest of what the nodes were sent — when a node resumes
+a download or the round fails (``params`` is x again after a failed round, and ``run()`` reruns it).
+The server's peak goes from x + sum + one upload to sum + one upload; a failed round costs a checkpoint
+read. A first round, or ``params`` set by hand, is checkpointed as round ``completed_round`` (round 0
+for a fresh run) before it starts.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fedcore.aggregators import Aggregator, FedAverage, build_aggregator
-from fedcore.errors import ExperimentError, RoundFailedError
+from fedcore.errors import ExperimentError, FedstreamError, RoundFailedError
 from fedcore.models import weights_to_numpy
 from fedcore.plans import TrainingPlan
 from fedcore.plans.loader import load_plan_class
@@ -40,6 +48,7 @@ from fedserver.checkpoints import CheckpointStore
 from fedserver.config import ServerConfig
 from fedserver.history import HistoryStore
 from fedserver.history_records import NodeResultRecord
+from fedserver.round_model import RoundModel
 from fedserver.rounds import NodeOutcome, RoundReport, run_round
 from fedserver.server import FedServer
 from fedserver.tasks import TaskHandle, TaskState
@@ -67,7 +76,11 @@ class Experiment:
         on_round: called with each RoundReport after it is checkpointed (e.g. to evaluate the model).
         keep_round_params: False drops a round's global parameters from its report in ``reports`` once the
             next round completes, so memory holds one model, not one per round (``params`` and the last
-            report keep the latest); True (default) keeps every round's.
+            report keep the latest); True keeps every round's; None (default): True, or False with low_memory.
+        low_memory: release x during each round once every node has it, reload it from the checkpoint
+            when needed (module docstring). Needs ``checkpoint_dir`` and an aggregator that does not keep
+            x (``Aggregator.keeps_global_params``: FedAverage, not Scaffold). While a round runs, ``params``
+            is None.
     """
 
     def __init__(
@@ -92,7 +105,8 @@ class Experiment:
         node_store: NodeStore | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
         progress: bool = True,
-        keep_round_params: bool = True,
+        keep_round_params: bool | None = None,
+        low_memory: bool = False,
     ) -> None:
         self.plan = plan if isinstance(plan, PlanSource) else PlanSource.from_class(plan)
         self.training_args = TrainingArgs.from_dict(dict(training_args))
@@ -106,6 +120,16 @@ class Experiment:
                 raise ExperimentError(f"{label} must be a number of seconds > 0, got {value!r}")
         if server is not None and server_config is not None:
             raise ExperimentError("give either a running server or a server_config, not both")
+        if low_memory:
+            if checkpoint_dir is None:
+                raise ExperimentError("low_memory=True reloads the global model from the last checkpoint: "
+                                      "give checkpoint_dir")
+            if self.aggregator.keeps_global_params:
+                raise ExperimentError(f"low_memory=True needs an aggregator that does not keep the global model "
+                                      f"during a round; {type(self.aggregator).__name__} does (FedAverage does not)")
+            if keep_round_params:
+                raise ExperimentError("keep_round_params=True keeps every round's model in memory; with "
+                                      "low_memory=True leave it None (False)")
         self.rounds = rounds
         self.dataset_tags = sorted(set(dataset_tags))
         self.selection = selection
@@ -121,10 +145,12 @@ class Experiment:
         self.node_store = node_store
         self.on_round = on_round
         self.progress = progress
-        self.keep_round_params = keep_round_params
+        self.keep_round_params = (not low_memory) if keep_round_params is None else keep_round_params
+        self.low_memory = bool(low_memory)
         # state (checkpointed)
         self.completed_round = 0
-        self.params: dict[str, np.ndarray] | None = None
+        self._params: dict[str, np.ndarray] | None = None
+        self._params_saved_as: int | None = None  # round of the checkpoint known to hold exactly ``params``
         self.known_nodes: list[str] = []
         self.history_id: int | None = None
         self.reports: list[RoundReport] = []
@@ -133,6 +159,16 @@ class Experiment:
         self._awaiting_late: list[TaskHandle] = []
 
     # -- public API ----------------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, np.ndarray] | None:
+        """The global model x: after the last completed round, or as set (None during a low-memory round)."""
+        return self._params
+
+    @params.setter
+    def params(self, value: dict[str, np.ndarray] | None) -> None:
+        self._params = value
+        self._params_saved_as = None  # no checkpoint is known to hold it
+
     def run(self) -> list[RoundReport]:
         """Run the remaining rounds (blocking; starts and stops its own server unless one was given)."""
         return asyncio.run(self.run_async())
@@ -164,7 +200,8 @@ class Experiment:
         ``round_timeout``, ``history_db``, ``keep_checkpoints``).
         """
         allowed = {"server", "server_config", "node_store", "selection", "on_round", "progress", "rounds",
-                   "keep_round_params", "round_timeout", "node_wait_timeout", "history_db", "keep_checkpoints"}
+                   "keep_round_params", "round_timeout", "node_wait_timeout", "history_db", "keep_checkpoints",
+                   "low_memory"}
         unknown = sorted(set(overrides) - allowed)
         if unknown:
             raise ExperimentError(f"resume() cannot override {unknown}; allowed: {sorted(allowed)}")
@@ -180,12 +217,14 @@ class Experiment:
             "min_nodes": state["min_nodes"], "round_timeout": state["round_timeout"],
             "node_wait_timeout": state["node_wait_timeout"], "model_args": state["model_args"],
             "name": state["name"], "checkpoint_dir": checkpoint_dir, "history_db": state["history_db"],
+            "low_memory": state.get("low_memory", False),
         }
         kwargs.update(overrides)
         plan = PlanSource.from_source(state["plan"]["name"], state["plan"]["source"])
         exp = cls(plan, state["training_args"], **kwargs)
         exp.completed_round = checkpoint.round
         exp.params = checkpoint.params
+        exp._params_saved_as = checkpoint.round
         exp.known_nodes = list(state["known_nodes"])
         exp.history_id = state.get("history_id") if exp.history_path == Path(state["history_db"] or "") else None
         log.info("resuming experiment %r after round %d from %s", exp.name, checkpoint.round, checkpoint.folder)
@@ -220,6 +259,7 @@ class Experiment:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in report.metrics.items() if k.endswith(("loss", "accuracy"))})
                 if self.on_round is not None:
                     self.on_round(report)
+                del report  # it holds x of the next round, which low_memory releases during that round
         except BaseException as exc:
             if history is not None and self.history_id is not None:
                 status = "failed" if isinstance(exc, Exception) else "stopped"
@@ -241,8 +281,13 @@ class Experiment:
         known = sorted(set(self.known_nodes) | {c.node_id for c in candidates})
         if history is not None and self.history_id is not None:
             history.start_round(self.history_id, round_index, selected, replace=True)
+        if self.low_memory:
+            self._checkpoint_params()
         task = TrainTask(key, round_index, self.plan, self.training_args.to_dict(), self.params,
                          self.aggregator.name, {}, self.dataset_tags, self.model_args)
+        model = RoundModel(task, server.config.chunk_size, reload=self._reloader())
+        del task
+        held = self._hand_over_params()
         handles: list[TaskHandle] = []
 
         def record(outcome: NodeOutcome) -> None:
@@ -250,26 +295,73 @@ class Experiment:
                 history.record_node_result(self._record_of(round_index, outcome))
 
         try:
-            report = await run_round(server, self.aggregator, task, selected, known, min_nodes=self.min_nodes,
+            report = await run_round(server, self.aggregator, model, selected, known, min_nodes=self.min_nodes,
                                      inactivity_timeout=self.round_timeout, experiment_key=key,
                                      on_outcome=record, on_dispatch=handles.append)
-        except RoundFailedError as exc:
-            if history is not None and self.history_id is not None:
+        except BaseException as exc:
+            if held is not None:
+                self._take_back_params(model, held, exc)
+            if isinstance(exc, RoundFailedError) and history is not None and self.history_id is not None:
                 history.finish_round(self.history_id, round_index, "failed", error=str(exc))
             raise
         finally:
             self._awaiting_late += [h for h in handles if h.state in (TaskState.TIMED_OUT, TaskState.CANCELLED)]
+        del model
         self.params = report.params
         self.known_nodes = known
         self.completed_round = round_index
         if self.checkpoints is not None:
             self.checkpoints.save(round_index, self.params, self.aggregator.name, self.aggregator.config(),
                                   self.aggregator.state(), self._state())
+            self._params_saved_as = round_index
         if history is not None and self.history_id is not None:
             history.finish_round(self.history_id, round_index, "completed", metrics=report.metrics)
         log.info("round=%d completed nodes=%s metrics=%s seconds=%.2f", round_index, report.succeeded,
                  report.metrics, report.duration_s)
         return report
+
+    # -- low memory: x lives in the round's RoundModel only ------------------------------------------
+    def _checkpoint_params(self) -> None:
+        """Make sure a checkpoint holds exactly ``params`` (saved as round ``completed_round`` if none does)."""
+        if self._params_saved_as is not None:
+            return
+        assert self.checkpoints is not None and self.params is not None
+        self.checkpoints.save(self.completed_round, self.params, self.aggregator.name, self.aggregator.config(),
+                              self.aggregator.state(), self._state())
+        self._params_saved_as = self.completed_round
+        log.info("global model checkpointed as round %d (low_memory reloads it from there)", self.completed_round)
+
+    def _reloader(self) -> Callable[[], dict[str, np.ndarray]] | None:
+        if not self.low_memory:
+            return None
+        store, saved_as = self.checkpoints, self._params_saved_as
+        assert store is not None and saved_as is not None
+        return lambda: store.load_params(saved_as)
+
+    def _hand_over_params(self) -> bool | None:
+        """With low_memory, let the round model hold the only reference to x.
+
+        Returns None without low_memory, else whether the last report held x (to give it back on failure).
+        """
+        if not self.low_memory:
+            return None
+        report_held = bool(self.reports) and self.reports[-1].params is self._params
+        if report_held:
+            self.reports[-1] = replace(self.reports[-1], params={})
+        self._params = None  # not the setter: the checkpoint still holds x
+        return report_held
+
+    def _take_back_params(self, model: RoundModel, report_held: bool, exc: BaseException) -> None:
+        """After a failed round: x again in ``params`` (and the last report), reloaded if it was released."""
+        try:
+            params = model.params()
+        except FedstreamError as reload_error:
+            exc.add_note(f"the global model could not be restored after the failed round: {reload_error}")
+            log.error("round=%d: cannot restore the global model: %s", model.round, reload_error)
+            return
+        self._params = params
+        if report_held:
+            self.reports[-1] = replace(self.reports[-1], params=params)
 
     async def _eligible(self, server: FedServer):  # -> list[NodeInfo]
         """Connected nodes that have the dataset tags, waiting up to node_wait_timeout for a quorum."""
@@ -334,7 +426,7 @@ class Experiment:
                 "training_args": self.training_args.to_dict(), "model_args": self.model_args,
                 "rounds": self.rounds, "dataset_tags": self.dataset_tags, "min_nodes": self.min_nodes,
                 "round_timeout": self.round_timeout, "node_wait_timeout": self.node_wait_timeout,
-                "known_nodes": self.known_nodes, "history_id": self.history_id,
+                "low_memory": self.low_memory, "known_nodes": self.known_nodes, "history_id": self.history_id,
                 "history_db": str(self.history_path) if self.history_path else None}
 
 

@@ -5,6 +5,7 @@
     python scripts/bench_big_model.py                           # 600M params, FedAverage(accumulator="param_dtype")
     python scripts/bench_big_model.py --accumulator float64     # the exact float64 sum: one more model of RSS
     python scripts/bench_big_model.py --params 50000000 --json out.json
+    python scripts/bench_big_model.py --low-memory              # Experiment(low_memory=True): x released mid-round
 
 The server (FedServer + Experiment, port 0, insecure) runs in this process and measures itself: peak RSS
 from the kernel (``VmHWM``) and a 20 ms sampler that says when it was reached; the model is a plan whose
@@ -12,7 +13,12 @@ parameters are a few float32 arrays. Each node is a separate process running a r
 :class:`fednode.client.NodeClient` whose in-memory handler adds 1e-3 to the received parameters in place
 (views of the download buffer, no copy) and returns them as a :class:`fedcore.tasks.TrainResult`.
 
-Needs about 3x the model on the server and 1x per node (some 12.5 GB of free RAM at 600M parameters).
+``--low-memory`` runs ``Experiment(low_memory=True, checkpoint_dir=...)`` (checkpoints in the temporary
+folder): x is checkpointed as round 0 before the round and released once both nodes have downloaded it,
+so the server holds about 2 models instead of 3. The output's ``mode`` says which ran.
+
+Needs about 3x the model on the server (2x with ``--low-memory``) and 1x per node (some 12.5 GB of free
+RAM at 600M parameters), and with ``--low-memory`` 2 models of free disk for the checkpoints.
 """
 
 from __future__ import annotations
@@ -167,7 +173,8 @@ async def run_bench(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                      aggregator=FedAverage(accumulator=args.accumulator), rounds=1, dataset_tags=[TAG],
                      min_nodes=args.nodes, round_timeout=args.timeout, node_wait_timeout=args.timeout,
                      model_args={"blocks": args.blocks, "block": block}, server=server, progress=False,
-                     keep_round_params=False)
+                     keep_round_params=False, low_memory=args.low_memory,
+                     checkpoint_dir=folder / "ckpt" if args.low_memory else None)
     exp.params = exp.initial_params()
     model_bytes = sum(a.nbytes for a in exp.params.values())
     model_rss = status_bytes("VmRSS")
@@ -204,6 +211,7 @@ async def run_bench(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                                "server_rss_gb": round(sampler.at(when) / 1e9, 2)})
     events.sort(key=lambda e: e["s"])
     return {
+        "mode": "low_memory" if args.low_memory else "normal",
         "params": sum(a.size for a in got.values()), "arrays": len(got), "model_gb": round(model_bytes / 1e9, 3),
         "accumulator": args.accumulator, "nodes": args.nodes, "upload_buffer_gb": round(args.upload_buffer / 1e9, 2),
         "round_s": round(reports[0].duration_s, 2), "aggregated": len(reports[0].succeeded),
@@ -222,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accumulator", choices=("param_dtype", "float64"), default="param_dtype")
     parser.add_argument("--upload-buffer", type=int, default=ServerConfig.max_upload_buffer_bytes,
                         help="ServerConfig.max_upload_buffer_bytes (default: 4 GiB, one 2.4 GB upload at a time)")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="Experiment(low_memory=True): release x once every node has it (checkpoints on)")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--node", help=argparse.SUPPRESS)
