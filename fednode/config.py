@@ -99,6 +99,10 @@ class NodeConfig:
     report_interval_seconds: float = 0.5  # batching period of progress/log events
     heartbeat_interval_seconds: float = 10.0  # used until the server announces its own at Register
     stop_grace_seconds: float = 10.0  # how long stop() lets an upload in flight finish
+    #: Per-stream HTTP/2 receive window for task downloads, bytes; None: gRPC sizes it by bandwidth-delay
+    #: probing (BDP). A fixed window bounds the chunks gRPC holds ahead of the node (the BDP-grown window
+    #: holds 16-33 MB at 1 GB/s) but caps throughput at window / round-trip time on a long link.
+    receive_window_bytes: int | None = None
     backoff: BackoffPolicy = BackoffPolicy()
     keepalive: KeepaliveOptions = KeepaliveOptions()
 
@@ -125,6 +129,9 @@ class NodeConfig:
                      "report_interval_seconds", "heartbeat_interval_seconds"):
             if not getattr(self, name) > 0:
                 raise NodeConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        window = self.receive_window_bytes
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 65535):
+            raise NodeConfigError(f"receive_window_bytes must be None or an int >= 65535, got {window!r}")
         if self.stop_grace_seconds < 0:
             raise NodeConfigError(f"stop_grace_seconds must be >= 0, got {self.stop_grace_seconds}")
 
@@ -157,6 +164,8 @@ class NodeConfig:
             # inherit the process-wide subchannel stuck in gRPC's own reconnect backoff (1 s, x1.6, 120 s)
             ("grpc.use_local_subchannel_pool", 1),
         ]
+        if self.receive_window_bytes is not None:  # fixed window, BDP probing off
+            options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", self.receive_window_bytes)]
         if self.server_name_override:
             options.append(("grpc.ssl_target_name_override", self.server_name_override))
         return options

@@ -19,16 +19,27 @@ poll already waiting) to the node's handler receiving the decoded arrays; fedstr
 UploadResult header reaching the server to the decoded result (the server's own task timings). The
 one-off encode + SHA-256 of the sender's document is reported apart (the server encodes a model once
 for every node). RSS is sampled by this process from /proc/<pid>/status every ~20 ms: "sender RSS" is
-the sender's peak growth over its RSS just before the transfer, "receiver RSS" the receiver's peak above
-its baseline, both relative to the payload size. Runs are interleaved; each waits --settle seconds (freed
-memory goes back to the VM's host, so every run starts cold) and for a >= 85% idle machine (--quiet-wait).
+the sender's peak growth over its RSS just before the first transfer, "receiver RSS" the receiver's peak
+above that baseline, both relative to the payload size. Runs are interleaved; each waits --settle seconds
+(freed memory goes back to the VM's host, so every run starts cold) and for a >= 85% idle machine
+(--quiet-wait).
+
+Two rows per size and direction. Each pair of processes (raw, raw*, r+v and fedstream alike) does
+--transfers K transfers back to back, --gap seconds apart, on one connection:
+* "first": transfer 1, a fresh process (what the benchmark measured before K existed);
+* "steady": transfers 2..K, the state of a node that receives the same-sized model every round and of
+  a server receiving every round's same-sized replies (fedstream's receive-buffer pools reuse the
+  previous transfer's memory; r+v reuses its buffer too). Their RSS is still measured from the RSS
+  before the FIRST transfer: memory kept from transfer 1 (a pooled block) counts against the payload.
+Both rows are checked against the targets. The 2.5 GB payload runs once (first row only).
 
 Targets (issue "wire"): fedstream throughput >= 0.75x raw in each direction; sender RSS growth <= 0.25x
 payload; receiver peak RSS <= 1.25x payload above baseline; the 2.5 GB payload (over gRPC's 2 GB message
 limit) arrives intact. Exit status 1 when a target is missed.
 
 Usage: python scripts/bench_transport.py [--sizes 40 400] [--huge 2500] [--skip-huge] [--repeat 3]
-       [--settle 5] [--quiet-wait 120] [--chunk 1048576] [--profile DIR [--profile-native]]
+       [--transfers 2] [--gap 5] [--settle 5] [--quiet-wait 120] [--chunk 1048576]
+       [--profile DIR [--profile-native]]
 Figures and what they are made of: docs/performance.md, "Transport".
 """
 
@@ -200,8 +211,12 @@ class Pair:
             spy.wait(60)
 
 
-def run_raw(mode: str, size: int, chunk: int, verify: bool = False, keep: bool = False) -> Run:
-    spec = {"mode": mode, "size": size, "chunk": chunk, "verify": verify, "keep": keep}
+def run_raw(mode: str, size: int, chunk: int, transfers: int, gap: float, verify: bool = False,
+            keep: bool = False) -> list[Run]:
+    """``transfers`` raw transfers back to back in one pair of processes; RSS growth of each is measured
+    from the RSS before the FIRST one (what a process holds after a transfer counts against the next)."""
+    spec = {"mode": mode, "size": size, "chunk": chunk, "verify": verify, "keep": keep, "transfers": transfers,
+            "gap": gap}
     pair = Pair(roles.raw_server, roles.raw_client, spec)
     try:
         c = pair._recv(pair.c_conn, pair.client)
@@ -209,36 +224,55 @@ def run_raw(mode: str, size: int, chunk: int, verify: bool = False, keep: bool =
         s = pair._recv(pair.s_conn, pair.server)
     finally:
         pair.finish()
-    if mode == "upload" and s["received"]["total"] != size or c["bytes"] != size:
-        raise RuntimeError(f"raw {mode}: {c['bytes']} bytes moved, expected {size}")
-    t0, t1 = c["start_at"], c["end_at"]
+    moved = [t["bytes"] for t in c["transfers"]] + (s["received"]["totals"] if mode == "upload" else [])
+    if len(c["transfers"]) != transfers or any(n != size for n in moved):
+        raise RuntimeError(f"raw {mode}: {moved} bytes moved, expected {transfers} x {size}")
     sender, receiver = (pair.s_rss, pair.c_rss) if mode == "download" else (pair.c_rss, pair.s_rss)
-    return Run(t1 - t0, size, sender.peak(t0, t1) - sender.before(t0), receiver.peak(t0, t1) - receiver.before(t0),
-               sender_cpu=sender.cpu(t0, t1), receiver_cpu=receiver.cpu(t0, t1))
+    first = c["transfers"][0]["start_at"]
+    runs = []
+    for t in c["transfers"]:
+        t0, t1 = t["start_at"], t["end_at"]
+        runs.append(Run(t1 - t0, size, sender.peak(t0, t1) - sender.before(first),
+                        receiver.peak(t0, t1) - receiver.before(first),
+                        sender_cpu=sender.cpu(t0, t1), receiver_cpu=receiver.cpu(t0, t1)))
+    return runs
 
 
-def run_fed(mode: str, size: int, chunk: int) -> Run:
-    pair = Pair(roles.fed_server, roles.fed_node, {"mode": mode, "size": size, "chunk": chunk})
+def run_fed(mode: str, size: int, chunk: int, transfers: int, gap: float,
+            windows: dict[str, int | None]) -> tuple[list[Run], dict[str, Any]]:
+    """``transfers`` fedstream transfers back to back (one FedServer, one NodeClient); RSS growth of each
+    from the RSS before the FIRST one. Also returns the receiver's BufferPool counters. ``windows``
+    overrides the configs' receive windows (keys ``node_window``, ``server_window``)."""
+    spec = {"mode": mode, "size": size, "chunk": chunk, "transfers": transfers, "gap": gap, **windows}
+    pair = Pair(roles.fed_server, roles.fed_node, spec)
     try:
         n = pair._recv(pair.c_conn, pair.client)
         s = pair._recv(pair.s_conn, pair.server)
     finally:
         pair.finish()
-    intact = n["digests"] == s["digests"] and len(s["digests"]) > 0
-    t0 = s["start_at"]
-    if mode == "download":
-        nbytes, t1, t_end = s["payload_size"], n["handled_at"], n["handler_done_at"]
-        sender, receiver = pair.s_rss, pair.c_rss
-        s_window, encode_s = (t0, t1), s["encode_s"]
-        seconds, c0 = t1 - t0, t0
-    else:
-        nbytes, t1, t_end = s["result_size"], s["finished_at"], s["verified_at"]
-        sender, receiver = pair.c_rss, pair.s_rss
-        s_window, encode_s = (t0, t1), s["upload_started_at"] - n["handled_at"]
-        seconds, c0 = t1 - s["upload_started_at"], s["upload_started_at"]
-    return Run(seconds, nbytes, sender.peak(*s_window) - sender.before(t0),
-               receiver.peak(t0, t_end) - receiver.before(t0), intact, encode_s,
-               sender.cpu(c0, t1), receiver.cpu(c0, t1))
+    if len(n["transfers"]) != transfers or len(s["transfers"]) != transfers:
+        raise RuntimeError(f"fedstream {mode}: {len(n['transfers'])} / {len(s['transfers'])} transfers, "
+                           f"expected {transfers}")
+    first = s["transfers"][0]["start_at"]
+    runs = []
+    for st, nt in zip(s["transfers"], n["transfers"], strict=True):
+        t0 = st["start_at"]
+        if mode == "download":
+            intact = nt["digests"] == s["digests"] and len(s["digests"]) > 0
+            nbytes, t1, t_end = s["payload_size"], nt["handled_at"], nt["handler_done_at"]
+            sender, receiver = pair.s_rss, pair.c_rss
+            encode_s = s["encode_s"]
+            seconds, c0 = t1 - t0, t0
+        else:
+            intact = n["digests"] == st["digests"] and len(st["digests"]) > 0
+            nbytes, t1, t_end = st["result_size"], st["finished_at"], st["verified_at"]
+            sender, receiver = pair.c_rss, pair.s_rss
+            encode_s = st["upload_started_at"] - nt["handled_at"]
+            seconds, c0 = t1 - st["upload_started_at"], st["upload_started_at"]
+        runs.append(Run(seconds, nbytes, sender.peak(t0, t1) - sender.before(first),
+                        receiver.peak(t0, t_end) - receiver.before(first), intact, encode_s,
+                        sender.cpu(c0, t1), receiver.cpu(c0, t1)))
+    return runs, (n if mode == "download" else s)["pool"]
 
 
 def summarize(runs: list[Run]) -> dict[str, float]:
@@ -254,6 +288,26 @@ def summarize(runs: list[Run]) -> dict[str, float]:
     }
 
 
+DEFAULT: Any = object()  # a receive window left at its config default
+
+
+def window_arg(text: str) -> int | None:
+    return None if text == "bdp" else int(text)
+
+
+def describe_window(side: str, value: Any) -> str:
+    """A receive window as printed: the config default (and what it is), or the override."""
+    if value is DEFAULT:
+        from fednode.config import NodeConfig
+        from fedserver.config import ServerConfig
+
+        config = NodeConfig if side == "node" else ServerConfig
+        default = config.__dataclass_fields__["receive_window_bytes"].default
+        what = "BDP probing" if default is None else f"{default} bytes fixed"
+        return f"{what} (the default, as a user gets it)"
+    return "BDP probing (override)" if value is None else f"{value} bytes fixed (override, NOT the default)"
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -264,12 +318,24 @@ def main() -> int:
     ap.add_argument("--huge", type=int, default=2500, help="size of the over-2-GB payload in MB (run once)")
     ap.add_argument("--skip-huge", action="store_true", help="skip the over-2-GB payload")
     ap.add_argument("--repeat", type=int, default=3, help="runs per size and direction (median throughput)")
+    ap.add_argument("--transfers", type=int, default=2,
+                    help="transfers per pair of processes (K): row 'first' is transfer 1, row 'steady' transfers "
+                         "2..K (the 2.5 GB payload always runs once)")
+    ap.add_argument("--gap", type=float, default=5.0,
+                    help="seconds between the transfers of a pair (a node's time between rounds)")
     ap.add_argument("--chunk", type=int, default=1 << 20, help="chunk size in bytes (both paths)")
     ap.add_argument("--quiet-wait", type=float, default=120.0,
                     help="seconds each run may wait for the machine to be >= 85%% idle (0: do not wait)")
     ap.add_argument("--settle", type=float, default=5.0,
                     help="seconds to pause before each run: on a VM that hands freed pages back to its host "
                          "(free page reporting), every run then starts with cold memory, as a long-lived node does")
+    ap.add_argument("--node-window", type=window_arg, default=DEFAULT,
+                    help="override NodeConfig.receive_window_bytes: bytes, or 'bdp' (gRPC's probing); "
+                         "default: the config's default")
+    ap.add_argument("--server-window", type=window_arg, default=DEFAULT,
+                    help="override ServerConfig.receive_window_bytes, as --node-window")
+    ap.add_argument("--skip-context", action="store_true",
+                    help="skip the raw* and r+v context pairs (their columns then repeat raw)")
     ap.add_argument("--profile", type=Path, help="folder for py-spy collapsed stacks of every process")
     ap.add_argument("--profile-native", action="store_true", help="profile C frames too (slows the runs)")
     args = ap.parse_args()
@@ -277,56 +343,79 @@ def main() -> int:
         args.profile.mkdir(parents=True, exist_ok=True)
         Pair.profile = args.profile
         Pair.profile_flags = ["--native"] if args.profile_native else ["--nonblocking"]
-    plan = [(mb, args.repeat) for mb in args.sizes] + ([] if args.skip_huge else [(args.huge, 1)])
+    windows = {f"{side}_window": value for side, value in (("node", args.node_window),
+                                                            ("server", args.server_window)) if value is not DEFAULT}
+    plan = [(mb, args.repeat, args.transfers) for mb in args.sizes] + ([] if args.skip_huge else [(args.huge, 1, 1)])
     import grpc
 
     print(f"bench_transport: Python {sys.version.split()[0]}, grpcio {grpc.__version__}, "
-          f"{mp.cpu_count()} cores, loopback, insecure, chunk {args.chunk} bytes, repeat {args.repeat}")
-    header = (f"{'size':>8} {'dir':>8} | {'raw GB/s':>8} {'fed GB/s':>8} {'fed/raw':>7} | {'send RSS':>8} "
-              f"{'recv RSS':>8} | {'intact':>6} | targets")
+          f"{mp.cpu_count()} cores, loopback, insecure, chunk {args.chunk} bytes, repeat {args.repeat}, "
+          f"{args.transfers} transfers per pair of processes ({args.gap:g} s apart)")
+    print("fedstream receive windows: " + ", ".join(
+        f"{side} {describe_window(side, windows.get(f'{side}_window', DEFAULT))}" for side in ("node", "server")))
+    print("Rows: 'first' = the first transfer of a fresh pair of processes; 'steady' = transfers 2..K of the same")
+    print("pair (a node receives the same-sized model every round), RSS above the RSS before the FIRST transfer.")
+    header = (f"{'size':>8} {'dir':>8} {'row':>6} | {'raw GB/s':>8} {'fed GB/s':>8} {'fed/raw':>7} | "
+              f"{'send RSS':>8} {'recv RSS':>8} | {'intact':>6} | targets")
     print(header)
     print("-" * len(header))
     misses: list[str] = []
     idle: list[float] = []
     context: list[str] = []
-    for mb, repeat in plan:
+    pools: list[str] = []
+    for mb, repeat, transfers in plan:
         size = mb * MB
         for mode in ("download", "upload"):
-            raw_runs, keep_runs, ver_runs, fed_runs = [], [], [], []
+            kinds: dict[str, list[list[Run]]] = {"raw": [], "keep": [], "ver": [], "fed": []}
+            pool_stats: list[dict[str, Any]] = []
             for _ in range(repeat):  # interleaved, so a drifting machine load hits all alike
                 idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
-                raw_runs.append(run_raw(mode, size, args.chunk))
+                kinds["raw"].append(run_raw(mode, size, args.chunk, transfers, args.gap))
+                if not args.skip_context:
+                    idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
+                    kinds["keep"].append(run_raw(mode, size, args.chunk, transfers, args.gap, keep=True))
+                    idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
+                    kinds["ver"].append(
+                        run_raw(mode, size, args.chunk, transfers, args.gap, verify=True, keep=True))
                 idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
-                keep_runs.append(run_raw(mode, size, args.chunk, keep=True))
-                idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
-                ver_runs.append(run_raw(mode, size, args.chunk, verify=True, keep=True))
-                idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
-                fed_runs.append(run_fed(mode, size, args.chunk))
-            raw, keep, ver = summarize(raw_runs), summarize(keep_runs), summarize(ver_runs)
-            fed = summarize(fed_runs)
-            ratio = fed["gbps"] / raw["gbps"]
-            checks = {"throughput": ratio >= TARGET_RATIO, "sender RSS": fed["sender"] <= TARGET_SENDER,
-                      "receiver RSS": fed["receiver"] <= TARGET_RECEIVER, "intact": fed["intact"]}
-            misses += [f"{mb} MB {mode}: {name}" for name, ok in checks.items() if not ok]
-            print(f"{mb:>5} MB {mode:>8} | {raw['gbps']:8.2f} {fed['gbps']:8.2f} {ratio:6.2f}x | "
-                  f"{fed['sender']:7.2f}x {fed['receiver']:7.2f}x | {'yes' if fed['intact'] else 'NO':>6} | "
-                  + ", ".join(f"{name} {verdict(ok)}" for name, ok in checks.items()), flush=True)
-            context.append(
-                f"{mb:>5} MB {mode:>8} | {keep['gbps']:5.2f} {fed['gbps'] / keep['gbps']:5.2f}x | "
-                f"{ver['gbps']:5.2f} {fed['gbps'] / ver['gbps']:5.2f}x | "
-                f"{raw['cpu_send']:4.2f} {raw['cpu_recv']:4.2f} | {keep['cpu_send']:4.2f} {keep['cpu_recv']:4.2f} | "
-                f"{ver['cpu_recv']:4.2f} | {fed['cpu_send']:4.2f} {fed['cpu_recv']:4.2f} | "
-                f"{raw['receiver']:5.2f}x {ver['receiver']:5.2f}x | {fed['encode']:5.2f}")
+                fed_runs, pool = run_fed(mode, size, args.chunk, transfers, args.gap, windows)
+                kinds["fed"].append(fed_runs)
+                pool_stats.append(pool)
+            pools.append(f"{mb:>5} MB {mode:>8} | receiver pool over {repeat} pairs: "
+                         f"{sum(p['reused'] for p in pool_stats)} reused, "
+                         f"{sum(p['allocated'] for p in pool_stats)} fresh blocks")
+            rows = [("first", slice(0, 1))] + ([("steady", slice(1, None))] if transfers > 1 else [])
+            for row, pick in rows:
+                if args.skip_context:
+                    kinds["keep"] = kinds["ver"] = kinds["raw"]  # context columns repeat raw: not measured
+                raw, keep, ver, fed = (summarize([r for pair in kinds[k] for r in pair[pick]])
+                                       for k in ("raw", "keep", "ver", "fed"))
+                ratio = fed["gbps"] / raw["gbps"]
+                checks = {"throughput": ratio >= TARGET_RATIO, "sender RSS": fed["sender"] <= TARGET_SENDER,
+                          "receiver RSS": fed["receiver"] <= TARGET_RECEIVER, "intact": fed["intact"]}
+                misses += [f"{mb} MB {mode} {row}: {name}" for name, ok in checks.items() if not ok]
+                print(f"{mb:>5} MB {mode:>8} {row:>6} | {raw['gbps']:8.2f} {fed['gbps']:8.2f} {ratio:6.2f}x | "
+                      f"{fed['sender']:7.2f}x {fed['receiver']:7.2f}x | {'yes' if fed['intact'] else 'NO':>6} | "
+                      + ", ".join(f"{name} {verdict(ok)}" for name, ok in checks.items()), flush=True)
+                context.append(
+                    f"{mb:>5} MB {mode:>8} {row:>6} | {keep['gbps']:5.2f} {fed['gbps'] / keep['gbps']:5.2f}x | "
+                    f"{ver['gbps']:5.2f} {fed['gbps'] / ver['gbps']:5.2f}x | "
+                    f"{raw['cpu_send']:4.2f} {raw['cpu_recv']:4.2f} | {keep['cpu_send']:4.2f} {keep['cpu_recv']:4.2f} | "
+                    f"{ver['cpu_recv']:4.2f} | {fed['cpu_send']:4.2f} {fed['cpu_recv']:4.2f} | "
+                    f"{raw['receiver']:5.2f}x {ver['receiver']:5.2f}x | {fed['encode']:5.2f}")
     print("\nContext. raw*: the raw pair with fedstream's glibc malloc thresholds (keep_chunk_memory). r+v: raw*")
     print("whose receiver also keeps the bytes in one preallocated numpy buffer and SHA-256s them in a thread,")
     print("the least any verifying receiver does. CPU s/GB: CPU seconds of a process (all threads) per GB moved")
     print("during the transfer (2 cores: 2.0 s/GB at 1 GB/s keeps both busy). recv RSS: receiver peak above")
     print("baseline / payload. enc s: the sender's one-off encode + SHA-256 of its document (not in GB/s).")
-    print(f"{'':>17} | {'raw*':>12} | {'r+v':>12} | {'raw CPU':>9} | {'raw* CPU':>9} | {'r+v':>4} | "
+    print("Steady rows: r+v writes into the buffer of its previous transfer, as fedstream's pools do.")
+    print(f"{'':>24} | {'raw*':>12} | {'r+v':>12} | {'raw CPU':>9} | {'raw* CPU':>9} | {'r+v':>4} | "
           f"{'fed CPU':>9} | {'recv RSS':>13} |")
-    print(f"{'size':>8} {'dir':>8} | {'GB/s':>5} {'fed/':>6} | {'GB/s':>5} {'fed/':>6} | {'send':>4} {'recv':>4} | "
-          f"{'send':>4} {'recv':>4} | {'recv':>4} | {'send':>4} {'recv':>4} | {'raw':>6} {'r+v':>6} | enc s")
+    print(f"{'size':>8} {'dir':>8} {'row':>6} | {'GB/s':>5} {'fed/':>6} | {'GB/s':>5} {'fed/':>6} | "
+          f"{'send':>4} {'recv':>4} | {'send':>4} {'recv':>4} | {'recv':>4} | {'send':>4} {'recv':>4} | "
+          f"{'raw':>6} {'r+v':>6} | enc s")
     print("\n".join(context))
+    print("\n".join(pools))
     print(f"machine idle before the runs: min {min(idle):.0%}, median {statistics.median(idle):.0%} "
           f"(runs wait up to {args.quiet_wait:g} s for >= 85% idle)")
     print(f"targets: fed/raw >= {TARGET_RATIO}x, sender RSS growth <= {TARGET_SENDER}x payload, "

@@ -2,7 +2,10 @@
 
 Every role is a process target ``role(conn, spec)``: ``conn`` is its end of a pipe to the orchestrator,
 ``spec`` a dict (mode "download" = server → client/node, "upload" = client/node → server; ``size``
-bytes; ``chunk`` bytes). A role sends dict messages whose ``*_at`` values are ``time.monotonic()``
+bytes; ``chunk`` bytes; ``transfers``: how many transfers the pair does back to back, ``gap`` seconds
+apart, on the same connection and in the same processes — the first is a fresh process's, the next
+ones the steady state of a node that receives the same-sized model every round; ``node_window`` /
+``server_window``, when present, override the fedstream configs' ``receive_window_bytes`` defaults). A role sends dict messages whose ``*_at`` values are ``time.monotonic()``
 stamps (CLOCK_MONOTONIC is system-wide on Linux, so stamps of different processes compare), from which
 the orchestrator cuts its RSS windows and computes throughput.
 
@@ -73,16 +76,17 @@ class RawSink:
 
     The verifying sink is the least any receiver that keeps and checks the bytes must do, written with
     numpy and hashlib only: copy into one preallocated buffer, SHA-256 in a thread behind the copies.
+    Given the ``buffer`` of an earlier transfer it writes into it again (the steady-state floor).
     """
 
-    def __init__(self, size: int, verify: bool) -> None:
+    def __init__(self, size: int, verify: bool, buffer: memoryview | None = None) -> None:
         self.total = 0
         self.verify = verify
         if verify:
             import queue
             import threading
 
-            self._buf = memoryview(np.empty(size, dtype=np.uint8))
+            self._buf = buffer if buffer is not None else memoryview(np.empty(size, dtype=np.uint8))
             self._hash = hashlib.sha256()
             self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
             self._hasher = threading.Thread(target=self._hash_ranges, daemon=True)
@@ -123,20 +127,21 @@ async def _raw_server(conn: Any, spec: dict[str, Any]) -> None:
 
     size, chunk = spec["size"], spec["chunk"]
     buf = np.random.default_rng(1).bytes(size) if spec["mode"] == "download" else b""
-    done = asyncio.Event()
-    received: dict[str, Any] = {}
+    received: dict[str, Any] = {"totals": []}
+    kept: list[memoryview] = []  # r+v: the receive buffer, reused by the next transfer
 
     async def download(request: bytes, context: Any) -> Any:
         for offset in range(0, size, chunk):
             yield buf[offset : offset + chunk]
 
     async def upload(request_iterator: Any, context: Any) -> bytes:
-        sink = RawSink(size, spec.get("verify", False))
+        sink = RawSink(size, spec.get("verify", False), kept[0] if kept else None)
         async for message in request_iterator:
             sink.add(message)
         sink.close()
-        received.update(total=sink.total, end_at=now())
-        done.set()
+        if sink.verify and not kept:
+            kept.append(sink._buf)
+        received["totals"].append(sink.total)
         return sink.total.to_bytes(8, "little")
 
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MESSAGE_LIMIT),
@@ -164,26 +169,32 @@ async def _raw_client(conn: Any, spec: dict[str, Any]) -> None:
     size, chunk = spec["size"], spec["chunk"]
     buf = np.random.default_rng(2).bytes(size) if spec["mode"] == "upload" else b""
     options = [("grpc.max_receive_message_length", MESSAGE_LIMIT), ("grpc.max_send_message_length", MESSAGE_LIMIT)]
+    transfers: list[dict[str, Any]] = []
+    kept: memoryview | None = None  # r+v: the receive buffer, reused by the next transfer
     async with grpc.aio.insecure_channel(f"127.0.0.1:{spec['port']}", options=options) as channel:
         await channel.channel_ready()
         await asyncio.sleep(0.1)  # a settled baseline RSS sample before the transfer
-        if spec["mode"] == "download":
-            call = channel.unary_stream(f"/{RAW_SERVICE}/Download")(b"")
-            t0 = now()
-            sink = RawSink(size, spec.get("verify", False))
-            async for message in call:
-                sink.add(message)
-            sink.close()
-            total = sink.total
-        else:
-            call = channel.stream_unary(f"/{RAW_SERVICE}/Upload")()
-            t0 = now()
-            for offset in range(0, size, chunk):
-                await call.write(buf[offset : offset + chunk])
-            await call.done_writing()
-            total = int.from_bytes(await call, "little")
-        t1 = now()
-    conn.send({"start_at": t0, "end_at": t1, "bytes": total})
+        for i in range(spec.get("transfers", 1)):
+            if i:
+                await asyncio.sleep(spec.get("gap", 0.0))
+            if spec["mode"] == "download":
+                call = channel.unary_stream(f"/{RAW_SERVICE}/Download")(b"")
+                t0 = now()
+                sink = RawSink(size, spec.get("verify", False), kept)
+                async for message in call:
+                    sink.add(message)
+                sink.close()
+                total = sink.total
+                kept = sink._buf if sink.verify else None
+            else:
+                call = channel.stream_unary(f"/{RAW_SERVICE}/Upload")()
+                t0 = now()
+                for offset in range(0, size, chunk):
+                    await call.write(buf[offset : offset + chunk])
+                await call.done_writing()
+                total = int.from_bytes(await call, "little")
+            transfers.append({"start_at": t0, "end_at": now(), "bytes": total})
+    conn.send({"transfers": transfers})
 
 
 # -- fedstream ------------------------------------------------------------------------------------------
@@ -202,8 +213,9 @@ async def _fed_server(conn: Any, spec: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = NodeStore(Path(tmp) / "nodes.sqlite")
         token = store.enroll("bench-node")
+        window = {"receive_window_bytes": spec["server_window"]} if "server_window" in spec else {}
         server = FedServer(ServerConfig(port=0, tls="insecure", chunk_size=chunk, max_payload_size=8 << 30,
-                                        max_poll_wait_seconds=60.0), store)
+                                        max_poll_wait_seconds=60.0, **window), store)
         info: dict[str, Any] = {}
         if mode == "download":
             params = make_params(size)
@@ -211,29 +223,37 @@ async def _fed_server(conn: Any, spec: dict[str, Any]) -> None:
             t = now()
             payload = server.encode_payload({"params": params, "round": 1})
             info["encode_s"] = now() - t
+            del params  # the server keeps the encoded document, as for a round (its arrays are views)
         else:
             payload = server.encode_payload({"round": 1, "reply_size": size})
         info["payload_size"] = payload.total_size
         port = await server.start()
         conn.send({"port": port, "token": token})
         [node_id] = await server.wait_for_nodes(1, timeout=120)
-        while server.registry.get(node_id).open_polls == 0:  # let the node's long poll be waiting
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)  # a settled baseline RSS sample on both sides
-        info["start_at"] = now()
-        handle = server.dispatch(node_id, TaskKind.TRAIN, payload, experiment_id="bench", round=1)
+        transfers: list[dict[str, Any]] = []
+        for i in range(spec.get("transfers", 1)):
+            if i:
+                await asyncio.sleep(spec.get("gap", 0.0))
+            while server.registry.get(node_id).open_polls == 0:  # let the node's long poll be waiting
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # a settled baseline RSS sample on both sides
+            one: dict[str, Any] = {"start_at": now()}
+            handle = server.dispatch(node_id, TaskKind.TRAIN, payload, experiment_id="bench", round=i + 1)
+            result = await handle.result(timeout=3600)
+            one["end_at"] = now()
+            if not result.succeeded:
+                raise RuntimeError(f"bench task ended {result.outcome}: {result.error_message}")
+            one["upload_started_at"] = result.timings.upload_started_at
+            one["finished_at"] = result.timings.finished_at
+            if mode == "upload":
+                one["digests"] = array_digests(result.payload["params"])
+                one["result_size"] = result.bytes_received
+            one["verified_at"] = now()
+            del result, handle  # the result is aggregated and dropped, as in a round
+            transfers.append(one)
+        info["transfers"] = transfers
+        info["pool"] = server.uploads.pool.stats().__dict__
         del payload
-        result = await handle.result(timeout=3600)
-        info["end_at"] = now()
-        if not result.succeeded:
-            raise RuntimeError(f"bench task ended {result.outcome}: {result.error_message}")
-        info["upload_started_at"] = result.timings.upload_started_at
-        info["finished_at"] = result.timings.finished_at
-        if mode == "upload":
-            info["digests"] = array_digests(result.payload["params"])
-            info["result_size"] = result.bytes_received
-        info["verified_at"] = now()
-        del result
         await server.stop(1.0)
         conn.send(info)
 
@@ -249,33 +269,35 @@ async def _fed_node(conn: Any, spec: dict[str, Any]) -> None:
     from fednode.handler import ReceivedTask, TaskReply
 
     mode, size, chunk = spec["mode"], spec["size"], spec["chunk"]
+    count = spec.get("transfers", 1)
     info: dict[str, Any] = {}
+    transfers: list[dict[str, Any]] = []
     reply: dict[str, Any] = {"ok": True}
     if mode == "upload":
         params = make_params(size, seed=3)
         info["digests"] = array_digests(params)
         reply = {"params": params, "num_samples": 1}
-    handled = asyncio.Event()
-    loop = asyncio.get_running_loop()
 
     class BenchHandler:
         def handle(self, task: ReceivedTask, reporter: Any) -> TaskReply:
-            info["handled_at"] = now()
+            one: dict[str, Any] = {"handled_at": now()}
             if mode == "download":
-                info["digests"] = array_digests(task.payload["params"])
-            info["handler_done_at"] = now()
-            loop.call_soon_threadsafe(handled.set)
+                one["digests"] = array_digests(task.payload["params"])
+            one["handler_done_at"] = now()
+            transfers.append(one)
             return TaskReply.succeeded(reply)
 
     config = NodeConfig(server=f"127.0.0.1:{spec['port']}", tls="insecure", token=spec["token"],
                         node_name="bench-node", upload_chunk_size=chunk, poll_wait_seconds=60.0,
-                        max_payload_size=8 << 30)
+                        max_payload_size=8 << 30,
+                        **({"receive_window_bytes": spec["node_window"]} if "node_window" in spec else {}))
     client = NodeClient(config, BenchHandler())
     runner = asyncio.create_task(client.run())
-    await handled.wait()
-    while client.results_delivered == 0 and not runner.done():
+    while client.results_delivered < count and not runner.done():
         await asyncio.sleep(0.01)
     info["delivered_at"] = now()
     client.stop()
     await runner
+    info["transfers"] = transfers
+    info["pool"] = client.receive_pool.stats().__dict__
     conn.send(info)
