@@ -2,7 +2,14 @@
 
 The registry is in-memory state of a running server (nodes register again after every reconnect). A
 node counts as *connected* while it holds a poll open or was seen within ``liveness_timeout`` seconds
-(any authenticated call counts). Times are ``time.monotonic()`` seconds.
+(any authenticated call counts), except after a *dropped* poll: when its last open PollTask stream was
+cancelled or broken before the server finished it (the process died, the connection broke), the node is
+disconnected at once, until its next authenticated call. A poll that ends normally (NoTask, a task sent
+completely, a refusal) leaves the node connected while it polls again, so a re-polling node never flaps.
+Times are ``time.monotonic()`` seconds.
+
+Tasks queued for a node that drops stay queued (``in_flight`` is kept): a node that reconnects gets
+them on its next poll, one that does not come back lets them end by their inactivity timeout.
 """
 
 from __future__ import annotations
@@ -30,10 +37,14 @@ class NodeRecord:
     last_seen: float = field(default_factory=time.monotonic)
     open_polls: int = 0
     in_flight: set[str] = field(default_factory=set)  # ids of open tasks dispatched to this node
+    dropped_at: float | None = None  # when its last open poll dropped; None once it calls again
+    drops: int = 0  # polls of it that dropped since the server started (a flaky link shows here)
 
     @property
     def connected(self) -> bool:
-        return self.open_polls > 0 or time.monotonic() - self.last_seen <= self.liveness_timeout
+        if self.open_polls > 0:
+            return True
+        return self.dropped_at is None and time.monotonic() - self.last_seen <= self.liveness_timeout
 
     @property
     def tags(self) -> frozenset[str]:
@@ -63,29 +74,38 @@ class NodeRegistry:
         record = NodeRecord(node_id, reg.node_name, reg.datasets, reg.capabilities, reg.client_version,
                             self.liveness_timeout)
         if old is not None:
-            record.registered_at, record.open_polls, record.in_flight = (
-                old.registered_at, old.open_polls, old.in_flight)
+            record.registered_at, record.open_polls, record.in_flight, record.drops = (
+                old.registered_at, old.open_polls, old.in_flight, old.drops)
         self._nodes[node_id] = record
         self._changed.set()
         return record
 
     def touch(self, node_id: str) -> None:
-        """The node made an authenticated call: it is alive."""
+        """The node made an authenticated call: it is alive (again, if a poll of it had dropped)."""
         record = self._nodes.get(node_id)
         if record is not None:
             record.last_seen = time.monotonic()
+            record.dropped_at = None
 
     def poll_opened(self, node_id: str) -> None:
         record = self._nodes.get(node_id)
         if record is not None:
             record.open_polls += 1
             record.last_seen = time.monotonic()
+            record.dropped_at = None
 
-    def poll_closed(self, node_id: str) -> None:
+    def poll_closed(self, node_id: str, *, dropped: bool = False) -> None:
+        """A PollTask stream of the node ended; ``dropped``: cancelled or broken before the server finished
+        it. A drop with no other poll open disconnects the node now rather than after ``liveness_timeout``."""
         record = self._nodes.get(node_id)
         if record is not None:
+            now = time.monotonic()
             record.open_polls = max(0, record.open_polls - 1)
-            record.last_seen = time.monotonic()
+            record.drops += int(dropped)
+            if dropped and record.open_polls == 0:
+                record.dropped_at = now
+            else:
+                record.last_seen = now
 
     def get(self, node_id: str) -> NodeRecord:
         try:

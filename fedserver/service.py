@@ -106,6 +106,9 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         self.registry.poll_opened(node_id)
         self.open_polls += 1
         self._polls_idle.clear()
+        # a poll "drops" when it ends by cancellation (the node went away, its connection broke: gRPC
+        # cancels this handler) before the server finished it; any other end leaves the node connected
+        dropped = True
         try:
             if request.resume_task_id:
                 handle: TaskHandle | None = self.board.lookup(request.resume_task_id, node_id)
@@ -116,17 +119,21 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                 handle = await self.board.next_for(node_id, wait)
                 start = 0
             if handle is None:
+                dropped = False  # before the yield: fednode cancels the call once it has read the answer
                 yield self._shutdown_message() if self.is_stopping() else pb.PollTaskResponse(no_task=pb.NoTask())
                 return
             delivered = False
             try:
                 async for message in self._stream_task(handle, start):
                     yield message
-                delivered = True
+                delivered, dropped = True, False
             finally:
                 self.board.release(handle, delivered=delivered)
+        except Exception:
+            dropped = False  # refused by the server (a status goes back): the node is alive
+            raise
         finally:
-            self.registry.poll_closed(node_id)
+            self.registry.poll_closed(node_id, dropped=dropped)
             self.open_polls -= 1
             if self.open_polls == 0:
                 self._polls_idle.set()
