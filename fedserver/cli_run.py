@@ -87,7 +87,11 @@ output:
 
 security (--tls): as `fedserver serve`: tls (default; server certificate in HOME/certs, nodes send the
 token from `fedserver nodes enroll`), mtls (node certificates from `fedserver certs node`), insecure
-(plaintext; loopback experiments only)."""
+(plaintext; loopback experiments only).
+
+server memory (--max-upload-buffer, --receive-window): as `fedserver serve`. The defaults favour speed;
+with many nodes or large models, --max-upload-buffer 64MiB --receive-window 256KiB bound the replies
+held at once (they are then received one after another; `fedserver serve --help` says more)."""
 
 EPILOG = f"""\
 examples:

@@ -31,15 +31,61 @@ security (--tls):
   mtls      nodes present a certificate signed by HOME/certs/ca.crt; its common name is the node id
   insecure  plaintext, tokens still required; only for loopback experiments
 
+server memory (--max-upload-buffer, --receive-window):
+  A round's replies arrive together. Their upload buffers hold at most --max-upload-buffer bytes
+  together (one reply always fits; the others wait in line until one is aggregated and freed), and
+  each waiting reply can still have up to its HTTP/2 receive window of chunks buffered inside gRPC.
+  The defaults favour speed (4GiB, and windows that gRPC grows to ~10-20 MB per reply on fast links);
+  to bound memory with many nodes or large models, e.g. --max-upload-buffer 64MiB --receive-window
+  256KiB (replies then arrive one after another; see docs/performance.md, "Rounds vs Flower").
+
 sizes accept the suffixes KiB, MiB, GiB (e.g. 4GiB)."""
+
+#: Smallest HTTP/2 receive window gRPC accepts (the protocol's initial window).
+MIN_RECEIVE_WINDOW = 65535
 
 
 def parse_size(text: str) -> int:
+    """``"4MiB"`` -> 4194304: a non-negative integer with an optional unit (B, KiB, MiB, GiB, K, M, G)."""
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: a size cannot be negative")
     match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 1048576, 512KiB, 4MiB or 4GiB")
     return int(match.group(1)) * _UNITS[unit]
+
+
+def parse_positive_size(text: str) -> int:
+    """A :func:`parse_size` size > 0 (argparse names the flag in front of the message)."""
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be more than 0 bytes")
+    return size
+
+
+def parse_receive_window(text: str) -> int | None:
+    """``auto`` -> None (gRPC's bandwidth-delay probing), else a size of at least 65535 bytes."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        size = parse_size(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, or auto") from None
+    if size < MIN_RECEIVE_WINDOW:
+        raise argparse.ArgumentTypeError(
+            f"invalid window {text!r}: must be 'auto' or at least {MIN_RECEIVE_WINDOW} bytes (64KiB)")
+    return size
+
+
+def parse_positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: must be an integer > 0") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: must be an integer > 0")
+    return value
 
 
 def register(subparsers: Any) -> None:
@@ -62,14 +108,26 @@ def add_server_options(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--cert", type=Path, help="server certificate (default: HOME/certs/server.crt)")
     parser.add_argument("--key", type=Path, help="server private key (default: HOME/certs/server.key)")
     parser.add_argument("--ca", type=Path, help="CA of node certificates, mtls (default: HOME/certs/ca.crt)")
-    parser.add_argument("--max-payload-size", type=parse_size, default=d["max_payload_size"].default,
-                        help="largest result a node may upload (default: 4GiB)")
-    parser.add_argument("--max-chunk-size", type=parse_size, default=d["max_chunk_size"].default,
-                        help="largest chunk a node may upload (default: 4MiB)")
-    parser.add_argument("--chunk-size", type=parse_size, default=d["chunk_size"].default,
-                        help="chunk size the server sends with (default: 1MiB)")
-    parser.add_argument("--max-concurrent-uploads", type=int, default=d["max_concurrent_uploads"].default,
+    parser.add_argument("--max-payload-size", type=parse_positive_size, default=d["max_payload_size"].default,
+                        metavar="SIZE", help="largest result a node may upload (default: 4GiB)")
+    parser.add_argument("--max-chunk-size", type=parse_positive_size, default=d["max_chunk_size"].default,
+                        metavar="SIZE", help="largest chunk a node may upload (default: 4MiB)")
+    parser.add_argument("--chunk-size", type=parse_positive_size, default=d["chunk_size"].default,
+                        metavar="SIZE", help="chunk size the server sends with (default: 1MiB)")
+    parser.add_argument("--max-concurrent-uploads", type=parse_positive_int,
+                        default=d["max_concurrent_uploads"].default, metavar="N",
                         help="uploads holding a buffer at once (default: %(default)s)")
+    parser.add_argument("--max-upload-buffer", type=parse_positive_size,
+                        default=d["max_upload_buffer_bytes"].default, metavar="SIZE",
+                        help="bytes all upload buffers may hold together; one reply always fits, the others "
+                             "wait in line until it is aggregated. Lower bounds the server's memory, but "
+                             "replies are then received one after another (default: 4GiB)")
+    parser.add_argument("--receive-window", type=parse_receive_window, default=d["receive_window_bytes"].default,
+                        metavar="SIZE|auto",
+                        help="HTTP/2 receive window of each upload: how much of a reply waiting for upload "
+                             "room gRPC still accepts. auto (default): sized by bandwidth-delay probing, fast on "
+                             "long links but ~10-20 MB per waiting reply; a fixed size (>= 64KiB, e.g. 256KiB) "
+                             "bounds that memory but caps an upload at SIZE per network round trip")
     parser.add_argument("--max-poll-wait", type=float, default=d["max_poll_wait_seconds"].default,
                         help="longest long poll, seconds (default: %(default)s)")
 
@@ -84,7 +142,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         key_file=args.key or (certs / "server.key" if secure else None),
         ca_file=args.ca or (certs / "ca.crt" if args.tls == "mtls" else None),
         max_payload_size=args.max_payload_size, max_chunk_size=args.max_chunk_size, chunk_size=args.chunk_size,
-        max_concurrent_uploads=args.max_concurrent_uploads, max_poll_wait_seconds=args.max_poll_wait)
+        max_concurrent_uploads=args.max_concurrent_uploads, max_upload_buffer_bytes=args.max_upload_buffer,
+        receive_window_bytes=args.receive_window, max_poll_wait_seconds=args.max_poll_wait)
 
 
 def _serve(args: argparse.Namespace) -> int:
