@@ -320,15 +320,55 @@ def test_torch_bfloat16_weights_get_and_set():
     new = {name: torch.full_like(w, 1.5) for name, w in weights.items()}
     model.set_weights(new)
     assert torch.equal(module.weight, new["weight"])
-    with pytest.raises(WeightsMismatchError, match=r"'bias': expected a bfloat16 torch tensor, got a numpy"):
-        model.set_weights({"weight": new["weight"], "bias": np.zeros(2, dtype=np.float32)})
-    with pytest.raises(WeightsMismatchError, match=r"expected dtype bfloat16, got float32"):
-        model.set_weights({"weight": new["weight"], "bias": torch.zeros(2)})
-    # the wire form widens exactly to float32, and narrowing it back restores the same tensors
+    with pytest.raises(WeightsMismatchError, match=r"'bias': expected a bfloat16 torch tensor or a float32 "
+                                                   r"numpy array \(narrowed to bfloat16\), got a numpy float64"):
+        model.set_weights({"weight": new["weight"], "bias": np.zeros(2, dtype=np.float64)})
+    with pytest.raises(WeightsMismatchError, match=r"got a numpy float16 array"):
+        model.set_weights({"weight": new["weight"], "bias": np.zeros(2, dtype=np.float16)})
+    with pytest.raises(WeightsMismatchError, match=r"'bias': expected dtype bfloat16, got float32"):
+        model.set_weights({"weight": new["weight"], "bias": torch.zeros(2)})  # a tensor: no silent narrowing
+    with pytest.raises(WeightsMismatchError, match=r"'bias': expected shape \(2,\), got \(3,\)"):
+        model.set_weights({"weight": new["weight"], "bias": np.zeros(3, dtype=np.float32)})
+    assert torch.equal(module.bias, new["bias"])  # nothing was assigned
+    # the wire form widens exactly to float32, and set_weights narrows it back to the same tensors
     wire = weights_to_numpy(model.get_weights())
     assert {a.dtype for a in wire.values()} == {np.dtype(np.float32)}
-    model.set_weights({k: torch.from_numpy(a).to(torch.bfloat16) for k, a in wire.items()})
-    assert torch.equal(module.bias, new["bias"])
+    model.set_weights(wire)
+    assert module.weight.dtype == torch.bfloat16 and torch.equal(module.bias, new["bias"])
+
+
+def _bfloat16_bits_rne(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round to nearest even, recomputed on the bit pattern (finite values)."""
+    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def test_torch_bfloat16_set_weights_narrows_float32_by_round_to_nearest_even():
+    from fedcore.models.torch_model import narrow_to_bfloat16
+
+    one = np.float32(1.0).view(np.uint32)
+    ulp = 1 << 16  # a bfloat16 ulp in float32 bits at 1.0
+    halfway = [one + ulp // 2, one + ulp + ulp // 2]  # ties: 1.0 (even) stays, 1.0+ulp (odd) goes up
+    near = [one + ulp // 2 - 1, one + ulp // 2 + 1, one + 1]
+    special = np.array([0.0, -0.0, 3.3895314e38, 3.4028235e38, -1e-40, 1e-45], dtype=np.float32)
+    rng = np.random.default_rng(3)
+    random = rng.standard_normal(1000).astype(np.float32) * np.float32(10.0) ** rng.integers(-30, 30, 1000)
+    values = np.concatenate([np.array(halfway + near, dtype=np.uint32).view(np.float32), special,
+                             random.astype(np.float32)])
+    values = values[np.isfinite(values) & (np.abs(values) < 3.3e38)]  # the bit formula holds below the overflow
+
+    model = TorchModel(torch.nn.Linear(len(values), 1, bias=False).to(torch.bfloat16))
+    model.set_weights({"weight": values.reshape(1, -1)})
+    got = model.model.weight.detach().view(torch.int16).numpy().view(np.uint16).ravel()
+    np.testing.assert_array_equal(got, _bfloat16_bits_rne(values))
+    np.testing.assert_array_equal(got[:2], [np.uint16(one >> 16), np.uint16((one + 2 * ulp) >> 16)])
+    expected = narrow_to_bfloat16(torch.from_numpy(values)).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(got, expected)  # the same as torch's .to(torch.bfloat16)
+
+    edge = TorchModel(torch.nn.Linear(3, 1, bias=False).to(torch.bfloat16))
+    edge.set_weights({"weight": np.array([[3.4028235e38, np.inf, np.nan]], dtype=np.float32)})
+    w = edge.model.weight.detach().float().numpy().ravel()
+    assert w[0] == np.inf and w[1] == np.inf and np.isnan(w[2])  # beyond bfloat16's range: inf
 
 
 def test_torch_export_reload_round_trip(tmp_path):
@@ -386,3 +426,16 @@ def test_models_package_imports_without_torch():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "lazy-ok"
+
+
+def test_torch_set_weights_takes_0d_numpy_buffers():
+    """BatchNorm's num_batches_tracked is a 0-d int64 buffer: its wire form is a 0-d array."""
+    module = torch.nn.BatchNorm1d(3)
+    module(torch.randn(4, 3))
+    model = TorchModel(module)
+    wire = weights_to_numpy(model.get_weights(exclude_buffers=False))
+    assert wire["num_batches_tracked"].shape == ()
+    fresh = TorchModel(torch.nn.BatchNorm1d(3))
+    fresh.set_weights(wire, exclude_buffers=False)
+    assert fresh.model.num_batches_tracked.shape == () and int(fresh.model.num_batches_tracked) == 1
+    assert torch.equal(fresh.model.running_mean, module.running_mean)

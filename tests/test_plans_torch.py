@@ -222,8 +222,10 @@ def test_bfloat16_module_through_the_plan():
     trained = plan.get_model_params()
     plan.set_model_params(params)
     assert all(torch.equal(plan.get_model_params()[k], v) for k, v in params.items())
-    with pytest.raises(WeightsMismatchError, match="numpy has no bfloat16"):
-        plan.set_model_params(weights_to_numpy(trained))
+    plan.set_model_params(weights_to_numpy(trained))  # the wire form (float32) is narrowed back exactly
+    assert all(torch.equal(plan.get_model_params()[k], v) for k, v in trained.items())
+    with pytest.raises(WeightsMismatchError, match="got a numpy float64 array"):
+        plan.set_model_params({k: v.astype(np.float64) for k, v in weights_to_numpy(trained).items()})
 
 
 def test_numpy_sgd_matches_torch_sgd_with_momentum_and_weight_decay():

@@ -122,8 +122,9 @@ def weights_to_numpy(weights: Mapping[str, Any]) -> dict[str, np.ndarray]:
     numpy arrays pass through unchanged; torch tensors are detached and moved to the CPU (a CPU tensor
     shares its memory with the returned array: no copy, so pass copies such as ``get_weights()``'s).
     Note: numpy has no bfloat16, so bfloat16 tensors become float32 arrays. That widening is exact
-    (every bfloat16 value is a float32 value), but the reverse is not: a bfloat16 model only accepts
-    tensors in ``set_weights``, so convert back with ``torch.from_numpy(a).to(torch.bfloat16)``.
+    (every bfloat16 value is a float32 value). ``TorchModel.set_weights`` takes such float32 arrays for
+    bfloat16 targets and narrows them (round to nearest even): exact for unchanged values, rounded for
+    float32 results computed from them (an aggregate, say).
 
     Raises:
         WeightsMismatchError: a value is neither a numpy array nor a torch tensor.

@@ -63,7 +63,11 @@ class TorchModel(Model):
         """Copy torch tensors or numpy arrays into the module, under ``torch.no_grad()``.
 
         The names must be exactly those of ``get_weights(only_trainable, exclude_buffers)``; every value
-        must have the target's shape and dtype (numpy has no bfloat16: bfloat16 targets take tensors only).
+        must have the target's shape and dtype, with one exception: numpy has no bfloat16, so the wire
+        carries bfloat16 weights as float32 (:func:`fedcore.models.weights_to_numpy`), and a bfloat16
+        target also takes a float32 *numpy array*, narrowed by torch (``.to(torch.bfloat16)``: round to
+        nearest, ties to even; exact for values that came from bfloat16, e.g. an unchanged round trip).
+        Any other dtype mismatch, a float32 torch tensor for a bfloat16 target included, is refused.
 
         Raises:
             WeightsMismatchError: listing every unknown, missing, mis-shaped or mis-typed entry; no
@@ -87,6 +91,8 @@ class TorchModel(Model):
                 value = weights[name]
                 if isinstance(value, np.ndarray):
                     value = _readonly_tensor(value)
+                    if target.dtype == torch.bfloat16:
+                        value = narrow_to_bfloat16(value)
                 target.copy_(value)
 
     def num_parameters(self) -> int:
@@ -113,12 +119,23 @@ class TorchModel(Model):
         return f"TorchModel({type(self._module).__name__}, {self.num_parameters()} parameters)"
 
 
+def narrow_to_bfloat16(tensor: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor rounded to bfloat16 by torch: round to nearest, ties to even.
+
+    On the float32 bit pattern ``b`` (finite values): ``bf16 = (b + 0x7FFF + ((b >> 16) & 1)) >> 16``,
+    i.e. the upper 16 bits rounded on the lower 16; values beyond bfloat16's range become ±inf, NaN stays
+    NaN. Every bfloat16 value is a float32 value, so widening then narrowing gives back the same bits.
+    """
+    return tensor.to(torch.bfloat16)
+
+
 def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor view of ``array`` that will only be read (zero-copy decoded arrays are read-only)."""
     with warnings.catch_warnings():
         # torch warns that writing through a view of a read-only array is undefined; we only read.
         warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
-        return torch.from_numpy(np.ascontiguousarray(array))
+        # not np.ascontiguousarray: it turns a 0-d array (e.g. BatchNorm's num_batches_tracked) into 1-d
+        return torch.from_numpy(np.require(array, requirements="C"))
 
 
 def _describe_value(targets: Mapping[str, torch.Tensor]) -> Callable[[str, Any], WeightSpec]:
@@ -127,9 +144,12 @@ def _describe_value(targets: Mapping[str, torch.Tensor]) -> Callable[[str, Any],
             return tuple(value.shape), dtype_name(value.dtype)
         if isinstance(value, np.ndarray):
             if targets[name].dtype == torch.bfloat16:
+                if value.dtype == np.float32:  # the wire form of bfloat16: narrowed in set_weights
+                    return value.shape, "bfloat16"
                 raise TypeError(
-                    f"expected a bfloat16 torch tensor, got a numpy {value.dtype} array "
-                    "(numpy has no bfloat16; convert with torch.from_numpy(a).to(torch.bfloat16))"
+                    f"expected a bfloat16 torch tensor or a float32 numpy array (narrowed to bfloat16), got "
+                    f"a numpy {value.dtype} array (numpy has no bfloat16; convert with "
+                    "torch.from_numpy(a).to(torch.bfloat16))"
                 )
             return value.shape, str(value.dtype)
         raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
