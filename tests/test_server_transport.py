@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from server_testkit import async_test, encoded, running_server, sha256
+from server_testkit import WireNode, async_test, channel_options, encoded, running_server, sha256
 
 from fedcore.errors import ServerStateError, UnknownNodeError
 from fedcore.framing import OutgoingPayload
@@ -174,17 +174,26 @@ async def test_tasks_are_delivered_one_per_poll_in_dispatch_order(tmp_path: Path
 
 @async_test
 async def test_broken_download_is_sent_again_and_can_resume(tmp_path: Path) -> None:
-    data = bytes(range(256)) * 40  # 10240 bytes in 10 chunks
+    # The node reads 3 chunks, then cancels. The server must not be able to hand every chunk to gRPC before
+    # the cancel arrives (it would then count the task delivered): with gRPC's default, probed receive
+    # window a small payload fits in flight whole, so the node's channel has a fixed 64 KiB window
+    # (probing off) and the payload is 8 times that.
+    data = bytes(range(256)) * 2048  # 512 KiB in 512 chunks
+    window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 64 << 10)]
     async with running_server(tmp_path) as kit:
-        node = await kit.registered_node("a")
+        channel = grpc.aio.insecure_channel(kit.target, options=channel_options() + window)
+        kit.channels.append(channel)
+        node = WireNode(channel, kit.store.enroll("a"))
+        await node.register()
         handle = kit.server.dispatch("a", TaskKind.TRAIN, OutgoingPayload.from_bytes(data, 1024),
                                      experiment_id="e", round=1)
         partial = await node.poll(wait=1, stop_after_chunks=3)
         assert len(partial.chunks) == 3
-        for _ in range(100):  # the server notices the cancelled stream asynchronously
-            if handle.senders == 0:
-                break
-            await asyncio.sleep(0.02)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while handle.senders and loop.time() < deadline:  # the server sees the cancel asynchronously
+            await asyncio.sleep(0.01)
+        assert handle.senders == 0 and handle.bytes_sent < len(data) // 2
         assert handle.state is TaskState.QUEUED
         resumed = await node.poll(wait=1, resume_task_id=handle.task_id, resume_offset=3072)
         assert resumed.descriptor.payload.start_offset == 3072
