@@ -157,11 +157,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _run(server: FedServer, grace: float) -> None:
     port = await server.start()
-    print(f"fedserver serving on {server.config.address}:{port} ({server.config.tls}); Ctrl-C to stop", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # only now: whoever waits for this line may signal at once and get a graceful stop
+    print(f"fedserver serving on {server.config.address}:{port} ({server.config.tls}); Ctrl-C to stop", flush=True)
     try:
         await stop.wait()
     finally:
