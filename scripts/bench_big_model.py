@@ -214,7 +214,7 @@ async def run_bench(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "mode": "low_memory" if args.low_memory else "normal",
         "params": sum(a.size for a in got.values()), "arrays": len(got), "model_gb": round(model_bytes / 1e9, 3),
         "accumulator": args.accumulator, "nodes": args.nodes, "upload_buffer_gb": round(args.upload_buffer / 1e9, 2),
-        "round_s": round(reports[0].duration_s, 2), "aggregated": len(reports[0].succeeded),
+        "round_s": round(reports[0].duration_s, 2), "run_s": round(ended - started, 2), "aggregated": len(reports[0].succeeded),
         "server_idle_rss_gb": round(idle_rss / 1e9, 3), "server_rss_with_model_gb": round(model_rss / 1e9, 3),
         "server_peak_rss_gb": round(peak_hwm / 1e9, 3), "peak_over_model": round(peak_hwm / model_bytes, 3),
         "peak_during_round_gb": round(peak_sampled / 1e9, 3), "peak_at_s": round(peak_at - started, 2),
