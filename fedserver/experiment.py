@@ -197,7 +197,7 @@ class Experiment:
 
         ``overrides`` are constructor arguments that checkpoints cannot hold (``server``, ``server_config``,
         ``node_store``, ``selection``, ``on_round``, ``progress``, ``keep_round_params``) or that may change (``rounds``,
-        ``round_timeout``, ``history_db``, ``keep_checkpoints``).
+        ``round_timeout``, ``history_db``, ``keep_checkpoints``, ``low_memory``).
         """
         allowed = {"server", "server_config", "node_store", "selection", "on_round", "progress", "rounds",
                    "keep_round_params", "round_timeout", "node_wait_timeout", "history_db", "keep_checkpoints",

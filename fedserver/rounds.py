@@ -173,6 +173,8 @@ class _ReleaseWhenDownloaded:
     def check(self) -> None:
         if not self.active or self.model.released:
             return
+        if all(h.done() for h in self.handles):
+            return  # the round is over without every download done: releasing now would only cost a reload
         if all(h.task_id in self.downloaded or h.state is not TaskState.QUEUED for h in self.handles):
             self.model.release()
             log.info("round=%d every node has its task: global model released", self.model.round)

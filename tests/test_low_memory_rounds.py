@@ -109,6 +109,8 @@ def test_low_memory_gives_the_same_params_and_drops_x_during_each_round(tmp_path
     assert store.rounds() == [0, 1, 2, 3]  # x_0 was checkpointed before round 1, to be reloadable
     assert same_bytes(store.load_params(3), low.params)
     assert CheckpointStore(tmp_path / "normal" / "ckpt").rounds() == [1, 2, 3]
+    resumed = Experiment.resume(tmp_path / "low" / "ckpt")  # the option is part of the checkpointed state
+    assert resumed.low_memory and resumed.completed_round == 3 and same_bytes(resumed.params, low.params)
 
 
 # -- a failed round after the release ------------------------------------------------------------------------
