@@ -227,8 +227,10 @@ def test_a_download_resumed_after_the_release_gets_the_announced_bytes(tmp_path:
 def test_a_big_model_round_holds_about_two_models_with_low_memory(tmp_path: Path) -> None:
     """50M float32 params (200 MB), 2 node processes, uploads one at a time, param_dtype sum.
 
-    Without the option the peak above idle is x + sum + one upload + buffers (3.2-3.6 models measured,
-    ``tests/test_model_memory.py``); with it x is gone before the uploads land: 2.3-2.6 measured.
+    Without the option the peak above idle is x + sum + one upload, all three written in full, plus gRPC
+    buffers and heap slack: always above 3 models (3.2-3.6 measured). With it x is gone before the uploads
+    are summed: 2.3-2.6 measured at 50M (up to 2.8 at 25M, where the buffers weigh twice as much). The
+    bound is the issue's target, which the option must meet and the normal mode cannot.
     """
     params = 50_000_000
     out = tmp_path / "big.json"
@@ -239,4 +241,4 @@ def test_a_big_model_round_holds_about_two_models_with_low_memory(tmp_path: Path
     result = json.loads(out.read_text())
     assert result["mode"] == "low_memory" and result["aggregated"] == 2  # and the script checked the values
     above_idle = (result["server_peak_rss_gb"] - result["server_idle_rss_gb"]) / result["model_gb"]
-    assert above_idle < 2.9, result
+    assert above_idle < 3.0, result
