@@ -138,3 +138,45 @@ def test_keep_chunk_memory_only_raises_the_thresholds() -> None:
     if proc.returncode == 3:
         pytest.skip("not glibc")
     assert proc.returncode == 0, proc.stderr
+
+
+_ARENA_PROBE = """
+import sys, threading
+from fedcore.framing import memory
+
+if sys.argv[1] == "keep":
+    assert memory.keep_chunk_memory(1 << 20)
+
+def work():
+    for _ in range(20):
+        block = bytes(1 << 20)  # a chunk-sized malloc in this thread
+        del block
+
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+arenas = 0  # glibc's thread arenas: anonymous rw mappings aligned on HEAP_MAX_SIZE (64 MiB)
+with open("/proc/self/maps") as f:
+    for line in f:
+        fields = line.split()
+        start = int(fields[0].split("-")[0], 16)
+        if len(fields) == 5 and fields[1] == "rw-p" and start % (64 << 20) == 0:
+            arenas += 1
+print(arenas)
+"""
+
+
+@pytest.mark.skipif(not memory._glibc(), reason="glibc malloc only")
+def test_kept_chunk_memory_keeps_threads_on_the_main_arena() -> None:
+    import subprocess
+    import sys
+
+    def arenas(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _ARENA_PROBE, mode], capture_output=True, text=True,
+                             timeout=60, check=True)
+        return int(out.stdout)
+
+    assert arenas("default") >= 1, "by default a thread that allocates gets an arena of its own"
+    assert arenas("keep") == 0

@@ -186,3 +186,13 @@ def test_pool_settings_are_validated_and_reach_the_node_cli(tmp_path):
     assert config_from_args(args).receive_pool_bytes == 256 << 20
     args = parser.parse_args(base)
     assert config_from_args(args).receive_pool_bytes == 1 << 30
+
+
+def test_node_receive_window_is_a_fixed_grpc_window_and_is_validated():
+    options = dict(node_config(1, receive_window_bytes=2 << 20).channel_options())
+    assert options["grpc.http2.bdp_probe"] == 0 and options["grpc.http2.lookahead_bytes"] == 2 << 20
+    probing = dict(node_config(1, receive_window_bytes=None).channel_options())
+    assert "grpc.http2.bdp_probe" not in probing and "grpc.http2.lookahead_bytes" not in probing
+    for bad in (0, 1000, True, 1.5e6):
+        with pytest.raises(NodeConfigError, match="receive_window_bytes must be None or an int >= 65535"):
+            node_config(1, receive_window_bytes=bad)
