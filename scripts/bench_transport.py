@@ -239,11 +239,12 @@ def run_raw(mode: str, size: int, chunk: int, transfers: int, gap: float, verify
 
 
 def run_fed(mode: str, size: int, chunk: int, transfers: int, gap: float,
-            windows: dict[str, int | None]) -> tuple[list[Run], dict[str, Any]]:
+            windows: dict[str, int | None], no_pool: bool = False) -> tuple[list[Run], dict[str, Any]]:
     """``transfers`` fedstream transfers back to back (one FedServer, one NodeClient); RSS growth of each
     from the RSS before the FIRST one. Also returns the receiver's BufferPool counters. ``windows``
     overrides the configs' receive windows (keys ``node_window``, ``server_window``)."""
-    spec = {"mode": mode, "size": size, "chunk": chunk, "transfers": transfers, "gap": gap, **windows}
+    spec = {"mode": mode, "size": size, "chunk": chunk, "transfers": transfers, "gap": gap, **windows,
+            "no_pool": no_pool}
     pair = Pair(roles.fed_server, roles.fed_node, spec)
     try:
         n = pair._recv(pair.c_conn, pair.client)
@@ -334,6 +335,9 @@ def main() -> int:
                          "default: the config's default")
     ap.add_argument("--server-window", type=window_arg, default=DEFAULT,
                     help="override ServerConfig.receive_window_bytes, as --node-window")
+    ap.add_argument("--no-pool", action="store_true",
+                    help="turn fedstream's receive-buffer pools off (receive_pool_bytes = upload_pool_bytes = 0; "
+                         "NOT the default), for an A/B of the steady rows")
     ap.add_argument("--skip-context", action="store_true",
                     help="skip the raw* and r+v context pairs (their columns then repeat raw)")
     ap.add_argument("--profile", type=Path, help="folder for py-spy collapsed stacks of every process")
@@ -352,7 +356,8 @@ def main() -> int:
           f"{mp.cpu_count()} cores, loopback, insecure, chunk {args.chunk} bytes, repeat {args.repeat}, "
           f"{args.transfers} transfers per pair of processes ({args.gap:g} s apart)")
     print("fedstream receive windows: " + ", ".join(
-        f"{side} {describe_window(side, windows.get(f'{side}_window', DEFAULT))}" for side in ("node", "server")))
+        f"{side} {describe_window(side, windows.get(f'{side}_window', DEFAULT))}" for side in ("node", "server"))
+        + "; receive-buffer pools " + ("OFF (override)" if args.no_pool else "on (the default)"))
     print("Rows: 'first' = the first transfer of a fresh pair of processes; 'steady' = transfers 2..K of the same")
     print("pair (a node receives the same-sized model every round), RSS above the RSS before the FIRST transfer.")
     header = (f"{'size':>8} {'dir':>8} {'row':>6} | {'raw GB/s':>8} {'fed GB/s':>8} {'fed/raw':>7} | "
@@ -378,7 +383,7 @@ def main() -> int:
                     kinds["ver"].append(
                         run_raw(mode, size, args.chunk, transfers, args.gap, verify=True, keep=True))
                 idle.append(wait_until_quiet(args.quiet_wait, settle=args.settle))
-                fed_runs, pool = run_fed(mode, size, args.chunk, transfers, args.gap, windows)
+                fed_runs, pool = run_fed(mode, size, args.chunk, transfers, args.gap, windows, args.no_pool)
                 kinds["fed"].append(fed_runs)
                 pool_stats.append(pool)
             pools.append(f"{mb:>5} MB {mode:>8} | receiver pool over {repeat} pairs: "

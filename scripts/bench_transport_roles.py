@@ -5,7 +5,8 @@ Every role is a process target ``role(conn, spec)``: ``conn`` is its end of a pi
 bytes; ``chunk`` bytes; ``transfers``: how many transfers the pair does back to back, ``gap`` seconds
 apart, on the same connection and in the same processes — the first is a fresh process's, the next
 ones the steady state of a node that receives the same-sized model every round; ``node_window`` /
-``server_window``, when present, override the fedstream configs' ``receive_window_bytes`` defaults). A role sends dict messages whose ``*_at`` values are ``time.monotonic()``
+``server_window``, when present, override the fedstream configs' ``receive_window_bytes`` defaults;
+``no_pool`` turns both sides' receive-buffer pools off). A role sends dict messages whose ``*_at`` values are ``time.monotonic()``
 stamps (CLOCK_MONOTONIC is system-wide on Linux, so stamps of different processes compare), from which
 the orchestrator cuts its RSS windows and computes throughput.
 
@@ -214,8 +215,9 @@ async def _fed_server(conn: Any, spec: dict[str, Any]) -> None:
         store = NodeStore(Path(tmp) / "nodes.sqlite")
         token = store.enroll("bench-node")
         window = {"receive_window_bytes": spec["server_window"]} if "server_window" in spec else {}
+        pool = {"upload_pool_bytes": 0} if spec.get("no_pool") else {}
         server = FedServer(ServerConfig(port=0, tls="insecure", chunk_size=chunk, max_payload_size=8 << 30,
-                                        max_poll_wait_seconds=60.0, **window), store)
+                                        max_poll_wait_seconds=60.0, **window, **pool), store)
         info: dict[str, Any] = {}
         if mode == "download":
             params = make_params(size)
@@ -290,7 +292,8 @@ async def _fed_node(conn: Any, spec: dict[str, Any]) -> None:
     config = NodeConfig(server=f"127.0.0.1:{spec['port']}", tls="insecure", token=spec["token"],
                         node_name="bench-node", upload_chunk_size=chunk, poll_wait_seconds=60.0,
                         max_payload_size=8 << 30,
-                        **({"receive_window_bytes": spec["node_window"]} if "node_window" in spec else {}))
+                        **({"receive_window_bytes": spec["node_window"]} if "node_window" in spec else {}),
+                        **({"receive_pool_bytes": 0} if spec.get("no_pool") else {}))
     client = NodeClient(config, BenchHandler())
     runner = asyncio.create_task(client.run())
     while client.results_delivered < count and not runner.done():
