@@ -2,14 +2,16 @@
 
 The registry is in-memory state of a running server (nodes register again after every reconnect). A
 node counts as *connected* while it holds a poll open or was seen within ``liveness_timeout`` seconds
-(any authenticated call counts), except after a *dropped* poll: when its last open PollTask stream was
-cancelled or broken before the server finished it (the process died, the connection broke), the node is
-disconnected at once, until its next authenticated call. A poll that ends normally (NoTask, a task sent
-completely, a refusal) leaves the node connected while it polls again, so a re-polling node never flaps.
-Times are ``time.monotonic()`` seconds.
+(any authenticated call counts) or holds an UploadResult stream open, except after a *dropped* stream:
+when its last open PollTask or UploadResult stream was cancelled or broken before the server finished it
+(the process died, the connection broke), the node is disconnected at once, until its next authenticated
+call. A stream that ends normally (NoTask, a task sent completely, a refusal) leaves the node connected
+while it polls again, so a re-polling node never flaps. Times are ``time.monotonic()`` seconds.
 
-Tasks queued for a node that drops stay queued (``in_flight`` is kept): a node that reconnects gets
-them on its next poll, one that does not come back lets them end by their inactivity timeout.
+Tasks of a node that drops stay open (``in_flight`` is kept): a node that reconnects within the task
+board's reconnect grace gets them back (a queued task on its next poll, a broken download or upload
+resumes); past the grace they fail (:meth:`fedserver.task_board.TaskBoard.watch`), see
+:attr:`NodeRecord.disconnected_since`.
 """
 
 from __future__ import annotations
@@ -36,15 +38,32 @@ class NodeRecord:
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     open_polls: int = 0
+    open_uploads: int = 0  # UploadResult streams in progress (a long upload makes no other call)
     in_flight: set[str] = field(default_factory=set)  # ids of open tasks dispatched to this node
-    dropped_at: float | None = None  # when its last open poll dropped; None once it calls again
-    drops: int = 0  # polls of it that dropped since the server started (a flaky link shows here)
+    dropped_at: float | None = None  # when its last open stream dropped; None once it calls again
+    drops: int = 0  # streams of it that dropped since the server started (a flaky link shows here)
 
     @property
     def connected(self) -> bool:
-        if self.open_polls > 0:
-            return True
-        return self.dropped_at is None and time.monotonic() - self.last_seen <= self.liveness_timeout
+        return self.disconnected_since is None
+
+    @property
+    def disconnected_since(self) -> float | None:
+        """None while connected; else since when it is not: the drop of its last stream, or the end of its
+        liveness window (``last_seen + liveness_timeout``) for a node that fell silent."""
+        if self.open_polls > 0 or self.open_uploads > 0:
+            return None
+        if self.dropped_at is not None:
+            return self.dropped_at
+        silent_from = self.last_seen + self.liveness_timeout
+        return silent_from if time.monotonic() > silent_from else None
+
+    @property
+    def disconnect_cause(self) -> str:
+        """Why :attr:`disconnected_since` is set, in words (for error messages)."""
+        if self.dropped_at is not None:
+            return "its last open stream was cancelled or broken"
+        return f"no call for {self.liveness_timeout:g} s"
 
     @property
     def tags(self) -> frozenset[str]:
@@ -74,8 +93,8 @@ class NodeRegistry:
         record = NodeRecord(node_id, reg.node_name, reg.datasets, reg.capabilities, reg.client_version,
                             self.liveness_timeout)
         if old is not None:
-            record.registered_at, record.open_polls, record.in_flight, record.drops = (
-                old.registered_at, old.open_polls, old.in_flight, old.drops)
+            record.registered_at, record.open_polls, record.open_uploads, record.in_flight, record.drops = (
+                old.registered_at, old.open_polls, old.open_uploads, old.in_flight, old.drops)
         self._nodes[node_id] = record
         self._changed.set()
         return record
@@ -94,18 +113,40 @@ class NodeRegistry:
             record.last_seen = time.monotonic()
             record.dropped_at = None
 
-    def poll_closed(self, node_id: str, *, dropped: bool = False) -> None:
+    def poll_closed(self, node_id: str, *, dropped: bool = False) -> bool:
         """A PollTask stream of the node ended; ``dropped``: cancelled or broken before the server finished
-        it. A drop with no other poll open disconnects the node now rather than after ``liveness_timeout``."""
+        it. A drop with no other stream open disconnects the node now rather than after ``liveness_timeout``
+        (returns True then)."""
+        record = self._nodes.get(node_id)
+        if record is None:
+            return False
+        record.open_polls = max(0, record.open_polls - 1)
+        return self._stream_closed(record, dropped)
+
+    def upload_opened(self, node_id: str) -> None:
         record = self._nodes.get(node_id)
         if record is not None:
-            now = time.monotonic()
-            record.open_polls = max(0, record.open_polls - 1)
-            record.drops += int(dropped)
-            if dropped and record.open_polls == 0:
-                record.dropped_at = now
-            else:
-                record.last_seen = now
+            record.open_uploads += 1
+            record.last_seen = time.monotonic()
+            record.dropped_at = None
+
+    def upload_closed(self, node_id: str, *, dropped: bool = False) -> bool:
+        """An UploadResult stream of the node ended; like :meth:`poll_closed`."""
+        record = self._nodes.get(node_id)
+        if record is None:
+            return False
+        record.open_uploads = max(0, record.open_uploads - 1)
+        return self._stream_closed(record, dropped)
+
+    @staticmethod
+    def _stream_closed(record: NodeRecord, dropped: bool) -> bool:
+        now = time.monotonic()
+        record.drops += int(dropped)
+        if dropped and record.open_polls == 0 and record.open_uploads == 0:
+            record.dropped_at = now
+            return True
+        record.last_seen = now
+        return False
 
     def get(self, node_id: str) -> NodeRecord:
         try:

@@ -4,6 +4,13 @@ Delivery is a long poll: :meth:`TaskBoard.next_for` waits on the node's ``asynci
 timeout and hands out the oldest undelivered task that no other stream is sending. A task stays queued
 until its payload has been streamed completely, so a poll after a broken download gets it again.
 
+A node that disconnects (:attr:`~fedserver.registry.NodeRecord.disconnected_since`: its last stream
+dropped, or it fell silent) keeps its open tasks for ``reconnect_grace`` seconds: a node that calls again
+in time carries on (its queued task on the next poll, a broken download or upload resumed); past the
+grace every open task of it ends FAILED with an error saying when it disconnected, so a round waits
+``reconnect_grace``, not the task's inactivity timeout, for a node that is gone. One timer per node with
+open tasks (:meth:`TaskBoard.watch`) re-checks at the earliest moment the node could be given up.
+
 Closed tasks leave a small record (node id, why it closed, a weak reference to the handle) so a late
 result is refused with FAILED_PRECONDITION rather than NOT_FOUND, and noted on the handle if the caller
 still holds it. The oldest records are forgotten beyond ``max_closed``.
@@ -12,6 +19,8 @@ still holds it. The oldest records are forgotten beyond ``max_closed``.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,6 +29,22 @@ from dataclasses import dataclass
 from fedcore.errors import PermissionDeniedError, TaskClosedError, UnknownTaskError
 from fedcore.wire import TaskOutcome
 from fedserver.tasks import TaskHandle, TaskState
+
+log = logging.getLogger(__name__)
+
+#: Seconds a disconnected node has to come back before its open tasks fail (fednode's reconnect backoff
+#: is capped at 30 s with full jitter, so a live node whose link broke is usually back within a few).
+DEFAULT_RECONNECT_GRACE = 30.0
+
+
+@dataclass(frozen=True)
+class NodeLiveness:
+    """What the board needs to know about a node: since when it is disconnected (None: connected), why,
+    and the latest moment it could become disconnected by silence (``time.monotonic()`` seconds)."""
+
+    disconnected_since: float | None
+    cause: str
+    silent_from: float
 
 
 @dataclass
@@ -31,16 +56,17 @@ class ClosedTask:
     bytes_received: int = 0
     late_uploads: int = 0
 
-    @property
-    def result_received(self) -> bool:
-        """The node's result (any outcome) reached the server before the task closed."""
-        return self.state in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.REFUSED)
+    result_received: bool = False  # the node's result (any outcome) reached the server before the task closed
 
 
 class TaskBoard:
     """Open and closed tasks by id, and a delivery queue per node."""
 
-    def __init__(self, on_close: Callable[[TaskHandle], None] | None = None, max_closed: int = 100_000) -> None:
+    def __init__(self, on_close: Callable[[TaskHandle], None] | None = None, max_closed: int = 100_000,
+                 *, reconnect_grace: float | None = DEFAULT_RECONNECT_GRACE) -> None:
+        self.reconnect_grace = reconnect_grace  # seconds; None: tasks of a gone node wait for their timeout
+        self.liveness: Callable[[str], NodeLiveness | None] | None = None  # set by the service (the registry)
+        self._watches: dict[str, asyncio.TimerHandle] = {}
         self._open: dict[str, TaskHandle] = {}
         self._closed: OrderedDict[str, ClosedTask] = OrderedDict()
         self._queues: dict[str, list[TaskHandle]] = {}
@@ -55,6 +81,8 @@ class TaskBoard:
         self._open[handle.task_id] = handle
         self._queues.setdefault(handle.node_id, []).append(handle)
         self._wakeup(handle.node_id).set()
+        if handle.node_id not in self._watches:
+            self.watch(handle.node_id)
 
     def closed(self, handle: TaskHandle) -> None:
         """Called by a handle when it ends (its ``on_close``)."""
@@ -63,7 +91,8 @@ class TaskBoard:
         if queue and handle in queue:
             queue.remove(handle)
         self._closed[handle.task_id] = ClosedTask(handle.node_id, handle.state, handle.close_reason,
-                                                  weakref.ref(handle), handle.bytes_received)
+                                                  weakref.ref(handle), handle.bytes_received,
+                                                  result_received=handle.result_received)
         while len(self._closed) > self.max_closed:
             self._closed.popitem(last=False)
         if self._on_close is not None:
@@ -78,6 +107,45 @@ class TaskBoard:
                    if (experiment_id is None or h.experiment_id == experiment_id)
                    and (round is None or h.round == round)]
         return sum(h.cancel(reason) for h in victims)
+
+    # -- nodes that went away ----------------------------------------------------------------------------
+    def watch(self, node_id: str) -> None:
+        """(Re)check ``node_id`` now: call when it may have disconnected (a dropped stream) or got a task.
+
+        Fails its open tasks if it has been disconnected for ``reconnect_grace`` seconds, else arms one
+        timer for the earliest moment that could happen (while connected: the end of its liveness window
+        plus the grace, at least ``reconnect_grace`` from now). No open task: no timer.
+        """
+        timer = self._watches.pop(node_id, None)
+        if timer is not None:
+            timer.cancel()
+        grace = self.reconnect_grace
+        tasks = self.open_tasks(node_id)
+        status = self.liveness(node_id) if self.liveness is not None else None
+        if grace is None or not tasks or status is None or self.stopping:
+            return
+        now = time.monotonic()
+        if status.disconnected_since is None:
+            due = max(status.silent_from, now) + grace
+        else:  # a task dispatched to a node already gone gets the grace from its dispatch
+            dues = [(max(status.disconnected_since, h.dispatched_at) + grace, h) for h in tasks]
+            lost = [h for d, h in dues if now >= d - 1e-3]  # timers may fire early
+            if lost:
+                self._give_up(node_id, lost, status, grace)
+            due = min((d for d, h in dues if h not in lost), default=None)
+            if due is None:
+                return
+        self._watches[node_id] = asyncio.get_running_loop().call_later(due - now, self.watch, node_id)
+
+    def _give_up(self, node_id: str, tasks: list[TaskHandle], status: NodeLiveness, grace: float) -> None:
+        assert status.disconnected_since is not None
+        wall = time.time() - (time.monotonic() - status.disconnected_since)
+        when = time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}"
+        message = (f"node {node_id} disconnected at {when} ({status.cause}) and did not reconnect within "
+                   f"{grace:g} s")
+        log.warning("%s: failing its %d open task(s)", message, len(tasks))
+        for handle in tasks:
+            handle.lose(f"{message} ({handle.state.value})")
 
     # -- lookups with the protocol's checks ------------------------------------------------------------
     def lookup(self, task_id: str, node_id: str, *, late_outcome: TaskOutcome | None = None) -> TaskHandle:
@@ -165,3 +233,6 @@ class TaskBoard:
         self.stopping = True
         for event in self._wakeups.values():
             event.set()
+        for timer in self._watches.values():
+            timer.cancel()
+        self._watches.clear()

@@ -1,8 +1,10 @@
 """One task sent to one node: its lifecycle, inactivity timeout, progress events and final result.
 
-A :class:`TaskHandle` is what :meth:`FedServer.dispatch` returns. Its payload is an
-:class:`~fedcore.framing.OutgoingPayload` shared by every node of the round (encoded once, streamed many
-times); the handle drops its reference when it closes, so the global model is freed after the round.
+A :class:`TaskHandle` is what :meth:`FedServer.dispatch` returns. Its payload is anything
+:class:`SendablePayload` describes: an :class:`~fedcore.framing.OutgoingPayload` shared by every node of
+the round (encoded once, streamed many times), or a round's :class:`~fedserver.round_model.TaskPayload`
+(which can rebuild its bytes after the round released x); the handle drops its reference when it closes,
+so the global model is freed after the round.
 
 Lifecycle (``TaskState``)::
 
@@ -11,7 +13,8 @@ Lifecycle (``TaskState``)::
 
 ``last_activity`` moves on every sign of life for the task (a poll that waits for it, chunks sent or
 received, a Report or Heartbeat naming it); when it stays still for ``inactivity_timeout`` seconds the
-task ends TIMED_OUT. A slow but moving upload therefore never times out.
+task ends TIMED_OUT. A slow but moving upload therefore never times out. A task whose node disconnected
+and did not come back within the task board's reconnect grace ends FAILED sooner (:meth:`TaskHandle.lose`).
 """
 
 from __future__ import annotations
@@ -21,14 +24,37 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
-from fedcore.framing import OutgoingPayload
+from fedcore.framing import PayloadInfo
 from fedcore.wire import LogLine, ReportEvent, TaskDescriptor, TaskKind, TaskOutcome, TrainingProgress
 
 log = logging.getLogger(__name__)
+
+
+class SendablePayload(Protocol):
+    """What the server streams to a node: size, digest and chunking, then ``(offset, data)`` chunks.
+
+    :class:`~fedcore.framing.OutgoingPayload` is one; so is :class:`~fedserver.round_model.TaskPayload`.
+    """
+
+    chunk_size: int
+    total_size: int
+    sha256: bytes
+
+    def info(self, start_offset: int = 0) -> PayloadInfo: ...
+
+    def iter_chunks(self, start_offset: int = 0) -> Iterator[tuple[int, memoryview | bytes]]: ...
+
+
+@runtime_checkable
+class PreparedPayload(Protocol):
+    """A payload whose chunks may need slow preparation first (a reload): the server awaits
+    :meth:`open_chunks`, which does that work off the event loop, instead of calling ``iter_chunks``."""
+
+    async def open_chunks(self, start_offset: int = 0) -> Iterator[tuple[int, memoryview | bytes]]: ...
 
 
 class TaskState(str, enum.Enum):
@@ -135,7 +161,7 @@ class TaskHandle:
     """
 
     def __init__(self, *, task_id: str, node_id: str, experiment_id: str, round: int, kind: TaskKind,
-                 payload: OutgoingPayload, inactivity_timeout: float | None,
+                 payload: SendablePayload, inactivity_timeout: float | None,
                  on_close: Callable[[TaskHandle], None] | None = None, max_logs: int = 1000) -> None:
         self.task_id = task_id
         self.node_id = node_id
@@ -154,7 +180,8 @@ class TaskHandle:
         self.logs: deque[tuple[float, LogLine]] = deque(maxlen=max_logs)
         self.late_uploads: list[LateUpload] = []
         self.senders = 0  # poll streams currently sending this task's payload
-        self._payload: OutgoingPayload | None = payload
+        self.result_received = False  # the node's own outcome ended the task (finish()), not the server
+        self._payload: SendablePayload | None = payload
         self._listeners: list[TaskListener] = []
         self._on_close = on_close
         self._loop = asyncio.get_running_loop()
@@ -167,7 +194,7 @@ class TaskHandle:
 
     # -- public API ----------------------------------------------------------------------------
     @property
-    def payload(self) -> OutgoingPayload | None:
+    def payload(self) -> SendablePayload | None:
         """The payload being sent; None once the task has closed."""
         return self._payload
 
@@ -231,7 +258,14 @@ class TaskHandle:
         """End the task with the node's outcome; False if it had already ended."""
         if bytes_received:
             self.bytes_received = bytes_received
+        if not self.state.terminal:
+            self.result_received = True  # before _finish: its on_close records it
         return self._finish(state, error_message, payload, close_reason="result already received")
+
+    def lose(self, message: str) -> bool:
+        """End the task FAILED because its node is gone (``message`` says since when); a later result is
+        refused. False if it had already ended."""
+        return self._finish(TaskState.FAILED, message, close_reason=message)
 
     def record_late(self, outcome: TaskOutcome) -> None:
         self.late_uploads.append(LateUpload(outcome, time.monotonic(), self.close_reason))
