@@ -300,7 +300,7 @@ class Experiment:
                                      on_outcome=record, on_dispatch=handles.append)
         except BaseException as exc:
             if held is not None:
-                self._take_back_params(model, held, exc)
+                await self._take_back_params(model, held, exc)
             if isinstance(exc, RoundFailedError) and history is not None and self.history_id is not None:
                 history.finish_round(self.history_id, round_index, "failed", error=str(exc))
             raise
@@ -351,10 +351,11 @@ class Experiment:
         self._params = None  # not the setter: the checkpoint still holds x
         return report_held
 
-    def _take_back_params(self, model: RoundModel, report_held: bool, exc: BaseException) -> None:
-        """After a failed round: x again in ``params`` (and the last report), reloaded if it was released."""
+    async def _take_back_params(self, model: RoundModel, report_held: bool, exc: BaseException) -> None:
+        """After a failed round: x again in ``params`` (and the last report), reloaded (in a worker thread)
+        if it was released."""
         try:
-            params = model.params()
+            params = await model.params_async()
         except FedstreamError as reload_error:
             exc.add_note(f"the global model could not be restored after the failed round: {reload_error}")
             log.error("round=%d: cannot restore the global model: %s", model.round, reload_error)

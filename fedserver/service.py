@@ -40,8 +40,8 @@ from fedserver.config import ServerConfig
 from fedserver.errors import translate_stream, translate_unary
 from fedserver.registry import NodeRegistry
 from fedserver.send_budget import SendBudget
-from fedserver.task_board import TaskBoard
-from fedserver.tasks import TaskHandle, TaskState, state_of_outcome
+from fedserver.task_board import NodeLiveness, TaskBoard
+from fedserver.tasks import PreparedPayload, TaskHandle, TaskState, state_of_outcome
 from fedserver.uploads import UploadSessions
 from fedstream.v1 import common_pb2, node_service_pb2_grpc
 from fedstream.v1 import node_service_pb2 as pb
@@ -63,6 +63,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         self.is_stopping = is_stopping
         self.decode_limits = decode_limits
         self.send_budget = SendBudget(config.max_send_buffer_bytes)
+        board.liveness = self._liveness  # the board gives up the tasks of nodes gone for its reconnect grace
         self.open_polls = 0
         self._polls_idle = asyncio.Event()
         self._polls_idle.set()
@@ -74,6 +75,13 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         except TimeoutError:
             return False
         return True
+
+    def _liveness(self, node_id: str) -> NodeLiveness | None:
+        if node_id not in self.registry:
+            return None
+        record = self.registry.get(node_id)
+        return NodeLiveness(record.disconnected_since, record.disconnect_cause,
+                            record.last_seen + record.liveness_timeout)
 
     def _identify(self, context: grpc.aio.ServicerContext, version: common_pb2.ProtocolVersion) -> str:
         node_id = self.auth.identify(context)
@@ -133,7 +141,8 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             dropped = False  # refused by the server (a status goes back): the node is alive
             raise
         finally:
-            self.registry.poll_closed(node_id, dropped=dropped)
+            if self.registry.poll_closed(node_id, dropped=dropped):
+                self.board.watch(node_id)  # its tasks now have reconnect_grace seconds
             self.open_polls -= 1
             if self.open_polls == 0:
                 self._polls_idle.set()
@@ -146,24 +155,32 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         payload = handle.payload
         header = convert.task_descriptor_to_pb(handle.descriptor(start))
         assert payload is not None  # descriptor() raised otherwise
-        yield pb.PollTaskResponse(task=header)
+        # a payload that must reload x first does it off the event loop (heartbeats and streams go on),
+        # before the header: the node's wait for a header is the long one (poll wait + call timeout)
+        chunks = await payload.open_chunks(start) if isinstance(payload, PreparedPayload) else \
+            payload.iter_chunks(start)
         total = payload.total_size
         started = asyncio.get_running_loop().time()  # older streams get the send budget first
-        chunks = payload.iter_chunks(start)
         offset = start
-        while offset < total:
-            # budget first, then the chunk: a chunk straddling segments is a joined copy, made only now
-            size = min(payload.chunk_size, total - offset)
-            await self.send_budget.acquire(size, started)
-            try:
-                if handle.done():
-                    raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
-                offset, data = next(chunks)
-                yield convert.encode_chunk_event(offset, data)  # pre-serialized: one copy per chunk
-            finally:
-                self.send_budget.release(size)  # gRPC has sent it (or the stream is gone)
-            offset += len(data)
-            handle.transferred("download", len(data), offset, total)
+        try:
+            yield pb.PollTaskResponse(task=header)
+            while offset < total:
+                # budget first, then the chunk: a chunk straddling segments is a joined copy, made only now
+                size = min(payload.chunk_size, total - offset)
+                await self.send_budget.acquire(size, started)
+                try:
+                    if handle.done():
+                        raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+                    offset, data = next(chunks)
+                    yield convert.encode_chunk_event(offset, data)  # pre-serialized: one copy per chunk
+                finally:
+                    self.send_budget.release(size)  # gRPC has sent it (or the stream is gone)
+                offset += len(data)
+                handle.transferred("download", len(data), offset, total)
+        finally:
+            close = getattr(chunks, "close", None)  # generators and reloaded streams free what they hold
+            if close is not None:
+                close()
 
     # -- UploadResult ---------------------------------------------------------------------------------
     @translate_unary
@@ -175,6 +192,28 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         if first is None or type(first) is tuple or first.WhichOneof("event") != "header":
             raise MessageError("an UploadResult stream must start with an UploadHeader")
         self._identify(context, first.header.version)
+        # like a poll, an upload stream that ends before its last byte is a drop (gRPC shows a broken
+        # connection to this handler as an early end of the request stream, or as a cancellation): the
+        # node has to call again to finish it, within the task board's reconnect grace
+        self.registry.upload_opened(node_id)
+        dropped = True
+        try:
+            response = await self._receive_result(node_id, first, messages)
+        except Exception:
+            dropped = False  # refused by the server (a status goes back): the node is alive
+            raise
+        else:
+            if isinstance(response, str):  # ended early
+                raise ChunkOrderError(response)
+            dropped = False
+            return response
+        finally:
+            if self.registry.upload_closed(node_id, dropped=dropped):
+                self.board.watch(node_id)
+
+    async def _receive_result(self, node_id: str, first: pb.UploadResultRequest,
+                              messages: AsyncIterator[Any]) -> pb.UploadResultResponse | str:
+        """Receive one result; a message saying where to resume if the stream ended before its last byte."""
         desc = convert.result_descriptor_from_pb(first.header)
         handle = self.board.lookup(desc.task_id, node_id, late_outcome=desc.outcome)
         if desc.outcome is not TaskOutcome.SUCCEEDED:
@@ -215,9 +254,8 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         finally:
             self.uploads.end(session)
         if not session.assembler.complete:
-            raise ChunkOrderError(
-                f"upload of task {desc.task_id} ended after {session.received} of {info.total_size} bytes; "
-                f"resume at offset {session.received}")
+            return (f"upload of task {desc.task_id} ended after {session.received} of {info.total_size} bytes; "
+                    f"resume at offset {session.received}")
         try:
             buffer = session.assembler.finish()
         except DigestMismatchError:
