@@ -89,7 +89,12 @@ security (--tls): as `fedserver serve`: tls (default; server certificate in HOME
 token from `fedserver nodes enroll`), mtls (node certificates from `fedserver certs node`), insecure
 (plaintext; loopback experiments only).
 
-server memory (--max-upload-buffer, --receive-window): as `fedserver serve`. The defaults favour speed;
+server memory (--low-memory, --max-upload-buffer, --receive-window): --low-memory lets the server drop
+the global model during a round once every node has downloaded it, and reload it from the last
+checkpoint when needed (a resumed download, a failed round): peak memory ~2 models instead of ~3, for a
+checkpoint of the model before each round and a reload (seconds per GB) when one is needed. It needs
+--checkpoint-dir and --aggregator fedavg (Scaffold keeps the model for its control variates).
+--max-upload-buffer and --receive-window: as `fedserver serve`. The defaults favour speed;
 with many nodes or large models, --max-upload-buffer 64MiB --receive-window 256KiB bound the replies
 held at once (they are then received one after another; `fedserver serve --help` says more)."""
 
@@ -143,6 +148,9 @@ def register(subparsers: Any) -> None:
     out.add_argument("--resume", action="store_true",
                      help="continue the experiment checkpointed in --checkpoint-dir after its last round")
     out.add_argument("--no-progress", action="store_true", help="no progress bar (the per-round lines stay)")
+    out.add_argument("--low-memory", action="store_true",
+                     help="drop the global model during each round once every node has it, reload it from the "
+                          "checkpoint when needed (needs --checkpoint-dir and --aggregator fedavg)")
     add_server_options(run.add_argument_group("server (as `fedserver serve`)"))
     run.set_defaults(func=_run)
 
@@ -236,6 +244,12 @@ def format_round(report: RoundReport, total: int) -> str:
 
 # -- the command -----------------------------------------------------------------------------------
 def _check_options(args: argparse.Namespace) -> None:
+    if args.low_memory and args.checkpoint_dir is None:
+        raise ExperimentError("--low-memory reloads the global model from the last checkpoint: it needs "
+                              "--checkpoint-dir DIR (and --aggregator fedavg)")
+    if args.low_memory and not args.resume and args.aggregator != "fedavg":
+        raise ExperimentError(f"--low-memory needs --aggregator fedavg, not {args.aggregator!r} (Scaffold keeps the "
+                              "global model in memory during a round)")
     if args.resume:
         if args.checkpoint_dir is None:
             raise ExperimentError("--resume needs --checkpoint-dir DIR (the checkpoints of the run to continue)")
@@ -257,11 +271,18 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _experiment(args: argparse.Namespace, server: FedServer, on_round) -> Experiment:
     common: dict[str, Any] = {"server": server, "on_round": on_round, "progress": not args.no_progress}
+    if args.low_memory:
+        common["low_memory"] = True
     if args.resume:
         overrides = {key: value for key, value in (("rounds", args.rounds), ("round_timeout", args.round_timeout),
                                                    ("node_wait_timeout", args.node_wait),
                                                    ("history_db", args.history_db)) if value is not None}
-        return Experiment.resume(args.checkpoint_dir, **common, **overrides)
+        try:
+            return Experiment.resume(args.checkpoint_dir, **common, **overrides)
+        except ExperimentError as exc:
+            if args.low_memory and "low_memory" in str(exc):  # the checkpointed run uses Scaffold
+                raise ExperimentError(f"--low-memory needs checkpoints and the fedavg aggregator: {exc}") from None
+            raise
     plan = load_plan_class_from_file(args.plan)
     return Experiment(
         plan, load_training_args(args.args, args.args_file), aggregator=_aggregator(args), rounds=args.rounds,

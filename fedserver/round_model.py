@@ -167,7 +167,8 @@ class RoundModel:
 
 
 class TaskPayload:
-    """One node's task payload: an :class:`~fedcore.framing.OutgoingPayload` that survives its model's release.
+    """One node's task payload (a :class:`fedserver.tasks.SendablePayload` and ``PreparedPayload``, like an
+    :class:`~fedcore.framing.OutgoingPayload`) that survives its model's release.
 
     Size, digest and chunking never change; after the release, streaming it (a resumed download)
     rebuilds the bytes from the reloaded x and checks their digest before sending any.

@@ -16,9 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from e2e_support import ROOT, TESTS, least_squares_sites, node_env, prepare_nodes, run_cli, stop_processes
+from plans_lsq import LinearPlan
 
+from fedcore.aggregators import Scaffold
+from fedcore.errors import ExperimentError
 from fedserver.checkpoints import CheckpointStore
-from fedserver.cli import main
+from fedserver.cli import build_parser, main
+from fedserver.cli_run import _experiment
+from fedserver.experiment import Experiment
 from fedserver.history import HistoryStore
 
 ARGS = {"num_updates": 20, "lr": 0.02, "batch_size": 16, "seed": 7}
@@ -48,6 +53,13 @@ def fedserver_main(argv: list[str], capsys) -> tuple[int, str]:
     (["--resume"], "--resume needs --checkpoint-dir"),
     (["--resume", "--checkpoint-dir", "ckpt", "--plan", PLAN, "--server-lr", "2"],
      "--resume continues with the checkpoint's own configuration; drop --plan, --server-lr"),
+    (["--plan", PLAN, "--rounds", "1", "--low-memory"],
+     ("--low-memory reloads the global model from the last checkpoint: it needs --checkpoint-dir DIR (and "
+     "--aggregator fedavg)")),
+    (["--plan", PLAN, "--rounds", "1", "--low-memory", "--checkpoint-dir", "ckpt", "--aggregator", "scaffold"],
+     "--low-memory needs --aggregator fedavg, not 'scaffold' (Scaffold keeps the global model"),
+    (["--resume", "--low-memory"], ("--low-memory reloads the global model from the last checkpoint: it needs "
+     "--checkpoint-dir DIR")),
 ])
 def test_bad_input_exits_1_naming_the_problem(argv, message, capsys, tmp_path) -> None:
     status, err = fedserver_main(["--home", str(tmp_path / "home"), "run", *argv], capsys)
@@ -79,8 +91,33 @@ def test_help_reads_like_a_man_page(capsys) -> None:
     out = capsys.readouterr().out
     assert info.value.code == 0
     for section in ("training plan (--plan FILE.py:CLASS)", "training arguments", "aggregation", "checkpoints",
-                    "resuming", "examples:", "exit status:", "files:", "environment:", "FEDSERVER_HISTORY_DB"):
+                    "resuming", "examples:", "exit status:", "files:", "environment:", "FEDSERVER_HISTORY_DB",
+                    "server memory (--low-memory", "--low-memory  ", "needs --checkpoint-dir and --aggregator fedavg"):
         assert section in out, section
+
+
+def test_low_memory_reaches_the_experiment_new_or_resumed(tmp_path) -> None:
+    ckpt = tmp_path / "ckpt"
+    base = ["run", "--history-db", str(tmp_path / "h.db"), "--checkpoint-dir", str(ckpt), "--no-progress"]
+    args = build_parser().parse_args(base + ["--plan", PLAN, "--rounds", "1", "--args", json.dumps(ARGS),
+                                             "--low-memory"])
+    exp = _experiment(args, None, None)
+    assert exp.low_memory and exp.checkpoints is not None and not exp.keep_round_params
+    plain = _experiment(build_parser().parse_args(base + ["--plan", PLAN, "--rounds", "1"]), None, None)
+    assert not plain.low_memory
+
+
+def test_low_memory_resume_of_a_scaffold_run_says_what_it_needs(tmp_path, capsys) -> None:
+    ckpt = tmp_path / "ckpt"
+    exp = Experiment(LinearPlan, ARGS, aggregator=Scaffold(), rounds=2, checkpoint_dir=ckpt, progress=False,
+                     server_config=None)
+    exp.params = exp.initial_params()
+    exp._checkpoint_params()  # a Scaffold run's checkpoint, as round 0
+    args = build_parser().parse_args(["run", "--resume", "--checkpoint-dir", str(ckpt), "--low-memory"])
+    with pytest.raises(ExperimentError) as err:
+        _experiment(args, None, None)
+    assert str(err.value).startswith("--low-memory needs checkpoints and the fedavg aggregator: ")
+    assert "Scaffold does" in str(err.value)
 
 
 def _free_port() -> int:
