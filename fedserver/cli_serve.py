@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import re
 import signal
 from pathlib import Path
@@ -78,6 +79,19 @@ def parse_receive_window(text: str) -> int | None:
     return size
 
 
+def parse_grace(text: str) -> float | None:
+    """``none`` -> None (no grace: tasks wait for their own timeout), else finite seconds >= 0."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid grace {text!r}: must be seconds >= 0, or none") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"invalid grace {text!r}: must be seconds >= 0, or none")
+    return seconds
+
+
 def parse_positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -130,6 +144,11 @@ def add_server_options(parser: argparse._ActionsContainer) -> None:
                              "bounds that memory but caps an upload at SIZE per network round trip")
     parser.add_argument("--max-poll-wait", type=float, default=d["max_poll_wait_seconds"].default,
                         help="longest long poll, seconds (default: %(default)s)")
+    parser.add_argument("--reconnect-grace", type=parse_grace, default=d["reconnect_grace_seconds"].default,
+                        metavar="SECONDS|none",
+                        help="how long a disconnected node keeps its open tasks to reconnect and resume them; "
+                             "then they fail and a round goes on without it. none: tasks wait for their own "
+                             "inactivity timeout (default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -143,7 +162,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ca_file=args.ca or (certs / "ca.crt" if args.tls == "mtls" else None),
         max_payload_size=args.max_payload_size, max_chunk_size=args.max_chunk_size, chunk_size=args.chunk_size,
         max_concurrent_uploads=args.max_concurrent_uploads, max_upload_buffer_bytes=args.max_upload_buffer,
-        receive_window_bytes=args.receive_window, max_poll_wait_seconds=args.max_poll_wait)
+        receive_window_bytes=args.receive_window, max_poll_wait_seconds=args.max_poll_wait,
+        reconnect_grace_seconds=args.reconnect_grace)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -56,6 +56,10 @@ class ServerConfig:
     # but each reply waiting for upload room may then sit ~10-20 MB deep in gRPC); bytes: fixed, probing off
     receive_window_bytes: int | None = None
     max_poll_wait_seconds: float = 30.0
+    # a node that disconnected (dropped its stream or fell silent) keeps its open tasks this long to come
+    # back and resume them; then they fail, so a round waits this, not the task's inactivity timeout.
+    # None: they wait for their own timeout. 30 s matches fednode's reconnect backoff cap.
+    reconnect_grace_seconds: float | None = 30.0
     heartbeat_interval_seconds: float = 10.0
     shutdown_retry_after_seconds: float = 5.0  # told to nodes in ServerShutdown
     keepalive_time_seconds: float = 60.0  # server pings an idle connection this often
@@ -102,6 +106,11 @@ class ServerConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value <= 0:
                 raise ServerConfigError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+        grace = self.reconnect_grace_seconds
+        if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float))
+                                  or not math.isfinite(grace) or grace < 0):
+            raise ServerConfigError(
+                f"reconnect_grace_seconds must be None or a finite number of seconds >= 0, got {grace!r}")
         if self.shutdown_retry_after_seconds < 0:
             raise ServerConfigError(
                 f"shutdown_retry_after_seconds must be >= 0, got {self.shutdown_retry_after_seconds!r}")

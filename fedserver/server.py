@@ -39,7 +39,7 @@ from fedserver.malloc_policy import release_large_blocks
 from fedserver.registry import NodeRegistry
 from fedserver.service import NodeService, add_node_service
 from fedserver.task_board import TaskBoard
-from fedserver.tasks import TaskHandle
+from fedserver.tasks import SendablePayload, TaskHandle
 from fedserver.uploads import UploadSessions
 from fedstream.v1 import node_service_pb2
 
@@ -75,7 +75,7 @@ class FedServer:
                                       max_sessions=config.max_concurrent_uploads,
                                       max_buffered_bytes=config.max_upload_buffer_bytes,
                                       pool_bytes=config.upload_pool_bytes)
-        self.board = TaskBoard(on_close=self._task_closed)
+        self.board = TaskBoard(on_close=self._task_closed, reconnect_grace=config.reconnect_grace_seconds)
         self._auth = Authenticator(config.tls, node_store)
         self._decode_limits = decode_limits
         self._grpc: grpc.aio.Server | None = None
@@ -160,7 +160,7 @@ class FedServer:
         """Encode a task document once, chunked with ``config.chunk_size``; share it across dispatches."""
         return OutgoingPayload.from_object(obj, chunk_size=self.config.chunk_size)
 
-    def dispatch(self, node_id: str, kind: TaskKind, payload: OutgoingPayload, *, experiment_id: str,
+    def dispatch(self, node_id: str, kind: TaskKind, payload: SendablePayload, *, experiment_id: str,
                  round: int, inactivity_timeout: float | None = None) -> TaskHandle:
         """Queue a task for ``node_id`` (a registered node) and return its handle at once.
 

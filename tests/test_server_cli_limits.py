@@ -35,6 +35,9 @@ BAD = [
     ("--receive-window", "0", "must be 'auto' or at least 65535 bytes"),
     ("--max-concurrent-uploads", "-2", "must be an integer > 0"),
     ("--max-concurrent-uploads", "many", "must be an integer > 0"),
+    ("--reconnect-grace", "-1", "must be seconds >= 0, or none"),
+    ("--reconnect-grace", "soon", "must be seconds >= 0, or none"),
+    ("--reconnect-grace", "inf", "must be seconds >= 0, or none"),
 ]
 
 
@@ -108,3 +111,24 @@ def test_serve_starts_with_bounded_memory(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("argv, grace", [([], 30.0), (["--reconnect-grace", "2.5"], 2.5),
+                                         (["--reconnect-grace", "0"], 0.0), (["--reconnect-grace", "None"], None)])
+def test_reconnect_grace_reaches_the_task_board(argv: list[str], grace: float | None, tmp_path: Path) -> None:
+    from fedserver.auth import NodeStore
+    from fedserver.server import FedServer
+
+    args = build_parser().parse_args(["serve", "--home", str(tmp_path), "--tls", "insecure", *argv])
+    config = config_from_args(args)
+    assert config.reconnect_grace_seconds == grace
+    assert FedServer(config, NodeStore(tmp_path / "nodes.db")).board.reconnect_grace == grace
+
+
+def test_server_config_refuses_a_bad_grace() -> None:
+    from fedcore.errors import ServerConfigError
+    from fedserver.config import ServerConfig
+
+    for bad in (-1.0, float("nan"), "30", True):
+        with pytest.raises(ServerConfigError, match="reconnect_grace_seconds must be None or a finite number"):
+            ServerConfig(tls="insecure", reconnect_grace_seconds=bad)  # type: ignore[arg-type]
