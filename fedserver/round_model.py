@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -52,7 +53,9 @@ class RoundModel:
         self._x: Params | None = task.params
         self._shared: SharedMapPayload | None = self._encode(task.params)
         self._reference = self._probe(self._shared)  # digest of the shared entries with x, + empty own entries
-        self._payloads: list[TaskPayload] = []
+        # weak: a payload refers to its model (to reload x), so strong references both ways would make a
+        # cycle that only the cyclic GC frees, keeping x of past rounds alive (and 40 MB each at 10M params)
+        self._payloads: weakref.WeakSet[TaskPayload] = weakref.WeakSet()
         # while resumed downloads stream after the release: the reloaded x and its encoding, and how many streams
         self._reloaded: tuple[Params, SharedMapPayload] | None = None
         self._streams = 0
@@ -91,7 +94,7 @@ class RoundModel:
         if self._shared is None:
             raise ExperimentError(f"round {self.round}: the global model was released; no new task can be built")
         built = TaskPayload(self, own, self._shared.build(own))
-        self._payloads.append(built)
+        self._payloads.add(built)
         return built
 
     def release(self) -> None:
@@ -100,7 +103,7 @@ class RoundModel:
             raise ExperimentError(f"round {self.round}: this round model cannot reload x, so it cannot release it")
         self._x = None
         self._shared = None
-        for built in self._payloads:
+        for built in list(self._payloads):
             built._inner = None
 
     # -- reloading ---------------------------------------------------------------------------------

@@ -7,6 +7,12 @@ With a releasable :class:`~fedserver.round_model.RoundModel` (``Experiment(low_m
 releases x as soon as every selected node has downloaded its task (or ended without needing it): from
 then on the server holds the running sum and the uploads, not x; a resumed download reloads it.
 
+What a round holds goes with it, by reference counting alone: the round model is freed once its
+payloads' tasks have closed (payloads refer to it, it refers to them weakly), the releaser lets go of the
+model and the handles when the round ends (a timed-out handle is kept to record a late result), and the
+idle upload buffers the replies were received into are freed before ``finalize``, which holds the sum
+and x⁺ together (one model less at the server's peak; the next round's first reply faults in a fresh one).
+
 A node that fails, refuses, times out (no activity for ``inactivity_timeout`` seconds — a slow but
 moving transfer is activity) or sends an unusable reply is recorded and left out; the round completes if
 at least ``min_nodes`` replies were aggregated, else :class:`RoundFailedError` names the missing nodes
@@ -123,18 +129,22 @@ async def run_round(
         payload = None  # the handles hold the payloads
         releaser = _ReleaseWhenDownloaded(model, list(handles.values()), aggregator)
         outcomes: list[NodeOutcome] = []
-        for next_done in asyncio.as_completed([h.result() for h in handles.values()]):
-            outcome = _accept(aggregator, await next_done)
-            releaser.check()
-            outcomes.append(outcome)
-            log.info("round=%d node=%s outcome=%s%s", model.round, outcome.node_id, outcome.outcome,
-                     f" error={outcome.error!r}" if outcome.error else "")
-            if on_outcome is not None:
-                on_outcome(outcome)
+        try:
+            for next_done in asyncio.as_completed([h.result() for h in handles.values()]):
+                outcome = _accept(aggregator, await next_done)
+                releaser.check()
+                outcomes.append(outcome)
+                log.info("round=%d node=%s outcome=%s%s", model.round, outcome.node_id, outcome.outcome,
+                         f" error={outcome.error!r}" if outcome.error else "")
+                if on_outcome is not None:
+                    on_outcome(outcome)
+        finally:
+            releaser.detach()
     except BaseException:
         aggregator.abort_round()
         server.cancel_round(experiment_key, model.round, "round aborted")
         raise
+    server.uploads.release_idle()  # every reply is in: no idle upload block beside the sum and x⁺
     ok = [o for o in outcomes if o.outcome == "succeeded"]
     if len(ok) < min_nodes:
         aggregator.abort_round()
@@ -156,7 +166,7 @@ class _ReleaseWhenDownloaded:
     """
 
     def __init__(self, model: RoundModel, handles: list[TaskHandle], aggregator: Aggregator) -> None:
-        self.model = model
+        self.model: RoundModel | None = model
         self.handles = handles
         self.downloaded: set[str] = set()
         self.active = model.releasable and not aggregator.keeps_global_params
@@ -170,8 +180,16 @@ class _ReleaseWhenDownloaded:
             self.downloaded.add(handle.task_id)
             self.check()
 
+    def detach(self) -> None:
+        """Stop watching: drop the model and the handles. The handles keep this listener (they never
+        unsubscribe) and may outlive the round (the experiment keeps a timed-out one for its late result):
+        through a releaser that kept the model, they would keep x."""
+        self.active = False
+        self.handles = []
+        self.model = None
+
     def check(self) -> None:
-        if not self.active or self.model.released:
+        if not self.active or self.model is None or self.model.released:
             return
         if all(h.done() for h in self.handles):
             return  # the round is over without every download done: releasing now would only cost a reload

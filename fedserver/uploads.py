@@ -8,8 +8,10 @@ server's maxima, and the sessions holding a buffer (running or waiting for a res
 into the same buffer.
 
 Buffers come from the server's :class:`~fedcore.framing.BufferPool` (``pool_bytes``, at most
-``max_buffered_bytes``): the replies of a round are the size of the last round's, and a block whose
-result was aggregated and freed is reused instead of faulting in fresh memory. Idle pooled blocks
+``max_buffered_bytes``): the replies of a round are all the size of the model, and a block whose result
+was aggregated and freed is reused by the next reply instead of faulting in fresh memory. Once a round's
+replies are all in, the round frees the idle blocks (:meth:`UploadSessions.release_idle`) before it
+finalizes, so none sits beside the sum and x⁺ nor waits through the next downloads. Idle pooled blocks
 count against ``max_buffered_bytes`` too: a new upload releases those it has no room for before its
 buffer is allocated, and a reused block counts what its pages hold (its footprint), so buffers in
 use, finished ones not yet freed and idle ones never hold more than the budget together.
@@ -194,6 +196,15 @@ class UploadSessions:
         self._buffered -= size
         self._unfreed -= finished
         self._wake()
+
+    def release_idle(self) -> None:
+        """Free the idle pooled buffers (the replies a caller waited for are all in).
+
+        A round calls it before ``finalize``: an idle reply-sized block kept through ``finalize`` (sum and
+        x⁺ alive together) and on to the next round's downloads would add one model to the server's peak
+        for the price of faulting in one buffer per round; within a round the replies still reuse it.
+        """
+        self.pool.trim(0)
 
     def session(self, task_id: str) -> UploadSession | None:
         return self._sessions.get(task_id)
