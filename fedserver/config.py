@@ -48,8 +48,9 @@ class ServerConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_concurrent_uploads: int = 16  # upload sessions holding a buffer (active or waiting for a resume)
     max_upload_buffer_bytes: int = 4 * GiB  # bytes those buffers may hold together (one upload always fits)
-    # idle upload buffers kept for the next round's replies (0: off), within max_upload_buffer_bytes: a reply
-    # received into memory a freed one already faulted in skips ~0.55 CPU s/GB; costs that RSS between rounds
+    # idle upload buffers kept for the round's later replies (0: off), within max_upload_buffer_bytes: a reply
+    # received into memory a freed one already faulted in skips ~0.55 CPU s/GB; released before finalize, so
+    # no idle block sits beside the sum and the new model (the first reply of each round allocates afresh)
     upload_pool_bytes: int = 1 * GiB
     max_send_buffer_bytes: int = 64 * MiB  # task chunk bytes handed to gRPC and not yet sent, all streams
     # per-stream HTTP/2 receive window; None: gRPC sizes it by bandwidth-delay probing (fast on long links,
