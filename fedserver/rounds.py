@@ -181,9 +181,12 @@ class _ReleaseWhenDownloaded:
             self.check()
 
     def detach(self) -> None:
-        """Stop watching: drop the model and the handles. The handles keep this listener (they never
-        unsubscribe) and may outlive the round (the experiment keeps a timed-out one for its late result):
-        through a releaser that kept the model, they would keep x."""
+        """Stop watching: unsubscribe from the handles still open (a finished handle drops its listeners
+        itself), then drop the model and the handles. Handles may outlive the round (the experiment keeps a
+        timed-out one for its late result): through a releaser that kept the model, they would keep x."""
+        if self.active:
+            for handle in self.handles:
+                handle.unsubscribe(self._on_event)
         self.active = False
         self.handles = []
         self.model = None

@@ -14,7 +14,9 @@ Lifecycle (``TaskState``)::
 ``last_activity`` moves on every sign of life for the task (a poll that waits for it, chunks sent or
 received, a Report or Heartbeat naming it); when it stays still for ``inactivity_timeout`` seconds the
 task ends TIMED_OUT. A slow but moving upload therefore never times out. A task whose node disconnected
-and did not come back within the task board's reconnect grace ends FAILED sooner (:meth:`TaskHandle.lose`).
+and did not come back within the task board's reconnect grace ends FAILED sooner (:meth:`TaskHandle.lose`);
+one whose payload the server cannot rebuild (a low-memory round's checkpoint gone bad) ends FAILED at once
+(:meth:`TaskHandle.fail`). Listeners are dropped when the task ends.
 """
 
 from __future__ import annotations
@@ -217,7 +219,14 @@ class TaskHandle:
         return self._finish(TaskState.CANCELLED, reason, close_reason=reason)
 
     def subscribe(self, listener: TaskListener) -> None:
-        self._listeners.append(listener)
+        """Call ``listener`` with each event until :meth:`unsubscribe` or the task ends (a finished handle,
+        kept for its late result, keeps none of its listeners alive)."""
+        if not self.state.terminal:
+            self._listeners.append(listener)
+
+    def unsubscribe(self, listener: TaskListener) -> None:
+        """Stop calling ``listener`` (no error if it is not subscribed)."""
+        self._listeners = [known for known in self._listeners if known != listener]
 
     def touch(self) -> None:
         """Record activity (resets the inactivity timeout)."""
@@ -267,6 +276,11 @@ class TaskHandle:
         refused. False if it had already ended."""
         return self._finish(TaskState.FAILED, message, close_reason=message)
 
+    def fail(self, message: str) -> bool:
+        """End the task FAILED because the server cannot go on with it (e.g. its payload cannot be rebuilt:
+        ``message`` says why); a later result is refused. False if it had already ended."""
+        return self._finish(TaskState.FAILED, message, close_reason=message)
+
     def record_late(self, outcome: TaskOutcome) -> None:
         self.late_uploads.append(LateUpload(outcome, time.monotonic(), self.close_reason))
         log.warning("late result (%s) for task %s from node %s refused: %s", outcome.value, self.task_id,
@@ -287,6 +301,7 @@ class TaskHandle:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._listeners = []  # events end with the task; listeners must not live as long as a kept handle
         if self._on_close is not None:
             self._on_close(self)
         return True
