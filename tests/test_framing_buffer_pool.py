@@ -6,12 +6,13 @@ import gc
 import hashlib
 import random
 import threading
+import weakref
 
 import numpy as np
 import pytest
 
 from fedcore.errors import FramingError
-from fedcore.framing import BufferPool, ChunkAssembler, PayloadInfo
+from fedcore.framing import BufferPool, ChunkAssembler, PayloadInfo, memory
 from fedcore.framing.buffer_pool import MIN_BLOCK, block_capacity
 from fedcore.serialization import Serializer
 
@@ -229,3 +230,35 @@ def test_threads_never_share_a_live_block() -> None:
     gc.collect()
     stats = pool.stats()
     assert stats.leased_blocks == 0 and stats.idle_bytes <= 24 * MiB and stats.reused > 0
+
+
+def test_a_failed_allocation_leaves_no_lease_counted() -> None:
+    pool = BufferPool(64 * MiB)
+    with pytest.raises(MemoryError):
+        pool.take(1 << 60)  # 1 EiB: numpy cannot allocate it
+    stats = pool.stats()
+    assert (stats.leased_blocks, stats.allocated, stats.reused) == (0, 0, 0), stats
+    lease = pool.take(2 * MiB)
+    del lease
+    assert pool.stats().idle_blocks == 1 and pool.stats().leased_blocks == 0
+
+
+@pytest.mark.skipif(memory._madvise is None, reason="needs Linux >= 5.14 (MADV_POPULATE_WRITE)")
+def test_a_block_evicted_while_its_prefault_waits_is_unmapped_at_once() -> None:
+    gate = threading.Event()
+    memory._prefault_pool().submit(gate.wait, 30)  # the single prefault worker is busy: jobs queue behind it
+    try:
+        pool = BufferPool(256 * MiB)
+        lease = pool.take(64 * MiB)
+        block = weakref.ref(lease.buffer.base.obj)  # the pool's block array behind the lease
+        del lease
+        assert pool.stats().idle_blocks == 1
+        pool.trim(0)
+        assert block() is None, "the queued prefault job kept the evicted block mapped"
+        fresh = memory.receive_buffer(64 * MiB)
+        unpooled = weakref.ref(fresh)
+        del fresh
+        assert unpooled() is None, "the queued prefault job kept a dropped receive buffer mapped"
+    finally:
+        gate.set()
+    memory._prefault_pool().submit(lambda: None).result(timeout=60)

@@ -21,7 +21,10 @@ RSS). A returned block evicts the least recently returned idle blocks beyond the
 footprint alone exceeds the cap is released at once; ``max_idle_bytes=0`` turns pooling off.
 :meth:`BufferPool.take` can also be given ``room`` (bytes the new lease and the idle blocks may hold
 together) so a caller with a memory budget (the server's upload buffers) never holds idle blocks it
-has no room for.
+has no room for. A fresh block is faulted in by a worker thread
+(:func:`~fedcore.framing.memory.fresh_block`) that holds it only during each step, so a block released
+while its job is queued or running (by ``trim``, the cap or ``room``) is populated no further and
+unmapped at once, or once the step in progress (at most 16 MiB) ends.
 
 **Fit.** A request takes the smallest idle block that holds it and leaves at most ``max_waste`` of the
 block unused; otherwise a fresh block of ``size + size/64`` (rounded up to 64 KiB) is allocated, so next
@@ -135,7 +138,13 @@ class BufferPool:
             self._leased += 1
         reused = block is not None
         if block is None:  # outside the lock: np.empty of a big block is an mmap
-            block = _Block(fresh_block(block_capacity(size), size), size)
+            try:
+                block = _Block(fresh_block(block_capacity(size), size), size)
+            except MemoryError:  # no lease was made: the counters must not say otherwise
+                with self._locked():
+                    self._leased -= 1
+                    self._allocated -= 1
+                raise
         buffer = np.frombuffer(memoryview(block.array), dtype=np.uint8, count=size)
         weakref.finalize(buffer, self._give_back, block).atexit = False
         return Lease(buffer, held, reused)

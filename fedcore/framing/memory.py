@@ -35,6 +35,7 @@ import mmap
 import os
 import sys
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -72,13 +73,28 @@ def _pages(buffer: np.ndarray) -> tuple[int, int]:
     return -(-start // _PAGE) * _PAGE, (start + buffer.nbytes) // _PAGE * _PAGE
 
 
-def _populate(buffer: np.ndarray) -> None:
-    """Fault in the whole pages inside ``buffer``, front to back; stop quietly if the kernel refuses."""
+def _populate(ref: weakref.ref[np.ndarray], used: int) -> None:
+    """Fault in the whole pages of the first ``used`` bytes of the array behind ``ref``, front to back.
+
+    The job holds the array only during each step (one ``madvise`` call of at most
+    :data:`PREFAULT_STEP`): an array dropped while its job waits or runs (a transfer abandoned early, a
+    :class:`~fedcore.framing.buffer_pool.BufferPool` block evicted before it was ever written) is unmapped
+    at once instead of being kept alive and populated for nothing. Stops quietly if the kernel refuses.
+    """
     global _madvise
-    addr, end = _pages(buffer)
+    buffer = ref()
+    if buffer is None:
+        return
+    addr, end = _pages(buffer[:used])
+    del buffer
     while addr < end:
+        alive = ref()
+        if alive is None:  # freed or evicted meanwhile: its pages are gone, populate nothing more
+            return
         n = min(PREFAULT_STEP, end - addr)
-        if _madvise is None or _madvise(addr, n, _MADV_POPULATE_WRITE) != 0:
+        failed = _madvise is None or _madvise(addr, n, _MADV_POPULATE_WRITE) != 0
+        del alive
+        if failed:
             if ctypes.get_errno() == 22:  # EINVAL: kernel without MADV_POPULATE_WRITE; stop trying
                 _madvise = None
             return
@@ -93,13 +109,14 @@ def receive_buffer(size: int) -> np.ndarray:
 def fresh_block(capacity: int, used: int) -> np.ndarray:
     """An uninitialised ``uint8`` array of ``capacity`` bytes, out of huge pages; a worker thread starts
     faulting in its first ``used`` bytes (the rest, headroom of :class:`~fedcore.framing.buffer_pool.BufferPool`
-    blocks, stays untouched: no page, no RSS)."""
+    blocks, stays untouched: no page, no RSS). The worker keeps no reference between steps: dropping the
+    array stops its population and frees it at once."""
     buffer = np.empty(capacity, dtype=np.uint8)
     if _madvise is not None and used >= PREFAULT_MIN:
         first, end = _pages(buffer)
         _madvise(first, end - first, _MADV_NOHUGEPAGE)  # before any page is touched; best effort
         try:
-            _prefault_pool().submit(_populate, buffer[:used])
+            _prefault_pool().submit(_populate, weakref.ref(buffer), used)
         except RuntimeError:  # interpreter shutting down: the writer faults the pages itself
             pass
     return buffer
