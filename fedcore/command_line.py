@@ -12,12 +12,28 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
 from fedcore.errors import FedstreamError
 
 EXIT_OK, EXIT_ERROR, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``"4MiB"`` -> 4194304: a non-negative integer with an optional unit (B, KiB, MiB, GiB, K, M, G).
+
+    An argparse ``type``: a bad value raises ``ArgumentTypeError``, which argparse reports naming the flag.
+    """
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: a size cannot be negative")
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 1048576, 512KiB, 4MiB or 4GiB")
+    return int(match.group(1)) * _UNITS[unit]
 
 
 def add_subcommands(parser: argparse.ArgumentParser, modules: Sequence[str]) -> None:

@@ -11,7 +11,6 @@ import asyncio
 import importlib.util
 import logging
 import os
-import re
 import socket
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcore.command_line import parse_size
 from fedcore.errors import NodeConfigError
 from fedcore.wire import DatasetInfo
 from fednode.config import NodeConfig
@@ -30,7 +30,6 @@ from fednode.launch import run_node
 __all__ = ["HANDLERS", "NodeSetup", "register"]
 
 TOKEN_ENV_VAR = "FEDNODE_TOKEN_FILE"
-_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
 
 log = logging.getLogger(__name__)
 
@@ -136,25 +135,17 @@ def register(subparsers: Any) -> None:
     tuning = parser.add_argument_group("tuning")
     tuning.add_argument("--poll-wait", type=float, default=30.0, metavar="SECONDS",
                         help="long-poll duration asked of the server (default: 30)")
-    tuning.add_argument("--chunk-size", type=_size, default=1 << 20, metavar="BYTES",
+    tuning.add_argument("--chunk-size", type=parse_size, default=1 << 20, metavar="BYTES",
                         help="upload chunk size, e.g. 1MiB (default: 1MiB; the server may lower it)")
-    tuning.add_argument("--max-payload", type=_size, default=4 << 30, metavar="BYTES",
+    tuning.add_argument("--max-payload", type=parse_size, default=4 << 30, metavar="BYTES",
                         help="largest task payload accepted, e.g. 4GiB (default: 4GiB)")
-    tuning.add_argument("--receive-pool", type=_size, default=1 << 30, metavar="BYTES",
+    tuning.add_argument("--receive-pool", type=parse_size, default=1 << 30, metavar="BYTES",
                         help="idle download buffers kept for the next task, e.g. 512MiB; 0 turns reuse off. "
                              "Saves faulting in fresh memory every round, for as much more memory held between "
                              "rounds (default: 1GiB, i.e. a model up to 1 GiB is received in place)")
     tuning.add_argument("--stop-grace", type=float, default=10.0, metavar="SECONDS",
                         help="time an upload in flight gets to finish after a stop signal (default: 10)")
     parser.set_defaults(func=_start)
-
-
-def _size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 65536, 512KiB, 1MiB, 4GiB)")
-    return int(match.group(1)) * _UNITS[unit]
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import re
 import signal
 from pathlib import Path
 from typing import Any
 
+from fedcore.command_line import parse_size
 from fedcore.errors import ServerConfigError
 from fedserver.auth import NodeStore
 from fedserver.config import TLS_MODES, ServerConfig
@@ -17,7 +17,6 @@ from fedserver.home import FILES_HELP, add_home_option, certs_dir, home_from_arg
 from fedserver.server import FedServer
 
 _RAW = argparse.RawDescriptionHelpFormatter
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
 
 DESCRIPTION = """\
 Start the gRPC server nodes connect to and wait until SIGINT or SIGTERM, then stop gracefully: waiting
@@ -44,17 +43,6 @@ sizes accept the suffixes KiB, MiB, GiB (e.g. 4GiB)."""
 
 #: Smallest HTTP/2 receive window gRPC accepts (the protocol's initial window).
 MIN_RECEIVE_WINDOW = 65535
-
-
-def parse_size(text: str) -> int:
-    """``"4MiB"`` -> 4194304: a non-negative integer with an optional unit (B, KiB, MiB, GiB, K, M, G)."""
-    if text.strip().startswith("-"):
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: a size cannot be negative")
-    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 1048576, 512KiB, 4MiB or 4GiB")
-    return int(match.group(1)) * _UNITS[unit]
 
 
 def parse_positive_size(text: str) -> int:

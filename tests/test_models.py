@@ -344,8 +344,6 @@ def _bfloat16_bits_rne(values: np.ndarray) -> np.ndarray:
 
 
 def test_torch_bfloat16_set_weights_narrows_float32_by_round_to_nearest_even():
-    from fedcore.models.torch_model import narrow_to_bfloat16
-
     one = np.float32(1.0).view(np.uint32)
     ulp = 1 << 16  # a bfloat16 ulp in float32 bits at 1.0
     halfway = [one + ulp // 2, one + ulp + ulp // 2]  # ties: 1.0 (even) stays, 1.0+ulp (odd) goes up
@@ -362,7 +360,7 @@ def test_torch_bfloat16_set_weights_narrows_float32_by_round_to_nearest_even():
     got = model.model.weight.detach().view(torch.int16).numpy().view(np.uint16).ravel()
     np.testing.assert_array_equal(got, _bfloat16_bits_rne(values))
     np.testing.assert_array_equal(got[:2], [np.uint16(one >> 16), np.uint16((one + 2 * ulp) >> 16)])
-    expected = narrow_to_bfloat16(torch.from_numpy(values)).view(torch.int16).numpy().view(np.uint16)
+    expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(got, expected)  # the same as torch's .to(torch.bfloat16)
 
     edge = TorchModel(torch.nn.Linear(3, 1, bias=False).to(torch.bfloat16))

@@ -64,11 +64,17 @@ def test_bad_option_combinations_name_the_problem(argv, message, monkeypatch):
         config_from_args(parse(*argv))
 
 
-def test_bad_size_is_a_usage_error(capsys):
+@pytest.mark.parametrize("flag, value, reason", [
+    ("--chunk-size", "lots", "use e.g. 1048576, 512KiB, 4MiB or 4GiB"),
+    ("--max-payload", "-4GiB", "a size cannot be negative"),
+    ("--receive-pool", "1.5GiB", "use e.g. 1048576"),
+])
+def test_bad_size_is_a_usage_error(flag, value, reason, capsys):
     with pytest.raises(SystemExit) as info:
-        parse("--insecure", "--chunk-size", "lots")
+        parse("--insecure", f"{flag}={value}")
     assert info.value.code == 2
-    assert "'lots' is not a size" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"argument {flag}: invalid size {value!r}: {reason}" in err, err
 
 
 def _start_command(port: int, token_file: Path, *extra: str) -> list[str]:

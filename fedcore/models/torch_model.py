@@ -65,7 +65,7 @@ class TorchModel(Model):
         The names must be exactly those of ``get_weights(only_trainable, exclude_buffers)``; every value
         must have the target's shape and dtype, with one exception: numpy has no bfloat16, so the wire
         carries bfloat16 weights as float32 (:func:`fedcore.models.weights_to_numpy`), and a bfloat16
-        target also takes a float32 *numpy array*, narrowed by torch (``.to(torch.bfloat16)``: round to
+        target also takes a float32 *numpy array*, narrowed by torch (``copy_``, as ``.to(torch.bfloat16)``: round to
         nearest, ties to even; exact for values that came from bfloat16, e.g. an unchanged round trip).
         Any other dtype mismatch, a float32 torch tensor for a bfloat16 target included, is refused.
 
@@ -91,8 +91,9 @@ class TorchModel(Model):
                 value = weights[name]
                 if isinstance(value, np.ndarray):
                     value = _readonly_tensor(value)
-                    if target.dtype == torch.bfloat16:
-                        value = narrow_to_bfloat16(value)
+                # a float32 array for a bfloat16 target (its wire form) is narrowed by copy_ itself: round to
+                # nearest, ties to even, on the float32 bits b: (b + 0x7FFF + ((b >> 16) & 1)) >> 16 (finite
+                # values; beyond bfloat16's range: ±inf; NaN stays NaN); widened bfloat16 comes back bit for bit
                 target.copy_(value)
 
     def num_parameters(self) -> int:
@@ -117,16 +118,6 @@ class TorchModel(Model):
 
     def __repr__(self) -> str:
         return f"TorchModel({type(self._module).__name__}, {self.num_parameters()} parameters)"
-
-
-def narrow_to_bfloat16(tensor: torch.Tensor) -> torch.Tensor:
-    """A float32 tensor rounded to bfloat16 by torch: round to nearest, ties to even.
-
-    On the float32 bit pattern ``b`` (finite values): ``bf16 = (b + 0x7FFF + ((b >> 16) & 1)) >> 16``,
-    i.e. the upper 16 bits rounded on the lower 16; values beyond bfloat16's range become ±inf, NaN stays
-    NaN. Every bfloat16 value is a float32 value, so widening then narrowing gives back the same bits.
-    """
-    return tensor.to(torch.bfloat16)
 
 
 def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
