@@ -10,7 +10,9 @@ that gets it back through ``reload`` (the last checkpoint), verified: the shared
 the reloaded arrays must hash to the digest computed from x at the start of the round, so what comes
 back is x bit for bit (names, order, dtypes, shapes, bytes), or :class:`CheckpointError` says it is not.
 Two users of a reload: a node resuming a download after the release (:meth:`TaskPayload.iter_chunks`
-streams from the reloaded x while any such stream runs), and a round that fails (``params()``).
+streams from the reloaded x while any such stream runs), and a round that fails (``params()``). A reload
+that fails (:class:`CheckpointError`) is remembered: every later request fails at once with the same error
+(the server then fails that node's task instead of letting the node ask again and again).
 
 A reload (read the checkpoint, encode, hash: 5.9 s at 2.4 GB) runs in a worker thread
 (:meth:`RoundModel.params_async`, :meth:`TaskPayload.open_chunks`), so heartbeats and other nodes'
@@ -60,6 +62,7 @@ class RoundModel:
         self._reloaded: tuple[Params, SharedMapPayload] | None = None
         self._streams = 0
         self._loading: asyncio.Future[tuple[Params, SharedMapPayload]] | None = None  # the reload under way
+        self._reload_error: CheckpointError | None = None  # a failed reload: every later one fails the same
 
     @property
     def round(self) -> int:
@@ -116,6 +119,19 @@ class RoundModel:
         return shared.build({key: {} for key in TrainTask.OWN_KEYS}).sha256
 
     def _load(self) -> tuple[Params, SharedMapPayload]:
+        """x reloaded and verified. A CheckpointError is remembered and raised again at once by every
+        later call: the checkpoint is the round's only copy of x, and reading it again (seconds for a big
+        model) for each node that asks would only fail again."""
+        assert self._reload is not None
+        if self._reload_error is not None:
+            raise CheckpointError(str(self._reload_error))
+        try:
+            return self._load_verified()
+        except CheckpointError as exc:
+            self._reload_error = exc
+            raise
+
+    def _load_verified(self) -> tuple[Params, SharedMapPayload]:
         assert self._reload is not None
         params = self._reload()
         try:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
 from google.protobuf import message_factory
 
 from fedcore.errors import (
+    CheckpointError,
     ChunkOrderError,
     DecodeError,
     DigestMismatchError,
@@ -131,12 +132,24 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                 yield self._shutdown_message() if self.is_stopping() else pb.PollTaskResponse(no_task=pb.NoTask())
                 return
             delivered = False
+            chunks = None
             try:
-                async for message in self._stream_task(handle, start):
-                    yield message
-                delivered, dropped = True, False
+                chunks = await self._open_chunks(handle, start)
+                closed = handle.done()  # failed by a reload that did not work, or ended while it ran
+                if not closed:
+                    assert chunks is not None  # None only for a task it failed
+                    async for message in self._stream_task(handle, start, chunks):
+                        yield message
+                    delivered, dropped = True, False
             finally:
+                if chunks is not None:
+                    _close(chunks)
                 self.board.release(handle, delivered=delivered)
+            if closed:  # nothing was sent
+                if request.resume_task_id:  # the node knows the task: it learns that it is closed
+                    raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+                dropped = False  # a fresh poll never saw it: nothing for the node this time
+                yield pb.PollTaskResponse(no_task=pb.NoTask())
         except Exception:
             dropped = False  # refused by the server (a status goes back): the node is alive
             raise
@@ -151,36 +164,52 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         notice = ShutdownNotice("server stopping", self.config.shutdown_retry_after_seconds)
         return pb.PollTaskResponse(shutdown=convert.shutdown_to_pb(notice))
 
-    async def _stream_task(self, handle: TaskHandle, start: int) -> AsyncIterator[pb.PollTaskResponse | bytes]:
+    @staticmethod
+    async def _open_chunks(handle: TaskHandle, start: int) -> Iterator[tuple[int, memoryview | bytes]] | None:
+        """The chunks of ``handle``'s payload from ``start``; None when the payload cannot be rebuilt.
+
+        A payload that must reload x first (a low-memory round after its release) does it off the event
+        loop, before the header: the node's wait for a header is the long one (poll wait + call timeout).
+        A reload that fails (CheckpointError: the checkpoint holding x is gone, damaged or replaced) ends
+        the task FAILED with that message, so the round counts it at once; left open, the task would
+        stay alive through the node's retries, each costing another reload, and the round would hang.
+        """
         payload = handle.payload
+        handle.descriptor(start)  # validates the offset (and that the task is open) before any reload
+        assert payload is not None
+        if not isinstance(payload, PreparedPayload):
+            return payload.iter_chunks(start)
+        try:
+            return await payload.open_chunks(start)
+        except CheckpointError as exc:
+            message = f"the server cannot rebuild the task payload of node {handle.node_id}: {exc}"
+            log.error("task %s: %s", handle.task_id, message)
+            handle.fail(message)
+            return None
+
+    async def _stream_task(self, handle: TaskHandle, start: int,
+                           chunks: Iterator[tuple[int, memoryview | bytes]],
+                           ) -> AsyncIterator[pb.PollTaskResponse | bytes]:
+        payload = handle.payload
+        assert payload is not None  # open: the caller checked
         header = convert.task_descriptor_to_pb(handle.descriptor(start))
-        assert payload is not None  # descriptor() raised otherwise
-        # a payload that must reload x first does it off the event loop (heartbeats and streams go on),
-        # before the header: the node's wait for a header is the long one (poll wait + call timeout)
-        chunks = await payload.open_chunks(start) if isinstance(payload, PreparedPayload) else \
-            payload.iter_chunks(start)
         total = payload.total_size
         started = asyncio.get_running_loop().time()  # older streams get the send budget first
         offset = start
-        try:
-            yield pb.PollTaskResponse(task=header)
-            while offset < total:
-                # budget first, then the chunk: a chunk straddling segments is a joined copy, made only now
-                size = min(payload.chunk_size, total - offset)
-                await self.send_budget.acquire(size, started)
-                try:
-                    if handle.done():
-                        raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
-                    offset, data = next(chunks)
-                    yield convert.encode_chunk_event(offset, data)  # pre-serialized: one copy per chunk
-                finally:
-                    self.send_budget.release(size)  # gRPC has sent it (or the stream is gone)
-                offset += len(data)
-                handle.transferred("download", len(data), offset, total)
-        finally:
-            close = getattr(chunks, "close", None)  # generators and reloaded streams free what they hold
-            if close is not None:
-                close()
+        yield pb.PollTaskResponse(task=header)
+        while offset < total:
+            # budget first, then the chunk: a chunk straddling segments is a joined copy, made only now
+            size = min(payload.chunk_size, total - offset)
+            await self.send_budget.acquire(size, started)
+            try:
+                if handle.done():
+                    raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+                offset, data = next(chunks)
+                yield convert.encode_chunk_event(offset, data)  # pre-serialized: one copy per chunk
+            finally:
+                self.send_budget.release(size)  # gRPC has sent it (or the stream is gone)
+            offset += len(data)
+            handle.transferred("download", len(data), offset, total)
 
     # -- UploadResult ---------------------------------------------------------------------------------
     @translate_unary
@@ -309,6 +338,13 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             except (UnknownTaskError, TaskClosedError):
                 pass  # liveness only: the node learns about closed tasks from Report or UploadResult
         return pb.HeartbeatResponse(shutting_down=self.is_stopping())
+
+
+def _close(chunks: Iterator[tuple[int, memoryview | bytes]]) -> None:
+    """Close a chunk iterator that can be (generators and reloaded streams free what they hold)."""
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
 
 
 def _serialize(message: Any) -> bytes:
