@@ -33,7 +33,8 @@
     │   ├── CheckpointError                     checkpoint unwritable or damaged: missing file, size/digest
     │   │                                       mismatch, corrupt msgpack, bad JSON, unknown format version
     │   └── ExperimentError (also ValueError)   an experiment is misconfigured or cannot go on
-    │       └── RoundFailedError                a round ended below quorum; names the missing nodes
+    │       ├── RoundFailedError                a round ended below quorum; names the missing nodes
+    │       └── LowMemoryAggregatorError        low_memory=True with an aggregator that keeps x during a round
     └── NodeError                               a node cannot serve its server (fednode)
         ├── NodeConfigError (also ValueError)   bad node configuration: TLS mode, CA/cert/key, token, limits
         ├── ConnectionLostError                 server unreachable or a call broke mid-stream (retried, backoff)
@@ -181,6 +182,10 @@ class ExperimentError(ServerError, ValueError):
 
 class RoundFailedError(ExperimentError):
     """A round ended with fewer successful replies than the quorum; the last checkpoint stays intact."""
+
+
+class LowMemoryAggregatorError(ExperimentError):
+    """``low_memory=True`` with an aggregator that needs the global model during a round (Scaffold)."""
 
 
 class TrainingArgsWarning(UserWarning):

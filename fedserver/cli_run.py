@@ -23,7 +23,13 @@ from typing import Any
 from tqdm import tqdm
 
 from fedcore.aggregators import AGGREGATORS, Aggregator, build_aggregator
-from fedcore.errors import ExperimentError, RoundFailedError, ServerConfigError, TrainingArgsError
+from fedcore.errors import (
+    ExperimentError,
+    LowMemoryAggregatorError,
+    RoundFailedError,
+    ServerConfigError,
+    TrainingArgsError,
+)
 from fedcore.plans import TrainingPlan
 from fedcore.training_args import TrainingArgs
 from fedserver.auth import NodeStore
@@ -279,10 +285,8 @@ def _experiment(args: argparse.Namespace, server: FedServer, on_round) -> Experi
                                                    ("history_db", args.history_db)) if value is not None}
         try:
             return Experiment.resume(args.checkpoint_dir, **common, **overrides)
-        except ExperimentError as exc:
-            if args.low_memory and "low_memory" in str(exc):  # the checkpointed run uses Scaffold
-                raise ExperimentError(f"--low-memory needs checkpoints and the fedavg aggregator: {exc}") from None
-            raise
+        except LowMemoryAggregatorError as exc:  # the checkpointed run uses Scaffold
+            raise ExperimentError(f"--low-memory needs checkpoints and the fedavg aggregator: {exc}") from None
     plan = load_plan_class_from_file(args.plan)
     return Experiment(
         plan, load_training_args(args.args, args.args_file), aggregator=_aggregator(args), rounds=args.rounds,

@@ -19,7 +19,7 @@ from e2e_support import ROOT, TESTS, least_squares_sites, node_env, prepare_node
 from plans_lsq import LinearPlan
 
 from fedcore.aggregators import Scaffold
-from fedcore.errors import ExperimentError
+from fedcore.errors import ExperimentError, LowMemoryAggregatorError
 from fedserver.checkpoints import CheckpointStore
 from fedserver.cli import build_parser, main
 from fedserver.cli_run import _experiment
@@ -118,6 +118,24 @@ def test_low_memory_resume_of_a_scaffold_run_says_what_it_needs(tmp_path, capsys
         _experiment(args, None, None)
     assert str(err.value).startswith("--low-memory needs checkpoints and the fedavg aggregator: ")
     assert "Scaffold does" in str(err.value)
+
+
+def test_low_memory_resume_refusals_are_told_apart_by_type_not_by_wording(tmp_path) -> None:
+    """A damaged checkpoint in a folder whose path says low_memory is not a Scaffold refusal."""
+    ckpt = tmp_path / "low_memory" / "ckpt"
+    exp = Experiment(LinearPlan, ARGS, rounds=2, checkpoint_dir=ckpt, progress=False)
+    exp.params = exp.initial_params()
+    exp._checkpoint_params()
+    checkpoint = exp.checkpoints.load(0)
+    exp.checkpoints.save(0, checkpoint.params, checkpoint.aggregator_name, checkpoint.aggregator_config,
+                         checkpoint.aggregator_state, {**checkpoint.experiment_state, "format": 99})
+    args = build_parser().parse_args(["run", "--resume", "--checkpoint-dir", str(ckpt), "--low-memory"])
+    with pytest.raises(ExperimentError) as err:
+        _experiment(args, None, None)
+    assert "experiment state format 99" in str(err.value)
+    assert not str(err.value).startswith("--low-memory needs"), err.value
+    with pytest.raises(LowMemoryAggregatorError, match="Scaffold does"):
+        Experiment(LinearPlan, ARGS, aggregator=Scaffold(), rounds=1, checkpoint_dir=ckpt, low_memory=True)
 
 
 def _free_port() -> int:
