@@ -19,8 +19,13 @@ a round: x is released once every selected node has downloaded its task, and rel
 that holds it — verified bit for bit against the digest of what the nodes were sent — when a node resumes
 a download or the round fails (``params`` is x again after a failed round, and ``run()`` reruns it).
 The server's peak goes from x + sum + one upload to sum + one upload; a failed round costs a checkpoint
-read. A first round, or ``params`` set by hand, is checkpointed as round ``completed_round`` (round 0
-for a fresh run) before it starts.
+read. A round interrupted after the release (Ctrl-C, a cancelled ``run_async``) does not wait for that
+read: ``params`` stays None, the checkpoint holds x, and ``run()`` (which reloads it) or
+``Experiment.resume(checkpoint_dir)`` goes on from there. A first round, or ``params`` set by hand, is
+checkpointed as round ``completed_round`` (round 0 for a fresh run) before it starts; when that round
+already has a checkpoint (``params`` set by hand on a resumed run), the run is refused before anything
+starts rather than overwrite that round's own checkpoint: its model is the record of a completed round,
+and saving the hand-set x under another name would leave ``resume()`` two candidates for "after round k".
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fedcore.aggregators import Aggregator, FedAverage, build_aggregator
-from fedcore.errors import ExperimentError, FedstreamError, RoundFailedError
+from fedcore.errors import ExperimentError, FedstreamError, LowMemoryAggregatorError, RoundFailedError
 from fedcore.models import weights_to_numpy
 from fedcore.plans import TrainingPlan
 from fedcore.plans.loader import load_plan_class
@@ -125,8 +130,9 @@ class Experiment:
                 raise ExperimentError("low_memory=True reloads the global model from the last checkpoint: "
                                       "give checkpoint_dir")
             if self.aggregator.keeps_global_params:
-                raise ExperimentError(f"low_memory=True needs an aggregator that does not keep the global model "
-                                      f"during a round; {type(self.aggregator).__name__} does (FedAverage does not)")
+                raise LowMemoryAggregatorError(
+                    f"low_memory=True needs an aggregator that does not keep the global model during a round; "
+                    f"{type(self.aggregator).__name__} does (FedAverage does not)")
             if keep_round_params:
                 raise ExperimentError("keep_round_params=True keeps every round's model in memory; with "
                                       "low_memory=True leave it None (False)")
@@ -239,8 +245,13 @@ class Experiment:
 
     # -- the loop ------------------------------------------------------------------------------
     async def _run_rounds(self, server: FedServer, history: HistoryStore | None) -> list[RoundReport]:
+        if self._params is None and self._params_saved_as is not None:  # low_memory, interrupted after the release
+            assert self.checkpoints is not None
+            self._params = await asyncio.to_thread(self.checkpoints.load_params, self._params_saved_as)
         if self.params is None:
             self.params = {k: np.array(v, copy=True) for k, v in self.initial_params().items()}
+        if self.low_memory and self.completed_round < self.rounds:
+            self._check_params_checkpointable()
         if history is not None:
             if self.history_id is None:
                 self.history_id = history.start_experiment(self.name, self._describe())
@@ -300,7 +311,12 @@ class Experiment:
                                      on_outcome=record, on_dispatch=handles.append)
         except BaseException as exc:
             if held is not None:
-                await self._take_back_params(model, held, exc)
+                if isinstance(exc, Exception) or not model.released:  # no reload when not released
+                    await self._take_back_params(model, held, exc)
+                else:  # interrupted: a reload (seconds at scale) would hold up the shutdown
+                    log.warning("round=%d interrupted (%s) after the global model was released: params stays None; "
+                                "checkpoint round %s holds it (run() reloads it, Experiment.resume() reads it)",
+                                round_index, type(exc).__name__, self._params_saved_as)
             if isinstance(exc, RoundFailedError) and history is not None and self.history_id is not None:
                 history.finish_round(self.history_id, round_index, "failed", error=str(exc))
             raise
@@ -321,10 +337,26 @@ class Experiment:
         return report
 
     # -- low memory: x lives in the round's RoundModel only ------------------------------------------
-    def _checkpoint_params(self) -> None:
-        """Make sure a checkpoint holds exactly ``params`` (saved as round ``completed_round`` if none does)."""
+    def _check_params_checkpointable(self) -> None:
+        """Refuse ``params`` that no checkpoint holds when round ``completed_round`` already has one (module
+        docstring: it would be overwritten)."""
         if self._params_saved_as is not None:
             return
+        assert self.checkpoints is not None
+        if self.completed_round in self.checkpoints.rounds():
+            k = self.completed_round
+            raise ExperimentError(
+                f"low_memory=True saves the global model before a round to reload it from there, as round {k}; "
+                f"params were set by hand, and {self.checkpoints.directory} already holds round {k}'s own "
+                f"checkpoint, which this would overwrite: run without setting params (round {k}'s model), or "
+                "start a new experiment with another checkpoint_dir")
+
+    def _checkpoint_params(self) -> None:
+        """Make sure a checkpoint holds exactly ``params`` (saved as round ``completed_round`` if none does;
+        refused if that round has a checkpoint already)."""
+        if self._params_saved_as is not None:
+            return
+        self._check_params_checkpointable()
         assert self.checkpoints is not None and self.params is not None
         self.checkpoints.save(self.completed_round, self.params, self.aggregator.name, self.aggregator.config(),
                               self.aggregator.state(), self._state())
