@@ -13,8 +13,11 @@ was aggregated and freed is reused by the next reply instead of faulting in fres
 replies are all in, the round frees the idle blocks (:meth:`UploadSessions.release_idle`) before it
 finalizes, so none sits beside the sum and x⁺ nor waits through the next downloads. Idle pooled blocks
 count against ``max_buffered_bytes`` too: a new upload releases those it has no room for before its
-buffer is allocated, and a reused block counts what its pages hold (its footprint), so buffers in
-use, finished ones not yet freed and idle ones never hold more than the budget together.
+buffer is allocated, and a reused block counts what its pages hold (its footprint). A forgotten
+session's bytes count until its buffer is really gone (:meth:`UploadSessions.discard`), and an upload
+restarted from offset 0 frees its parked buffer before taking one (reusing its block). So buffers in
+use, finished ones not yet freed and idle ones never hold more than the budget together; the one
+exception is an upload larger than the whole budget, admitted when nothing else holds any bytes.
 
 An upload that finds no room waits in line (:meth:`UploadSessions.wait_for_room`, oldest first) while a
 running upload may free some, instead of being refused: a thousand nodes replying at once queue behind
@@ -146,6 +149,7 @@ class UploadSessions:
             existing.active = True
             return existing
         if existing is not None:
+            existing = None  # no reference of ours keeps the parked buffer alive: discard frees it, its block is reused
             self.discard(task_id)  # a fresh start replaces the parked bytes
         if len(self._sessions) >= self.max_sessions:
             raise LimitExceededError(
@@ -175,22 +179,31 @@ class UploadSessions:
             self._wake(everyone=True)  # only parked sessions are left: waiting cannot help any more
 
     def discard(self, task_id: str, *, held_until_freed: object = None) -> None:
-        """Forget the session (completed, digest mismatch, task closed).
+        """Forget the session (completed, digest mismatch, task closed, restarted from offset 0).
 
-        Its bytes stop counting against ``max_buffered_bytes`` at once, or, given ``held_until_freed``
-        (the assembled buffer, whose decoded arrays live on until the result is aggregated), only when
-        that object is garbage-collected: the next upload must not be received into memory the previous
-        one still occupies.
+        Its assembler lets go of the buffer (:meth:`ChunkAssembler.close`), so a session object still
+        referenced (by a traceback, by a stream about to notice its task closed) holds no bytes. Those bytes
+        count against ``max_buffered_bytes`` as long as the memory is alive, since the next upload must not
+        be received into memory the previous one still occupies: they are freed at once when nothing
+        else references the buffer, else when the last reference dies (on the event loop), e.g.
+        ``held_until_freed`` (the assembled buffer, whose decoded arrays live on until the result is
+        aggregated) or a hashing job still reading it. Until then they count as about to be freed
+        (:meth:`wait_for_room` waits for them).
         """
         session = self._sessions.pop(task_id, None)
         if session is None:
             return
         size = session.assembler.held_bytes
-        if held_until_freed is None:
+        holder = weakref.ref(session.assembler.buffer if held_until_freed is None else held_until_freed)
+        session.assembler.close()
+        del session, held_until_freed
+        alive = holder()
+        if alive is None:
             self._freed(size, finished=False)
             return
         self._unfreed += 1
-        weakref.finalize(held_until_freed, _call_soon, asyncio.get_running_loop(), self._freed, size)
+        weakref.finalize(alive, _call_soon, _running_loop(), self._freed, size)
+        self._wake()  # its session slot is free already
 
     def _freed(self, size: int, finished: bool = True) -> None:
         self._buffered -= size
@@ -206,6 +219,11 @@ class UploadSessions:
         """
         self.pool.trim(0)
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes counted against ``max_buffered_bytes``: open sessions' buffers and discarded ones still alive."""
+        return self._buffered
+
     def session(self, task_id: str) -> UploadSession | None:
         return self._sessions.get(task_id)
 
@@ -215,9 +233,19 @@ class UploadSessions:
         return 0 if session is None else session.received
 
 
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: object) -> None:
-    """Run ``callback`` on ``loop`` from wherever the buffer was freed (nothing to do once it is closed)."""
-    if not loop.is_closed():
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # called outside a loop (a synchronous caller): no waiters to wake
+        return None
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop | None, callback: Callable[..., None], *args: object) -> None:
+    """Run ``callback`` on ``loop`` from wherever the buffer was freed (nothing to do once it is closed);
+    directly without a loop."""
+    if loop is None:
+        callback(*args)
+    elif not loop.is_closed():
         try:
             loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # closed in between

@@ -120,6 +120,7 @@ async def test_wrong_digest_is_data_loss_and_the_task_stays_open(tmp_path: Path)
         details = await _expect(grpc.StatusCode.DATA_LOSS, node.upload(handle.task_id, doc, info=bad))
         assert "SHA-256 mismatch" in details
         assert not handle.done() and (await node.status(handle.task_id)).acknowledged_offset == 0
+        assert kit.server.uploads.buffered_bytes == 0, "the garbage buffer is freed though a traceback holds its session"
         await node.upload(handle.task_id, doc)
         assert (await handle.result(timeout=5)).succeeded
 

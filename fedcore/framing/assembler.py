@@ -51,6 +51,28 @@ class ChunkAssembler:
         self._digest = PrefixDigest(self._view)
         self.received = 0
         self._finished = False
+        self._closed = False
+
+    @property
+    def buffer(self) -> np.ndarray:
+        """The receive buffer, possibly still being filled (:meth:`finish` returns it verified)."""
+        self._check_open("the buffer")
+        return self._buffer
+
+    def close(self) -> None:
+        """Let go of the buffer (the transfer was abandoned, or its result handed over).
+
+        Its memory is freed once nothing else references it: whoever still holds the assembler (a
+        session kept by a traceback, a stream about to notice its task closed) no longer holds the bytes.
+        Writing, resuming or finishing afterwards raises :class:`ChunkOrderError`.
+        """
+        if not self._closed:
+            self._closed = True
+            del self._buffer, self._view, self._digest
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ChunkOrderError(f"{what} of a transfer that was discarded (its buffer is gone); start again at offset 0")
 
     @property
     def complete(self) -> bool:
@@ -58,6 +80,7 @@ class ChunkAssembler:
 
     def resume(self, info: PayloadInfo) -> None:
         """Continue after a broken transfer: ``info`` must describe the same payload from ``received``."""
+        self._check_open("resuming")
         same = (info.total_size, info.sha256, info.chunk_size) == (
             self.info.total_size, self.info.sha256, self.info.chunk_size)
         if not same:
@@ -70,6 +93,7 @@ class ChunkAssembler:
     def add(self, offset: int, data: bytes | memoryview) -> None:
         """Write one chunk; raise a :class:`FramingError` subclass if it does not fit the stream."""
         n = len(data)
+        self._check_open(f"chunk at offset {offset}")
         if self._finished:
             raise ChunkOrderError(f"chunk at offset {offset} after the payload was finished")
         if offset != self.received:
@@ -92,6 +116,7 @@ class ChunkAssembler:
 
     def finish(self) -> np.ndarray:
         """Check completeness and digest; return the payload as a writable uint8 array."""
+        self._check_open("finishing")
         if not self.complete:
             raise ChunkOrderError(
                 f"payload incomplete: {self.received} of {self.info.total_size} bytes received (missing chunks)"
