@@ -180,7 +180,7 @@ class NodeClient:
                 except (ConnectionLostError, MessageError, FramingError) as exc:
                     delay = self.config.backoff.delay(self._attempt, self._rng)
                     self._attempt += 1
-                    log.warning("%s: %s; reconnecting in %.2f s (attempt %d)", name, exc, delay, self._attempt)
+                    log.warning("%s: %s; reconnecting in %.2f s (attempt %d)", name, str(exc), delay, self._attempt)
                 self.state = ClientState.WAITING
                 try:
                     await self._stoppable(asyncio.sleep(delay))
@@ -205,6 +205,9 @@ class NodeClient:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            # an exception re-raised here holds this frame, and the task holds the exception: without this
+            # cycle it dies with its handler, and with it whatever its frames hold (a partial download)
+            del task
 
     # -- one connection ------------------------------------------------------------------------
     async def _session(self) -> None:
@@ -266,7 +269,7 @@ class NodeClient:
             log.info("%s: resuming task %s at byte %d", self.config.node_name, descriptor.task_id,
                      descriptor.payload.start_offset)
             return current
-        self._download = None  # a different task, or a fresh start: free the old buffer first
+        current = self._download = None  # a different task, or a fresh start: free the old buffer first
         self._download = TaskDownload.start(descriptor, max_payload_size=self.config.max_payload_size,
                                             max_chunk_size=self.config.max_chunk_size, pool=self.receive_pool)
         return self._download

@@ -8,10 +8,10 @@ import hashlib
 
 import numpy as np
 import pytest
-from fake_node_service import arun, node_config, running
+from fake_node_service import FakeNodeService, FakeTask, arun, node_config, running, start_server
 
 from fedcore.errors import NodeConfigError, ServerConfigError
-from fedcore.framing import PayloadInfo
+from fedcore.framing import OutgoingPayload, PayloadInfo
 from fedcore.wire import TaskKind
 from fednode.cli_start import config_from_args
 from fednode.client import NodeClient
@@ -21,6 +21,7 @@ from fedserver.config import ServerConfig
 from fedserver.server import FedServer
 from fedserver.tasks import TaskState
 from fedserver.uploads import UploadSessions
+from fedstream.v1 import node_service_pb2 as pb
 
 MiB = 1 << 20
 N = 1_000_000  # float32 params: 4 MB payloads, pooled (>= 1 MiB)
@@ -196,3 +197,40 @@ def test_node_receive_window_is_a_fixed_grpc_window_and_is_validated():
     for bad in (0, 1000, True, 1.5e6):
         with pytest.raises(NodeConfigError, match="receive_window_bytes must be None or an int >= 65535"):
             node_config(1, receive_window_bytes=bad)
+
+
+class _RestartingService(FakeNodeService):
+    """Ignores the node's resume point: a cut download is sent again from offset 0 (a restarted server)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resume_offsets: list[int] = []  # what the node asked for
+
+    async def PollTask(self, request, context):
+        if request.resume_task_id:
+            self.resume_offsets.append(request.resume_offset)
+        fresh = pb.PollTaskRequest()
+        fresh.CopyFrom(request)
+        fresh.resume_task_id, fresh.resume_offset = "", 0
+        async for response in super().PollTask(fresh, context):
+            yield response
+
+
+def test_a_download_restarted_from_zero_reuses_the_abandoned_partial_buffer():
+    async def scenario() -> NodeClient:
+        service = _RestartingService()
+        server, port = await start_server(service)
+        client = NodeClient(node_config(port), Keeper(keep=False))
+        payload = OutgoingPayload.from_object({"params": {"w": np.full(N, 1.0, np.float32)}}, 64 * 1024)
+        service.break_download_after = 5  # 320 KiB of 4 MB received, then the call is cut
+        try:
+            async with running(client):
+                service.add_task(FakeTask("t1", payload))
+                await service.wait_results(1)
+        finally:
+            await server.stop(None)
+        assert service.resume_offsets == [5 * 64 * 1024]
+        return client
+
+    stats = arun(scenario()).receive_pool.stats()
+    assert stats.allocated == 1 and stats.reused == 1, f"the partial download's buffer was still alive: {stats}"
