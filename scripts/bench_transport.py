@@ -292,8 +292,32 @@ def summarize(runs: list[Run]) -> dict[str, float]:
 DEFAULT: Any = object()  # a receive window left at its config default
 
 
+MIN_WINDOW = 65535  # bytes: gRPC's smallest receive window; NodeConfig and ServerConfig refuse less
+
+
 def window_arg(text: str) -> int | None:
-    return None if text == "bdp" else int(text)
+    """``--node-window`` / ``--server-window``: 'bdp', or a byte count the configs accept (>= 65535)."""
+    if text == "bdp":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'bdp' or a byte count >= {MIN_WINDOW}, got {text!r}") from None
+    if value < MIN_WINDOW:
+        raise argparse.ArgumentTypeError(
+            f"a receive window must be >= {MIN_WINDOW} bytes (gRPC's smallest) or 'bdp', got {value}")
+    return value
+
+
+def transfers_arg(text: str) -> int:
+    """``--transfers``: at least 1 (row 'first' is transfer 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (row 'first' is transfer 1), got {value}")
+    return value
 
 
 def describe_window(side: str, value: Any) -> str:
@@ -319,7 +343,7 @@ def main() -> int:
     ap.add_argument("--huge", type=int, default=2500, help="size of the over-2-GB payload in MB (run once)")
     ap.add_argument("--skip-huge", action="store_true", help="skip the over-2-GB payload")
     ap.add_argument("--repeat", type=int, default=3, help="runs per size and direction (median throughput)")
-    ap.add_argument("--transfers", type=int, default=2,
+    ap.add_argument("--transfers", type=transfers_arg, default=2,
                     help="transfers per pair of processes (K): row 'first' is transfer 1, row 'steady' transfers "
                          "2..K (the 2.5 GB payload always runs once)")
     ap.add_argument("--gap", type=float, default=5.0,

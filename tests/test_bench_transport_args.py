@@ -1,0 +1,31 @@
+"""scripts/bench_transport.py refuses arguments its runs would crash on, naming the flag."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_transport.py"
+TINY = ["--sizes", "1", "--skip-huge", "--repeat", "1", "--quiet-wait", "0", "--settle", "0", "--gap", "0",
+        "--skip-context"]  # should a bad argument get through, the run it starts stays short
+
+
+def _refused(*args: str) -> str:
+    out = subprocess.run([sys.executable, str(SCRIPT), *TINY, *args], check=False, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
+    return out.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--transfers", "0"], "argument --transfers: must be >= 1 (row 'first' is transfer 1), got 0"),
+    (["--transfers", "two"], "argument --transfers: expected a whole number >= 1, got 'two'"),
+    (["--node-window", "1000"], "argument --node-window: a receive window must be >= 65535 bytes"),
+    (["--server-window", "0"], "argument --server-window: a receive window must be >= 65535 bytes"),
+    (["--node-window", "big"], "argument --node-window: expected 'bdp' or a byte count >= 65535, got 'big'"),
+])
+def test_bad_arguments_are_refused_naming_the_flag(args: list[str], message: str) -> None:
+    assert message in _refused(*args)
