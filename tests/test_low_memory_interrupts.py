@@ -14,29 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from low_memory_support import ARGS, CHUNK, DATASET, fresh_x, same_bytes
 from plans_lsq import LinearPlan
 from server_testkit import WireNode, running_server
 
 from fedcore.errors import ExperimentError
 from fedcore.serialization import Serializer
 from fedcore.tasks import TrainResult
-from fedcore.wire import DatasetInfo
 from fedserver.checkpoints import CheckpointStore
 from fedserver.experiment import Experiment
-
-ARGS = {"num_updates": 10, "lr": 0.02, "batch_size": 16, "seed": 7, "shuffle": True}
-DATASET = DatasetInfo(name="d", tags=("lsq",), num_samples=10, shape=(3,), dtype="float32", format="npz")
-CHUNK = 64 << 10
-
-
-def fresh_x(shift: float = 0.0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(5)
-    return {"coef": rng.standard_normal((3, 1)).astype(np.float32) + np.float32(shift),
-            "big": rng.standard_normal(100_000).astype(np.float32)}
-
-
-def same_bytes(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    return list(a) == list(b) and all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
 
 
 async def serve_one_round(nodes: list[WireNode]) -> list[dict[str, np.ndarray]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from experiment_harness import federation, least_squares_sites
+from low_memory_support import ARGS, same_bytes
 from plans_lsq import LinearPlan
 from server_testkit import running_server
 
@@ -31,15 +32,10 @@ from fedserver.experiment import Experiment
 from fedserver.history import HistoryStore
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = {"num_updates": 10, "lr": 0.02, "batch_size": 16, "seed": 7, "shuffle": True}
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=120))
-
-
-def same_bytes(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    return list(a) == list(b) and all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
 
 
 class WatchingFedAverage(FedAverage):

@@ -12,28 +12,18 @@ import asyncio
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
+from low_memory_support import ARGS, CHUNK, DATASET, fresh_x
 from plans_lsq import LinearPlan
 from server_testkit import async_test, running_server
 
 from fedcore.errors import CheckpointError
 from fedcore.serialization import Serializer
 from fedcore.tasks import PlanSource, TrainResult, TrainTask
-from fedcore.wire import DatasetInfo, TaskKind
+from fedcore.wire import TaskKind
 from fedserver.experiment import Experiment
 from fedserver.round_model import RoundModel
 from fedserver.tasks import TaskHandle, TaskState
-
-ARGS = {"num_updates": 10, "lr": 0.02, "batch_size": 16, "seed": 7, "shuffle": True}
-DATASET = DatasetInfo(name="d", tags=("lsq",), num_samples=10, shape=(3,), dtype="float32", format="npz")
-CHUNK = 64 << 10
-
-
-def fresh_x(shift: float = 0.0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(3)
-    return {"coef": rng.standard_normal((3, 1)).astype(np.float32) + np.float32(shift),
-            "big": rng.standard_normal(100_000).astype(np.float32)}
 
 
 def round_model(reload) -> RoundModel:

@@ -22,18 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from experiment_harness import federation, least_squares_sites
+from low_memory_support import ARGS, DATASET, fresh_x
 from plans_lsq import LinearPlan
 from server_testkit import PolledTask, WireNode, running_server
 
 from fedcore.aggregators import FedAverage
 from fedcore.serialization import Serializer
 from fedcore.tasks import PlanSource, TrainResult, TrainTask
-from fedcore.wire import DatasetInfo
 from fedserver.experiment import Experiment
 from fedserver.round_model import RoundModel
-
-ARGS = {"num_updates": 10, "lr": 0.02, "batch_size": 16, "seed": 7, "shuffle": True}
-DATASET = DatasetInfo(name="d", tags=("lsq",), num_samples=10, shape=(3,), dtype="float32", format="npz")
 
 
 def run(coro):
@@ -50,11 +47,6 @@ def no_cycle_collector() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
-
-
-def fresh_x(big: int = 1000, seed: int = 3) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {"coef": rng.standard_normal((3, 1)).astype(np.float32), "big": rng.standard_normal(big).astype(np.float32)}
 
 
 def reply_to(polled: PolledTask) -> bytes:
@@ -94,10 +86,10 @@ class IdleUploadBytesAtFinalize(FedAverage):
 # -- a round model goes by reference counting ---------------------------------------------------------------
 def test_a_round_model_and_its_payloads_are_freed_without_the_cycle_collector() -> None:
     with no_cycle_collector():
-        x = fresh_x()
+        x = fresh_x(big=1000)
         refs = [weakref.ref(v) for v in x.values()]
         task = TrainTask("e", 1, PlanSource.from_class(LinearPlan), {"num_updates": 1}, x)
-        model = RoundModel(task, 64 << 10, reload=lambda: fresh_x())
+        model = RoundModel(task, 64 << 10, reload=lambda: fresh_x(big=1000))
         payloads = [model.payload({"aggregator_state": {"n": i}}) for i in range(3)]
         model_ref = weakref.ref(model)
         del x, task, model
@@ -112,9 +104,9 @@ def test_a_release_still_reaches_every_payload_alive() -> None:
 
     def reload() -> dict[str, np.ndarray]:
         reloads.append(1)
-        return fresh_x()
+        return fresh_x(big=1000)
 
-    task = TrainTask("e", 1, PlanSource.from_class(LinearPlan), {"num_updates": 1}, fresh_x())
+    task = TrainTask("e", 1, PlanSource.from_class(LinearPlan), {"num_updates": 1}, fresh_x(big=1000))
     model = RoundModel(task, 64 << 10, reload=reload)
     kept = model.payload({"aggregator_state": {"n": 0}})
     model.payload({"aggregator_state": {"n": 1}})  # dropped at once: the model must not keep it
@@ -156,7 +148,7 @@ def test_a_timed_out_task_does_not_keep_the_low_memory_rounds_x(tmp_path: Path) 
                 await node.register(f"wire-{i}", datasets=(DATASET,))
             exp = Experiment(LinearPlan, ARGS, rounds=1, dataset_tags=["lsq"], min_nodes=2, round_timeout=1.0,
                              server=kit.server, progress=False, low_memory=True, checkpoint_dir=tmp_path / "ckpt")
-            exp.params = fresh_x()
+            exp.params = fresh_x(big=1000)
             refs = [weakref.ref(v) for v in exp.params.values()]
             running = asyncio.create_task(exp.run_async())
             for node in nodes[:2]:
