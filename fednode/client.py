@@ -24,6 +24,7 @@ import asyncio
 import enum
 import logging
 import random
+import secrets
 from collections.abc import Awaitable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -107,8 +108,11 @@ class _Polled:
 class NodeClient:
     """Serves one node's tasks until :meth:`stop`; see the module docstring for the lifecycle.
 
-    ``datasets`` and ``capabilities`` are announced at every Register. ``executor`` runs the handler
-    (default: the loop's default executor); ``rng`` drives the backoff jitter (seed it in tests).
+    ``datasets`` and ``capabilities`` are announced at every Register, with one random ``instance_id``
+    (128 bits, hex) drawn per client: the server tells a reconnect of this client (same id: its tasks go
+    on) from a restarted node (another id: the tasks sent to the earlier client end at once).
+    ``executor`` runs the handler (default: the loop's default executor); ``rng`` drives the backoff
+    jitter (seed it in tests).
     """
 
     def __init__(self, config: NodeConfig, handler: TaskHandler, datasets: Iterable[DatasetInfo] = (),
@@ -117,7 +121,7 @@ class NodeClient:
         self.config = config
         self.handler = handler
         self.registration = NodeRegistration(config.node_name, tuple(datasets), tuple(capabilities),
-                                             CLIENT_VERSION)
+                                             CLIENT_VERSION, instance_id=secrets.token_hex(16))
         self._token = config.resolve_token()  # a missing token file fails now, not at the first call
         self._executor = executor
         self._rng = rng if rng is not None else random.Random()

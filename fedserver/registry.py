@@ -11,7 +11,10 @@ while it polls again, so a re-polling node never flaps. Times are ``time.monoton
 Tasks of a node that drops stay open (``in_flight`` is kept): a node that reconnects within the task
 board's reconnect grace gets them back (a queued task on its next poll, a broken download or upload
 resumes); past the grace they fail (:meth:`fedserver.task_board.TaskBoard.watch`), see
-:attr:`NodeRecord.disconnected_since`.
+:attr:`NodeRecord.disconnected_since`. That holds for the same node *process* coming back: each Register
+carries the process's ``instance_id``, and one that differs from the recorded id (:meth:`NodeRegistry.restarted`)
+means a new process that holds none of the earlier one's tasks
+(:meth:`fedserver.task_board.TaskBoard.node_restarted` ends them at once).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class NodeRecord:
     capabilities: tuple[str, ...]
     client_version: str
     liveness_timeout: float
+    instance_id: str = ""  # of the process that registered last ("": unknown, an older node)
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     open_polls: int = 0
@@ -91,13 +95,23 @@ class NodeRegistry:
         """Record (or refresh) a node's announcement; its open tasks and polls are kept."""
         old = self._nodes.get(node_id)
         record = NodeRecord(node_id, reg.node_name, reg.datasets, reg.capabilities, reg.client_version,
-                            self.liveness_timeout)
+                            self.liveness_timeout, reg.instance_id)
         if old is not None:
             record.registered_at, record.open_polls, record.open_uploads, record.in_flight, record.drops = (
                 old.registered_at, old.open_polls, old.open_uploads, old.in_flight, old.drops)
         self._nodes[node_id] = record
         self._changed.set()
         return record
+
+    def restarted(self, node_id: str, instance_id: str) -> str | None:
+        """The instance id recorded for ``node_id`` if a Register carrying ``instance_id`` comes from a new
+        process of it (a non-empty id that differs: ``""`` returned when the earlier process sent none);
+        None for the same process, an unknown instance (``instance_id`` empty) or a node not seen before.
+        Ask before :meth:`register`, which records the new id."""
+        record = self._nodes.get(node_id)
+        if record is None or not instance_id or instance_id == record.instance_id:
+            return None
+        return record.instance_id
 
     def touch(self, node_id: str) -> None:
         """The node made an authenticated call: it is alive (again, if a poll of it had dropped)."""

@@ -94,9 +94,13 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
     @translate_unary
     async def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterResponse:
         node_id = self._identify(context, request.version)
-        record = self.registry.register(node_id, convert.registration_from_pb(request))
+        registration = convert.registration_from_pb(request)
+        earlier = self.registry.restarted(node_id, registration.instance_id)
+        record = self.registry.register(node_id, registration)
         log.info("node %s registered (%s, %d datasets, %s)", node_id, record.name or "unnamed",
                  len(record.datasets), record.client_version or "unknown client")
+        if earlier is not None:  # a new process: the tasks sent to the earlier one are gone with it
+            self.board.node_restarted(node_id, earlier, registration.instance_id)
         cfg = self.config
         return convert.server_settings_to_pb(ServerSettings(
             node_id, PROTOCOL_VERSION, cfg.max_poll_wait_seconds, cfg.max_chunk_size, cfg.max_payload_size,

@@ -11,6 +11,11 @@ grace every open task of it ends FAILED with an error saying when it disconnecte
 ``reconnect_grace``, not the task's inactivity timeout, for a node that is gone. One timer per node with
 open tasks (:meth:`TaskBoard.watch`) re-checks at the earliest moment the node could be given up.
 
+The grace is for the same node *process* coming back. A node that registers with another instance id
+(a new process: it was killed or restarted) holds none of the tasks sent to the earlier one, so
+:meth:`TaskBoard.node_restarted` ends them FAILED at once (those a poll stream ever took: downloading,
+running, uploading); a task no stream took yet stays queued for the new process.
+
 Closed tasks leave a small record (node id, why it closed, a weak reference to the handle) so a late
 result is refused with FAILED_PRECONDITION rather than NOT_FOUND, and noted on the handle if the caller
 still holds it. The oldest records are forgotten beyond ``max_closed``.
@@ -70,6 +75,7 @@ class TaskBoard:
         self._open: dict[str, TaskHandle] = {}
         self._closed: OrderedDict[str, ClosedTask] = OrderedDict()
         self._queues: dict[str, list[TaskHandle]] = {}
+        self._sent: set[str] = set()  # ids of open tasks a poll stream took (their header went out to the node)
         self._wakeups: dict[str, asyncio.Event] = {}
         self._on_close = on_close
         self.max_closed = max_closed
@@ -87,6 +93,7 @@ class TaskBoard:
     def closed(self, handle: TaskHandle) -> None:
         """Called by a handle when it ends (its ``on_close``)."""
         self._open.pop(handle.task_id, None)
+        self._sent.discard(handle.task_id)
         queue = self._queues.get(handle.node_id)
         if queue and handle in queue:
             queue.remove(handle)
@@ -139,13 +146,27 @@ class TaskBoard:
 
     def _give_up(self, node_id: str, tasks: list[TaskHandle], status: NodeLiveness, grace: float) -> None:
         assert status.disconnected_since is not None
-        wall = time.time() - (time.monotonic() - status.disconnected_since)
-        when = time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}"
+        when = _clock(time.time() - (time.monotonic() - status.disconnected_since))
         message = (f"node {node_id} disconnected at {when} ({status.cause}) and did not reconnect within "
                    f"{grace:g} s")
         log.warning("%s: failing its %d open task(s)", message, len(tasks))
         for handle in tasks:
             handle.lose(f"{message} ({handle.state.value})")
+
+    def node_restarted(self, node_id: str, old_instance: str, new_instance: str) -> list[TaskHandle]:
+        """A new process of ``node_id`` (``new_instance``) registered in place of ``old_instance``: end every
+        open task sent to the old one FAILED now (:meth:`TaskHandle.lose`, so a later call naming it is
+        refused) and return them. Sent: a poll stream took it (the download began, or the node runs or
+        uploads it). Tasks never taken stay queued for the new process."""
+        lost = [h for h in self.open_tasks(node_id) if h.task_id in self._sent or h.state is not TaskState.QUEUED]
+        if not lost:
+            return []
+        message = (f"node {node_id} restarted at {_clock(time.time())}: a new process (instance {new_instance}) "
+                   f"registered in place of instance {old_instance or '(unknown)'}, which held this task")
+        log.warning("%s: failing its %d task(s) sent to the old process", message, len(lost))
+        for handle in lost:
+            handle.lose(f"{message} ({handle.state.value})")
+        return lost
 
     # -- lookups with the protocol's checks ------------------------------------------------------------
     def lookup(self, task_id: str, node_id: str, *, late_outcome: TaskOutcome | None = None) -> TaskHandle:
@@ -185,6 +206,7 @@ class TaskBoard:
         for handle in self._queues.get(node_id, ()):
             if handle.state is TaskState.QUEUED and handle.senders == 0:
                 handle.senders += 1
+                self._sent.add(handle.task_id)
                 return handle
         return None
 
@@ -216,6 +238,7 @@ class TaskBoard:
     def acquire(self, handle: TaskHandle) -> None:
         """Count one more stream sending ``handle`` (a resumed download)."""
         handle.senders += 1
+        self._sent.add(handle.task_id)
 
     def release(self, handle: TaskHandle, *, delivered: bool) -> None:
         """A stream sending ``handle`` ended; ``delivered`` when its last chunk went out."""
@@ -236,3 +259,8 @@ class TaskBoard:
         for timer in self._watches.values():
             timer.cancel()
         self._watches.clear()
+
+
+def _clock(wall: float) -> str:
+    """Local wall-clock time ``HH:MM:SS.mmm`` of ``wall`` (Unix seconds), for error messages."""
+    return time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}"

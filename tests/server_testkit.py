@@ -77,8 +77,10 @@ class WireNode:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     async def register(self, name: str = "site", datasets: tuple[DatasetInfo, ...] = (),
-                       ver: common_pb2.ProtocolVersion | None = None) -> pb.RegisterResponse:
-        request = convert.registration_to_pb(NodeRegistration(name, datasets, ("numpy",), "testkit/1"))
+                       ver: common_pb2.ProtocolVersion | None = None, instance_id: str = "") -> pb.RegisterResponse:
+        """Register; ``instance_id`` "" as an older node (no instance id), else as that node process."""
+        request = convert.registration_to_pb(NodeRegistration(name, datasets, ("numpy",), "testkit/1",
+                                                              instance_id=instance_id))
         if ver is not None:
             request.version.CopyFrom(ver)
         return await self.stub.Register(request, metadata=self.metadata, timeout=10)

@@ -72,10 +72,12 @@ def test_registration_round_trip() -> None:
         node_name="site A",
         datasets=(DatasetInfo("mnist", ("images", "digits"), 60000, (60000, 28, 28), "<f4", "npz"),
                   DatasetInfo("tab", (), 3, (3, 2), "<f8", "csv")),
-        capabilities=("numpy", "torch"), client_version="fednode/0.1.0")
+        capabilities=("numpy", "torch"), client_version="fednode/0.1.0", instance_id="0f" * 16)
     pb = _through_bytes(convert.registration_to_pb(reg))
     assert (pb.version.major, pb.version.minor) == PROTOCOL_VERSION
+    assert pb.instance_id == "0f" * 16
     assert convert.registration_from_pb(pb) == reg
+    assert convert.registration_from_pb(node_service_pb2.RegisterRequest()).instance_id == ""  # an older node
 
 
 def test_duplicate_dataset_names_are_refused() -> None:

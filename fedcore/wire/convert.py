@@ -210,13 +210,14 @@ def registration_to_pb(reg: NodeRegistration,
     return node_service_pb2.RegisterRequest(
         version=version_to_pb(version), node_name=reg.node_name,
         datasets=[dataset_info_to_pb(d) for d in reg.datasets],
-        capabilities=list(reg.capabilities), client_version=reg.client_version,
+        capabilities=list(reg.capabilities), client_version=reg.client_version, instance_id=reg.instance_id,
     )
 
 
 def registration_from_pb(pb: node_service_pb2.RegisterRequest) -> NodeRegistration:
     return NodeRegistration(node_name=pb.node_name, datasets=tuple(dataset_info_from_pb(d) for d in pb.datasets),
-                            capabilities=tuple(pb.capabilities), client_version=pb.client_version)
+                            capabilities=tuple(pb.capabilities), client_version=pb.client_version,
+                            instance_id=pb.instance_id)
 
 
 def server_settings_to_pb(settings: ServerSettings) -> node_service_pb2.RegisterResponse:

@@ -74,12 +74,17 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class NodeRegistration:
-    """What a node announces in ``Register`` (its identity comes from the connection, not from here)."""
+    """What a node announces in ``Register`` (its identity comes from the connection, not from here).
+
+    ``instance_id``: drawn once per node process, the same on every Register of it; another value for the
+    same node id tells the server the node restarted (``""``: unknown, see ``RegisterRequest.instance_id``).
+    """
 
     node_name: str = ""
     datasets: tuple[DatasetInfo, ...] = ()
     capabilities: tuple[str, ...] = ()
     client_version: str = ""
+    instance_id: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(self.datasets))

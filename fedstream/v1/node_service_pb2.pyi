@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("version", "node_name", "datasets", "capabilities", "client_version")
+    __slots__ = ("version", "node_name", "datasets", "capabilities", "client_version", "instance_id")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     version: _common_pb2.ProtocolVersion
     node_name: str
     datasets: _containers.RepeatedCompositeFieldContainer[_common_pb2.DatasetInfo]
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     client_version: str
-    def __init__(self, version: _Optional[_Union[_common_pb2.ProtocolVersion, _Mapping]] = ..., node_name: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[_common_pb2.DatasetInfo, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ..., client_version: _Optional[str] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, version: _Optional[_Union[_common_pb2.ProtocolVersion, _Mapping]] = ..., node_name: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[_common_pb2.DatasetInfo, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ..., client_version: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("node_id", "server_version", "max_poll_wait_seconds", "max_chunk_size", "max_payload_size", "heartbeat_interval_seconds")

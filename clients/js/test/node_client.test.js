@@ -28,6 +28,7 @@ class FakeServer {
     this.script = { polls: [], ...script };
     this.calls = [];
     this.registers = 0;
+    this.instanceIds = []; // RegisterRequest.instance_id of each Register
     this.uploads = new Map();
     this.uploadHeaders = [];
     this.reports = [];
@@ -45,6 +46,7 @@ class FakeServer {
       Register: (call, cb) => {
         this.seen("Register", call);
         this.registers += 1;
+        this.instanceIds.push(call.request.instance_id);
         if (this.script.register) return this.script.register(call, cb);
         cb(null, { node_id: "js-1", server_version: { major: 1, minor: 0 }, max_poll_wait_seconds: 2,
           max_chunk_size: 4096, max_payload_size: 1 << 20, heartbeat_interval_seconds: 1 });
@@ -247,6 +249,12 @@ test("run(): ServerShutdown makes the node register again; a task is trained, re
   try {
     await c.run(new LinearTrainer(data, { tags: ["t"], approvedPlans: [sha] }), { maxTasks: 1 });
     assert.equal(fake.registers, 2);
+    // the same process registers again with the same instance id: the server keeps its tasks
+    assert.match(fake.instanceIds[0], /^[0-9a-f]{32}$/);
+    assert.deepEqual(fake.instanceIds, [c.instanceId, c.instanceId]);
+    const other = client(fake);
+    other.close();
+    assert.notEqual(other.instanceId, c.instanceId, "another client (process) draws another id");
     const stored = fake.uploads.get("t5");
     assert.ok(stored.complete);
     assert.equal(stored.header.outcome, "TASK_OUTCOME_SUCCEEDED");

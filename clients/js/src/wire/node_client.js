@@ -12,6 +12,7 @@
  *
  * Every call carries the protocol version and, in token modes, `authorization: Bearer <token>`.
  */
+const crypto = require("node:crypto");
 const { once } = require("node:events");
 const grpc = require("@grpc/grpc-js");
 const { loadFedstream, PROTOCOL_VERSION } = require("./proto.js");
@@ -51,6 +52,8 @@ class NodeClient {
    * @param {number} [o.maxChunkSize] largest chunk accepted, bytes
    * @param {number} [o.uploadChunkSize] chunk size of uploads (≤ the server's max_chunk_size)
    * @param {object} [o.channelOptions] extra grpc channel options (e.g. grpc.ssl_target_name_override)
+   * @param {string} [o.instanceId] RegisterRequest.instance_id (default: 128 random bits in hex, drawn once
+   *   per client and sent on every Register, so the server tells a reconnect from a restarted node)
    * @param {(level: string, msg: string) => void} [o.log]
    */
   constructor(o) {
@@ -60,6 +63,7 @@ class NodeClient {
     this.datasets = o.datasets || [];
     this.capabilities = o.capabilities || [];
     this.clientVersion = o.clientVersion || "fedstream-js/0.1.0";
+    this.instanceId = o.instanceId || crypto.randomBytes(16).toString("hex");
     this.pollWaitSeconds = o.pollWaitSeconds ?? 30;
     this.callTimeoutSeconds = o.callTimeoutSeconds ?? 30;
     this.streamAllowanceSeconds = o.streamAllowanceSeconds ?? 600;
@@ -109,7 +113,10 @@ class NodeClient {
     });
   }
 
-  /** Register (again after every reconnect); keeps the server's limits. */
+  /**
+   * Register (again after every reconnect, with the same instance id); keeps the server's limits. A new
+   * instance id from the same node tells the server the node restarted: it fails the tasks it had sent.
+   */
   async register() {
     const response = await this.unary("Register", {
       version: PROTOCOL_VERSION,
@@ -117,6 +124,7 @@ class NodeClient {
       datasets: this.datasets,
       capabilities: this.capabilities,
       client_version: this.clientVersion,
+      instance_id: this.instanceId,
     });
     this.registration = response;
     return response;

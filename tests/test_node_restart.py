@@ -1,0 +1,239 @@
+"""A node process that restarts (``RegisterRequest.instance_id`` changes) gets none of the old process's
+tasks: those a poll stream took end FAILED at its Register, with an error naming both instances, and the
+old upload's bytes are discarded; tasks never sent stay queued for the new process. The same process
+coming back (same id, or an older node sending none) keeps everything, as before.
+
+Unit level on :class:`NodeRegistry` and :class:`TaskBoard`; over real grpc.aio on loopback (the raw-stub
+nodes of :mod:`server_testkit`, the real NodeClient behind a proxy that cuts its connection); and with
+real ``fednode start`` processes, one SIGKILLed while its handler runs and started again. The reconnect
+grace (60 s) and inactivity timeouts (120 s) are long there, so a task ending within seconds can only be
+the restart at work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from e2e_support import Federation, eventually, least_squares_sites
+from fake_node_service import arun, node_config, running
+from plans_gated import GatedLinearPlan
+from server_testkit import async_test, encoded, running_server
+from test_node_client_fedserver import CuttableProxy, Trainer, server_config
+
+from fedcore.aggregators import FedAverage
+from fedcore.framing import OutgoingPayload
+from fedcore.wire import NodeRegistration, TaskKind
+from fednode.client import NodeClient
+from fedserver.auth import NodeStore
+from fedserver.experiment import Experiment
+from fedserver.registry import NodeRegistry
+from fedserver.server import FedServer
+from fedserver.task_board import TaskBoard
+from fedserver.tasks import TaskHandle, TaskState
+
+RESTARTED = re.compile(r"node (\S+) restarted at \d\d:\d\d:\d\d\.\d{3}: a new process \(instance (\S+)\) registered "
+                       r"in place of instance (\S+), which held this task \((\w+)\)")
+OLD, NEW = "a" * 32, "b" * 32
+
+
+# -- unit level ------------------------------------------------------------------------------------------
+def test_registry_tells_a_restart_from_the_same_process_and_from_an_unknown_instance() -> None:
+    registry = NodeRegistry(liveness_timeout=60.0)
+    assert registry.restarted("n", OLD) is None  # never seen: nothing sent to an earlier process
+    registry.register("n", NodeRegistration("N", instance_id=OLD))
+    assert registry.get("n").instance_id == OLD
+    assert registry.restarted("n", OLD) is None  # the same process again (a reconnect)
+    assert registry.restarted("n", "") is None  # unknown (an older node): as before, nothing ends
+    assert registry.restarted("n", NEW) == OLD
+    registry.register("n", NodeRegistration("N"))  # a process that sends no id: recorded as unknown
+    assert registry.get("n").instance_id == ""
+    assert registry.restarted("n", "") is None
+    assert registry.restarted("n", NEW) == ""  # it cannot be the process that sent none
+
+
+def _handle(board: TaskBoard, task_id: str, node_id: str = "n") -> TaskHandle:
+    handle = TaskHandle(task_id=task_id, node_id=node_id, experiment_id="e", round=1, kind=TaskKind.TRAIN,
+                        payload=encoded({"x": 1}), inactivity_timeout=None, on_close=board.closed)
+    board.add(handle)
+    return handle
+
+
+@async_test
+async def test_board_ends_only_the_tasks_a_stream_took_when_the_node_restarts() -> None:
+    board = TaskBoard(reconnect_grace=None)
+    delivered, streaming, broken, unsent = (_handle(board, f"t{i}") for i in range(4))
+    other = _handle(board, "o", node_id="m")
+    assert await board.next_for("n", 0) is delivered
+    board.release(delivered, delivered=True)  # RUNNING on the node
+    assert await board.next_for("n", 0) is streaming  # its stream is still open (senders 1)
+    assert await board.next_for("n", 0) is broken
+    board.release(broken, delivered=False)  # a download cut midway: queued again, but it was sent
+    assert [h.state for h in (delivered, streaming, broken)] == [TaskState.RUNNING, TaskState.QUEUED,
+                                                                 TaskState.QUEUED]
+
+    lost = board.node_restarted("n", OLD, NEW)
+
+    assert lost == [delivered, streaming, broken]
+    for handle, state in zip(lost, ("running", "queued", "queued"), strict=True):
+        result = await handle.result(timeout=1)
+        assert result.outcome is TaskState.FAILED and not handle.result_received
+        assert RESTARTED.fullmatch(result.error_message).groups() == ("n", NEW, OLD, state)
+    assert board.open_tasks("n") == [unsent] and board.open_tasks("m") == [other]
+    board.release(streaming, delivered=False)  # the old stream notices and ends: the task stays ended
+    assert streaming.state is TaskState.FAILED
+    assert await board.next_for("n", 0) is unsent  # the new process gets what was never sent
+    assert board.node_restarted("n", "", "c" * 32) == [unsent]  # ... and loses it if it restarts too
+    message = (await unsent.result(timeout=1)).error_message  # "": the process it replaced sent no id
+    assert RESTARTED.fullmatch(message).groups() == ("n", "c" * 32, "(unknown)", "queued")
+    assert board.node_restarted("n", NEW, OLD) == []  # nothing open any more
+
+
+# -- over real gRPC: raw-stub nodes ---------------------------------------------------------------------
+@async_test
+async def test_a_restarted_node_loses_what_the_old_process_held_and_keeps_what_it_never_got(
+        tmp_path: Path) -> None:
+    async with running_server(tmp_path, max_poll_wait_seconds=30.0, heartbeat_interval_seconds=10.0) as kit:
+        kit.server.board.reconnect_grace = 60.0
+        token = kit.store.enroll("n")
+        old = kit.node(token=token)
+        await old.register(instance_id=OLD)
+
+        def dispatch(payload: OutgoingPayload) -> TaskHandle:
+            return kit.server.dispatch("n", TaskKind.TRAIN, payload, experiment_id="e", round=1,
+                                       inactivity_timeout=120)
+
+        running_task = dispatch(encoded({"x": 1}))
+        assert (await old.poll(wait=5)).descriptor.task_id == running_task.task_id
+        uploading = dispatch(encoded({"x": 2}))
+        assert (await old.poll(wait=5)).descriptor.task_id == uploading.task_id
+        reply = encoded({"w": np.arange(100_000, dtype=np.float32)}, chunk_size=4096)
+        with pytest.raises(grpc.aio.AioRpcError, match="resume at offset 12288"):  # parks 3 chunks
+            await old.upload(uploading.task_id, reply, chunk_size=4096, stop_after_chunks=3)
+        assert kit.server.uploads.buffered_bytes >= reply.total_size
+        downloading = dispatch(OutgoingPayload.from_bytes(bytes(1 << 20), 64 << 10))
+        got = await old.poll(wait=5, stop_after_chunks=2)
+        assert got.descriptor.task_id == downloading.task_id
+        await eventually(lambda: downloading.senders == 0, 5, "the cut download released")
+        queued = dispatch(encoded({"x": 3}))
+        states = [h.state for h in (running_task, uploading, downloading, queued)]
+        assert states == [TaskState.RUNNING, TaskState.UPLOADING, TaskState.QUEUED, TaskState.QUEUED]
+
+        again = kit.node(token=token)  # the same process on a new connection: nothing ends
+        await again.register(instance_id=OLD)
+        assert kit.server.board.open_tasks("n") == [running_task, uploading, downloading, queued]
+        assert kit.server.uploads.acknowledged(uploading.task_id) == 12288
+
+        new = kit.node(token=token)
+        await new.register(instance_id=NEW)  # a new process: the old one's tasks end now
+
+        for handle, state in ((running_task, "running"), (uploading, "uploading"), (downloading, "queued")):
+            result = await handle.result(timeout=1)
+            assert result.outcome is TaskState.FAILED
+            assert RESTARTED.fullmatch(result.error_message).groups() == ("n", NEW, OLD, state)
+        assert kit.server.board.open_tasks("n") == [queued]
+        assert kit.server.registry.get("n").in_flight == {queued.task_id}
+        assert len(kit.server.uploads) == 0 and kit.server.uploads.buffered_bytes == 0  # the parked bytes freed
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # the old process's upload, resumed: refused
+            await old.status(uploading.task_id)
+        assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "restarted" in err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await new.poll(wait=1, resume_task_id=downloading.task_id, resume_offset=64 << 10)
+        assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+        fresh = await new.poll(wait=5)  # the task never sent goes to the new process, which completes it
+        assert fresh.descriptor.task_id == queued.task_id and fresh.assemble() == {"x": 3}
+        await new.upload(queued.task_id, encoded({"ok": 1}))
+        assert (await queued.result(timeout=5)).payload == {"ok": 1}
+
+
+# -- over real gRPC: the real NodeClient, its connection cut ----------------------------------------------
+def test_the_same_process_reconnecting_mid_upload_keeps_its_task(tmp_path: Path, caplog) -> None:
+    """A cut connection makes NodeClient register again (same instance id): its parked upload resumes."""
+    caplog.set_level(logging.INFO, logger="fednode.client")
+
+    async def scenario():
+        store = NodeStore(tmp_path / "nodes.db")
+        token = store.enroll("site-a")
+        server = FedServer(server_config(reconnect_grace_seconds=60.0), store)
+        port = await server.start()
+        proxy = CuttableProxy(port)
+        proxy_port = await proxy.start()
+        client = NodeClient(node_config(proxy_port, token=token, upload_chunk_size=64 * 1024), Trainer())
+        try:
+            async with running(client):
+                await server.wait_for_nodes(1, timeout=10)
+                assert server.registry.get("site-a").instance_id == client.registration.instance_id
+                w = np.random.default_rng(2).standard_normal(1_000_000).astype(np.float32)  # 4 MB
+                proxy.cut_at = proxy.upstream_bytes + 1_500_000  # mid-upload
+                handle = server.dispatch("site-a", TaskKind.TRAIN, server.encode_payload({"params": {"w": w}}),
+                                         experiment_id="exp", round=1, inactivity_timeout=120)
+                result = await handle.result(timeout=30)
+                instance = server.registry.get("site-a").instance_id
+        finally:
+            await proxy.close()
+            await server.stop(grace=1)
+        return result, w, instance, client
+
+    result, w, instance, client = arun(scenario())
+    assert result.outcome is TaskState.SUCCEEDED, result.error_message
+    np.testing.assert_array_equal(result.payload["params"]["w"], 2 * w)
+    assert client.sessions == 2 and instance == client.registration.instance_id  # registered twice, one id
+    assert re.fullmatch(r"[0-9a-f]{32}", instance)
+    assert any("resuming the upload" in r.getMessage() for r in caplog.records)
+
+
+# -- real fednode processes -------------------------------------------------------------------------------
+SITES = least_squares_sites(2)
+ARGS = {"num_updates": 5, "batch_size": 16, "lr": 0.05}
+
+
+def test_a_node_process_killed_mid_task_and_started_again_ends_its_task_at_once(tmp_path: Path) -> None:
+    """site-0 is SIGKILLed while its handler runs round 1 and started again at once. Grace 60 s, round
+    timeout 120 s: the old task ends FAILED ("restarted") when the new process registers, round 1 goes on
+    with site-1, and the new process trains round 2."""
+
+    async def scenario():
+        async with Federation(tmp_path, SITES) as fed:
+            fed.prepare(range(2))
+            for i in range(2):
+                fed.start_node(i, gate=fed.gate_dir)
+            await fed.wait_registered(["site-0", "site-1"])
+            registry = fed.server.registry
+            fed.server.board.reconnect_grace = 60.0
+            first = registry.get("site-0").instance_id
+            exp = Experiment(GatedLinearPlan, ARGS, aggregator=FedAverage(), rounds=2, dataset_tags=["lsq"],
+                             min_nodes=1, round_timeout=120, node_wait_timeout=30, server=fed.server,
+                             progress=False)
+            running_exp = asyncio.create_task(exp.run_async())
+            try:
+                old_task = await fed.wait_task("site-0", TaskState.RUNNING, round=1)
+                await fed.wait_task("site-1", TaskState.RUNNING, round=1)
+                fed.nodes["site-0"].kill()
+                killed = time.monotonic()
+                fed.open_gate("all")  # site-1 finishes round 1; the new site-0 process trains freely
+                fed.start_node(0, gate=fed.gate_dir)
+                result = await old_task.result(timeout=45)
+                ended = time.monotonic() - killed
+                second = registry.get("site-0").instance_id
+                reports = await asyncio.wait_for(running_exp, 60)
+            finally:
+                running_exp.cancel()
+            return first, second, result, ended, reports, fed.logs()
+
+    first, second, result, ended, reports, logs = asyncio.run(asyncio.wait_for(scenario(), 150))
+    assert result.outcome is TaskState.FAILED, (result, logs)
+    assert re.fullmatch(r"[0-9a-f]{32}", first) and second != first
+    assert RESTARTED.fullmatch(result.error_message).groups() == ("site-0", second, first, "running")
+    assert ended < 30, (ended, logs)  # the new process's start-up; the grace is 60 s, the timeout 120 s
+    outcomes = {o.node_id: o for o in reports[0].outcomes}
+    assert [outcomes[n].outcome for n in sorted(outcomes)] == ["failed", "succeeded"]
+    assert "restarted" in outcomes["site-0"].error
+    assert reports[1].succeeded == ["site-0", "site-1"], logs  # the new process got and did a fresh task
