@@ -28,6 +28,7 @@
     │   ├── UnknownNodeError (also LookupError) no node with this id (not enrolled, not registered)
     │   ├── LimitExceededError                  over a configured limit: payload, chunk, concurrent uploads
     │   ├── UploadConflictError                 a second upload stream for a task whose upload is running
+    │   ├── NodeSupersededError                 a poll of a node process that a newer process of the node replaced
     │   ├── ServerStateError                    the server is not running (dispatch before start or after stop)
     │   ├── HistoryError (also ValueError)      history.db: unknown experiment/round, bad record, not our schema
     │   ├── CheckpointError                     checkpoint unwritable or damaged: missing file, size/digest
@@ -162,6 +163,11 @@ class LimitExceededError(ServerError):
 
 class UploadConflictError(ServerError):
     """Another upload stream for the same task is still running; retry once it has ended."""
+
+
+class NodeSupersededError(ServerError):
+    """A PollTask stream of a node process that a newer process of the same node replaced (it registered
+    with another instance id): the stream takes no task and ends; another process now serves the node."""
 
 
 class ServerStateError(ServerError):

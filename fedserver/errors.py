@@ -21,6 +21,7 @@ from fedcore.errors import (
     FramingError,
     LimitExceededError,
     MessageError,
+    NodeSupersededError,
     PermissionDeniedError,
     ServerStateError,
     TaskClosedError,
@@ -38,6 +39,7 @@ STATUS_OF_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (VersionMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (TaskClosedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (NodeSupersededError, grpc.StatusCode.FAILED_PRECONDITION),  # a newer process of the node registered
     (UnknownTaskError, grpc.StatusCode.NOT_FOUND),
     (UnknownNodeError, grpc.StatusCode.NOT_FOUND),
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),

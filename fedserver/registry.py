@@ -14,7 +14,8 @@ resumes); past the grace they fail (:meth:`fedserver.task_board.TaskBoard.watch`
 :attr:`NodeRecord.disconnected_since`. That holds for the same node *process* coming back: each Register
 carries the process's ``instance_id``, and one that differs from the recorded id (:meth:`NodeRegistry.restarted`)
 means a new process that holds none of the earlier one's tasks
-(:meth:`fedserver.task_board.TaskBoard.node_restarted` ends them at once).
+(:meth:`fedserver.task_board.TaskBoard.node_restarted` ends them at once, and the earlier process's polls
+still open: each ends as a refusal, not a drop, so ``open_polls`` falls back and the node stays connected).
 """
 
 from __future__ import annotations

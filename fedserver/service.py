@@ -116,6 +116,8 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             return
         wait = request.wait_seconds
         wait = self.config.max_poll_wait_seconds if wait <= 0 else min(wait, self.config.max_poll_wait_seconds)
+        # a Register of a newer process of the node ends this poll (NodeSupersededError, FAILED_PRECONDITION)
+        generation = self.board.poll_generation(node_id)
         self.registry.poll_opened(node_id)
         self.open_polls += 1
         self._polls_idle.clear()
@@ -129,7 +131,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                 handle.descriptor(start)  # validates the offset before anything is sent
                 self.board.acquire(handle)
             else:
-                handle = await self.board.next_for(node_id, wait)
+                handle = await self.board.next_for(node_id, wait, generation=generation)
                 start = 0
             if handle is None:
                 dropped = False  # before the yield: fednode cancels the call once it has read the answer
@@ -139,10 +141,11 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             chunks = None
             try:
                 chunks = await self._open_chunks(handle, start)
+                self.board.check_poll(node_id, generation)  # a reload may take a while
                 closed = handle.done()  # failed by a reload that did not work, or ended while it ran
                 if not closed:
                     assert chunks is not None  # None only for a task it failed
-                    async for message in self._stream_task(handle, start, chunks):
+                    async for message in self._stream_task(handle, start, chunks, generation):
                         yield message
                     delivered, dropped = True, False
             finally:
@@ -192,7 +195,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             return None
 
     async def _stream_task(self, handle: TaskHandle, start: int,
-                           chunks: Iterator[tuple[int, memoryview | bytes]],
+                           chunks: Iterator[tuple[int, memoryview | bytes]], generation: int,
                            ) -> AsyncIterator[pb.PollTaskResponse | bytes]:
         payload = handle.payload
         assert payload is not None  # open: the caller checked
@@ -206,6 +209,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             size = min(payload.chunk_size, total - offset)
             await self.send_budget.acquire(size, started)
             try:
+                self.board.check_poll(handle.node_id, generation)  # its task ended too (node_restarted)
                 if handle.done():
                     raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
                 offset, data = next(chunks)

@@ -14,7 +14,12 @@ open tasks (:meth:`TaskBoard.watch`) re-checks at the earliest moment the node c
 The grace is for the same node *process* coming back. A node that registers with another instance id
 (a new process: it was killed or restarted) holds none of the tasks sent to the earlier one, so
 :meth:`TaskBoard.node_restarted` ends them FAILED at once (those a poll stream ever took: downloading,
-running, uploading); a task no stream took yet stays queued for the new process.
+running, uploading); a task no stream took yet stays queued for the new process. The PollTask streams of
+the node open at that moment are the old process's too (a process registers before it polls), possibly
+on a half-open connection that gRPC keepalive would drop only tens of seconds later: each poll carries
+the node's *poll generation* from when it opened (:meth:`TaskBoard.poll_generation`), a restart bumps it
+and wakes the node's polls, and a poll of an older generation takes nothing and ends with
+NodeSupersededError (:meth:`TaskBoard.check_poll`), so a task dispatched meanwhile goes to the new process.
 
 Closed tasks leave a small record (node id, why it closed, a weak reference to the handle) so a late
 result is refused with FAILED_PRECONDITION rather than NOT_FOUND, and noted on the handle if the caller
@@ -31,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedcore.errors import PermissionDeniedError, TaskClosedError, UnknownTaskError
+from fedcore.errors import NodeSupersededError, PermissionDeniedError, TaskClosedError, UnknownTaskError
 from fedcore.wire import TaskOutcome
 from fedserver.tasks import TaskHandle, TaskState
 
@@ -77,6 +82,8 @@ class TaskBoard:
         self._queues: dict[str, list[TaskHandle]] = {}
         self._sent: set[str] = set()  # ids of open tasks a poll stream took (their header went out to the node)
         self._wakeups: dict[str, asyncio.Event] = {}
+        # per node: the poll generation (bumped by each restart) and why the last bump happened
+        self._generations: dict[str, tuple[int, str]] = {}
         self._on_close = on_close
         self.max_closed = max_closed
         self.stopping = False
@@ -157,12 +164,20 @@ class TaskBoard:
         """A new process of ``node_id`` (``new_instance``) registered in place of ``old_instance``: end every
         open task sent to the old one FAILED now (:meth:`TaskHandle.lose`, so a later call naming it is
         refused) and return them. Sent: a poll stream took it (the download began, or the node runs or
-        uploads it). Tasks never taken stay queued for the new process."""
+        uploads it). Tasks never taken stay queued for the new process. Every poll of the node open now
+        belongs to the old process: its generation is over, so it takes nothing and ends (:meth:`check_poll`)."""
+        when, old = _clock(time.time()), old_instance or "(unknown)"
+        generation = self.poll_generation(node_id) + 1
+        self._generations[node_id] = (generation, (
+            f"PollTask stream of node {node_id} superseded by a newer instance of the node: instance "
+            f"{new_instance} registered at {when} in place of instance {old}; this stream belongs to an "
+            f"earlier process"))
+        self._wakeup(node_id).set()  # waiting polls of the old process see the new generation and end
         lost = [h for h in self.open_tasks(node_id) if h.task_id in self._sent or h.state is not TaskState.QUEUED]
         if not lost:
             return []
-        message = (f"node {node_id} restarted at {_clock(time.time())}: a new process (instance {new_instance}) "
-                   f"registered in place of instance {old_instance or '(unknown)'}, which held this task")
+        message = (f"node {node_id} restarted at {when}: a new process (instance {new_instance}) "
+                   f"registered in place of instance {old}, which held this task")
         log.warning("%s: failing its %d task(s) sent to the old process", message, len(lost))
         for handle in lost:
             handle.lose(f"{message} ({handle.state.value})")
@@ -196,6 +211,18 @@ class TaskBoard:
         return self._closed.get(task_id)
 
     # -- delivery --------------------------------------------------------------------------------------
+    def poll_generation(self, node_id: str) -> int:
+        """The current poll generation of ``node_id`` (0 until its first restart): a PollTask stream takes it
+        when it opens and hands it to :meth:`next_for` and :meth:`check_poll`."""
+        return self._generations.get(node_id, (0, ""))[0]
+
+    def check_poll(self, node_id: str, generation: int) -> None:
+        """Raise NodeSupersededError if a poll of ``node_id`` opened in ``generation`` belongs to a node
+        process that a newer one replaced since (:meth:`node_restarted`)."""
+        current, message = self._generations.get(node_id, (0, ""))
+        if generation != current:
+            raise NodeSupersededError(message)
+
     def _wakeup(self, node_id: str) -> asyncio.Event:
         event = self._wakeups.get(node_id)
         if event is None:
@@ -210,16 +237,21 @@ class TaskBoard:
                 return handle
         return None
 
-    async def next_for(self, node_id: str, wait_seconds: float) -> TaskHandle | None:
+    async def next_for(self, node_id: str, wait_seconds: float, *, generation: int | None = None,
+                       ) -> TaskHandle | None:
         """The next task to stream to ``node_id`` (its ``senders`` count taken), or None after the wait.
 
-        Returns None at once when the board is stopping. The caller must :meth:`release` the handle when
-        its stream ends, whether or not the payload went through.
+        Returns None at once when the board is stopping. With ``generation`` (the poll's, from
+        :meth:`poll_generation` when it opened) it raises NodeSupersededError, taking nothing, as soon as
+        a newer process of the node registers. The caller must :meth:`release` the handle when its stream
+        ends, whether or not the payload went through.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         event = self._wakeup(node_id)
         while not self.stopping:
+            if generation is not None:
+                self.check_poll(node_id, generation)
             for handle in self._queues.get(node_id, ()):
                 handle.touch()  # the node is polling for it: alive
             handle = self._take(node_id)

@@ -1,7 +1,9 @@
 """A node process that restarts (``RegisterRequest.instance_id`` changes) gets none of the old process's
 tasks: those a poll stream took end FAILED at its Register, with an error naming both instances, and the
-old upload's bytes are discarded; tasks never sent stay queued for the new process. The same process
-coming back (same id, or an older node sending none) keeps everything, as before.
+old upload's bytes are discarded; tasks never sent stay queued for the new process. The old process's
+polls still open (a half-open connection) end at that Register with FAILED_PRECONDITION "superseded" and
+take nothing. The same process coming back (same id, or an older node sending none) keeps everything,
+its open poll included, as before.
 
 Unit level on :class:`NodeRegistry` and :class:`TaskBoard`; over real grpc.aio on loopback (the raw-stub
 nodes of :mod:`server_testkit`, the real NodeClient behind a proxy that cuts its connection); and with
@@ -24,10 +26,11 @@ import pytest
 from e2e_support import Federation, eventually, least_squares_sites
 from fake_node_service import arun, node_config, running
 from plans_gated import GatedLinearPlan
-from server_testkit import async_test, encoded, running_server
+from server_testkit import WireNode, async_test, channel_options, encoded, running_server, version
 from test_node_client_fedserver import CuttableProxy, Trainer, server_config
 
 from fedcore.aggregators import FedAverage
+from fedcore.errors import NodeSupersededError
 from fedcore.framing import OutgoingPayload
 from fedcore.wire import NodeRegistration, TaskKind
 from fednode.client import NodeClient
@@ -37,9 +40,13 @@ from fedserver.registry import NodeRegistry
 from fedserver.server import FedServer
 from fedserver.task_board import TaskBoard
 from fedserver.tasks import TaskHandle, TaskState
+from fedstream.v1 import node_service_pb2 as pb
 
 RESTARTED = re.compile(r"node (\S+) restarted at \d\d:\d\d:\d\d\.\d{3}: a new process \(instance (\S+)\) registered "
                        r"in place of instance (\S+), which held this task \((\w+)\)")
+SUPERSEDED = re.compile(r"PollTask stream of node (\S+) superseded by a newer instance of the node: instance (\S+) "
+                        r"registered at \d\d:\d\d:\d\d\.\d{3} in place of instance (\S+); this stream belongs to "
+                        r"an earlier process")
 OLD, NEW = "a" * 32, "b" * 32
 
 
@@ -93,6 +100,37 @@ async def test_board_ends_only_the_tasks_a_stream_took_when_the_node_restarts() 
     message = (await unsent.result(timeout=1)).error_message  # "": the process it replaced sent no id
     assert RESTARTED.fullmatch(message).groups() == ("n", "c" * 32, "(unknown)", "queued")
     assert board.node_restarted("n", NEW, OLD) == []  # nothing open any more
+
+
+@async_test
+async def test_board_ends_the_waiting_polls_of_a_restarted_node_before_they_take_a_task() -> None:
+    board = TaskBoard(reconnect_grace=None)
+    old_generation, other_generation = board.poll_generation("n"), board.poll_generation("m")
+    assert old_generation == other_generation == 0
+    old_poll = asyncio.create_task(board.next_for("n", 30, generation=old_generation))
+    other_poll = asyncio.create_task(board.next_for("m", 30, generation=other_generation))
+    await asyncio.sleep(0)  # both wait for a task
+
+    assert board.node_restarted("n", OLD, NEW) == []  # nothing was sent: no task ends, the polls still do
+    task = _handle(board, "t")  # dispatched right after the new process registered, before it polls
+
+    with pytest.raises(NodeSupersededError) as err:
+        await asyncio.wait_for(old_poll, 1)
+    assert SUPERSEDED.fullmatch(str(err.value)).groups() == ("n", NEW, OLD)
+    assert task.state is TaskState.QUEUED and task.senders == 0  # the old poll took nothing
+    new_generation = board.poll_generation("n")
+    assert new_generation == 1
+    with pytest.raises(NodeSupersededError):
+        board.check_poll("n", old_generation)  # a stream of the old process sending a task ends too
+    board.check_poll("n", new_generation)
+    assert await board.next_for("n", 0, generation=new_generation) is task  # the new process's poll gets it
+    assert not other_poll.done()  # another node's poll waits on
+    board.node_restarted("n", "", "c" * 32)  # a restart after a process that sent no id supersedes too
+    with pytest.raises(NodeSupersededError) as err:
+        board.check_poll("n", new_generation)
+    assert SUPERSEDED.fullmatch(str(err.value)).groups() == ("n", "c" * 32, "(unknown)")
+    board.stop()
+    assert await asyncio.wait_for(other_poll, 1) is None
 
 
 # -- over real gRPC: raw-stub nodes ---------------------------------------------------------------------
@@ -152,6 +190,138 @@ async def test_a_restarted_node_loses_what_the_old_process_held_and_keeps_what_i
         assert fresh.descriptor.task_id == queued.task_id and fresh.assemble() == {"x": 3}
         await new.upload(queued.task_id, encoded({"ok": 1}))
         assert (await queued.result(timeout=5)).payload == {"ok": 1}
+
+
+class FreezingProxy:
+    """A loopback TCP forwarder that can freeze: it stops forwarding either way but keeps both sockets
+    open, which is how a node whose machine died or whose network vanished looks to the server (a
+    half-open connection, until keepalive gives up on it), and can thaw again."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        self.flowing.set()  # frozen pipes see their closed sockets and end
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [writer, up_writer]
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await self.flowing.wait()  # frozen: nothing is read, so the sender's buffers fill
+                data = await reader.read(65536)
+                if not data:
+                    return
+                await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+def _open_poll(node: WireNode, wait: float = 30.0) -> grpc.aio.UnaryStreamCall:
+    """A PollTask call that nobody reads (yet): the process that opened it is gone, or is not listening."""
+    return node.stub.PollTask(pb.PollTaskRequest(version=version(), wait_seconds=wait), metadata=node.metadata,
+                              timeout=wait + 30)
+
+
+@async_test
+async def test_a_restart_ends_the_old_process_s_half_open_poll_and_its_task_goes_to_the_new_one(
+        tmp_path: Path) -> None:
+    """The old process's poll hangs on a frozen connection (keepalive 60 + 20 s would drop it). The new
+    process registers and a task is dispatched at once: the server has ended the old poll (it took
+    nothing), the new process's poll gets the task and completes it; once the connection thaws, the old
+    call shows FAILED_PRECONDITION "superseded"."""
+    async with running_server(tmp_path, max_poll_wait_seconds=30.0, heartbeat_interval_seconds=10.0) as kit:
+        registry = kit.server.registry
+        token = kit.store.enroll("n")
+        proxy = FreezingProxy(kit.server.port)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{await proxy.start()}", options=channel_options())
+        kit.channels.append(channel)
+        try:
+            old = WireNode(channel, token)
+            await old.register(instance_id=OLD)
+            stale = _open_poll(old)
+            await eventually(lambda: registry.get("n").open_polls == 1, 5, "the old process's poll open")
+            proxy.flowing.clear()  # the old machine dies: nothing flows any more, no socket closes
+
+            new = kit.node(token=token)
+            await new.register(instance_id=NEW)
+            registered = time.monotonic()
+            handle = kit.server.dispatch("n", TaskKind.TRAIN, encoded({"x": 1}), experiment_id="e", round=1,
+                                         inactivity_timeout=120)
+            await eventually(lambda: registry.get("n").open_polls == 0, 2, "the old poll ended by the server")
+            ended = time.monotonic() - registered
+            assert handle.state is TaskState.QUEUED and handle.senders == 0  # the old poll took nothing
+
+            fresh = await new.poll(wait=5)
+            assert fresh.descriptor.task_id == handle.task_id and fresh.assemble() == {"x": 1}
+            await new.upload(handle.task_id, encoded({"ok": 1}))
+            result = await handle.result(timeout=5)
+            assert result.outcome is TaskState.SUCCEEDED and result.payload == {"ok": 1}
+
+            proxy.flowing.set()  # the network comes back: the status the server sent long ago arrives
+            assert await asyncio.wait_for(stale.code(), 10) is grpc.StatusCode.FAILED_PRECONDITION
+            assert SUPERSEDED.fullmatch(await stale.details()).groups() == ("n", NEW, OLD)
+        finally:
+            await proxy.close()
+        assert ended < 1.0, ended
+        record = registry.get("n")
+        assert record.open_polls == 0 and record.connected and record.drops == 0  # a refusal, not a drop
+        assert registry.get("n").instance_id == NEW
+
+
+@async_test
+async def test_the_same_process_registering_again_keeps_its_open_poll(tmp_path: Path) -> None:
+    """A Register with the recorded instance id (a reconnect) or none (an older node) ends no poll: the
+    process's open poll, never read meanwhile, still gets the next task; another node's restart leaves
+    it alone too. Only then does a new process of it end that poll."""
+    async with running_server(tmp_path, max_poll_wait_seconds=30.0, heartbeat_interval_seconds=10.0) as kit:
+        registry = kit.server.registry
+        token = kit.store.enroll("n")
+        node = kit.node(token=token)
+        await node.register(instance_id=OLD)
+        other_token = kit.store.enroll("m")
+        await kit.node(token=other_token).register(instance_id=OLD)
+
+        poll = _open_poll(node)
+        await eventually(lambda: registry.get("n").open_polls == 1, 5, "the poll open")
+        await kit.node(token=token).register(instance_id=OLD)  # the same process on another connection
+        await node.register(instance_id="")  # as an older node: unknown instance
+        await kit.node(token=other_token).register(instance_id=NEW)  # node m restarted, not n
+        assert registry.get("n").open_polls == 1 and not poll.done()
+
+        handle = kit.server.dispatch("n", TaskKind.TRAIN, encoded({"x": 2}), experiment_id="e", round=1,
+                                     inactivity_timeout=120)
+        header = await asyncio.wait_for(poll.read(), 5)
+        assert header.WhichOneof("event") == "task" and header.task.task_id == handle.task_id
+        while (await asyncio.wait_for(poll.read(), 5)) is not grpc.aio.EOF:
+            pass  # its chunk: the whole task goes out on this poll
+        assert await poll.code() is grpc.StatusCode.OK
+
+        second = _open_poll(node)
+        await eventually(lambda: registry.get("n").open_polls == 1, 5, "the next poll open")
+        await kit.node(token=token).register(instance_id=NEW)  # now a new process of n registers
+        assert await asyncio.wait_for(second.code(), 5) is grpc.StatusCode.FAILED_PRECONDITION
+        assert SUPERSEDED.fullmatch(await second.details()).groups() == ("n", NEW, "(unknown)")  # sent none last
+        assert (await handle.result(timeout=5)).outcome is TaskState.FAILED  # it held the task it was sent
+        assert registry.get("n").open_polls == 0
 
 
 # -- over real gRPC: the real NodeClient, its connection cut ----------------------------------------------
