@@ -300,3 +300,13 @@ test("stop() ends a long poll and a backoff promptly", async () => {
     await fake.stop();
   }
 });
+
+test("isFatal: a poll superseded by a newer instance of the node stops the node; a task refusal does not", () => {
+  const { isFatal } = require("../src/wire/node_client.js");
+  const superseded = fail(grpc.status.FAILED_PRECONDITION, "PollTask stream of node n1 superseded by a newer "
+    + "instance of the node: instance b registered at 10:00:00.000 in place of instance a");
+  assert.equal(isFatal(superseded), true);
+  assert.equal(isFatal(fail(grpc.status.FAILED_PRECONDITION, "task t1 is closed")), false);
+  assert.equal(isFatal(fail(grpc.status.FAILED_PRECONDITION, "protocol version 2.0 not supported (server 1.0)")), true);
+  assert.equal(isFatal(fail(grpc.status.UNAVAILABLE, "superseded by a newer instance")), false);
+});

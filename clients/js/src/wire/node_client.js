@@ -32,10 +32,15 @@ function backoffMs(attempt, baseMs = 500, capMs = 15000) {
   return ceiling * (0.5 + Math.random() / 2);
 }
 
-/** True for errors that stop the node: bad identity, or a protocol major version the server refuses. */
+/**
+ * True for errors that stop the node: bad identity, a protocol major version the server refuses, or a
+ * poll superseded by a newer process of the same node (another process registered with this node's
+ * identity and a different instance id: competing with it would fail its tasks in turn).
+ */
 function isFatal(err) {
   return err.code === Status.UNAUTHENTICATED
-    || (err.code === Status.FAILED_PRECONDITION && /protocol version/.test(err.details || err.message || ""));
+    || (err.code === Status.FAILED_PRECONDITION
+      && /protocol version|superseded by a newer instance/.test(err.details || err.message || ""));
 }
 
 class NodeClient {
