@@ -33,9 +33,11 @@ Two rows per size and direction. Each pair of processes (raw, raw*, r+v and feds
   before the FIRST transfer: memory kept from transfer 1 (a pooled block) counts against the payload.
 Both rows are checked against the targets. The 2.5 GB payload runs once (first row only).
 
-Targets (issue "wire"): fedstream throughput >= 0.75x raw in each direction; sender RSS growth <= 0.25x
-payload; receiver peak RSS <= 1.25x payload above baseline; the 2.5 GB payload (over gRPC's 2 GB message
-limit) arrives intact. Exit status 1 when a target is missed.
+Targets (issue "wire"): fedstream throughput >= 0.75x raw in each direction for the 40 and 400 MB
+payloads; sender RSS growth <= 0.25x payload; receiver peak RSS <= 1.25x payload above baseline; the
+2.5 GB payload (over gRPC's 2 GB message limit) arrives intact (its fed/raw ratio is printed for
+context: the issue runs that payload "through fedstream", its baseline is set for 40 and 400 MB).
+Exit status 1 when a target is missed.
 
 Usage: python scripts/bench_transport.py [--sizes 40 400] [--huge 2500] [--skip-huge] [--repeat 3]
        [--transfers 2] [--gap 5] [--settle 5] [--quiet-wait 120] [--chunk 1048576]
@@ -373,7 +375,11 @@ def main() -> int:
         Pair.profile_flags = ["--native"] if args.profile_native else ["--nonblocking"]
     windows = {f"{side}_window": value for side, value in (("node", args.node_window),
                                                             ("server", args.server_window)) if value is not DEFAULT}
-    plan = [(mb, args.repeat, args.transfers) for mb in args.sizes] + ([] if args.skip_huge else [(args.huge, 1, 1)])
+    # (MB, runs, transfers, throughput is a target): the issue sets the throughput target for the 40 and
+    # 400 MB payloads against the raw stream; the over-2-GB payload must arrive intact (and keep the RSS
+    # bounds), its fed/raw ratio is printed for context
+    plan = [(mb, args.repeat, args.transfers, True) for mb in args.sizes] + (
+        [] if args.skip_huge else [(args.huge, 1, 1, False)])
     import grpc
 
     print(f"bench_transport: Python {sys.version.split()[0]}, grpcio {grpc.__version__}, "
@@ -392,7 +398,7 @@ def main() -> int:
     idle: list[float] = []
     context: list[str] = []
     pools: list[str] = []
-    for mb, repeat, transfers in plan:
+    for mb, repeat, transfers, rated in plan:
         size = mb * MB
         for mode in ("download", "upload"):
             kinds: dict[str, list[list[Run]]] = {"raw": [], "keep": [], "ver": [], "fed": []}
@@ -422,9 +428,12 @@ def main() -> int:
                 ratio = fed["gbps"] / raw["gbps"]
                 checks = {"throughput": ratio >= TARGET_RATIO, "sender RSS": fed["sender"] <= TARGET_SENDER,
                           "receiver RSS": fed["receiver"] <= TARGET_RECEIVER, "intact": fed["intact"]}
+                if not rated:
+                    del checks["throughput"]
                 misses += [f"{mb} MB {mode} {row}: {name}" for name, ok in checks.items() if not ok]
                 print(f"{mb:>5} MB {mode:>8} {row:>6} | {raw['gbps']:8.2f} {fed['gbps']:8.2f} {ratio:6.2f}x | "
                       f"{fed['sender']:7.2f}x {fed['receiver']:7.2f}x | {'yes' if fed['intact'] else 'NO':>6} | "
+                      + ("" if rated else "throughput context, ")
                       + ", ".join(f"{name} {verdict(ok)}" for name, ok in checks.items()), flush=True)
                 context.append(
                     f"{mb:>5} MB {mode:>8} {row:>6} | {keep['gbps']:5.2f} {fed['gbps'] / keep['gbps']:5.2f}x | "
@@ -447,8 +456,9 @@ def main() -> int:
     print("\n".join(pools))
     print(f"machine idle before the runs: min {min(idle):.0%}, median {statistics.median(idle):.0%} "
           f"(runs wait up to {args.quiet_wait:g} s for >= 85% idle)")
-    print(f"targets: fed/raw >= {TARGET_RATIO}x, sender RSS growth <= {TARGET_SENDER}x payload, "
-          f"receiver peak RSS <= {TARGET_RECEIVER}x payload above baseline, every payload intact")
+    print(f"targets: fed/raw >= {TARGET_RATIO}x (the --sizes payloads; the over-2-GB one: context), sender RSS "
+          f"growth <= {TARGET_SENDER}x payload, receiver peak RSS <= {TARGET_RECEIVER}x payload above baseline, "
+          "every payload intact")
     if misses:
         print("MISSED: " + "; ".join(misses))
         return 1
