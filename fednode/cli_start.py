@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcore.command_line import parse_size
-from fedcore.errors import NodeConfigError
+from fedcore.command_line import EXIT_REFUSED, parse_size
+from fedcore.errors import NodeConfigError, ServerRefusedError
 from fedcore.wire import DatasetInfo
 from fednode.config import NodeConfig
 from fednode.handler import EchoHandler, TaskHandler
 from fednode.home import FILES_HELP, add_home_options, db_path_from_args
 from fednode.launch import run_node
+from fednode.transport import superseded
 
 __all__ = ["HANDLERS", "NodeSetup", "register"]
 
@@ -101,7 +102,9 @@ examples:
 
 exit status:
   0 stopped by a signal, 1 configuration or other error, 2 refused by the server (bad or revoked
-  token, certificate not accepted, incompatible protocol version)
+  token, certificate not accepted, incompatible protocol version) or replaced by another process of
+  this node (same token or certificate) that registered since and now gets its tasks; a supervisor
+  should not restart it on that status, or the two would keep replacing each other
 
 {FILES_HELP}
   {TOKEN_ENV_VAR}   token file when --token-file is not given"""
@@ -170,5 +173,13 @@ def _start(args: argparse.Namespace) -> int:
     setup = HANDLERS[args.handler](args)
     print(f"fednode: serving {config.server} as {config.node_name!r} ({config.tls}, handler {args.handler}, "
           f"{len(setup.datasets)} datasets); Ctrl-C to stop", file=sys.stderr, flush=True)
-    asyncio.run(run_node(config, setup.handler, setup.datasets, setup.capabilities))
+    try:
+        asyncio.run(run_node(config, setup.handler, setup.datasets, setup.capabilities))
+    except ServerRefusedError as exc:
+        if not superseded(exc):
+            raise
+        print(f"fednode: stopped: another process of this node registered with the server {config.server} "
+              f"(same token or certificate) and serves the node now; this one stops rather than compete for "
+              f"its tasks. Run one fednode per node identity. Server: {exc.details}", file=sys.stderr)
+        return EXIT_REFUSED
     return 0

@@ -8,8 +8,11 @@ Anything retrying can fix (server down, restarted, network cut, a stream silent 
 session; the client waits ``uniform(0, min(30, 0.5·2ⁿ))`` seconds (full jitter, :class:`BackoffPolicy`)
 and starts a new one on a fresh channel. Transfers survive: a broken download resumes from the bytes
 already assembled, a broken upload from the offset ``GetUploadStatus`` acknowledges (0 after a server
-restart: start over). A ServerShutdown waits ``retry_after`` instead. What retrying cannot fix (bad token,
-another protocol major version) ends :meth:`NodeClient.run` with the error.
+restart: start over). A ServerShutdown waits ``retry_after`` instead; a poll the server ends with ABORTED is
+made again at once (once in a row; then as a lost connection). A refusal of one task (closed, unknown,
+not ours: a round cancelled it while it downloads) drops that task and polls again. A refusal that
+ends the node (:func:`fednode.transport.fatal_refusal`: bad token, another protocol major version, a
+newer process of this node registered) ends :meth:`NodeClient.run` with the error.
 
 The client holds no global state and starts no thread of its own besides the handler's worker (from the
 loop's default executor unless one is injected), so hundreds of clients can share one event loop.
@@ -58,7 +61,7 @@ from fednode.config import NodeConfig
 from fednode.handler import ReceivedTask, TaskHandler, TaskReply
 from fednode.reporter import Reporter, ReportPump
 from fednode.transfers import PendingUpload, TaskDownload
-from fednode.transport import EOF, NodeConnection, PollStream
+from fednode.transport import EOF, NodeConnection, PollStream, fatal_refusal
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +69,10 @@ log = logging.getLogger(__name__)
 BUSY_UPLOAD_ATTEMPTS = 8
 T = TypeVar("T")
 CLIENT_VERSION = "fednode/0.1.0"
-#: Statuses of a poll that asked to resume a download and that a fresh poll (no resume) may cure.
-RESUME_REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-                             grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED})
+#: Statuses of a poll about a known task (resumed, or its chunks arriving) that end that task only: the task
+#: is gone (closed, unknown, not ours) or cannot resume there; a fresh poll goes on (docs/protocol.md, error codes).
+TASK_REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+                           grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED})
 
 
 class ClientState(str, enum.Enum):
@@ -136,6 +140,7 @@ class NodeClient:
         self._download: TaskDownload | None = None
         self._upload: PendingUpload | None = None
         self._attempt = 0  # consecutive failed sessions, for the backoff
+        self._poll_aborted = False  # the last poll ended ABORTED (polled again at once; a second one reconnects)
         #: Download buffers kept between tasks (see NodeConfig.receive_pool_bytes; 0: a fresh one every task).
         self.receive_pool = BufferPool(config.receive_pool_bytes)
 
@@ -165,7 +170,9 @@ class NodeClient:
 
     async def run(self) -> None:
         """Serve until :meth:`stop` (once per client). Raises ServerRefusedError or VersionMismatchError
-        when the server refuses this node: retrying cannot fix a bad token or another protocol version."""
+        when the server refuses this node: retrying cannot fix a bad token or another protocol version, and
+        a poll superseded by a newer process of this node (:func:`fednode.transport.superseded`) means that
+        process serves the node now."""
         if self._loop is not None:
             raise NodeError("NodeClient.run() was already called; create one client per run")
         self._loop = asyncio.get_running_loop()
@@ -226,7 +233,8 @@ class NodeClient:
             while True:
                 self.state = ClientState.POLLING
                 polled = await self._stoppable(self._poll(conn))
-                self._attempt = 0  # the server answered a poll: the connection works
+                if not self._poll_aborted:
+                    self._attempt = 0  # the server answered a poll: the connection works
                 if polled is None:
                     continue
                 self._upload = polled.early_reply or await self._execute(conn, polled)
@@ -240,31 +248,53 @@ class NodeClient:
         return min(self.config.poll_wait_seconds, cap) if cap > 0 else self.config.poll_wait_seconds
 
     async def _poll(self, conn: NodeConnection) -> _Polled | None:
-        """One long poll: None for NoTask, else a downloaded task (or a reply refusing it)."""
+        """One long poll: a downloaded task (or a reply refusing it), or None to poll again: NoTask, a task
+        the server refused (:meth:`_drop_refused_task`), or a poll it ended with ABORTED."""
         resume_id, resume_offset = self._download.resume_point() if self._download else ("", 0)
         wait = self._poll_wait()
         stream = conn.poll(wait, resume_id, resume_offset)
+        task_id = resume_id  # the task this poll is about, once known
         try:
-            try:
-                event = await stream.next(wait + self.config.call_timeout_seconds)
-            except ServerRefusedError as exc:
-                if not resume_id or exc.code not in RESUME_REFUSALS:
-                    raise
-                # the server forgot the task (restart), closed it, or cannot resume there: start afresh
-                log.info("%s: cannot resume task %s (%s); polling afresh", self.config.node_name, resume_id, exc)
-                self._download = None
-                return None
-            if event is None:
-                return None
+            event = await stream.next(wait + self.config.call_timeout_seconds)
             if isinstance(event, ShutdownNotice):
                 jitter = self._rng.uniform(0.0, self.config.backoff.initial)
                 raise _Reconnect(event.retry_after_seconds + jitter, event.reason or "no reason given")
-            if not isinstance(event, TaskDescriptor):
+            if event is None:
+                polled = None
+            elif isinstance(event, TaskDescriptor):
+                task_id = event.task_id
+                polled = await self._download_task(stream, event)
+            else:
                 what = "end of stream" if event is EOF else f"a chunk at offset {event[0]}"
                 raise MessageError(f"PollTask sent {what} before any task header")
-            return await self._download_task(stream, event)
+        except ServerRefusedError as exc:
+            if not self._drop_refused_task(exc, task_id):
+                raise
+            return None
+        except ConnectionLostError as exc:
+            # ABORTED: the server ended this poll and asks for another (e.g. a stale poll of this very process);
+            # a partial download stays and resumes. A second one in a row reconnects, with backoff.
+            if exc.code != grpc.StatusCode.ABORTED or self._poll_aborted:
+                raise
+            self._poll_aborted = True
+            log.info("%s: %s; polling again", self.config.node_name, exc)
+            return None
         finally:
             stream.cancel()
+        self._poll_aborted = False
+        return polled
+
+    def _drop_refused_task(self, exc: ServerRefusedError, task_id: str) -> bool:
+        """Whether a poll's refusal ends only the task ``task_id`` (being resumed or downloaded; "" before
+        any): then its partial download is dropped (its buffer goes back to the receive pool) and the node
+        polls again. A refusal that ends the node (:func:`fednode.transport.fatal_refusal`: superseded,
+        bad identity, protocol version), or any refusal of a fresh poll before a task header, does not."""
+        if fatal_refusal(exc) or not task_id or exc.code not in TASK_REFUSALS:
+            return False
+        self._download = None
+        log.info("%s: task %s dropped, the server refused it: %s; polling again", self.config.node_name, task_id,
+                 exc.details or str(exc))
+        return True
 
     def _begin_download(self, descriptor: TaskDescriptor) -> TaskDownload:
         current = self._download

@@ -4,8 +4,10 @@ Identity travels as ``authorization: Bearer <token>`` metadata (or as the mTLS c
 Over TLS the token is attached by call credentials; gRPC refuses call credentials on an insecure channel,
 so there the same entry is added to every call's metadata instead. Every ``grpc.aio.AioRpcError`` is
 translated here, once, into a :class:`fedcore.errors.NodeError`: retrying can fix it
-(:class:`ConnectionLostError`) or it cannot (:class:`ServerRefusedError`). Messages are built and read
-only through :mod:`fedcore.wire.convert`; callers see domain objects.
+(:class:`ConnectionLostError`) or it cannot (:class:`ServerRefusedError`). Among refusals,
+:func:`fatal_refusal` tells those that end the node (bad identity, another protocol version, a newer
+process of this node) from those about one task only. Messages are built and read only through
+:mod:`fedcore.wire.convert`; callers see domain objects.
 """
 
 from __future__ import annotations
@@ -199,3 +201,27 @@ def translate(error: grpc.aio.AioRpcError, what: str) -> ConnectionLostError | S
     if code in RETRYABLE_CODES:
         return ConnectionLostError(f"{what} failed with {name}: {details}", code)
     return ServerRefusedError(f"{what} refused by the server with {name}: {details}", code, details)
+
+
+#: Words of a FAILED_PRECONDITION status saying the protocol major versions differ (fedcore.wire.check_version).
+VERSION_REFUSAL = "protocol version"
+#: Words of the FAILED_PRECONDITION status ending a poll of a node process a newer one replaced
+#: (fedcore.errors.NodeSupersededError; docs/protocol.md, §4 and error codes).
+SUPERSEDED_REFUSAL = "superseded by a newer instance"
+
+
+def superseded(error: ServerRefusedError) -> bool:
+    """True when the server ended a poll because another process of this node registered since (with
+    another instance id): that process serves the node now."""
+    return error.code == grpc.StatusCode.FAILED_PRECONDITION and SUPERSEDED_REFUSAL in error.details
+
+
+def fatal_refusal(error: ServerRefusedError) -> bool:
+    """True for a refusal that ends the node, whatever call or task it came with: UNAUTHENTICATED (bad,
+    revoked or missing identity), another protocol major version, or a poll superseded by a newer process
+    of this node (competing with it would fail its tasks in turn). Other refusals concern one request or
+    one task."""
+    if error.code == grpc.StatusCode.UNAUTHENTICATED:
+        return True
+    return error.code == grpc.StatusCode.FAILED_PRECONDITION and (
+        VERSION_REFUSAL in error.details or superseded(error))

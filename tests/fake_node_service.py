@@ -66,9 +66,14 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
         self.heartbeat_interval = heartbeat_interval
         self.max_chunk_size = max_chunk_size
         self.max_payload_size = max_payload_size
-        # fault injection: break the next download / upload after this many chunks (once)
+        # fault injection: break the next download / upload after this many chunks (once); a download ends
+        # with break_download_status (by default as a cut network would; a refusal of the task, ...)
         self.break_download_after: int | None = None
+        self.break_download_status = (grpc.StatusCode.UNAVAILABLE, "download cut by the test")
         self.break_upload_after: int | None = None
+        # end the next polls, in order, with these statuses before any event: fresh polls / resuming polls
+        self.refuse_polls: list[tuple[grpc.StatusCode, str]] = []
+        self.refuse_resumes: list[tuple[grpc.StatusCode, str]] = []
         # stop sending (without ending the call) after this many chunks: the test kills the server
         self.stall_download_after: int | None = None
         # pause after the last chunk before ending the stream (a server still busy with its bookkeeping)
@@ -124,6 +129,9 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
             retry, self.shutdown_next_poll = self.shutdown_next_poll, None
             yield pb.PollTaskResponse(shutdown=pb.ServerShutdown(reason="test", retry_after_seconds=retry))
             return
+        refusals = self.refuse_resumes if request.resume_task_id else self.refuse_polls
+        if refusals:
+            await context.abort(*refusals.pop(0))
         start = 0
         if request.resume_task_id:
             task = self.assigned.get(request.resume_task_id)
@@ -150,7 +158,9 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
         for sent, (offset, data) in enumerate(task.payload.iter_chunks(start)):
             if self.break_download_after is not None and sent == self.break_download_after:
                 self.break_download_after = None
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "download cut by the test")
+                if self.break_download_status[0] not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
+                    self.assigned.pop(task.task_id, None)  # refused: the task is closed, never sent again
+                await context.abort(*self.break_download_status)
             if sent == self.stall_download_after:
                 await asyncio.Event().wait()  # until the server stops and cancels this call
             yield pb.PollTaskResponse(chunk=common_pb2.Chunk(offset=offset, data=bytes(data)))

@@ -7,8 +7,11 @@ import signal
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+from e2e_support import eventually
 from fake_node_service import arun
+from server_testkit import WireNode, channel_options
 
 from fedcore.errors import NodeConfigError
 from fedcore.wire import TaskKind
@@ -128,5 +131,41 @@ def test_start_with_unknown_token_exits_2(tmp_path):
             await server.stop(grace=1)
         assert proc.returncode == 2
         assert "refused by the server" in err.decode() and "UNAUTHENTICATED" in err.decode()
+
+    arun(scenario())
+
+
+def test_start_superseded_by_another_process_of_the_node_exits_2_saying_so(tmp_path):
+    """Another process registers with this node's token while `fednode start` waits in its poll: the
+    server ends that poll "superseded"; the process exits 2 saying another process of the node took over."""
+    async def scenario():
+        store = NodeStore(tmp_path / "nodes.db")
+        token_file = tmp_path / "node.token"
+        token = store.enroll("cli-node")
+        token_file.write_text(token + "\n")
+        server = FedServer(ServerConfig(port=0, tls="insecure", max_poll_wait_seconds=30), store)
+        port = await server.start()
+        proc = await asyncio.create_subprocess_exec(
+            *_start_command(port, token_file, "--home", str(tmp_path / "home")), cwd=ROOT,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            await eventually(lambda: "cli-node" in server.registry and server.registry.get("cli-node").open_polls == 1,
+                             30, "the node's long poll")
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
+            try:
+                await WireNode(channel, token).register(instance_id="b" * 32)  # a second process of the node
+            finally:
+                await channel.close()
+            _, err = await asyncio.wait_for(proc.communicate(), 10)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await server.stop(grace=1)
+        assert proc.returncode == 2, err.decode()
+        text = err.decode()
+        assert "fednode: stopped: another process of this node registered with the server" in text, text
+        assert "superseded by a newer instance of the node: instance " + "b" * 32 in text, text
+        assert "Traceback" not in text, text
 
     arun(scenario())

@@ -299,8 +299,8 @@ class NodeClient {
 
   /**
    * The node loop until stop() (or `maxTasks` tasks handled, 0: no limit): register, poll, run tasks.
-   * Retryable failures reconnect with backoff and jitter; UNAUTHENTICATED and a refused protocol
-   * version end the loop with the error.
+   * Retryable failures reconnect with backoff and jitter; UNAUTHENTICATED, a refused protocol version
+   * and a poll superseded by a newer process of this node (isFatal) end the loop with the error.
    */
   async run(trainer, { maxTasks = 0 } = {}) {
     let failures = 0;
