@@ -55,6 +55,7 @@ class ServerConfig:
     max_send_buffer_bytes: int = 64 * MiB  # task chunk bytes handed to gRPC and not yet sent, all streams
     # per-stream HTTP/2 receive window; None: gRPC sizes it by bandwidth-delay probing (fast on long links,
     # but each reply waiting for upload room may then sit ~10-20 MB deep in gRPC); bytes: fixed, probing off
+    # (best >= one chunk message, max chunk + 64 KiB: a smaller window makes each chunk wait for updates)
     receive_window_bytes: int | None = None
     max_poll_wait_seconds: float = 30.0
     # a node that disconnected (dropped its stream or fell silent) keeps its open tasks this long to come
