@@ -16,6 +16,8 @@ carries the process's ``instance_id``, and one that differs from the recorded id
 means a new process that holds none of the earlier one's tasks
 (:meth:`fedserver.task_board.TaskBoard.node_restarted` ends them at once, and the earlier process's polls
 still open: each ends as a refusal, not a drop, so ``open_polls`` falls back and the node stays connected).
+The same id again is the same process on a new connection: the polls it opened before end with NoTask
+(:meth:`fedserver.task_board.TaskBoard.node_reregistered`), not a drop either.
 """
 
 from __future__ import annotations

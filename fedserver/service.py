@@ -101,6 +101,8 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                  len(record.datasets), record.client_version or "unknown client")
         if earlier is not None:  # a new process: the tasks sent to the earlier one are gone with it
             self.board.node_restarted(node_id, earlier, registration.instance_id)
+        elif registration.instance_id:  # the same process again: its polls from before (a dead connection?) end
+            self.board.node_reregistered(node_id)
         cfg = self.config
         return convert.server_settings_to_pb(ServerSettings(
             node_id, PROTOCOL_VERSION, cfg.max_poll_wait_seconds, cfg.max_chunk_size, cfg.max_payload_size,
@@ -116,7 +118,8 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             return
         wait = request.wait_seconds
         wait = self.config.max_poll_wait_seconds if wait <= 0 else min(wait, self.config.max_poll_wait_seconds)
-        # a Register of a newer process of the node ends this poll (NodeSupersededError, FAILED_PRECONDITION)
+        # a Register of a newer process of the node ends this poll (NodeSupersededError, FAILED_PRECONDITION);
+        # one of the same process ends it with NoTask unless it is sending a task already
         generation = self.board.poll_generation(node_id)
         self.registry.poll_opened(node_id)
         self.open_polls += 1
@@ -141,9 +144,9 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             chunks = None
             try:
                 chunks = await self._open_chunks(handle, start)
-                self.board.check_poll(node_id, generation)  # a reload may take a while
+                current = self.board.check_poll(node_id, generation)  # a reload may take a while
                 closed = handle.done()  # failed by a reload that did not work, or ended while it ran
-                if not closed:
+                if not closed and current:
                     assert chunks is not None  # None only for a task it failed
                     async for message in self._stream_task(handle, start, chunks, generation):
                         yield message
@@ -156,6 +159,9 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                 if request.resume_task_id:  # the node knows the task: it learns that it is closed
                     raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
                 dropped = False  # a fresh poll never saw it: nothing for the node this time
+                yield pb.PollTaskResponse(no_task=pb.NoTask())
+            elif not current:  # the same process registered again meanwhile: it polls anew (nothing was sent)
+                dropped = False
                 yield pb.PollTaskResponse(no_task=pb.NoTask())
         except Exception:
             dropped = False  # refused by the server (a status goes back): the node is alive
@@ -209,7 +215,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             size = min(payload.chunk_size, total - offset)
             await self.send_budget.acquire(size, started)
             try:
-                self.board.check_poll(handle.node_id, generation)  # its task ended too (node_restarted)
+                self.board.check_poll(handle.node_id, generation)  # raises after a restart (its task ended too)
                 if handle.done():
                     raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
                 offset, data = next(chunks)
@@ -266,6 +272,8 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         if info.start_offset == 0:  # wait in line while running uploads hold every buffer (resumes need none)
             await self.uploads.wait_for_room(desc.task_id, info.total_size, handle.inactivity_timeout or 120.0,
                                              on_wake=handle.touch)
+            if handle.done():  # ended while in line (a round gave up on it, the node restarted): take no buffer
+                raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
         session = self.uploads.begin(desc.task_id, node_id, info)
         handle.mark_uploading()
         max_chunk = self.config.max_chunk_size
@@ -290,6 +298,10 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                 handle.transferred("upload", n, session.received, info.total_size)
         finally:
             self.uploads.end(session)
+            if handle.done():  # no resume will come: free the buffer now rather than park it for nobody
+                self.uploads.discard(desc.task_id)
+        if handle.done():  # ended during the stream, after its last chunk or before it broke off
+            raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
         if not session.assembler.complete:
             return (f"upload of task {desc.task_id} ended after {session.received} of {info.total_size} bytes; "
                     f"resume at offset {session.received}")

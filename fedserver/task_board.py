@@ -13,13 +13,18 @@ open tasks (:meth:`TaskBoard.watch`) re-checks at the earliest moment the node c
 
 The grace is for the same node *process* coming back. A node that registers with another instance id
 (a new process: it was killed or restarted) holds none of the tasks sent to the earlier one, so
-:meth:`TaskBoard.node_restarted` ends them FAILED at once (those a poll stream ever took: downloading,
-running, uploading); a task no stream took yet stays queued for the new process. The PollTask streams of
-the node open at that moment are the old process's too (a process registers before it polls), possibly
-on a half-open connection that gRPC keepalive would drop only tens of seconds later: each poll carries
-the node's *poll generation* from when it opened (:meth:`TaskBoard.poll_generation`), a restart bumps it
-and wakes the node's polls, and a poll of an older generation takes nothing and ends with
-NodeSupersededError (:meth:`TaskBoard.check_poll`), so a task dispatched meanwhile goes to the new process.
+:meth:`TaskBoard.node_restarted` ends them FAILED at once (those the old process holds: a stream is sending
+it, or it was delivered: running, uploading); a queued task no stream is sending (never taken, or its
+download was cut) stays queued for the new process. The PollTask streams of the node open at that moment
+are the old process's too (a process registers before it polls), possibly on a half-open connection that
+gRPC keepalive would drop only tens of seconds later: each poll carries the node's *poll generation* from
+when it opened (:meth:`TaskBoard.poll_generation`), a restart bumps it and wakes the node's polls, and a
+poll of an older generation takes nothing and ends with NodeSupersededError (:meth:`TaskBoard.check_poll`),
+so a task dispatched meanwhile goes to the new process. The same process registering again (after a
+network blip, on a new connection) bumps it too (:meth:`TaskBoard.node_reregistered`): its polls from
+before that Register, likely on the dead connection, take nothing and end quietly (``check_poll`` returns
+False: the service answers NoTask), instead of the oldest of them taking the next task into a socket
+nobody reads.
 
 Closed tasks leave a small record (node id, why it closed, a weak reference to the handle) so a late
 result is refused with FAILED_PRECONDITION rather than NOT_FOUND, and noted on the handle if the caller
@@ -57,6 +62,20 @@ class NodeLiveness:
     silent_from: float
 
 
+@dataclass(frozen=True)
+class _PollGeneration:
+    """A node's poll generation, bumped by each Register carrying an instance id; ``restart`` is the
+    generation its last restart began (polls older than that belong to a replaced process, ``message``
+    says so), 0 if it never restarted."""
+
+    generation: int
+    restart: int
+    message: str
+
+
+_NO_GENERATION = _PollGeneration(0, 0, "")
+
+
 @dataclass
 class ClosedTask:
     node_id: str
@@ -80,10 +99,10 @@ class TaskBoard:
         self._open: dict[str, TaskHandle] = {}
         self._closed: OrderedDict[str, ClosedTask] = OrderedDict()
         self._queues: dict[str, list[TaskHandle]] = {}
-        self._sent: set[str] = set()  # ids of open tasks a poll stream took (their header went out to the node)
         self._wakeups: dict[str, asyncio.Event] = {}
-        # per node: the poll generation (bumped by each restart) and why the last bump happened
-        self._generations: dict[str, tuple[int, str]] = {}
+        # per node: its poll generation (bumped by each Register with an instance id), the generation its
+        # last restart began, and why that restart superseded the polls before it
+        self._generations: dict[str, _PollGeneration] = {}
         self._on_close = on_close
         self.max_closed = max_closed
         self.stopping = False
@@ -100,7 +119,6 @@ class TaskBoard:
     def closed(self, handle: TaskHandle) -> None:
         """Called by a handle when it ends (its ``on_close``)."""
         self._open.pop(handle.task_id, None)
-        self._sent.discard(handle.task_id)
         queue = self._queues.get(handle.node_id)
         if queue and handle in queue:
             queue.remove(handle)
@@ -162,18 +180,20 @@ class TaskBoard:
 
     def node_restarted(self, node_id: str, old_instance: str, new_instance: str) -> list[TaskHandle]:
         """A new process of ``node_id`` (``new_instance``) registered in place of ``old_instance``: end every
-        open task sent to the old one FAILED now (:meth:`TaskHandle.lose`, so a later call naming it is
-        refused) and return them. Sent: a poll stream took it (the download began, or the node runs or
-        uploads it). Tasks never taken stay queued for the new process. Every poll of the node open now
-        belongs to the old process: its generation is over, so it takes nothing and ends (:meth:`check_poll`)."""
+        open task the old one holds FAILED now (:meth:`TaskHandle.lose`, so a later call naming it is
+        refused) and return them. Held: a poll stream is sending it, or it was delivered (the node runs or
+        uploads it). A queued task no stream is sending stays queued for the new process, whether no poll
+        took it yet or its download was cut (the old process's partial copy is of no use to the new one,
+        which downloads it from the start). Every poll of the node open now belongs to the old process: its
+        generation is over, so it takes nothing and ends (:meth:`check_poll` raises NodeSupersededError)."""
         when, old = _clock(time.time()), old_instance or "(unknown)"
         generation = self.poll_generation(node_id) + 1
-        self._generations[node_id] = (generation, (
+        self._generations[node_id] = _PollGeneration(generation, generation, (
             f"PollTask stream of node {node_id} superseded by a newer instance of the node: instance "
             f"{new_instance} registered at {when} in place of instance {old}; this stream belongs to an "
             f"earlier process"))
         self._wakeup(node_id).set()  # waiting polls of the old process see the new generation and end
-        lost = [h for h in self.open_tasks(node_id) if h.task_id in self._sent or h.state is not TaskState.QUEUED]
+        lost = [h for h in self.open_tasks(node_id) if h.senders > 0 or h.state is not TaskState.QUEUED]
         if not lost:
             return []
         message = (f"node {node_id} restarted at {when}: a new process (instance {new_instance}) "
@@ -211,17 +231,30 @@ class TaskBoard:
         return self._closed.get(task_id)
 
     # -- delivery --------------------------------------------------------------------------------------
-    def poll_generation(self, node_id: str) -> int:
-        """The current poll generation of ``node_id`` (0 until its first restart): a PollTask stream takes it
-        when it opens and hands it to :meth:`next_for` and :meth:`check_poll`."""
-        return self._generations.get(node_id, (0, ""))[0]
+    def node_reregistered(self, node_id: str) -> None:
+        """The process of ``node_id`` that registered last registered again (the same instance id: it came
+        back after a network blip, on a new connection). Its polls open before this are of its earlier
+        connection, likely dead or half-open: they take no task and end quietly (:meth:`check_poll` returns
+        False for them), so the next task goes to the poll the process opens now. A poll already sending a
+        task goes on (the process resumes that download on its new connection if this one is dead)."""
+        current = self._generations.get(node_id, _NO_GENERATION)
+        self._generations[node_id] = _PollGeneration(current.generation + 1, current.restart, current.message)
+        self._wakeup(node_id).set()
 
-    def check_poll(self, node_id: str, generation: int) -> None:
-        """Raise NodeSupersededError if a poll of ``node_id`` opened in ``generation`` belongs to a node
-        process that a newer one replaced since (:meth:`node_restarted`)."""
-        current, message = self._generations.get(node_id, (0, ""))
-        if generation != current:
-            raise NodeSupersededError(message)
+    def poll_generation(self, node_id: str) -> int:
+        """The current poll generation of ``node_id`` (0 until it registers with an instance id): a PollTask
+        stream takes it when it opens and hands it to :meth:`next_for` and :meth:`check_poll`."""
+        return self._generations.get(node_id, _NO_GENERATION).generation
+
+    def check_poll(self, node_id: str, generation: int) -> bool:
+        """Whether a poll of ``node_id`` opened in ``generation`` is still the node's latest: True if no
+        Register came since; False if only the same process registered again since (:meth:`node_reregistered`:
+        the poll should take no task and end quietly). Raises NodeSupersededError if a newer process of the
+        node registered since (:meth:`node_restarted`)."""
+        current = self._generations.get(node_id, _NO_GENERATION)
+        if generation < current.restart:
+            raise NodeSupersededError(current.message)
+        return generation == current.generation
 
     def _wakeup(self, node_id: str) -> asyncio.Event:
         event = self._wakeups.get(node_id)
@@ -233,7 +266,6 @@ class TaskBoard:
         for handle in self._queues.get(node_id, ()):
             if handle.state is TaskState.QUEUED and handle.senders == 0:
                 handle.senders += 1
-                self._sent.add(handle.task_id)
                 return handle
         return None
 
@@ -243,15 +275,16 @@ class TaskBoard:
 
         Returns None at once when the board is stopping. With ``generation`` (the poll's, from
         :meth:`poll_generation` when it opened) it raises NodeSupersededError, taking nothing, as soon as
-        a newer process of the node registers. The caller must :meth:`release` the handle when its stream
-        ends, whether or not the payload went through.
+        a newer process of the node registers, and returns None as soon as the same process registers
+        again (:meth:`check_poll`). The caller must :meth:`release` the handle when its stream ends,
+        whether or not the payload went through.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         event = self._wakeup(node_id)
         while not self.stopping:
-            if generation is not None:
-                self.check_poll(node_id, generation)
+            if generation is not None and not self.check_poll(node_id, generation):
+                return None  # the same process registered again since this poll opened: it takes nothing
             for handle in self._queues.get(node_id, ()):
                 handle.touch()  # the node is polling for it: alive
             handle = self._take(node_id)
@@ -270,7 +303,6 @@ class TaskBoard:
     def acquire(self, handle: TaskHandle) -> None:
         """Count one more stream sending ``handle`` (a resumed download)."""
         handle.senders += 1
-        self._sent.add(handle.task_id)
 
     def release(self, handle: TaskHandle, *, delivered: bool) -> None:
         """A stream sending ``handle`` ended; ``delivered`` when its last chunk went out."""

@@ -1,9 +1,11 @@
 """A node process that restarts (``RegisterRequest.instance_id`` changes) gets none of the old process's
-tasks: those a poll stream took end FAILED at its Register, with an error naming both instances, and the
-old upload's bytes are discarded; tasks never sent stay queued for the new process. The old process's
-polls still open (a half-open connection) end at that Register with FAILED_PRECONDITION "superseded" and
-take nothing. The same process coming back (same id, or an older node sending none) keeps everything,
-its open poll included, as before.
+tasks: those it holds (a stream is sending it, or it was delivered) end FAILED at its Register, with an
+error naming both instances, and the old upload's bytes are discarded; queued tasks no stream is sending
+(never sent, or their download cut) stay queued for the new process. The old process's polls still open
+(a half-open connection) end at that Register with FAILED_PRECONDITION "superseded" and take nothing.
+The same process coming back (same id) keeps its tasks; its polls from before that Register end quietly
+(NoTask) and take nothing, so the next task goes to the poll it opens anew. An older node sending no id
+keeps everything, its open poll included, as before.
 
 Unit level on :class:`NodeRegistry` and :class:`TaskBoard`; over real grpc.aio on loopback (the raw-stub
 nodes of :mod:`server_testkit`, the real NodeClient behind a proxy that cuts its connection); and with
@@ -87,16 +89,20 @@ async def test_board_ends_only_the_tasks_a_stream_took_when_the_node_restarts() 
 
     lost = board.node_restarted("n", OLD, NEW)
 
-    assert lost == [delivered, streaming, broken]
-    for handle, state in zip(lost, ("running", "queued", "queued"), strict=True):
+    assert lost == [delivered, streaming]
+    for handle, state in zip(lost, ("running", "queued"), strict=True):
         result = await handle.result(timeout=1)
         assert result.outcome is TaskState.FAILED and not handle.result_received
         assert RESTARTED.fullmatch(result.error_message).groups() == ("n", NEW, OLD, state)
-    assert board.open_tasks("n") == [unsent] and board.open_tasks("m") == [other]
+    # the cut download is held by no process: it stays queued, like the task never sent
+    assert board.open_tasks("n") == [broken, unsent] and board.open_tasks("m") == [other]
+    assert broken.state is TaskState.QUEUED and broken.senders == 0
     board.release(streaming, delivered=False)  # the old stream notices and ends: the task stays ended
     assert streaming.state is TaskState.FAILED
-    assert await board.next_for("n", 0) is unsent  # the new process gets what was never sent
-    assert board.node_restarted("n", "", "c" * 32) == [unsent]  # ... and loses it if it restarts too
+    assert await board.next_for("n", 0) is broken  # the new process downloads it afresh, in dispatch order
+    board.release(broken, delivered=True)
+    assert await board.next_for("n", 0) is unsent  # then gets what was never sent
+    assert board.node_restarted("n", "", "c" * 32) == [broken, unsent]  # ... and loses both if it restarts too
     message = (await unsent.result(timeout=1)).error_message  # "": the process it replaced sent no id
     assert RESTARTED.fullmatch(message).groups() == ("n", "c" * 32, "(unknown)", "queued")
     assert board.node_restarted("n", NEW, OLD) == []  # nothing open any more
@@ -133,7 +139,51 @@ async def test_board_ends_the_waiting_polls_of_a_restarted_node_before_they_take
     assert await asyncio.wait_for(other_poll, 1) is None
 
 
+@async_test
+async def test_board_ends_the_earlier_polls_of_a_node_registering_again_quietly() -> None:
+    board = TaskBoard(reconnect_grace=None)
+    first = board.poll_generation("n")
+    stale = asyncio.create_task(board.next_for("n", 30, generation=first))
+    await asyncio.sleep(0)  # it waits for a task
+
+    board.node_reregistered("n")  # the same process registers again (a new connection after a blip)
+    assert await asyncio.wait_for(stale, 1) is None  # no task, no error: the node just polls again
+    second = board.poll_generation("n")
+    assert second == first + 1
+    assert board.check_poll("n", first) is False and board.check_poll("n", second) is True
+    task = _handle(board, "t")
+    assert await board.next_for("n", 0, generation=first) is None  # an earlier poll never takes a task
+    assert task.senders == 0
+    assert await board.next_for("n", 0, generation=second) is task  # the poll opened after the Register does
+
+    board.node_restarted("n", OLD, NEW)  # a new process: every poll opened before ends "superseded"
+    for generation in (first, second):
+        with pytest.raises(NodeSupersededError):
+            board.check_poll("n", generation)
+    third = board.poll_generation("n")
+    board.node_reregistered("n")  # ... and NEW registering again ends its own earlier polls quietly,
+    assert board.check_poll("n", third) is False
+    with pytest.raises(NodeSupersededError) as err:  # while those of the replaced process stay superseded
+        board.check_poll("n", second)
+    assert SUPERSEDED.fullmatch(str(err.value)).groups() == ("n", NEW, OLD)
+    assert board.check_poll("n", board.poll_generation("n")) is True
+
+
 # -- over real gRPC: raw-stub nodes ---------------------------------------------------------------------
+@async_test
+async def test_a_register_with_a_malformed_instance_id_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    async with running_server(tmp_path) as kit:
+        node = kit.node("n")
+        await node.register(instance_id=OLD)
+        for bad in ("z" * 65, "new instance"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await node.register(instance_id=bad)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "RegisterRequest.instance_id must be at most 64 characters of [0-9A-Za-z_.-]" in err.value.details()
+        assert kit.server.registry.get("n").instance_id == OLD  # no restart was recorded
+        await node.register(instance_id="z" * 64)
+
+
 @async_test
 async def test_a_restarted_node_loses_what_the_old_process_held_and_keeps_what_it_never_got(
         tmp_path: Path) -> None:
@@ -171,25 +221,27 @@ async def test_a_restarted_node_loses_what_the_old_process_held_and_keeps_what_i
         new = kit.node(token=token)
         await new.register(instance_id=NEW)  # a new process: the old one's tasks end now
 
-        for handle, state in ((running_task, "running"), (uploading, "uploading"), (downloading, "queued")):
+        for handle, state in ((running_task, "running"), (uploading, "uploading")):
             result = await handle.result(timeout=1)
             assert result.outcome is TaskState.FAILED
             assert RESTARTED.fullmatch(result.error_message).groups() == ("n", NEW, OLD, state)
-        assert kit.server.board.open_tasks("n") == [queued]
-        assert kit.server.registry.get("n").in_flight == {queued.task_id}
+        # the cut download is held by no process any more: queued for the new one, like the task never sent
+        assert kit.server.board.open_tasks("n") == [downloading, queued]
+        assert kit.server.registry.get("n").in_flight == {downloading.task_id, queued.task_id}
         assert len(kit.server.uploads) == 0 and kit.server.uploads.buffered_bytes == 0  # the parked bytes freed
 
         with pytest.raises(grpc.aio.AioRpcError) as err:  # the old process's upload, resumed: refused
             await old.status(uploading.task_id)
         assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "restarted" in err.value.details()
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await new.poll(wait=1, resume_task_id=downloading.task_id, resume_offset=64 << 10)
-        assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
 
-        fresh = await new.poll(wait=5)  # the task never sent goes to the new process, which completes it
+        fresh = await new.poll(wait=5)  # the new process downloads the cut task afresh, in dispatch order
+        assert fresh.descriptor.task_id == downloading.task_id and fresh.descriptor.payload.start_offset == 0
+        assert b"".join(data for _, data in fresh.chunks) == bytes(1 << 20)
+        fresh = await new.poll(wait=5)  # then the task never sent
         assert fresh.descriptor.task_id == queued.task_id and fresh.assemble() == {"x": 3}
-        await new.upload(queued.task_id, encoded({"ok": 1}))
-        assert (await queued.result(timeout=5)).payload == {"ok": 1}
+        for handle in (downloading, queued):  # and completes both
+            await new.upload(handle.task_id, encoded({"ok": handle.task_id}))
+            assert (await handle.result(timeout=5)).payload == {"ok": handle.task_id}
 
 
 class FreezingProxy:
@@ -288,10 +340,11 @@ async def test_a_restart_ends_the_old_process_s_half_open_poll_and_its_task_goes
 
 
 @async_test
-async def test_the_same_process_registering_again_keeps_its_open_poll(tmp_path: Path) -> None:
-    """A Register with the recorded instance id (a reconnect) or none (an older node) ends no poll: the
-    process's open poll, never read meanwhile, still gets the next task; another node's restart leaves
-    it alone too. Only then does a new process of it end that poll."""
+async def test_the_same_process_registering_again_ends_its_earlier_poll_quietly(tmp_path: Path) -> None:
+    """A Register with the recorded instance id (the same process, on another connection) ends the poll it
+    had open with NoTask and status OK, which both node clients take as "poll again"; a Register with no id
+    (an older node) and another node's restart leave the poll alone, and it still gets the next task. A
+    new process of the node then ends its poll FAILED_PRECONDITION "superseded"."""
     async with running_server(tmp_path, max_poll_wait_seconds=30.0, heartbeat_interval_seconds=10.0) as kit:
         registry = kit.server.registry
         token = kit.store.enroll("n")
@@ -300,11 +353,21 @@ async def test_the_same_process_registering_again_keeps_its_open_poll(tmp_path: 
         other_token = kit.store.enroll("m")
         await kit.node(token=other_token).register(instance_id=OLD)
 
-        poll = _open_poll(node)
+        earlier = _open_poll(node)
         await eventually(lambda: registry.get("n").open_polls == 1, 5, "the poll open")
         await kit.node(token=token).register(instance_id=OLD)  # the same process on another connection
-        await node.register(instance_id="")  # as an older node: unknown instance
+        answer = await asyncio.wait_for(earlier.read(), 5)
+        assert answer.WhichOneof("event") == "no_task"
+        assert await asyncio.wait_for(earlier.read(), 5) is grpc.aio.EOF
+        assert await earlier.code() is grpc.StatusCode.OK
+        await eventually(lambda: registry.get("n").open_polls == 0, 5, "the earlier poll closed")
+        assert registry.get("n").connected and registry.get("n").drops == 0
+
+        poll = _open_poll(node)
+        await eventually(lambda: registry.get("n").open_polls == 1, 5, "the poll open")
+        await node.register(instance_id="")  # as an older node: unknown instance, no poll ends
         await kit.node(token=other_token).register(instance_id=NEW)  # node m restarted, not n
+        await asyncio.sleep(0.1)
         assert registry.get("n").open_polls == 1 and not poll.done()
 
         handle = kit.server.dispatch("n", TaskKind.TRAIN, encoded({"x": 2}), experiment_id="e", round=1,
@@ -322,6 +385,49 @@ async def test_the_same_process_registering_again_keeps_its_open_poll(tmp_path: 
         assert SUPERSEDED.fullmatch(await second.details()).groups() == ("n", NEW, "(unknown)")  # sent none last
         assert (await handle.result(timeout=5)).outcome is TaskState.FAILED  # it held the task it was sent
         assert registry.get("n").open_polls == 0
+
+
+@async_test
+async def test_a_stale_poll_of_the_same_process_takes_no_task_after_it_registers_again(tmp_path: Path) -> None:
+    """A network blip: the process's poll is left on a frozen connection (unread, keepalive would drop it
+    only after 60 + 20 s). The process registers again with the same instance id on a new connection and
+    polls anew; a task dispatched then goes to the new poll, not to the stale one that has waited longer.
+    Once the connection thaws, the stale call shows the NoTask it was answered with, and status OK."""
+    async with running_server(tmp_path, max_poll_wait_seconds=30.0, heartbeat_interval_seconds=10.0) as kit:
+        registry = kit.server.registry
+        token = kit.store.enroll("n")
+        proxy = FreezingProxy(kit.server.port)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{await proxy.start()}", options=channel_options())
+        kit.channels.append(channel)
+        try:
+            before = WireNode(channel, token)
+            await before.register(instance_id=OLD)
+            stale = _open_poll(before)
+            await eventually(lambda: registry.get("n").open_polls == 1, 5, "the poll open")
+            proxy.flowing.clear()  # the blip: nothing flows on the old connection, no socket closes
+
+            after = kit.node(token=token)  # the same process, reconnected
+            await after.register(instance_id=OLD)
+            polling = asyncio.ensure_future(after.poll(wait=5))
+            await asyncio.sleep(0.2)  # the new poll waits too (were it later, the task would wait for it)
+            handle = kit.server.dispatch("n", TaskKind.TRAIN, encoded({"x": 1}), experiment_id="e", round=1,
+                                         inactivity_timeout=120)
+            fresh = await polling
+            assert fresh.descriptor is not None, f"the stale poll took the task ({handle.state.value})"
+            assert fresh.descriptor.task_id == handle.task_id and fresh.assemble() == {"x": 1}
+            assert registry.get("n").open_polls == 0  # the stale poll ended at the Register, the new one since
+            await after.upload(handle.task_id, encoded({"ok": 1}))
+            assert (await handle.result(timeout=5)).payload == {"ok": 1}
+
+            proxy.flowing.set()  # the old connection thaws: what the server answered long ago arrives
+            answer = await asyncio.wait_for(stale.read(), 10)
+            assert answer.WhichOneof("event") == "no_task"
+            assert await asyncio.wait_for(stale.code(), 10) is grpc.StatusCode.OK
+        finally:
+            await proxy.close()
+        record = registry.get("n")
+        assert record.open_polls == 0 and record.connected and record.drops == 0
+        assert record.instance_id == OLD
 
 
 # -- over real gRPC: the real NodeClient, its connection cut ----------------------------------------------

@@ -80,6 +80,27 @@ def test_registration_round_trip() -> None:
     assert convert.registration_from_pb(node_service_pb2.RegisterRequest()).instance_id == ""  # an older node
 
 
+@pytest.mark.parametrize(("instance_id", "got"), [
+    ("x" * 65, "got 65 characters"),
+    ("é" * 10, "got 'é' at position 0"),
+    ("abc def", "got ' ' at position 3"),
+    ("ab\ncd", "got '\\n' at position 2"),
+    ("a/b", "got '/' at position 1"),
+])
+def test_registration_with_a_bad_instance_id_is_refused(instance_id: str, got: str) -> None:
+    pb = node_service_pb2.RegisterRequest(instance_id=instance_id)
+    with pytest.raises(MessageError) as err:
+        convert.registration_from_pb(pb)
+    assert str(err.value) == ("RegisterRequest.instance_id must be at most 64 characters of [0-9A-Za-z_.-], "
+                              + got)
+
+
+def test_registration_accepts_instance_ids_up_to_the_limit() -> None:
+    for instance_id in ("", "0f" * 16, "A-z_0.9", "x" * 64):
+        assert convert.registration_from_pb(node_service_pb2.RegisterRequest(instance_id=instance_id)
+                                            ).instance_id == instance_id
+
+
 def test_duplicate_dataset_names_are_refused() -> None:
     with pytest.raises(MessageError, match="unique"):
         NodeRegistration(datasets=(DatasetInfo("a"), DatasetInfo("a")))

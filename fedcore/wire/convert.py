@@ -8,6 +8,7 @@ protobuf only, never grpc, so both the server and the node (and tools) can use i
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fedcore.errors import FramingError, MessageError
@@ -37,6 +38,11 @@ _OUTCOME_TO_PB = {
 }
 _OUTCOME_FROM_PB = {v: k for k, v in _OUTCOME_TO_PB.items()}
 _UINT32_MAX = (1 << 32) - 1
+#: RegisterRequest.instance_id: at most this many characters of :data:`_INSTANCE_ID_CHARS` (fednode and the JS
+#: node send 32 hex digits); the server keeps one per node and puts it in error messages.
+MAX_INSTANCE_ID_LENGTH = 64
+_INSTANCE_ID_CHARS = "[0-9A-Za-z_.-]"
+_BAD_INSTANCE_ID_CHAR = re.compile(r"[^0-9A-Za-z_.\-]")
 
 
 # -- version -------------------------------------------------------------------------------------
@@ -215,9 +221,22 @@ def registration_to_pb(reg: NodeRegistration,
 
 
 def registration_from_pb(pb: node_service_pb2.RegisterRequest) -> NodeRegistration:
+    _check_instance_id(pb.instance_id)
     return NodeRegistration(node_name=pb.node_name, datasets=tuple(dataset_info_from_pb(d) for d in pb.datasets),
                             capabilities=tuple(pb.capabilities), client_version=pb.client_version,
                             instance_id=pb.instance_id)
+
+
+def _check_instance_id(value: str) -> None:
+    """Refuse an ``instance_id`` longer than :data:`MAX_INSTANCE_ID_LENGTH` or with characters outside
+    ``[0-9A-Za-z_.-]`` (it is stored per node and quoted in error messages and logs)."""
+    rule = f"at most {MAX_INSTANCE_ID_LENGTH} characters of {_INSTANCE_ID_CHARS}"
+    if len(value) > MAX_INSTANCE_ID_LENGTH:
+        raise MessageError(f"RegisterRequest.instance_id must be {rule}, got {len(value)} characters")
+    bad = _BAD_INSTANCE_ID_CHAR.search(value)
+    if bad is not None:
+        raise MessageError(f"RegisterRequest.instance_id must be {rule}, got {bad.group()!r} at position "
+                           f"{bad.start()}")
 
 
 def server_settings_to_pb(settings: ServerSettings) -> node_service_pb2.RegisterResponse:
