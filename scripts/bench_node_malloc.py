@@ -22,8 +22,9 @@ convolutions of 16 and 32 channels, max-pooling, a linear layer), at batch sizes
 plan's default DataLoader (num_workers=0); and the MLP at batch 256 with a DataLoader of 2 worker
 processes. Per workload and setting: median seconds per task (all of ``run_training``: tensor conversion
 of the data, training, parameters out) and of the training loop alone (``TrainingResult.duration_s``),
-their ratio to "none" (> 1: the setting slows training), and the median peak RSS (VmHWM of the training
-process, DataLoader workers not included).
+their ratio to "none" (> 1: the setting slows training), the median peak RSS (VmHWM of the training
+process, DataLoader workers not included) and minor page faults per optimizer step in the training loop
+(each is a fresh 4 KiB page the kernel hands over: ~0.55 CPU-s/GB on the measured VM, docs/performance.md).
 
 Usage: python scripts/bench_node_malloc.py [--repeat 5] [--updates 500] [--warmup 20] [--workloads ...]
        [--settings node,none,arena1,node-32mib]
@@ -59,6 +60,8 @@ SETTINGS = {  # name -> what the process does before anything else
 # The plan a node receives (self-contained source, like any plan). model_args: arch "mlp" | "cnn",
 # workers (DataLoader worker processes; 0 = the plan's default loader).
 PLAN_SOURCE = '''
+import resource
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -67,7 +70,7 @@ from fedcore.plans import TorchTrainingPlan
 
 
 class MallocBenchPlan(TorchTrainingPlan):
-    loop_seconds = []  # TrainingResult.duration_s of every train() in this process
+    loops = []  # (TrainingResult.duration_s, minor page faults) of every train() in this process
 
     def init_model(self):
         if self.model_args["arch"] == "mlp":
@@ -91,8 +94,9 @@ class MallocBenchPlan(TorchTrainingPlan):
                           generator=torch.Generator().manual_seed(args["seed"]), num_workers=workers)
 
     def train(self, *args, **kwargs):
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         result = super().train(*args, **kwargs)
-        type(self).loop_seconds.append(result.duration_s)
+        type(self).loops.append((result.duration_s, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
         return result
 '''
 
@@ -157,7 +161,8 @@ def _train(workload: Workload, updates: int, warmup: int) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     if result.num_steps != updates:
         raise RuntimeError(f"expected {updates} steps, the plan took {result.num_steps}")
-    return {"run_s": elapsed, "loop_s": cls.loop_seconds[-1], "loss": result.metrics.get("loss", float("nan"))}
+    loop_s, faults = cls.loops[-1]
+    return {"run_s": elapsed, "loop_s": loop_s, "faults_per_step": faults / updates}
 
 
 def apply_setting(setting: str) -> None:
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.repeat} runs per workload and setting, {args.updates} updates (+{args.warmup} warm-up) per task;"
           f" ratio = setting / {BASELINE} (> 1: slower than glibc's defaults)")
     print(f"{'workload':<12} {'setting':<11} {'s/task':>7} {'ratio':>6}   {'loop s':>7} {'ratio':>6}   "
-          f"{'peak RSS':>9}")
+          f"{'peak RSS':>9}   {'faults/step':>11}")
     worst = (0.0, "")
     for name in args.workloads:
         workload = WORKLOADS[name]
@@ -279,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             run_ratio = med(setting, "run_s") / med(BASELINE, "run_s")
             loop_ratio = med(setting, "loop_s") / med(BASELINE, "loop_s")
             print(f"{name if i == 0 else '':<12} {setting:<11} {med(setting, 'run_s'):7.3f} {run_ratio:6.3f}   "
-                  f"{med(setting, 'loop_s'):7.3f} {loop_ratio:6.3f}   {med(setting, 'peak_rss') / 2**20:5.0f} MiB",
+                  f"{med(setting, 'loop_s'):7.3f} {loop_ratio:6.3f}   {med(setting, 'peak_rss') / 2**20:5.0f} MiB   "
+                  f"{med(setting, 'faults_per_step'):11.0f}",
                   flush=True)
             if setting != BASELINE:
                 worst = max(worst, (max(run_ratio, loop_ratio), f"{name}, {setting}"))
