@@ -47,7 +47,7 @@ from fedcore.errors import (
     ServerRefusedError,
 )
 from fedcore.framing import BufferPool, OutgoingPayload
-from fedcore.framing.memory import keep_chunk_memory
+from fedcore.framing.memory import TRAINING_MMAP_THRESHOLD, keep_chunk_memory
 from fedcore.serialization import Serializer
 from fedcore.wire import (
     DatasetInfo,
@@ -176,8 +176,9 @@ class NodeClient:
         if self._loop is not None:
             raise NodeError("NodeClient.run() was already called; create one client per run")
         self._loop = asyncio.get_running_loop()
-        # chunk-sized blocks reused, not trimmed and refaulted per chunk (fedcore.framing.memory)
-        keep_chunk_memory(self.config.upload_chunk_size)
+        # chunk-sized blocks reused, not trimmed and refaulted per chunk; thresholds high enough for torch's
+        # per-step tensors of a training node (fedcore.framing.memory)
+        keep_chunk_memory(self.config.upload_chunk_size, floor=TRAINING_MMAP_THRESHOLD)
         name = self.config.node_name
         try:
             while True:

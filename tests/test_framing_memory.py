@@ -114,6 +114,43 @@ def test_kept_chunk_memory_comes_from_the_heap_and_stays_there() -> None:
     assert kept == grown  # ...and not trimmed away when freed, so the next chunk reuses it
 
 
+_TRAINING_PROBE = """
+import ctypes, sys
+from fedcore.framing import memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+floor = memory.TRAINING_MMAP_THRESHOLD if sys.argv[1] == "node" else memory.MMAP_THRESHOLD
+assert memory.keep_chunk_memory(1 << 20, floor=floor)
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(12 << 20)  # a torch activation of a CNN at batch 256 is ~12.8 MB
+print(libc.mallinfo2().hblkhd - before)  # bytes in separate mappings: 0 when it came from the heap
+libc.free(block)
+"""
+
+
+@pytest.mark.skipif(not memory._glibc(), reason="glibc malloc only")
+def test_a_training_node_keeps_tensor_sized_blocks_on_the_heap() -> None:
+    """A 12 MiB block is its own mapping (faulted in afresh each step) under the server's 4 MiB threshold,
+    from the heap under the node's (``TRAINING_MMAP_THRESHOLD``, what glibc's dynamic threshold reaches)."""
+    import subprocess
+    import sys
+
+    def mapped(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _TRAINING_PROBE, mode], capture_output=True, text=True,
+                             timeout=60, check=True)
+        return int(out.stdout)
+
+    assert mapped("server") >= 12 << 20
+    assert mapped("node") == 0
+
+
 _RAISE_PROBE = """
 from fedcore.framing import memory
 if not memory.keep_chunk_memory(1 << 20):

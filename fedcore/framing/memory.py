@@ -126,6 +126,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc malloc.
 MALLOC_ARENAS = 1  # glibc arenas: every thread allocates from the main arena (see the module docstring)
 MMAP_THRESHOLD = 4 << 20  # bytes: blocks this large get their own mapping (as fedserver.malloc_policy sets)
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses larger (HEAP_MAX_SIZE / 2 on 64-bit)
+#: floor of a process that also trains (fednode): glibc's own dynamic threshold climbs to this maximum once
+#: a freed block was that large; a fixed 4 MiB made every 4-32 MiB torch activation a fresh mapping, faulted
+#: in each step (a CNN at batch 256: 2.3-2.5x slower, ``scripts/bench_node_malloc.py``)
+TRAINING_MMAP_THRESHOLD = _MMAP_THRESHOLD_MAX
 _kept = 0  # mmap threshold set so far
 
 
@@ -136,12 +140,14 @@ def _glibc() -> bool:
         return False
 
 
-def keep_chunk_memory(chunk_size: int) -> bool:
+def keep_chunk_memory(chunk_size: int, *, floor: int = MMAP_THRESHOLD) -> bool:
     """Let glibc serve chunk messages from its heap and keep freed ones for the next chunk (process-wide).
 
-    Sets ``M_MMAP_THRESHOLD`` to 4 MiB, or just above a chunk message when chunks are larger, so a
+    Sets ``M_MMAP_THRESHOLD`` to ``floor`` (4 MiB), or just above a chunk message when chunks are larger, so a
     chunk is never a fresh ``mmap`` while model-sized arrays still get their own mapping, returned to
-    the kernel when freed (the policy of ``fedserver.malloc_policy``); and ``M_TRIM_THRESHOLD`` to the
+    the kernel when freed (the policy of ``fedserver.malloc_policy``); a node, which also trains, passes
+    :data:`TRAINING_MMAP_THRESHOLD` (32 MiB): setting any threshold turns off glibc's dynamic one, which
+    would otherwise rise to that for torch's per-step tensors; and ``M_TRIM_THRESHOLD`` to the
     same, so freeing a chunk does not hand the top of the heap back to the kernel only for the next
     chunk to fault it in again (measured: 2 MiB still trims ~once per 5 chunks; 8 MiB keeps ~10 MB more
     of the in-flight chunks after a transfer than 4 MiB); and ``M_ARENA_MAX`` to :data:`MALLOC_ARENAS`,
@@ -150,7 +156,7 @@ def keep_chunk_memory(chunk_size: int) -> bool:
     glibc took them.
     """
     global _kept
-    threshold = min(max(MMAP_THRESHOLD, chunk_size + (64 << 10)), _MMAP_THRESHOLD_MAX)
+    threshold = min(max(floor, chunk_size + (64 << 10)), _MMAP_THRESHOLD_MAX)
     with _pool_lock:
         if threshold <= _kept:
             return True
