@@ -7,10 +7,11 @@ the node then trains torch models in that same process, so torch's intra-op thre
 and the DataLoader all allocate from one malloc arena. This measures what that costs.
 
 Each run is a fresh process (``multiprocessing`` spawn) that first puts glibc in one setting (--settings):
-"node" calls ``keep_chunk_memory(1 << 20)`` as ``NodeClient.run`` does with the default 1 MiB chunks,
-"none" leaves glibc's defaults (the baseline every ratio is against); two diagnostic ones split the node
-setting apart: "arena1" sets only ``M_ARENA_MAX`` to 1, "node-32mib" is ``keep_chunk_memory`` with its
-thresholds at glibc's 32 MiB maximum. Then every process does exactly what a node does with a TRAIN task,
+"node" calls ``keep_chunk_memory(1 << 20, floor=TRAINING_MMAP_THRESHOLD)`` as ``NodeClient.run`` does with
+the default 1 MiB chunks (thresholds at glibc's 32 MiB maximum, one arena), "none" leaves glibc's defaults
+(the baseline every ratio is against); two diagnostic ones split it apart: "arena1" sets only
+``M_ARENA_MAX`` to 1, "chunk-4mib" is ``keep_chunk_memory(1 << 20)`` with the 4 MiB thresholds the server
+keeps (and the node had before this benchmark: a CNN at batch 256 trained 2.3-2.5x slower under it). Then every process does exactly what a node does with a TRAIN task,
 in a worker thread as ``NodeClient`` runs its handler: ``fednode.training.run_training`` of a ``TrainTask``
 whose plan is the ``TorchTrainingPlan`` source below (loaded by ``load_plan_class``, the node's loader), on
 a synthetic MNIST-like ``ArrayDataset`` (60,000 × 784 float32 in [0, 1), 10 classes). One short warm-up
@@ -27,7 +28,7 @@ process, DataLoader workers not included) and minor page faults per optimizer st
 (each is a fresh 4 KiB page the kernel hands over: ~0.55 CPU-s/GB on the measured VM, docs/performance.md).
 
 Usage: python scripts/bench_node_malloc.py [--repeat 5] [--updates 500] [--warmup 20] [--workloads ...]
-       [--settings node,none,arena1,node-32mib]
+       [--settings node,none,arena1,chunk-4mib]
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ RUN_TIMEOUT = 900.0  # seconds one process may take before the benchmark gives u
 M_ARENA_MAX = -8  # glibc malloc.h
 BASELINE = "none"
 SETTINGS = {  # name -> what the process does before anything else
-    "node": "keep_chunk_memory(1 MiB chunks), as NodeClient.run: thresholds 4 MiB, one arena",
+    "node": "keep_chunk_memory(1 MiB chunks, floor=TRAINING_MMAP_THRESHOLD), as NodeClient.run: thresholds "
+            "32 MiB, one arena",
     "none": "glibc's defaults (dynamic mmap/trim thresholds, up to 8 arenas per core)",
     "arena1": "only M_ARENA_MAX = 1 (thresholds left dynamic)",
-    "node-32mib": "keep_chunk_memory(32 MiB): thresholds at glibc's 32 MiB maximum, one arena",
+    "chunk-4mib": "keep_chunk_memory(1 MiB chunks): 4 MiB thresholds (the server's), one arena",
 }
 
 # The plan a node receives (self-contained source, like any plan). model_args: arch "mlp" | "cnn",
@@ -176,9 +178,10 @@ def apply_setting(setting: str) -> None:
         mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         ok = mallopt(M_ARENA_MAX, 1) == 1
     else:
-        from fedcore.framing.memory import keep_chunk_memory
+        from fedcore.framing.memory import TRAINING_MMAP_THRESHOLD, keep_chunk_memory
 
-        ok = keep_chunk_memory(CHUNK_SIZE if setting == "node" else 32 << 20)
+        ok = (keep_chunk_memory(CHUNK_SIZE, floor=TRAINING_MMAP_THRESHOLD) if setting == "node"
+              else keep_chunk_memory(CHUNK_SIZE))
     if not ok:
         raise RuntimeError(f"glibc refused setting {setting!r} (not glibc?): nothing to compare")
 
