@@ -224,7 +224,7 @@ class NodeClient:
     # -- one connection ------------------------------------------------------------------------
     async def _session(self) -> None:
         self.state = ClientState.CONNECTING
-        conn = NodeConnection(self.config, self._token)
+        conn = NodeConnection(self.config, self._token, self.registration.instance_id)
         try:
             settings = await self._stoppable(conn.register(self.registration))
             self.settings, self.node_id = settings, settings.node_id
@@ -424,6 +424,8 @@ class NodeClient:
             try:
                 await self._stoppable(self._send(conn, upload), grace=self.config.stop_grace_seconds)
             except ServerRefusedError as exc:
+                if fatal_refusal(exc):  # e.g. a newer process of this node registered: it serves the node now
+                    raise
                 if self._server_busy(exc, upload) and attempt + 1 < BUSY_UPLOAD_ATTEMPTS:
                     delay = self.config.backoff.delay(attempt, self._rng)
                     log.info("%s: server busy with other uploads (%s); retrying task %s in %.2f s",

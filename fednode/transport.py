@@ -2,7 +2,9 @@
 
 Identity travels as ``authorization: Bearer <token>`` metadata (or as the mTLS client certificate).
 Over TLS the token is attached by call credentials; gRPC refuses call credentials on an insecure channel,
-so there the same entry is added to every call's metadata instead. Every ``grpc.aio.AioRpcError`` is
+so there the same entry is added to every call's metadata instead. Every call also names the node process
+(metadata ``fedstream-instance-id``, its RegisterRequest.instance_id): the server refuses the calls of a
+process that a newer process of the same node replaced. Every ``grpc.aio.AioRpcError`` is
 translated here, once, into a :class:`fedcore.errors.NodeError`: retrying can fix it
 (:class:`ConnectionLostError`) or it cannot (:class:`ServerRefusedError`). Among refusals,
 :func:`fatal_refusal` tells those that end the node (bad identity, another protocol version, a newer
@@ -47,6 +49,8 @@ RETRYABLE_CODES = frozenset({
 })
 
 Metadata = tuple[tuple[str, str], ...]
+#: Call metadata naming the node process (docs/protocol.md §2; fedserver.auth reads it).
+INSTANCE_METADATA_KEY = "fedstream-instance-id"
 _SERVICE = "/" + node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
 
 
@@ -83,17 +87,19 @@ class NodeConnection:
     stuck in gRPC's own (slow, un-jittered) reconnect backoff.
     """
 
-    def __init__(self, config: NodeConfig, token: str | None = None) -> None:
+    def __init__(self, config: NodeConfig, token: str | None = None, instance_id: str = "") -> None:
+        """``instance_id``: the process's RegisterRequest.instance_id, sent on every call ("": none)."""
         if token is None:
             token = config.resolve_token()
         credentials = channel_credentials(config, token)
         options = config.channel_options()
+        instance: Metadata = ((INSTANCE_METADATA_KEY, instance_id),) if instance_id else ()
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(config.server, options=options)
-            self.metadata: Metadata = (("authorization", f"Bearer {token}"),) if token else ()
+            self.metadata: Metadata = ((("authorization", f"Bearer {token}"),) if token else ()) + instance
         else:
             self.channel = grpc.aio.secure_channel(config.server, credentials, options=options)
-            self.metadata = ()
+            self.metadata = instance
         self.stub = node_service_pb2_grpc.NodeServiceStub(self.channel)
         # the bulk calls bypass protobuf for chunks: pre-serialized on the way out, zero-copy views on the
         # way in (fedcore.wire.convert.encode_chunk_event / decode_chunk_event); other messages as usual
@@ -211,14 +217,14 @@ SUPERSEDED_REFUSAL = "superseded by a newer instance"
 
 
 def superseded(error: ServerRefusedError) -> bool:
-    """True when the server ended a poll because another process of this node registered since (with
-    another instance id): that process serves the node now."""
+    """True when the server refused a call (or ended a poll) because another process of this node
+    registered since (with another instance id): that process serves the node now."""
     return error.code == grpc.StatusCode.FAILED_PRECONDITION and SUPERSEDED_REFUSAL in error.details
 
 
 def fatal_refusal(error: ServerRefusedError) -> bool:
     """True for a refusal that ends the node, whatever call or task it came with: UNAUTHENTICATED (bad,
-    revoked or missing identity), another protocol major version, or a poll superseded by a newer process
+    revoked or missing identity), another protocol major version, or a call superseded by a newer process
     of this node (competing with it would fail its tasks in turn). Other refusals concern one request or
     one task."""
     if error.code == grpc.StatusCode.UNAUTHENTICATED:

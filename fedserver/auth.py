@@ -5,6 +5,11 @@ certificate (which the TLS handshake has already checked against the project CA)
 carries the metadata entry ``authorization: Bearer <token>`` and the token is looked up in the
 :class:`NodeStore`. The store keeps only the SHA-256 of each token, so a copy of the database does not
 let anyone impersonate a node. Revoking a node blocks its token and, in mTLS mode, its certificate.
+
+Which *process* of a node is calling travels beside the identity: the metadata entry
+``fedstream-instance-id`` (:data:`INSTANCE_METADATA_KEY`, read by :func:`call_instance_id`) carries the
+``instance_id`` the process registers with, so the server can refuse the calls of a process that a newer
+process of the same node replaced (:meth:`fedserver.registry.NodeRegistry.check_instance`).
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcore.errors import AuthenticationError, ServerConfigError, UnknownNodeError
+from fedcore.errors import AuthenticationError, MessageError, ServerConfigError, UnknownNodeError
+from fedcore.wire.convert import MAX_INSTANCE_ID_LENGTH
 from fedserver.config import TlsMode
 
 NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Call metadata naming the node process (its RegisterRequest.instance_id); absent or "" from older nodes.
+INSTANCE_METADATA_KEY = "fedstream-instance-id"
+_INSTANCE_ID_RE = re.compile(rf"[0-9A-Za-z_.\-]{{0,{MAX_INSTANCE_ID_LENGTH}}}")
 TOKEN_PREFIX = "fsn1_"  # makes leaked tokens greppable (secret scanners) and versions the format
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -43,6 +52,20 @@ def check_node_id(node_id: str) -> str:
             f"invalid node id {node_id!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a "
             "letter or digit")
     return node_id
+
+
+def call_instance_id(context: Any) -> str:
+    """The node process's instance id from the call metadata (``context`` is a ``grpc.aio.ServicerContext``),
+    "" when the call carries none (an older node). Raises MessageError (INVALID_ARGUMENT) for a value that is
+    not at most 64 characters of ``[0-9A-Za-z_.-]``, the rule of ``RegisterRequest.instance_id``."""
+    for key, value in context.invocation_metadata() or ():
+        if key == INSTANCE_METADATA_KEY:
+            if not _INSTANCE_ID_RE.fullmatch(value):
+                raise MessageError(
+                    f"metadata {INSTANCE_METADATA_KEY!r} must be at most {MAX_INSTANCE_ID_LENGTH} characters of "
+                    f"[0-9A-Za-z_.-], got {value[:80]!r} ({len(value)} characters)")
+            return value
+    return ""
 
 
 def token_digest(token: str) -> str:

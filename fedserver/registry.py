@@ -17,7 +17,11 @@ means a new process that holds none of the earlier one's tasks
 (:meth:`fedserver.task_board.TaskBoard.node_restarted` ends them at once, and the earlier process's polls
 still open: each ends as a refusal, not a drop, so ``open_polls`` falls back and the node stays connected).
 The same id again is the same process on a new connection: the polls it opened before end with NoTask
-(:meth:`fedserver.task_board.TaskBoard.node_reregistered`), not a drop either.
+(:meth:`fedserver.task_board.TaskBoard.node_reregistered`), not a drop either. Every later call of a node
+process names its instance in the call metadata (:func:`fedserver.auth.call_instance_id`), and a call of
+another instance than the one registered last is refused (:meth:`NodeRegistry.check_instance`), and so is
+a Register of an instance a later one replaced: an old process that was uploading or training at the
+restart cannot come back (not even by reconnecting) and compete for the node's tasks.
 """
 
 from __future__ import annotations
@@ -26,9 +30,13 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from fedcore.errors import UnknownNodeError
+from fedcore.errors import NodeSupersededError, UnknownNodeError
 from fedcore.strategies import NodeInfo
 from fedcore.wire import DatasetInfo, NodeRegistration
+from fedserver.task_board import clock_text
+
+#: Replaced instance ids remembered per node (a Register of one of them is refused); restarts are rare.
+MAX_REPLACED_INSTANCES = 16
 
 
 @dataclass
@@ -42,6 +50,8 @@ class NodeRecord:
     client_version: str
     liveness_timeout: float
     instance_id: str = ""  # of the process that registered last ("": unknown, an older node)
+    instance_since: float = field(default_factory=time.time)  # wall time of that process's first Register
+    replaced: tuple[str, ...] = ()  # instance ids of earlier processes it replaced, latest first (bounded)
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     open_polls: int = 0
@@ -102,6 +112,11 @@ class NodeRegistry:
         if old is not None:
             record.registered_at, record.open_polls, record.open_uploads, record.in_flight, record.drops = (
                 old.registered_at, old.open_polls, old.open_uploads, old.in_flight, old.drops)
+            record.replaced = old.replaced
+            if old.instance_id == reg.instance_id:
+                record.instance_since = old.instance_since
+            elif old.instance_id and reg.instance_id:
+                record.replaced = (old.instance_id, *old.replaced)[:MAX_REPLACED_INSTANCES]
         self._nodes[node_id] = record
         self._changed.set()
         return record
@@ -115,6 +130,23 @@ class NodeRegistry:
         if record is None or not instance_id or instance_id == record.instance_id:
             return None
         return record.instance_id
+
+    def check_instance(self, node_id: str, instance_id: str, *, registering: bool = False) -> None:
+        """Refuse a call of ``node_id`` from the process ``instance_id`` (non-empty) if another process of the
+        node registered since: NodeSupersededError (FAILED_PRECONDITION), which fednode and the JS node take
+        as the end of the process. Any call but a Register: ``instance_id`` (its metadata) is not the one
+        registered last. A Register (``registering``): ``instance_id`` is one a later process replaced, so a
+        replaced process that reconnects cannot take the node back. No refusal while the node is unknown
+        (not registered since the server started) or its last Register carried no instance id."""
+        record = self._nodes.get(node_id)
+        if record is None or not record.instance_id or record.instance_id == instance_id:
+            return
+        if registering and instance_id not in record.replaced:
+            return  # a new process: the Register is what makes it the node's current one
+        raise NodeSupersededError(
+            f"call of node {node_id} superseded by a newer instance of the node: instance {record.instance_id} "
+            f"registered at {clock_text(record.instance_since)} in place of instance {instance_id}; this call "
+            f"belongs to an earlier process")
 
     def touch(self, node_id: str) -> None:
         """The node made an authenticated call: it is alive (again, if a poll of it had dropped)."""

@@ -2,7 +2,9 @@
 
 Handlers stay thin: every rule lives in the task board, the upload sessions, the registry or
 :mod:`fedcore.wire`; every error is a domain exception turned into a status by :mod:`fedserver.errors`.
-Order of checks on each call: identity (UNAUTHENTICATED), protocol version (FAILED_PRECONDITION), then
+Order of checks on each call: identity (UNAUTHENTICATED), protocol version (FAILED_PRECONDITION), the
+calling process (metadata ``fedstream-instance-id``: INVALID_ARGUMENT if malformed; FAILED_PRECONDITION if
+a newer process of the node registered since, on a Register if a newer process replaced this one), then
 the request itself.
 """
 
@@ -36,7 +38,7 @@ from fedcore.wire import (
     check_version,
     convert,
 )
-from fedserver.auth import Authenticator
+from fedserver.auth import INSTANCE_METADATA_KEY, Authenticator, call_instance_id
 from fedserver.config import ServerConfig
 from fedserver.errors import translate_stream, translate_unary
 from fedserver.registry import NodeRegistry
@@ -84,16 +86,32 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         return NodeLiveness(record.disconnected_since, record.disconnect_cause,
                             record.last_seen + record.liveness_timeout)
 
-    def _identify(self, context: grpc.aio.ServicerContext, version: common_pb2.ProtocolVersion) -> str:
+    def _identify(self, context: grpc.aio.ServicerContext, version: common_pb2.ProtocolVersion, *,
+                  registering: str | None = None) -> str:
+        """The caller's node id, once its identity, protocol version and process are accepted. The call's
+        instance id (metadata) must be the one the node registered last (NodeSupersededError otherwise),
+        except on a Register (``registering``: its RegisterRequest.instance_id), where it must equal the
+        request's field: that call is what makes the process the node's current one, unless a later
+        process replaced it already (NodeSupersededError)."""
         node_id = self.auth.identify(context)
         check_version(version, side="server")
+        instance = call_instance_id(context)
+        if registering is None:
+            if instance:
+                self.registry.check_instance(node_id, instance)
+        else:
+            if instance and instance != registering:
+                raise MessageError(f"metadata {INSTANCE_METADATA_KEY!r} is {instance!r} but "
+                                   f"RegisterRequest.instance_id is {registering[:80]!r}: they must be equal")
+            if registering:
+                self.registry.check_instance(node_id, registering, registering=True)
         self.registry.touch(node_id)
         return node_id
 
     # -- Register ------------------------------------------------------------------------------------
     @translate_unary
     async def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterResponse:
-        node_id = self._identify(context, request.version)
+        node_id = self._identify(context, request.version, registering=request.instance_id)
         registration = convert.registration_from_pb(request)
         earlier = self.registry.restarted(node_id, registration.instance_id)
         record = self.registry.register(node_id, registration)

@@ -171,7 +171,7 @@ class TaskBoard:
 
     def _give_up(self, node_id: str, tasks: list[TaskHandle], status: NodeLiveness, grace: float) -> None:
         assert status.disconnected_since is not None
-        when = _clock(time.time() - (time.monotonic() - status.disconnected_since))
+        when = clock_text(time.time() - (time.monotonic() - status.disconnected_since))
         message = (f"node {node_id} disconnected at {when} ({status.cause}) and did not reconnect within "
                    f"{grace:g} s")
         log.warning("%s: failing its %d open task(s)", message, len(tasks))
@@ -186,7 +186,7 @@ class TaskBoard:
         took it yet or its download was cut (the old process's partial copy is of no use to the new one,
         which downloads it from the start). Every poll of the node open now belongs to the old process: its
         generation is over, so it takes nothing and ends (:meth:`check_poll` raises NodeSupersededError)."""
-        when, old = _clock(time.time()), old_instance or "(unknown)"
+        when, old = clock_text(time.time()), old_instance or "(unknown)"
         generation = self.poll_generation(node_id) + 1
         self._generations[node_id] = _PollGeneration(generation, generation, (
             f"PollTask stream of node {node_id} superseded by a newer instance of the node: instance "
@@ -325,6 +325,6 @@ class TaskBoard:
         self._watches.clear()
 
 
-def _clock(wall: float) -> str:
+def clock_text(wall: float) -> str:
     """Local wall-clock time ``HH:MM:SS.mmm`` of ``wall`` (Unix seconds), for error messages."""
     return time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}"

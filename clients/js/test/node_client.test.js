@@ -1,7 +1,7 @@
 "use strict";
 /**
- * NodeClient against a scripted NodeService written with grpc-js from the same protos: identity and
- * version on every call, a download cut mid-payload and resumed, an upload cut and resumed from
+ * NodeClient against a scripted NodeService written with grpc-js from the same protos: identity, instance
+ * id and version on every call, a download cut mid-payload and resumed, an upload cut and resumed from
  * GetUploadStatus, DATA_LOSS, a bad digest, ServerShutdown, UNAUTHENTICATED, and the whole loop.
  */
 const test = require("node:test");
@@ -34,10 +34,10 @@ class FakeServer {
     this.reports = [];
   }
 
-  seen(method, call) {
-    const auth = call.metadata.get("authorization");
-    const request = call.request || {};
-    this.calls.push({ method, auth: auth[0], version: request.version });
+  seen(method, call, version = (call.request || {}).version) {
+    const [auth] = call.metadata.get("authorization");
+    const [instance] = call.metadata.get("fedstream-instance-id");
+    this.calls.push({ method, auth, instance, version, field: (call.request || {}).instance_id });
   }
 
   async start() {
@@ -95,8 +95,9 @@ class FakeServer {
       if (done) return;
       if (msg.event === "header") {
         header = msg.header;
-        this.calls.push({ method: "UploadResult", auth: call.metadata.get("authorization")[0], version: header.version });
+        this.seen("UploadResult", call, header.version);
         this.uploadHeaders.push(header);
+        if (this.script.refuseUpload) return finish(this.script.refuseUpload);
         const p = header.payload;
         u = this.uploads.get(header.task_id);
         if (!u || !p || p.start_offset === 0) {
@@ -158,10 +159,14 @@ function client(fake, extra = {}) {
     nodeName: "test", datasets: [], capabilities: ["js"], pollWaitSeconds: 1, uploadChunkSize: 1024, ...extra });
 }
 
-function checkIdentity(fake) {
-  for (const c of fake.calls) {
-    assert.equal(c.auth, `Bearer ${TOKEN}`, `${c.method} carries the token`);
-    assert.deepEqual({ ...c.version }, { major: 1, minor: 0 }, `${c.method} carries version 1.0`);
+/** Every call carried the token, version 1.0 and the client's instance id (metadata; a Register's field too). */
+function checkIdentity(fake, c) {
+  assert.match(c.instanceId, /^[0-9a-f]{32}$/);
+  for (const call of fake.calls) {
+    assert.equal(call.auth, `Bearer ${TOKEN}`, `${call.method} carries the token`);
+    assert.deepEqual({ ...call.version }, { major: 1, minor: 0 }, `${call.method} carries version 1.0`);
+    assert.equal(call.instance, c.instanceId, `${call.method} carries fedstream-instance-id`);
+    if (call.method === "Register") assert.equal(call.field, c.instanceId, "equal to RegisterRequest.instance_id");
   }
 }
 
@@ -190,7 +195,11 @@ test("a download cut mid-payload resumes from the kept offset; an upload cut res
     assert.ok(fake.uploads.get("t1").buffer.equals(result));
     assert.deepEqual(fake.uploadHeaders.map((h) => h.payload.start_offset), [0, 4096]);
     assert.ok(fake.calls.some((x) => x.method === "GetUploadStatus"));
-    checkIdentity(fake);
+    await c.report("t1", []);
+    await c.heartbeat("t1");
+    assert.deepEqual([...new Set(fake.calls.map((x) => x.method))].sort(),
+      ["GetUploadStatus", "Heartbeat", "PollTask", "Register", "Report", "UploadResult"]);
+    checkIdentity(fake, c);
   } finally {
     c.close();
     await fake.stop();
@@ -262,7 +271,7 @@ test("run(): ServerShutdown makes the node register again; a task is trained, re
     assert.deepEqual([result.num_steps, result.num_samples], [5, 15]);
     assert.ok(result.params.coef.values[0] > 0, "moved toward y = 2x");
     assert.ok(fake.reports.some((e) => e.event === "progress" && Number(e.progress.iteration) === 5));
-    checkIdentity(fake);
+    checkIdentity(fake, c);
   } finally {
     c.close();
     await fake.stop();
@@ -309,4 +318,21 @@ test("isFatal: a poll superseded by a newer instance of the node stops the node;
   assert.equal(isFatal(fail(grpc.status.FAILED_PRECONDITION, "task t1 is closed")), false);
   assert.equal(isFatal(fail(grpc.status.FAILED_PRECONDITION, "protocol version 2.0 not supported (server 1.0)")), true);
   assert.equal(isFatal(fail(grpc.status.UNAVAILABLE, "superseded by a newer instance")), false);
+});
+
+test("run() ends with the error when an upload is refused as superseded, and polls no more", async () => {
+  const superseded = fail(grpc.status.FAILED_PRECONDITION, "call of node js-1 superseded by a newer instance of the "
+    + "node: instance b registered at 10:00:00.000 in place of instance a; this call belongs to an earlier process");
+  const fake = await new FakeServer({ refuseUpload: superseded }).start();
+  fake.script.polls.push(sendTask("t6", crypto.randomBytes(100)));
+  const c = client(fake);
+  try {
+    const trainer = { run: async () => ({ outcome: "TASK_OUTCOME_FAILED", errorMessage: "no data", payload: null }) };
+    await assert.rejects(c.run(trainer), (e) => e.code === grpc.status.FAILED_PRECONDITION && /superseded/.test(e.details));
+    assert.deepEqual(fake.calls.map((x) => x.method), ["Register", "PollTask", "UploadResult"]);
+    checkIdentity(fake, c);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
 });

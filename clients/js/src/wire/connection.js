@@ -2,7 +2,9 @@
 /**
  * Channel security and identity (docs/protocol.md §2): TLS trusting the project CA, mutual TLS with a
  * node certificate from `fedserver certs node NODE_ID`, or plaintext when asked for explicitly; and the
- * `authorization: Bearer <token>` metadata entry every call carries in the token modes.
+ * `authorization: Bearer <token>` metadata entry every call carries in the token modes, and the
+ * `fedstream-instance-id` entry naming the node process (its RegisterRequest.instance_id): the server
+ * refuses the calls of a process that a newer process of the same node replaced.
  */
 const fs = require("node:fs");
 const grpc = require("@grpc/grpc-js");
@@ -44,11 +46,18 @@ function readToken(file) {
   return token;
 }
 
-/** Call metadata: `authorization: Bearer <token>` when a token is set. */
-function callMetadata(token) {
+/** Metadata key naming the node process on every call (docs/protocol.md §2). */
+const INSTANCE_METADATA_KEY = "fedstream-instance-id";
+
+/**
+ * Call metadata: `authorization: Bearer <token>` when a token is set, `fedstream-instance-id` when an
+ * instance id is.
+ */
+function callMetadata(token, instanceId = null) {
   const md = new grpc.Metadata();
   if (token) md.set("authorization", `Bearer ${token}`);
+  if (instanceId) md.set(INSTANCE_METADATA_KEY, instanceId);
   return md;
 }
 
-module.exports = { channelCredentials, readToken, callMetadata, TLS_MODES };
+module.exports = { channelCredentials, readToken, callMetadata, INSTANCE_METADATA_KEY, TLS_MODES };

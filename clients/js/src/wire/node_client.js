@@ -10,7 +10,8 @@
  *   upload(taskId, outcome, ...)    UploadResult in chunks with the digest; resumes via GetUploadStatus
  *   run(trainer)                    the loop: register, poll, run, report, upload; reconnects with backoff
  *
- * Every call carries the protocol version and, in token modes, `authorization: Bearer <token>`.
+ * Every call carries the protocol version, the `fedstream-instance-id` metadata (this client's instance id)
+ * and, in token modes, `authorization: Bearer <token>`.
  */
 const crypto = require("node:crypto");
 const { once } = require("node:events");
@@ -34,8 +35,8 @@ function backoffMs(attempt, baseMs = 500, capMs = 15000) {
 
 /**
  * True for errors that stop the node: bad identity, a protocol major version the server refuses, or a
- * poll superseded by a newer process of the same node (another process registered with this node's
- * identity and a different instance id: competing with it would fail its tasks in turn).
+ * call (a poll, an upload, ...) superseded by a newer process of the same node (another process registered
+ * with this node's identity and a different instance id: competing with it would fail its tasks in turn).
  */
 function isFatal(err) {
   return err.code === Status.UNAUTHENTICATED
@@ -58,7 +59,8 @@ class NodeClient {
    * @param {number} [o.uploadChunkSize] chunk size of uploads (≤ the server's max_chunk_size)
    * @param {object} [o.channelOptions] extra grpc channel options (e.g. grpc.ssl_target_name_override)
    * @param {string} [o.instanceId] RegisterRequest.instance_id (default: 128 random bits in hex, drawn once
-   *   per client and sent on every Register, so the server tells a reconnect from a restarted node)
+   *   per client and sent on every Register and as `fedstream-instance-id` metadata on every call, so the
+   *   server tells a reconnect from a restarted node and refuses this client once a newer one registered)
    * @param {(level: string, msg: string) => void} [o.log]
    */
   constructor(o) {
@@ -113,7 +115,7 @@ class NodeClient {
 
   unary(method, request, timeoutSeconds = this.callTimeoutSeconds) {
     return new Promise((resolve, reject) => {
-      this.stub[method](request, callMetadata(this.token), { deadline: this.deadline(timeoutSeconds) },
+      this.stub[method](request, callMetadata(this.token, this.instanceId), { deadline: this.deadline(timeoutSeconds) },
         (err, response) => (err ? reject(err) : resolve(response)));
     });
   }
@@ -148,7 +150,7 @@ class NodeClient {
       request.resume_task_id = resuming.taskId;
       request.resume_offset = resuming.assembler.keptOffset;
     }
-    const call = this.stub.PollTask(request, callMetadata(this.token),
+    const call = this.stub.PollTask(request, callMetadata(this.token, this.instanceId),
       { deadline: this.deadline(wait + this.streamAllowanceSeconds) });
     this.currentCall = call;
     let header = null;
@@ -206,7 +208,7 @@ class NodeClient {
   uploadOnce(taskId, outcome, errorMessage, doc, header) {
     let failed = null;
     const response = new Promise((resolve, reject) => {
-      const call = this.stub.UploadResult(callMetadata(this.token),
+      const call = this.stub.UploadResult(callMetadata(this.token, this.instanceId),
         { deadline: this.deadline(this.callTimeoutSeconds + this.streamAllowanceSeconds) },
         (err, res) => {
           if (err) {
@@ -283,6 +285,7 @@ class NodeClient {
     };
     const { outcome, errorMessage, payload: result } = await trainer.run(header, payload, report);
     if (gone) {
+      if (isFatal(gone)) throw gone; // a newer process of this node registered: it serves the node now
       this.log("WARNING", `task ${taskId} is no longer accepted (${gone.details}); result dropped`);
       return null;
     }
@@ -291,7 +294,7 @@ class NodeClient {
     try {
       return await this.upload(taskId, outcome, errorMessage, result);
     } catch (err) {
-      if (!TASK_GONE.has(err.code)) throw err;
+      if (!TASK_GONE.has(err.code) || isFatal(err)) throw err;
       this.log("WARNING", `task ${taskId}: result not accepted (${err.details || err.message})`);
       return null;
     }
