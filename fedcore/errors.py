@@ -28,7 +28,7 @@
     │   ├── UnknownNodeError (also LookupError) no node with this id (not enrolled, not registered)
     │   ├── LimitExceededError                  over a configured limit: payload, chunk, concurrent uploads
     │   ├── UploadConflictError                 a second upload stream for a task whose upload is running
-    │   ├── NodeSupersededError                 a poll of a node process that a newer process of the node replaced
+    │   ├── NodeSupersededError                 a call of a node process that a newer process of the node replaced
     │   ├── ServerStateError                    the server is not running (dispatch before start or after stop)
     │   ├── HistoryError (also ValueError)      history.db: unknown experiment/round, bad record, not our schema
     │   ├── CheckpointError                     checkpoint unwritable or damaged: missing file, size/digest
@@ -166,8 +166,9 @@ class UploadConflictError(ServerError):
 
 
 class NodeSupersededError(ServerError):
-    """A PollTask stream of a node process that a newer process of the same node replaced (it registered
-    with another instance id): the stream takes no task and ends; another process now serves the node."""
+    """A call of a node process that a newer process of the same node replaced (it registered with another
+    instance id, sent in every call's ``fedstream-instance-id`` metadata): an open PollTask stream takes no
+    task and ends, any later call of the old process is refused; another process now serves the node."""
 
 
 class ServerStateError(ServerError):
