@@ -25,7 +25,8 @@ chunks they read; each thread otherwise gets its own arena, and each arena keeps
 threshold of freed chunks: three arenas held 10.5 MB of a 40 MB download's receiver (0.26x of the
 payload, docs/performance.md "Transport"); on one arena the receiver peak fell from 1.40-1.64x to
 1.30-1.41x with throughput unchanged. The cost is one arena lock for all threads' small allocations,
-which are few here (model-sized arrays are mmapped, Python objects come from pymalloc).
+which are few here (arrays above the mmap threshold are mmapped — 4 MiB on the server, 32 MiB on a node,
+which also trains — and Python objects come from pymalloc).
 """
 
 from __future__ import annotations
