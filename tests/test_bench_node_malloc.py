@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from script_cli import refused
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_node_malloc.py"
 TINY = ["--updates", "1", "--warmup", "0", "--workloads", "mlp-b32"]  # should a bad argument get through
-
-
-def _refused(*args: str) -> str:
-    out = subprocess.run([sys.executable, str(SCRIPT), *TINY, *args], check=False, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
-    return out.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -28,7 +21,7 @@ def _refused(*args: str) -> str:
     (["--workloads", "resnet"], "argument --workloads: invalid choice: 'resnet'"),
 ])
 def test_bad_arguments_are_refused_naming_the_flag(args: list[str], message: str) -> None:
-    assert message in _refused(*args)
+    assert message in refused(SCRIPT, TINY, *args)
 
 
 def test_settings_always_include_the_baseline_once() -> None:

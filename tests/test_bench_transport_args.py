@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from script_cli import refused
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_transport.py"
 TINY = ["--sizes", "1", "--skip-huge", "--repeat", "1", "--quiet-wait", "0", "--settle", "0", "--gap", "0",
         "--skip-context"]  # should a bad argument get through, the run it starts stays short
-
-
-def _refused(*args: str) -> str:
-    out = subprocess.run([sys.executable, str(SCRIPT), *TINY, *args], check=False, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
-    return out.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -28,4 +20,4 @@ def _refused(*args: str) -> str:
     (["--node-window", "big"], "argument --node-window: expected 'bdp' or a byte count >= 65535, got 'big'"),
 ])
 def test_bad_arguments_are_refused_naming_the_flag(args: list[str], message: str) -> None:
-    assert message in _refused(*args)
+    assert message in refused(SCRIPT, TINY, *args)

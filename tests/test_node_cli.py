@@ -85,6 +85,13 @@ def _start_command(port: int, token_file: Path, *extra: str) -> list[str]:
             "--token-file", str(token_file), "--name", "cli-node", "--handler", "echo", *extra]
 
 
+async def _kill_if_running(proc: asyncio.subprocess.Process) -> None:
+    """Kills and reaps a `fednode start` process that a failing test left running."""
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
 def test_start_serves_tasks_and_stops_cleanly_on_sigterm(tmp_path):
     async def scenario():
         store = NodeStore(tmp_path / "nodes.db")
@@ -104,9 +111,7 @@ def test_start_serves_tasks_and_stops_cleanly_on_sigterm(tmp_path):
             proc.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(proc.communicate(), 10)
         finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            await _kill_if_running(proc)
             await server.stop(grace=1)
         assert result.outcome is TaskState.SUCCEEDED and result.payload == {"x": [1, 2]}
         assert proc.returncode == 0, err.decode()
@@ -158,9 +163,7 @@ def test_start_superseded_by_another_process_of_the_node_exits_2_saying_so(tmp_p
                 await channel.close()
             _, err = await asyncio.wait_for(proc.communicate(), 10)
         finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            await _kill_if_running(proc)
             await server.stop(grace=1)
         assert proc.returncode == 2, err.decode()
         text = err.decode()

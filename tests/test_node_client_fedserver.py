@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 from fake_node_service import arun, node_config, running
+from tcp_proxy import CuttingProxy
 
 from fedcore.wire import TaskKind, TrainingProgress
 from fednode.client import ClientState, NodeClient
@@ -209,55 +210,6 @@ def test_oversized_task_is_refused_and_reported_to_the_server(tmp_path):
     arun(scenario())
 
 
-class CuttableProxy:
-    """A loopback TCP forwarder whose connections the test can cut, like a network failure."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.upstream_bytes = 0  # node -> server
-        self.cut_at: int | None = None  # cut every connection once upstream_bytes reaches this
-        self.cuts = 0
-        self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    def cut(self) -> None:
-        for a, b in self._pairs:
-            a.transport.abort()
-            b.transport.abort()
-        self._pairs.clear()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._pairs.append((writer, up_writer))
-        await asyncio.gather(self._pipe(reader, up_writer, upstream=True),
-                             self._pipe(up_reader, writer, upstream=False), return_exceptions=True)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool) -> None:
-        try:
-            while data := await reader.read(65536):
-                if upstream:
-                    self.upstream_bytes += len(data)
-                    if self.cut_at is not None and self.upstream_bytes >= self.cut_at:
-                        self.cut_at = None
-                        self.cuts += 1
-                        self.cut()
-                        return
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
-
-
 def test_network_cut_mid_upload_resumes_from_acknowledged_offset(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="fednode.client")
 
@@ -266,19 +218,19 @@ def test_network_cut_mid_upload_resumes_from_acknowledged_offset(tmp_path, caplo
         token = store.enroll("site-a")
         server = FedServer(server_config(), store)
         port = await server.start()
-        proxy = CuttableProxy(port)
+        proxy = CuttingProxy(port)
         proxy_port = await proxy.start()
         client = NodeClient(node_config(proxy_port, token=token, upload_chunk_size=64 * 1024), Trainer())
         try:
             async with running(client):
                 await server.wait_for_nodes(1, timeout=10)
                 w = np.random.default_rng(1).standard_normal(1_000_000).astype(np.float32)  # 4 MB
-                proxy.cut_at = proxy.upstream_bytes + 1_500_000  # mid-upload: the download flows the other way
+                proxy.cut_after(1_500_000)  # mid-upload: the download flows the other way
                 handle = server.dispatch("site-a", TaskKind.TRAIN, server.encode_payload({"params": {"w": w}}),
                                          experiment_id="exp", round=1)
                 result = await handle.result(timeout=30)
         finally:
-            await proxy.close()
+            await proxy.stop()
             await server.stop(grace=1)
         assert proxy.cuts == 1
         assert result.outcome is TaskState.SUCCEEDED, result.error_message

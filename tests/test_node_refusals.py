@@ -27,6 +27,7 @@ import pytest
 from e2e_support import eventually
 from fake_node_service import FakeNodeService, FakeTask, arun, node_config, running, start_server
 from server_testkit import WireNode, channel_options
+from tcp_proxy import PausingProxy
 from test_node_client_fedserver import Trainer, server_config
 
 from fedcore.errors import ServerRefusedError
@@ -71,60 +72,6 @@ def test_fatal_refusals_are_identity_protocol_version_and_superseded(code, detai
 
 
 # -- the real FedServer ---------------------------------------------------------------------------------
-class PausingProxy:
-    """A loopback TCP forwarder that holds the server's bytes back once ``pause_after(n)`` more went through,
-    until :meth:`resume`: the node's download stalls mid-task and the server's sends block meanwhile."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.downstream_bytes = 0  # server -> node
-        self.paused = asyncio.Event()
-        self._pause_at: int | None = None
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self._server.sockets[0].getsockname()[1]
-
-    def pause_after(self, nbytes: int) -> None:
-        self._pause_at = self.downstream_bytes + nbytes
-
-    def resume(self) -> None:
-        self._flowing.set()
-
-    async def close(self) -> None:
-        for writer in self._writers:
-            writer.transport.abort()
-        self._flowing.set()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers += [writer, up_writer]
-        await asyncio.gather(self._pipe(reader, up_writer, downstream=False),
-                             self._pipe(up_reader, writer, downstream=True), return_exceptions=True)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, downstream: bool) -> None:
-        try:
-            while data := await reader.read(65536):
-                if downstream:
-                    self.downstream_bytes += len(data)
-                    if self._pause_at is not None and self.downstream_bytes >= self._pause_at:
-                        self._pause_at = None
-                        self._flowing.clear()
-                        self.paused.set()
-                    await self._flowing.wait()
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
-
-
 def _big_params(seed: int) -> dict:
     """32 MB: more than the HTTP/2 window and socket buffers hold, so the server is still sending when the
     proxy pauses (each test checks the node saw the stream end mid-task)."""
@@ -171,7 +118,7 @@ def test_a_task_cancelled_while_the_node_downloads_it_is_dropped_and_the_next_ta
                 still_running = not run.done()
                 stats = client.receive_pool.stats()
         finally:
-            await proxy.close()
+            await proxy.stop()
             await server.stop(grace=1)
         return state, first, result, sent, still_running, stats, client
 
@@ -246,7 +193,7 @@ def test_a_node_superseded_mid_download_stops(tmp_path: Path, caplog) -> None:
         finally:
             client.stop()
             await asyncio.gather(run, return_exceptions=True)
-            await proxy.close()
+            await proxy.stop()
             await server.stop(grace=1)
         return state, err.value, result, client
 
@@ -263,6 +210,32 @@ def _payload() -> OutgoingPayload:
     return OutgoingPayload.from_object({"w": np.arange(300_000, dtype=np.float32)}, CHUNK)  # ~1.2 MB, 19 chunks
 
 
+async def _run_until_refused(service: FakeNodeService) -> ServerRefusedError:
+    """An EchoHandler node against ``service``, with task t1 queued: the refusal that ends its run()."""
+    server, port = await start_server(service)
+    client = NodeClient(node_config(port), EchoHandler())
+    service.add_task(FakeTask("t1", _payload()))
+    try:
+        with pytest.raises(ServerRefusedError) as err:
+            await asyncio.wait_for(client.run(), 10)
+    finally:
+        await server.stop(None)
+    return err.value
+
+
+async def _run_until_t1_done(service: FakeNodeService) -> NodeClient:
+    """An EchoHandler node against ``service`` until it has sent the result of task t1, queued once it runs."""
+    server, port = await start_server(service)
+    client = NodeClient(node_config(port), EchoHandler())
+    try:
+        async with running(client):
+            service.add_task(FakeTask("t1", _payload()))
+            await service.wait_results(1)
+    finally:
+        await server.stop(None)
+    return client
+
+
 def test_a_node_superseded_on_a_resumed_poll_stops() -> None:
     """The download breaks; the poll resuming it is refused "superseded" (before the TaskHeader) and ends
     run(): FAILED_PRECONDITION on a resumed poll is "cannot resume, poll afresh" except for that."""
@@ -271,15 +244,7 @@ def test_a_node_superseded_on_a_resumed_poll_stops() -> None:
         service = FakeNodeService()
         service.break_download_after = 3
         service.refuse_resumes.append((grpc.StatusCode.FAILED_PRECONDITION, SUPERSEDED_MESSAGE))
-        server, port = await start_server(service)
-        client = NodeClient(node_config(port), EchoHandler())
-        service.add_task(FakeTask("t1", _payload()))
-        try:
-            with pytest.raises(ServerRefusedError) as err:
-                await asyncio.wait_for(client.run(), 10)
-        finally:
-            await server.stop(None)
-        return service, err.value
+        return service, await _run_until_refused(service)
 
     service, error = arun(scenario())
     assert superseded(error) and error.details == SUPERSEDED_MESSAGE
@@ -329,15 +294,7 @@ def test_a_fatal_refusal_mid_download_ends_run(code, details) -> None:
         service = FakeNodeService()
         service.break_download_after = 3
         service.break_download_status = (code, details)
-        server, port = await start_server(service)
-        client = NodeClient(node_config(port), EchoHandler())
-        service.add_task(FakeTask("t1", _payload()))
-        try:
-            with pytest.raises(ServerRefusedError) as err:
-                await asyncio.wait_for(client.run(), 10)
-        finally:
-            await server.stop(None)
-        return service, err.value
+        return service, await _run_until_refused(service)
 
     service, error = arun(scenario())
     assert (error.code, error.details) == (code, details)
@@ -352,15 +309,7 @@ def test_an_aborted_poll_is_made_again_at_once_on_the_same_connection(caplog) ->
     async def scenario():
         service = FakeNodeService()
         service.refuse_polls.append((grpc.StatusCode.ABORTED, "stale poll of this node process"))
-        server, port = await start_server(service)
-        client = NodeClient(node_config(port), EchoHandler())
-        try:
-            async with running(client):
-                service.add_task(FakeTask("t1", _payload()))
-                await service.wait_results(1)
-        finally:
-            await server.stop(None)
-        return service, client
+        return service, await _run_until_t1_done(service)
 
     service, client = arun(scenario())
     assert list(service.results) == ["t1"] and len(service.polls) >= 2
@@ -379,15 +328,7 @@ def test_an_aborted_download_resumes_at_once_and_a_second_abort_reconnects(caplo
         service.break_download_after = 3
         service.break_download_status = (grpc.StatusCode.ABORTED, "stale poll of this node process")
         service.refuse_resumes.append((grpc.StatusCode.ABORTED, "stale again"))
-        server, port = await start_server(service)
-        client = NodeClient(node_config(port), EchoHandler())
-        try:
-            async with running(client):
-                service.add_task(FakeTask("t1", _payload()))
-                await service.wait_results(1)
-        finally:
-            await server.stop(None)
-        return service, client
+        return service, await _run_until_t1_done(service)
 
     service, client = arun(scenario())
     assert list(service.results) == ["t1"]

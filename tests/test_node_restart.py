@@ -17,9 +17,11 @@ the restart at work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -28,8 +30,9 @@ import pytest
 from e2e_support import Federation, eventually, least_squares_sites
 from fake_node_service import arun, node_config, running
 from plans_gated import GatedLinearPlan
-from server_testkit import WireNode, async_test, channel_options, encoded, running_server, version
-from test_node_client_fedserver import CuttableProxy, Trainer, server_config
+from server_testkit import ServerKit, WireNode, async_test, channel_options, encoded, running_server, version
+from tcp_proxy import CuttingProxy, FreezingProxy
+from test_node_client_fedserver import Trainer, server_config
 
 from fedcore.aggregators import FedAverage
 from fedcore.errors import NodeSupersededError
@@ -244,53 +247,30 @@ async def test_a_restarted_node_loses_what_the_old_process_held_and_keeps_what_i
             assert (await handle.result(timeout=5)).payload == {"ok": handle.task_id}
 
 
-class FreezingProxy:
-    """A loopback TCP forwarder that can freeze: it stops forwarding either way but keeps both sockets
-    open, which is how a node whose machine died or whose network vanished looks to the server (a
-    half-open connection, until keepalive gives up on it), and can thaw again."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.flowing = asyncio.Event()
-        self.flowing.set()
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        for writer in self._writers:
-            writer.transport.abort()
-        self.flowing.set()  # frozen pipes see their closed sockets and end
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers += [writer, up_writer]
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                await self.flowing.wait()  # frozen: nothing is read, so the sender's buffers fill
-                data = await reader.read(65536)
-                if not data:
-                    return
-                await self.flowing.wait()
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
-
-
 def _open_poll(node: WireNode, wait: float = 30.0) -> grpc.aio.UnaryStreamCall:
     """A PollTask call that nobody reads (yet): the process that opened it is gone, or is not listening."""
     return node.stub.PollTask(pb.PollTaskRequest(version=version(), wait_seconds=wait), metadata=node.metadata,
                               timeout=wait + 30)
+
+
+@contextlib.asynccontextmanager
+async def _poll_left_frozen(kit: ServerKit,
+                            token: str) -> AsyncIterator[tuple[FreezingProxy, grpc.aio.UnaryStreamCall]]:
+    """A process of node ``n`` (instance OLD) registers through a :class:`FreezingProxy` and opens a poll,
+    then the proxy freezes: nothing flows on that connection any more and no socket closes (the machine
+    died, or a network blip). Yields the proxy (to thaw it) and the unread poll; stops the proxy after."""
+    proxy = FreezingProxy(kit.server.port)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{await proxy.start()}", options=channel_options())
+    kit.channels.append(channel)
+    try:
+        node = WireNode(channel, token)
+        await node.register(instance_id=OLD)
+        stale = _open_poll(node)
+        await eventually(lambda: kit.server.registry.get("n").open_polls == 1, 5, "the frozen poll open")
+        proxy.freeze()
+        yield proxy, stale
+    finally:
+        await proxy.stop()
 
 
 @async_test
@@ -303,16 +283,7 @@ async def test_a_restart_ends_the_old_process_s_half_open_poll_and_its_task_goes
     async with running_server(tmp_path, max_poll_wait_seconds=30.0, heartbeat_interval_seconds=10.0) as kit:
         registry = kit.server.registry
         token = kit.store.enroll("n")
-        proxy = FreezingProxy(kit.server.port)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{await proxy.start()}", options=channel_options())
-        kit.channels.append(channel)
-        try:
-            old = WireNode(channel, token)
-            await old.register(instance_id=OLD)
-            stale = _open_poll(old)
-            await eventually(lambda: registry.get("n").open_polls == 1, 5, "the old process's poll open")
-            proxy.flowing.clear()  # the old machine dies: nothing flows any more, no socket closes
-
+        async with _poll_left_frozen(kit, token) as (proxy, stale):  # the old process's machine dies
             new = kit.node(token=token)
             await new.register(instance_id=NEW)
             registered = time.monotonic()
@@ -328,11 +299,9 @@ async def test_a_restart_ends_the_old_process_s_half_open_poll_and_its_task_goes
             result = await handle.result(timeout=5)
             assert result.outcome is TaskState.SUCCEEDED and result.payload == {"ok": 1}
 
-            proxy.flowing.set()  # the network comes back: the status the server sent long ago arrives
+            proxy.thaw()  # the network comes back: the status the server sent long ago arrives
             assert await asyncio.wait_for(stale.code(), 10) is grpc.StatusCode.FAILED_PRECONDITION
             assert SUPERSEDED.fullmatch(await stale.details()).groups() == ("n", NEW, OLD)
-        finally:
-            await proxy.close()
         assert ended < 1.0, ended
         record = registry.get("n")
         assert record.open_polls == 0 and record.connected and record.drops == 0  # a refusal, not a drop
@@ -396,16 +365,7 @@ async def test_a_stale_poll_of_the_same_process_takes_no_task_after_it_registers
     async with running_server(tmp_path, max_poll_wait_seconds=30.0, heartbeat_interval_seconds=10.0) as kit:
         registry = kit.server.registry
         token = kit.store.enroll("n")
-        proxy = FreezingProxy(kit.server.port)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{await proxy.start()}", options=channel_options())
-        kit.channels.append(channel)
-        try:
-            before = WireNode(channel, token)
-            await before.register(instance_id=OLD)
-            stale = _open_poll(before)
-            await eventually(lambda: registry.get("n").open_polls == 1, 5, "the poll open")
-            proxy.flowing.clear()  # the blip: nothing flows on the old connection, no socket closes
-
+        async with _poll_left_frozen(kit, token) as (proxy, stale):  # the blip
             after = kit.node(token=token)  # the same process, reconnected
             await after.register(instance_id=OLD)
             polling = asyncio.ensure_future(after.poll(wait=5))
@@ -419,12 +379,10 @@ async def test_a_stale_poll_of_the_same_process_takes_no_task_after_it_registers
             await after.upload(handle.task_id, encoded({"ok": 1}))
             assert (await handle.result(timeout=5)).payload == {"ok": 1}
 
-            proxy.flowing.set()  # the old connection thaws: what the server answered long ago arrives
+            proxy.thaw()  # the old connection thaws: what the server answered long ago arrives
             answer = await asyncio.wait_for(stale.read(), 10)
             assert answer.WhichOneof("event") == "no_task"
             assert await asyncio.wait_for(stale.code(), 10) is grpc.StatusCode.OK
-        finally:
-            await proxy.close()
         record = registry.get("n")
         assert record.open_polls == 0 and record.connected and record.drops == 0
         assert record.instance_id == OLD
@@ -440,7 +398,7 @@ def test_the_same_process_reconnecting_mid_upload_keeps_its_task(tmp_path: Path,
         token = store.enroll("site-a")
         server = FedServer(server_config(reconnect_grace_seconds=60.0), store)
         port = await server.start()
-        proxy = CuttableProxy(port)
+        proxy = CuttingProxy(port)
         proxy_port = await proxy.start()
         client = NodeClient(node_config(proxy_port, token=token, upload_chunk_size=64 * 1024), Trainer())
         try:
@@ -448,13 +406,13 @@ def test_the_same_process_reconnecting_mid_upload_keeps_its_task(tmp_path: Path,
                 await server.wait_for_nodes(1, timeout=10)
                 assert server.registry.get("site-a").instance_id == client.registration.instance_id
                 w = np.random.default_rng(2).standard_normal(1_000_000).astype(np.float32)  # 4 MB
-                proxy.cut_at = proxy.upstream_bytes + 1_500_000  # mid-upload
+                proxy.cut_after(1_500_000)  # mid-upload
                 handle = server.dispatch("site-a", TaskKind.TRAIN, server.encode_payload({"params": {"w": w}}),
                                          experiment_id="exp", round=1, inactivity_timeout=120)
                 result = await handle.result(timeout=30)
                 instance = server.registry.get("site-a").instance_id
         finally:
-            await proxy.close()
+            await proxy.stop()
             await server.stop(grace=1)
         return result, w, instance, client
 
