@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcore.errors import AuthenticationError, MessageError, ServerConfigError, UnknownNodeError
-from fedcore.wire.convert import MAX_INSTANCE_ID_LENGTH
+from fedcore.errors import AuthenticationError, ServerConfigError, UnknownNodeError
+from fedcore.wire.convert import check_instance_id
 from fedserver.config import TlsMode
 
 NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: Call metadata naming the node process (its RegisterRequest.instance_id); absent or "" from older nodes.
 INSTANCE_METADATA_KEY = "fedstream-instance-id"
-_INSTANCE_ID_RE = re.compile(rf"[0-9A-Za-z_.\-]{{0,{MAX_INSTANCE_ID_LENGTH}}}")
 TOKEN_PREFIX = "fsn1_"  # makes leaked tokens greppable (secret scanners) and versions the format
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -60,10 +59,7 @@ def call_instance_id(context: Any) -> str:
     not at most 64 characters of ``[0-9A-Za-z_.-]``, the rule of ``RegisterRequest.instance_id``."""
     for key, value in context.invocation_metadata() or ():
         if key == INSTANCE_METADATA_KEY:
-            if not _INSTANCE_ID_RE.fullmatch(value):
-                raise MessageError(
-                    f"metadata {INSTANCE_METADATA_KEY!r} must be at most {MAX_INSTANCE_ID_LENGTH} characters of "
-                    f"[0-9A-Za-z_.-], got {value[:80]!r} ({len(value)} characters)")
+            check_instance_id(value, f"metadata {INSTANCE_METADATA_KEY!r}")
             return value
     return ""
 

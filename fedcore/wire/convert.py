@@ -221,22 +221,21 @@ def registration_to_pb(reg: NodeRegistration,
 
 
 def registration_from_pb(pb: node_service_pb2.RegisterRequest) -> NodeRegistration:
-    _check_instance_id(pb.instance_id)
+    check_instance_id(pb.instance_id, "RegisterRequest.instance_id")
     return NodeRegistration(node_name=pb.node_name, datasets=tuple(dataset_info_from_pb(d) for d in pb.datasets),
                             capabilities=tuple(pb.capabilities), client_version=pb.client_version,
                             instance_id=pb.instance_id)
 
 
-def _check_instance_id(value: str) -> None:
-    """Refuse an ``instance_id`` longer than :data:`MAX_INSTANCE_ID_LENGTH` or with characters outside
-    ``[0-9A-Za-z_.-]`` (it is stored per node and quoted in error messages and logs)."""
+def check_instance_id(value: str, what: str) -> None:
+    """Refuse an instance id (``what`` names where it came from) longer than :data:`MAX_INSTANCE_ID_LENGTH` or
+    with characters outside ``[0-9A-Za-z_.-]`` (it is stored per node and quoted in error messages and logs)."""
     rule = f"at most {MAX_INSTANCE_ID_LENGTH} characters of {_INSTANCE_ID_CHARS}"
     if len(value) > MAX_INSTANCE_ID_LENGTH:
-        raise MessageError(f"RegisterRequest.instance_id must be {rule}, got {len(value)} characters")
+        raise MessageError(f"{what} must be {rule}, got {len(value)} characters")
     bad = _BAD_INSTANCE_ID_CHAR.search(value)
     if bad is not None:
-        raise MessageError(f"RegisterRequest.instance_id must be {rule}, got {bad.group()!r} at position "
-                           f"{bad.start()}")
+        raise MessageError(f"{what} must be {rule}, got {bad.group()!r} at position {bad.start()}")
 
 
 def server_settings_to_pb(settings: ServerSettings) -> node_service_pb2.RegisterResponse:
