@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from fedcore.errors import FedstreamError
+from fedcore.wire.flow_control import AUTO_WINDOW, MIN_RECEIVE_WINDOW
 
 EXIT_OK, EXIT_ERROR, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
@@ -34,6 +35,24 @@ def parse_size(text: str) -> int:
     if match is None or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 1048576, 512KiB, 4MiB or 4GiB")
     return int(match.group(1)) * _UNITS[unit]
+
+
+def parse_receive_window(text: str) -> int | str | None:
+    """A ``--receive-window``: ``auto`` (each side's own choice, fedcore.wire.flow_control), ``bdp`` -> None
+    (gRPC's bandwidth-delay probing), else a :func:`parse_size` of at least 65535 bytes."""
+    word = text.strip().lower()
+    if word == AUTO_WINDOW:
+        return AUTO_WINDOW
+    if word == "bdp":
+        return None
+    try:
+        size = parse_size(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, or auto or bdp") from None
+    if size < MIN_RECEIVE_WINDOW:
+        raise argparse.ArgumentTypeError(
+            f"invalid window {text!r}: must be 'auto', 'bdp' or at least {MIN_RECEIVE_WINDOW} bytes (64KiB)")
+    return size
 
 
 def add_subcommands(parser: argparse.ArgumentParser, modules: Sequence[str]) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcore.command_line import EXIT_REFUSED, parse_size
+from fedcore.command_line import EXIT_REFUSED, parse_receive_window, parse_size
 from fedcore.errors import NodeConfigError, ServerRefusedError
 from fedcore.wire import DatasetInfo
 from fednode.config import NodeConfig
@@ -146,6 +146,12 @@ def register(subparsers: Any) -> None:
                         help="idle download buffers kept for the next task, e.g. 512MiB; 0 turns reuse off. "
                              "Saves faulting in fresh memory every round, for as much more memory held between "
                              "rounds (default: 1GiB, i.e. a model up to 1 GiB is received in place)")
+    tuning.add_argument("--receive-window", type=parse_receive_window, default="auto", metavar="auto|bdp|SIZE",
+                        help="HTTP/2 receive window of downloads: how much of a task the server may send ahead of "
+                             "what the node has read. auto (default): one chunk message fixed when the measured "
+                             "round trip lets it move >= 1 GB/s (a LAN), else bandwidth-delay probing; bdp: always "
+                             "probing (on a fast near link it grows to 16-33 MB held in memory); a size (>= 64KiB, "
+                             "best >= one chunk message, e.g. 1088KiB) caps a download at SIZE per round trip")
     tuning.add_argument("--stop-grace", type=float, default=10.0, metavar="SECONDS",
                         help="time an upload in flight gets to finish after a stop signal (default: 10)")
     parser.set_defaults(func=_start)
@@ -165,7 +171,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         server=args.server, tls=tls, ca_cert=args.ca_cert, client_cert=args.cert, client_key=args.key,
         token_file=token_file, node_name=args.name, server_name_override=args.server_name,
         poll_wait_seconds=args.poll_wait, upload_chunk_size=args.chunk_size, max_payload_size=args.max_payload,
-        stop_grace_seconds=args.stop_grace, receive_pool_bytes=args.receive_pool)
+        stop_grace_seconds=args.stop_grace, receive_pool_bytes=args.receive_pool,
+        receive_window_bytes=args.receive_window)
 
 
 def _start(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ One session per connection::
 
     Register ─▶ deliver a pending result ─▶ loop { PollTask ─▶ download ─▶ handler (thread) ─▶ UploadResult }
 
+With ``receive_window_bytes="auto"`` a few Heartbeats after Register time the round trip, and the session
+moves to a fresh channel when that calls for another download window (:mod:`fednode.receive_window`).
 Anything retrying can fix (server down, restarted, network cut, a stream silent for too long) ends the
 session; the client waits ``uniform(0, min(30, 0.5·2ⁿ))`` seconds (full jitter, :class:`BackoffPolicy`)
 and starts a new one on a fresh channel. Transfers survive: a broken download resumes from the bytes
@@ -57,8 +59,11 @@ from fedcore.wire import (
     TaskDescriptor,
     TaskOutcome,
 )
+from fedcore.wire.flow_control import AUTO_WINDOW
 from fednode.config import NodeConfig
 from fednode.handler import ReceivedTask, TaskHandler, TaskReply
+from fednode.receive_window import auto_window, measure_rtt
+from fednode.receive_window import describe as describe_window
 from fednode.reporter import Reporter, ReportPump
 from fednode.transfers import PendingUpload, TaskDownload
 from fednode.transport import EOF, NodeConnection, PollStream, fatal_refusal
@@ -143,6 +148,10 @@ class NodeClient:
         self._poll_aborted = False  # the last poll ended ABORTED (polled again at once; a second one reconnects)
         #: Download buffers kept between tasks (see NodeConfig.receive_pool_bytes; 0: a fresh one every task).
         self.receive_pool = BufferPool(config.receive_pool_bytes)
+        #: Download window of the current channel (bytes fixed, None: probing) and, under "auto", the
+        #: round-trip time it was chosen from (seconds; None before the first measurement).
+        self.receive_window: int | None = config.initial_receive_window()
+        self.link_rtt: float | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -224,12 +233,14 @@ class NodeClient:
     # -- one connection ------------------------------------------------------------------------
     async def _session(self) -> None:
         self.state = ClientState.CONNECTING
-        conn = NodeConnection(self.config, self._token, self.registration.instance_id)
+        conn = self._connect()
         try:
             settings = await self._stoppable(conn.register(self.registration))
             self.settings, self.node_id = settings, settings.node_id
             self.sessions += 1
             log.info("%s: registered as %s", self.config.node_name, settings.node_id)
+            if self.config.receive_window_bytes == AUTO_WINDOW:
+                conn = await self._fit_receive_window(conn, settings)
             await self._deliver(conn)
             while True:
                 self.state = ClientState.POLLING
@@ -243,6 +254,26 @@ class NodeClient:
                 await self._deliver(conn)
         finally:
             await conn.close(None)
+
+    def _connect(self) -> NodeConnection:
+        return NodeConnection(self.config, self._token, self.registration.instance_id,
+                              receive_window=self.receive_window)
+
+    async def _fit_receive_window(self, conn: NodeConnection, settings: ServerSettings) -> NodeConnection:
+        """Measure the round-trip time and, if "auto" wants another window than ``conn``'s, move to a fresh
+        channel that has it (a channel's window is fixed when it is created; registration is per process,
+        not per channel, so the new one needs no Register)."""
+        self.link_rtt = await self._stoppable(measure_rtt(conn.heartbeat))
+        window = auto_window(self.link_rtt, settings.task_chunk_size)
+        if window == conn.receive_window:
+            return conn
+        log.info("%s: round trip %.2f ms, %s bytes per task chunk: download window %s (was %s)",
+                 self.config.node_name, self.link_rtt * 1e3, settings.task_chunk_size or "unannounced",
+                 describe_window(window), describe_window(conn.receive_window))
+        self.receive_window = window
+        fresh = self._connect()
+        await conn.close(None)
+        return fresh
 
     def _poll_wait(self) -> float:
         cap = self.settings.max_poll_wait_seconds if self.settings else 0.0

@@ -13,12 +13,11 @@ from typing import Literal
 
 from fedcore.errors import NodeConfigError
 from fedcore.framing import DEFAULT_CHUNK_SIZE
+from fedcore.wire.flow_control import MESSAGE_OVERHEAD, RECEIVE_WINDOW_CHOICES, valid_receive_window
 
 TlsMode = Literal["insecure", "tls", "mtls"]
 TLS_MODES: tuple[str, ...] = ("insecure", "tls", "mtls")
 
-#: Bytes a gRPC message may carry beyond one chunk's data (protobuf framing, offsets, headers).
-MESSAGE_OVERHEAD = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -99,12 +98,14 @@ class NodeConfig:
     report_interval_seconds: float = 0.5  # batching period of progress/log events
     heartbeat_interval_seconds: float = 10.0  # used until the server announces its own at Register
     stop_grace_seconds: float = 10.0  # how long stop() lets an upload in flight finish
-    #: Per-stream HTTP/2 receive window for task downloads, bytes; None: gRPC sizes it by bandwidth-delay
-    #: probing (BDP). A fixed window bounds the chunks gRPC holds ahead of the node (the BDP-grown window
-    #: holds 16-33 MB at 1 GB/s) but caps throughput at window / round-trip time on a long link. Give it
-    #: at least one chunk message (chunk size + 64 KiB, e.g. 1114112 for 1 MiB chunks): a window smaller
-    #: than one message makes every chunk wait for window updates (measured: 10-17 % slower on loopback).
-    receive_window_bytes: int | None = None
+    #: HTTP/2 receive window for task downloads, bytes: how much the server may send ahead of what the node
+    #: has read. "auto" (default): measured after every Register (fednode.receive_window) - one chunk
+    #: message fixed when the round-trip time is short enough for it to move >= 1 GB/s, else gRPC's
+    #: bandwidth-delay probing. None: always probing (it grows to 16-33 MB on a fast near link, held in
+    #: memory beside the model). An int: that many bytes fixed - it caps downloads at window / round-trip
+    #: time; give at least one chunk message (chunk size + 64 KiB, e.g. 1114112 for 1 MiB chunks), or
+    #: every chunk waits for window updates.
+    receive_window_bytes: int | Literal["auto"] | None = "auto"
     backoff: BackoffPolicy = BackoffPolicy()
     keepalive: KeepaliveOptions = KeepaliveOptions()
 
@@ -131,9 +132,9 @@ class NodeConfig:
                      "report_interval_seconds", "heartbeat_interval_seconds"):
             if not getattr(self, name) > 0:
                 raise NodeConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
-        window = self.receive_window_bytes
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 65535):
-            raise NodeConfigError(f"receive_window_bytes must be None or an int >= 65535, got {window!r}")
+        if not valid_receive_window(self.receive_window_bytes):
+            raise NodeConfigError(
+                f"receive_window_bytes must be {RECEIVE_WINDOW_CHOICES}, got {self.receive_window_bytes!r}")
         if self.stop_grace_seconds < 0:
             raise NodeConfigError(f"stop_grace_seconds must be >= 0, got {self.stop_grace_seconds}")
 
@@ -152,8 +153,14 @@ class NodeConfig:
             raise NodeConfigError("the token must be one non-empty word without whitespace")
         return token
 
-    def channel_options(self) -> list[tuple[str, int | str]]:
-        """gRPC channel options: keepalive, and message sizes just above one chunk."""
+    def initial_receive_window(self) -> int | None:
+        """The window of a first channel: the fixed one configured, else None (probing; "auto" decides later)."""
+        window = self.receive_window_bytes
+        return window if isinstance(window, int) else None
+
+    def channel_options(self, receive_window: int | None) -> list[tuple[str, int | str]]:
+        """gRPC channel options: keepalive, message sizes just above one chunk, and the receive window
+        (bytes fixed, or None: gRPC's bandwidth-delay probing)."""
         ka = self.keepalive
         options: list[tuple[str, int | str]] = [
             ("grpc.keepalive_time_ms", ka.time_ms),
@@ -166,8 +173,8 @@ class NodeConfig:
             # inherit the process-wide subchannel stuck in gRPC's own reconnect backoff (1 s, x1.6, 120 s)
             ("grpc.use_local_subchannel_pool", 1),
         ]
-        if self.receive_window_bytes is not None:  # fixed window, BDP probing off
-            options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", self.receive_window_bytes)]
+        if receive_window is not None:  # fixed window, BDP probing off
+            options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", receive_window)]
         if self.server_name_override:
             options.append(("grpc.ssl_target_name_override", self.server_name_override))
         return options

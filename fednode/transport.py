@@ -87,12 +87,15 @@ class NodeConnection:
     stuck in gRPC's own (slow, un-jittered) reconnect backoff.
     """
 
-    def __init__(self, config: NodeConfig, token: str | None = None, instance_id: str = "") -> None:
-        """``instance_id``: the process's RegisterRequest.instance_id, sent on every call ("": none)."""
+    def __init__(self, config: NodeConfig, token: str | None = None, instance_id: str = "", *,
+                 receive_window: int | None) -> None:
+        """``instance_id``: the process's RegisterRequest.instance_id, sent on every call ("": none).
+        ``receive_window``: the channel's download window, bytes fixed, or None: gRPC's probing."""
         if token is None:
             token = config.resolve_token()
         credentials = channel_credentials(config, token)
-        options = config.channel_options()
+        self.receive_window = receive_window
+        options = config.channel_options(self.receive_window)
         instance: Metadata = ((INSTANCE_METADATA_KEY, instance_id),) if instance_id else ()
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(config.server, options=options)

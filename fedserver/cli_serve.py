@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from fedcore.command_line import parse_size
+from fedcore.command_line import parse_receive_window, parse_size
 from fedcore.errors import ServerConfigError
 from fedserver.auth import NodeStore
 from fedserver.config import TLS_MODES, ServerConfig
@@ -35,17 +35,18 @@ server memory (--max-upload-buffer, --receive-window):
   A round's replies arrive together. Their upload buffers hold at most --max-upload-buffer bytes
   together (one reply always fits; the others wait in line until one is aggregated and freed), and
   each waiting reply can still have up to its HTTP/2 receive window of chunks buffered inside gRPC.
-  The defaults favour speed (4GiB, and windows that gRPC grows to ~10-20 MB per reply on fast links);
-  to bound memory with many nodes or large models, e.g. --max-upload-buffer 64MiB --receive-window
-  1088KiB (replies then arrive one after another; see docs/performance.md, "Rounds vs Flower"). A
-  window should hold one chunk message (chunk size + 64KiB): a smaller one makes every chunk wait for
-  window updates; 1088KiB with 1 MiB chunks moved as fast as probing on loopback (docs/performance.md,
-  "Transport").
+  --receive-window auto (default) fixes that window at one chunk message (chunk size + 64KiB) while
+  the server listens on a loopback address (nodes on this machine: it costs no speed there), and lets
+  gRPC probe the bandwidth-delay product once it listens on a network (fast on long links, but ~10-30 MB
+  per waiting reply on fast near ones). bdp: always probe (e.g. a loopback server that remote nodes
+  reach through a TCP tunnel). A size fixes the window: it bounds that memory but caps an upload at
+  SIZE per network round trip; give at least one chunk message (1088KiB for 1 MiB chunks), else every
+  chunk waits for window updates. To bound memory with many nodes or large models, e.g.
+  --max-upload-buffer 64MiB --receive-window 1088KiB (replies then arrive one after another; see
+  docs/performance.md, "Rounds vs Flower" and "Transport").
 
 sizes accept the suffixes KiB, MiB, GiB (e.g. 4GiB)."""
 
-#: Smallest HTTP/2 receive window gRPC accepts (the protocol's initial window).
-MIN_RECEIVE_WINDOW = 65535
 
 
 def parse_positive_size(text: str) -> int:
@@ -53,20 +54,6 @@ def parse_positive_size(text: str) -> int:
     size = parse_size(text)
     if size <= 0:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be more than 0 bytes")
-    return size
-
-
-def parse_receive_window(text: str) -> int | None:
-    """``auto`` -> None (gRPC's bandwidth-delay probing), else a size of at least 65535 bytes."""
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        size = parse_size(text)
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{exc}, or auto") from None
-    if size < MIN_RECEIVE_WINDOW:
-        raise argparse.ArgumentTypeError(
-            f"invalid window {text!r}: must be 'auto' or at least {MIN_RECEIVE_WINDOW} bytes (64KiB)")
     return size
 
 
@@ -128,12 +115,13 @@ def add_server_options(parser: argparse._ActionsContainer) -> None:
                              "wait in line until it is aggregated. Lower bounds the server's memory, but "
                              "replies are then received one after another (default: 4GiB)")
     parser.add_argument("--receive-window", type=parse_receive_window, default=d["receive_window_bytes"].default,
-                        metavar="SIZE|auto",
+                        metavar="auto|bdp|SIZE",
                         help="HTTP/2 receive window of each upload: how much of a reply waiting for upload "
-                             "room gRPC still accepts. auto (default): sized by bandwidth-delay probing, fast on "
-                             "long links but ~10-20 MB per waiting reply; a fixed size (>= 64KiB; best >= one chunk "
-                             "message, e.g. 1088KiB for 1 MiB chunks) bounds that memory but caps an upload at "
-                             "SIZE per network round trip")
+                             "room gRPC still accepts. auto (default): one chunk message fixed while listening on "
+                             "loopback, bandwidth-delay probing on a network address; bdp: always probing (fast "
+                             "on long links but ~10-30 MB per waiting reply); a fixed size (>= 64KiB; best >= one "
+                             "chunk message, e.g. 1088KiB for 1 MiB chunks) bounds that memory but caps an upload "
+                             "at SIZE per network round trip")
     parser.add_argument("--max-poll-wait", type=float, default=d["max_poll_wait_seconds"].default,
                         help="longest long poll, seconds (default: %(default)s)")
     parser.add_argument("--reconnect-grace", type=parse_grace, default=d["reconnect_grace_seconds"].default,

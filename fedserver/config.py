@@ -7,6 +7,7 @@ naming the field, not minutes later inside a call.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,28 @@ from typing import Any, Literal
 
 from fedcore.errors import ServerConfigError
 from fedcore.framing import DEFAULT_CHUNK_SIZE
+from fedcore.wire.flow_control import (
+    AUTO_WINDOW,
+    MESSAGE_OVERHEAD,
+    RECEIVE_WINDOW_CHOICES,
+    chunk_message_window,
+    valid_receive_window,
+)
 
 TlsMode = Literal["insecure", "tls", "mtls"]
 TLS_MODES: tuple[str, ...] = ("insecure", "tls", "mtls")
 
-#: Bytes a gRPC message may carry beyond one chunk's data (protobuf framing, offset, header fields).
-MESSAGE_OVERHEAD = 64 * 1024
+def is_loopback(address: str) -> bool:
+    """True for an address only this machine can reach: 127.0.0.0/8, ::1 (bracketed or not), localhost."""
+    host = address.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -53,10 +70,14 @@ class ServerConfig:
     # no idle block sits beside the sum and the new model (the first reply of each round allocates afresh)
     upload_pool_bytes: int = 1 * GiB
     max_send_buffer_bytes: int = 64 * MiB  # task chunk bytes handed to gRPC and not yet sent, all streams
-    # per-stream HTTP/2 receive window; None: gRPC sizes it by bandwidth-delay probing (fast on long links,
-    # but each reply waiting for upload room may then sit ~10-20 MB deep in gRPC); bytes: fixed, probing off
-    # (best >= one chunk message, max chunk + 64 KiB: a smaller window makes each chunk wait for updates)
-    receive_window_bytes: int | None = None
+    # HTTP/2 receive window for uploads: how much a node may send ahead of what the server has read. None:
+    # gRPC's bandwidth-delay probing (fast on long links, but it grows to 16-33 MB on a fast near one, and
+    # each reply waiting for upload room may sit that deep in gRPC); bytes: fixed, probing off - caps an
+    # upload at window / round-trip time, so give at least one chunk message (chunk + 64 KiB), or each chunk
+    # waits for window updates. "auto" (default): one chunk message (chunk_size + 64 KiB) fixed while the
+    # server listens on a loopback address only (nodes are on this machine: a round trip is microseconds),
+    # probing once it listens on a network (see receive_window())
+    receive_window_bytes: int | Literal["auto"] | None = AUTO_WINDOW
     max_poll_wait_seconds: float = 30.0
     # a node that disconnected (dropped its stream or fell silent) keeps its open tasks this long to come
     # back and resume them; then they fail, so a round waits this, not the task's inactivity timeout.
@@ -94,9 +115,9 @@ class ServerConfig:
         pool = self.upload_pool_bytes
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
             raise ServerConfigError(f"upload_pool_bytes must be an int >= 0 (0: off), got {pool!r}")
-        window = self.receive_window_bytes
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 65535):
-            raise ServerConfigError(f"receive_window_bytes must be None or an int >= 65535, got {window!r}")
+        if not valid_receive_window(self.receive_window_bytes):
+            raise ServerConfigError(
+                f"receive_window_bytes must be {RECEIVE_WINDOW_CHOICES}, got {self.receive_window_bytes!r}")
         if self.chunk_size > self.max_chunk_size:
             raise ServerConfigError(
                 f"chunk_size {self.chunk_size} must not exceed max_chunk_size {self.max_chunk_size}")
@@ -122,6 +143,16 @@ class ServerConfig:
         """``address:port`` as given to ``add_*_port`` (IPv6 addresses keep their brackets)."""
         return f"{self.address}:{self.port}"
 
+    def receive_window(self) -> int | None:
+        """The upload window gRPC gets: bytes fixed, or None (probing). "auto" resolves by ``address``: a
+        loopback address (127.0.0.0/8, ::1, localhost) can only be reached from this machine, so one chunk
+        message of ``chunk_size`` suffices there; any other address may face a WAN, so probing. (A loopback
+        server that remote nodes reach through a TCP tunnel should set None: the tunnel makes it far.)"""
+        window = self.receive_window_bytes
+        if window != AUTO_WINDOW:
+            return window
+        return chunk_message_window(self.chunk_size) if is_loopback(self.address) else None
+
     @property
     def max_message_size(self) -> int:
         """gRPC send/receive message limit: the larger chunk size plus framing overhead."""
@@ -142,7 +173,7 @@ class ServerConfig:
             # silently ignored and the 5-minute default then answers keepalive pings with GOAWAY too_many_pings
             ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_client_ping_interval_seconds)),
             ("grpc.http2.max_ping_strikes", 2),
-        ] + ([] if self.receive_window_bytes is None else [
+        ] + ([] if (window := self.receive_window()) is None else [
             ("grpc.http2.bdp_probe", 0),
-            ("grpc.http2.lookahead_bytes", self.receive_window_bytes),
+            ("grpc.http2.lookahead_bytes", window),
         ])

@@ -124,7 +124,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         cfg = self.config
         return convert.server_settings_to_pb(ServerSettings(
             node_id, PROTOCOL_VERSION, cfg.max_poll_wait_seconds, cfg.max_chunk_size, cfg.max_payload_size,
-            cfg.heartbeat_interval_seconds))
+            cfg.heartbeat_interval_seconds, cfg.chunk_size))
 
     # -- PollTask --------------------------------------------------------------------------------------
     @translate_stream

@@ -243,8 +243,9 @@ def run_raw(mode: str, size: int, chunk: int, transfers: int, gap: float, verify
 def run_fed(mode: str, size: int, chunk: int, transfers: int, gap: float,
             windows: dict[str, int | None], no_pool: bool = False) -> tuple[list[Run], dict[str, Any]]:
     """``transfers`` fedstream transfers back to back (one FedServer, one NodeClient); RSS growth of each
-    from the RSS before the FIRST one. Also returns the receiver's BufferPool counters. ``windows``
-    overrides the configs' receive windows (keys ``node_window``, ``server_window``)."""
+    from the RSS before the FIRST one. Also returns the receiver's BufferPool counters and the node's
+    download window (what "auto" chose, ``window``, from round trip ``rtt`` s). ``windows`` overrides the
+    configs' receive windows (keys ``node_window``, ``server_window``)."""
     spec = {"mode": mode, "size": size, "chunk": chunk, "transfers": transfers, "gap": gap, **windows,
             "no_pool": no_pool}
     pair = Pair(roles.fed_server, roles.fed_node, spec)
@@ -275,7 +276,7 @@ def run_fed(mode: str, size: int, chunk: int, transfers: int, gap: float,
         runs.append(Run(seconds, nbytes, sender.peak(t0, t1) - sender.before(first),
                         receiver.peak(t0, t_end) - receiver.before(first), intact, encode_s,
                         sender.cpu(c0, t1), receiver.cpu(c0, t1)))
-    return runs, (n if mode == "download" else s)["pool"]
+    return runs, {**(n if mode == "download" else s)["pool"], "window": n["window"], "rtt": n["rtt"]}
 
 
 def summarize(runs: list[Run]) -> dict[str, float]:
@@ -297,10 +298,13 @@ DEFAULT: Any = object()  # a receive window left at its config default
 MIN_WINDOW = 65535  # bytes: gRPC's smallest receive window; NodeConfig and ServerConfig refuse less
 
 
-def window_arg(text: str) -> int | None:
-    """``--node-window`` / ``--server-window``: 'bdp', or a byte count the configs accept (>= 65535)."""
+def window_arg(text: str) -> int | str | None:
+    """``--node-window`` / ``--server-window``: 'bdp', 'auto' (node only), or a byte count the configs
+    accept (>= 65535)."""
     if text == "bdp":
         return None
+    if text == "auto":
+        return text
     try:
         value = int(text)
     except ValueError:
@@ -330,9 +334,18 @@ def describe_window(side: str, value: Any) -> str:
 
         config = NodeConfig if side == "node" else ServerConfig
         default = config.__dataclass_fields__["receive_window_bytes"].default
-        what = "BDP probing" if default is None else f"{default} bytes fixed"
+        auto = ("auto (one chunk message fixed on a near link, else BDP probing)" if side == "node" else
+                "auto (one chunk message fixed on a loopback address, else BDP probing)")
+        what = {None: "BDP probing", "auto": auto}.get(default, f"{default} bytes fixed")
         return f"{what} (the default, as a user gets it)"
-    return "BDP probing (override)" if value is None else f"{value} bytes fixed (override, NOT the default)"
+    what = {None: "BDP probing", "auto": "auto"}.get(value, f"{value} bytes fixed")
+    return f"{what} (override, NOT the default)"
+
+
+def describe_chosen(window: int | None, rtt: float | None) -> str:
+    """The node's download window of one pair, and the round trip "auto" chose it from."""
+    what = "BDP probing" if window is None else f"{window} fixed"
+    return what if rtt is None else f"{what} (rtt {rtt * 1e3:.2f} ms)"
 
 
 def verdict(ok: bool) -> str:
@@ -418,7 +431,8 @@ def main() -> int:
                 pool_stats.append(pool)
             pools.append(f"{mb:>5} MB {mode:>8} | receiver pool over {repeat} pairs: "
                          f"{sum(p['reused'] for p in pool_stats)} reused, "
-                         f"{sum(p['allocated'] for p in pool_stats)} fresh blocks")
+                         f"{sum(p['allocated'] for p in pool_stats)} fresh blocks; node window "
+                         + ", ".join(describe_chosen(p["window"], p["rtt"]) for p in pool_stats))
             rows = [("first", slice(0, 1))] + ([("steady", slice(1, None))] if transfers > 1 else [])
             for row, pick in rows:
                 if args.skip_context:

@@ -303,4 +303,5 @@ async def _fed_node(conn: Any, spec: dict[str, Any]) -> None:
     await runner
     info["transfers"] = transfers
     info["pool"] = client.receive_pool.stats().__dict__
+    info["window"], info["rtt"] = client.receive_window, client.link_rtt  # what "auto" chose, from what
     conn.send(info)

@@ -63,7 +63,7 @@ def test_token_is_not_in_repr():
 
 
 def test_channel_options_keepalive_and_message_limit():
-    options = dict(NodeConfig("h:1", tls="insecure", token="t", max_chunk_size=2 << 20).channel_options())
+    options = dict(NodeConfig("h:1", tls="insecure", token="t", max_chunk_size=2 << 20).channel_options(None))
     assert options["grpc.max_receive_message_length"] == (2 << 20) + MESSAGE_OVERHEAD
     assert options["grpc.keepalive_time_ms"] == 20_000
     assert options["grpc.keepalive_permit_without_calls"] == 1

@@ -190,12 +190,17 @@ def test_pool_settings_are_validated_and_reach_the_node_cli(tmp_path):
 
 
 def test_node_receive_window_is_a_fixed_grpc_window_and_is_validated():
-    options = dict(node_config(1, receive_window_bytes=2 << 20).channel_options())
+    fixed = node_config(1, receive_window_bytes=2 << 20)
+    options = dict(fixed.channel_options(fixed.initial_receive_window()))
     assert options["grpc.http2.bdp_probe"] == 0 and options["grpc.http2.lookahead_bytes"] == 2 << 20
-    probing = dict(node_config(1, receive_window_bytes=None).channel_options())
-    assert "grpc.http2.bdp_probe" not in probing and "grpc.http2.lookahead_bytes" not in probing
-    for bad in (0, 1000, True, 1.5e6):
-        with pytest.raises(NodeConfigError, match="receive_window_bytes must be None or an int >= 65535"):
+    for window in (None, "auto"):  # "auto" starts probing and decides after Register (test_receive_window)
+        config = node_config(1, receive_window_bytes=window)
+        probing = dict(config.channel_options(config.initial_receive_window()))
+        assert "grpc.http2.bdp_probe" not in probing and "grpc.http2.lookahead_bytes" not in probing
+    assert node_config(1).receive_window_bytes == "auto"  # the default
+    for bad in (0, 1000, True, 1.5e6, "bdp", "Auto"):
+        with pytest.raises(NodeConfigError, match="receive_window_bytes must be 'auto', None .BDP probing. or an "
+                                                  "int >= 65535, got"):
             node_config(1, receive_window_bytes=bad)
 
 

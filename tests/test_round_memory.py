@@ -72,12 +72,30 @@ def test_receive_window_is_a_fixed_grpc_window_and_is_validated() -> None:
     from fedcore.errors import ServerConfigError
     from fedserver.config import ServerConfig
 
-    assert not any(name == "grpc.http2.bdp_probe" for name, _ in ServerConfig(tls="insecure").grpc_options())
+    probing = ServerConfig(tls="insecure", receive_window_bytes=None).grpc_options()
+    assert not any(name == "grpc.http2.bdp_probe" for name, _ in probing)
     options = dict(ServerConfig(tls="insecure", receive_window_bytes=256 << 10).grpc_options())
     assert options["grpc.http2.bdp_probe"] == 0 and options["grpc.http2.lookahead_bytes"] == 256 << 10
-    for bad in (0, 1000, True, 1.5e6):
-        with pytest.raises(ServerConfigError, match="receive_window_bytes"):
+    for bad in (0, 1000, True, 1.5e6, "bdp"):
+        with pytest.raises(ServerConfigError, match="receive_window_bytes must be 'auto', None .BDP probing. or an "
+                                                    "int >= 65535, got"):
             ServerConfig(tls="insecure", receive_window_bytes=bad)
+
+
+@pytest.mark.parametrize("address, window", [
+    ("127.0.0.1", (1 << 20) + (64 << 10)), ("127.1.2.3", (1 << 20) + (64 << 10)), ("localhost", (1 << 20) + (64 << 10)),
+    ("LocalHost", (1 << 20) + (64 << 10)), ("::1", (1 << 20) + (64 << 10)), ("[::1]", (1 << 20) + (64 << 10)),
+    ("0.0.0.0", None), ("[::]", None), ("10.0.0.5", None), ("fed.example.org", None),
+])
+def test_auto_receive_window_is_one_chunk_message_on_loopback_and_probing_on_a_network(address, window) -> None:
+    from fedserver.config import ServerConfig
+
+    config = ServerConfig(tls="insecure", address=address)
+    assert config.receive_window_bytes == "auto" and config.receive_window() == window
+    options = dict(config.grpc_options())
+    assert options.get("grpc.http2.lookahead_bytes") == window and ("grpc.http2.bdp_probe" in options) == bool(window)
+    bigger = ServerConfig(tls="insecure", address=address, chunk_size=4 << 20)  # the window follows chunk_size
+    assert bigger.receive_window() == (None if window is None else (4 << 20) + (64 << 10))
 
 
 def test_rounds_run_with_a_small_receive_window_and_one_upload_at_a_time(tmp_path: Path) -> None:

@@ -30,9 +30,9 @@ BAD = [
     ("--max-upload-buffer", "0", "must be more than 0 bytes"),
     ("--max-upload-buffer", "64XB", "use e.g. 1048576"),
     ("--receive-window", "-256KiB", "a size cannot be negative"),
-    ("--receive-window", "wide", "use e.g. 1048576, 512KiB, 4MiB or 4GiB, or auto"),
-    ("--receive-window", "1000", "must be 'auto' or at least 65535 bytes (64KiB)"),
-    ("--receive-window", "0", "must be 'auto' or at least 65535 bytes"),
+    ("--receive-window", "wide", "use e.g. 1048576, 512KiB, 4MiB or 4GiB, or auto or bdp"),
+    ("--receive-window", "1000", "must be 'auto', 'bdp' or at least 65535 bytes (64KiB)"),
+    ("--receive-window", "0", "must be 'auto', 'bdp' or at least 65535 bytes"),
     ("--max-concurrent-uploads", "-2", "must be an integer > 0"),
     ("--max-concurrent-uploads", "many", "must be an integer > 0"),
     ("--reconnect-grace", "-1", "must be seconds >= 0, or none"),
@@ -71,17 +71,19 @@ def test_bad_values_exit_2_from_the_command_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["serve", "run"])
-@pytest.mark.parametrize("argv, upload_buffer, window", [
-    ([], 4 * GiB, None),
-    (["--max-upload-buffer", "64MiB", "--receive-window", "256KiB"], 64 * MiB, 256 * KiB),
-    (["--max-upload-buffer", "1048576", "--receive-window", "65535"], MiB, 65535),
-    (["--receive-window", "256k", "--receive-window", "AUTO"], 4 * GiB, None),  # the last one wins
+@pytest.mark.parametrize("argv, upload_buffer, setting, window", [
+    ([], 4 * GiB, "auto", MiB + 64 * KiB),  # the default listens on 127.0.0.1: one chunk message fixed
+    (["--address", "0.0.0.0"], 4 * GiB, "auto", None),  # on a network: probing
+    (["--max-upload-buffer", "64MiB", "--receive-window", "256KiB"], 64 * MiB, 256 * KiB, 256 * KiB),
+    (["--max-upload-buffer", "1048576", "--receive-window", "65535"], MiB, 65535, 65535),
+    (["--receive-window", "256k", "--receive-window", "BDP"], 4 * GiB, None, None),  # the last one wins
+    (["--receive-window", "256k", "--receive-window", "AUTO"], 4 * GiB, "auto", MiB + 64 * KiB),
 ])
-def test_values_reach_the_server_config(command: str, argv: list[str], upload_buffer: int, window: int | None,
-                                        tmp_path: Path) -> None:
+def test_values_reach_the_server_config(command: str, argv: list[str], upload_buffer: int, setting: int | str | None,
+                                        window: int | None, tmp_path: Path) -> None:
     args = build_parser().parse_args([command, "--home", str(tmp_path), "--tls", "insecure", *argv])
     config = config_from_args(args)
-    assert (config.max_upload_buffer_bytes, config.receive_window_bytes) == (upload_buffer, window)
+    assert (config.max_upload_buffer_bytes, config.receive_window_bytes) == (upload_buffer, setting)
     options = dict(config.grpc_options())
     assert options.get("grpc.http2.lookahead_bytes") == window and ("grpc.http2.bdp_probe" in options) == bool(window)
 
@@ -92,7 +94,8 @@ def test_help_explains_the_trade_off(command: str, capsys: pytest.CaptureFixture
         main([command, "--help"])
     assert exited.value.code == 0
     flat = " ".join(capsys.readouterr().out.split())
-    assert "--max-upload-buffer SIZE" in flat and "--receive-window SIZE|auto" in flat
+    assert "--max-upload-buffer SIZE" in flat and "--receive-window auto|bdp|SIZE" in flat
+    assert "one chunk message fixed while listening on loopback" in flat
     assert "replies are then received one after another" in flat
     assert "bandwidth-delay probing" in flat and "caps an upload at SIZE per network round trip" in flat
 

@@ -243,7 +243,7 @@ def server_settings_to_pb(settings: ServerSettings) -> node_service_pb2.Register
         node_id=settings.node_id, server_version=version_to_pb(settings.server_version),
         max_poll_wait_seconds=settings.max_poll_wait_seconds, max_chunk_size=settings.max_chunk_size,
         max_payload_size=settings.max_payload_size,
-        heartbeat_interval_seconds=settings.heartbeat_interval_seconds,
+        heartbeat_interval_seconds=settings.heartbeat_interval_seconds, task_chunk_size=settings.task_chunk_size,
     )
 
 
@@ -252,6 +252,7 @@ def server_settings_from_pb(pb: node_service_pb2.RegisterResponse) -> ServerSett
         node_id=pb.node_id, server_version=version_from_pb(pb.server_version),
         max_poll_wait_seconds=pb.max_poll_wait_seconds, max_chunk_size=int(pb.max_chunk_size),
         max_payload_size=int(pb.max_payload_size), heartbeat_interval_seconds=pb.heartbeat_interval_seconds,
+        task_chunk_size=int(pb.task_chunk_size),
     )
 
 

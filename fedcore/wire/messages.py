@@ -104,6 +104,7 @@ class ServerSettings:
     max_chunk_size: int
     max_payload_size: int
     heartbeat_interval_seconds: float
+    task_chunk_size: int = 0  # data bytes per chunk of the task payloads it sends; 0: not announced
 
 
 @dataclass(frozen=True)

@@ -24,20 +24,22 @@ class RegisterRequest(_message.Message):
     def __init__(self, version: _Optional[_Union[_common_pb2.ProtocolVersion, _Mapping]] = ..., node_name: _Optional[str] = ..., datasets: _Optional[_Iterable[_Union[_common_pb2.DatasetInfo, _Mapping]]] = ..., capabilities: _Optional[_Iterable[str]] = ..., client_version: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("node_id", "server_version", "max_poll_wait_seconds", "max_chunk_size", "max_payload_size", "heartbeat_interval_seconds")
+    __slots__ = ("node_id", "server_version", "max_poll_wait_seconds", "max_chunk_size", "max_payload_size", "heartbeat_interval_seconds", "task_chunk_size")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_POLL_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TASK_CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     server_version: _common_pb2.ProtocolVersion
     max_poll_wait_seconds: float
     max_chunk_size: int
     max_payload_size: int
     heartbeat_interval_seconds: float
-    def __init__(self, node_id: _Optional[str] = ..., server_version: _Optional[_Union[_common_pb2.ProtocolVersion, _Mapping]] = ..., max_poll_wait_seconds: _Optional[float] = ..., max_chunk_size: _Optional[int] = ..., max_payload_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+    task_chunk_size: int
+    def __init__(self, node_id: _Optional[str] = ..., server_version: _Optional[_Union[_common_pb2.ProtocolVersion, _Mapping]] = ..., max_poll_wait_seconds: _Optional[float] = ..., max_chunk_size: _Optional[int] = ..., max_payload_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., task_chunk_size: _Optional[int] = ...) -> None: ...
 
 class PollTaskRequest(_message.Message):
     __slots__ = ("version", "wait_seconds", "resume_task_id", "resume_offset")
