@@ -49,7 +49,7 @@ from fedcore.errors import (
     ServerRefusedError,
 )
 from fedcore.framing import BufferPool, OutgoingPayload
-from fedcore.framing.memory import TRAINING_MMAP_THRESHOLD, keep_chunk_memory
+from fedcore.framing.memory import TRAINING_MMAP_THRESHOLD, keep_chunk_memory, return_free_heap
 from fedcore.serialization import Serializer
 from fedcore.wire import (
     DatasetInfo,
@@ -252,6 +252,7 @@ class NodeClient:
                 self._upload = polled.early_reply or await self._execute(conn, polled)
                 polled = None  # drop the payload buffer now: the next task may reuse it (receive_pool)
                 await self._deliver(conn)
+                return_free_heap()  # the task's freed chunks and tensors, kept by keep_chunk_memory, until next round
         finally:
             await conn.close(None)
 

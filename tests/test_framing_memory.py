@@ -210,3 +210,38 @@ def test_kept_chunk_memory_keeps_threads_on_the_main_arena() -> None:
 
     assert arenas("default") >= 2, "by default a thread that allocates gets an arena of its own"
     assert arenas("keep") == 1, "every thread allocates from the main arena"
+
+
+_TRIM_PROBE = """
+import ctypes
+from fedcore.framing import memory
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+assert memory.keep_chunk_memory(1 << 20, floor=memory.TRAINING_MMAP_THRESHOLD)
+before = rss()
+blocks = [libc.malloc(1 << 20) for _ in range(24)]  # 24 chunk-sized blocks from the heap, written
+for block in blocks:
+    ctypes.memset(block, 1, 1 << 20)
+for block in blocks:
+    libc.free(block)
+kept = rss() - before  # under the 32 MiB trim threshold glibc keeps them all
+assert memory.return_free_heap()
+print(kept, rss() - before)
+"""
+
+
+@pytest.mark.skipif(not memory._glibc(), reason="glibc malloc only")
+def test_return_free_heap_hands_back_what_the_kept_thresholds_hold() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True, timeout=60, check=True)
+    kept, after = (int(n) for n in out.stdout.split())
+    assert kept >= 20 << 20  # 24 MiB freed but still resident
+    assert after <= 4 << 20  # back to the kernel
