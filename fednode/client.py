@@ -49,7 +49,7 @@ from fedcore.errors import (
     ServerRefusedError,
 )
 from fedcore.framing import BufferPool, OutgoingPayload
-from fedcore.framing.memory import TRAINING_MMAP_THRESHOLD, keep_chunk_memory, return_free_heap
+from fedcore.framing.memory import compute_memory, keep_chunk_memory, return_free_heap
 from fedcore.serialization import Serializer
 from fedcore.wire import (
     DatasetInfo,
@@ -185,9 +185,9 @@ class NodeClient:
         if self._loop is not None:
             raise NodeError("NodeClient.run() was already called; create one client per run")
         self._loop = asyncio.get_running_loop()
-        # chunk-sized blocks reused, not trimmed and refaulted per chunk; thresholds high enough for torch's
-        # per-step tensors of a training node (fedcore.framing.memory)
-        keep_chunk_memory(self.config.upload_chunk_size, floor=TRAINING_MMAP_THRESHOLD)
+        # chunk-sized blocks reused, not trimmed and refaulted per chunk; handlers run under compute_memory,
+        # thresholds high enough for torch's per-step tensors (fedcore.framing.memory)
+        keep_chunk_memory(self.config.upload_chunk_size)
         name = self.config.node_name
         try:
             while True:
@@ -421,7 +421,8 @@ class NodeClient:
             return PendingUpload.failed(d.task_id, f"task payload cannot be decoded: {exc}")
         task = ReceivedTask(d.task_id, d.experiment_id, d.round, d.kind, payload)
         try:
-            reply = self.handler.handle(task, reporter)
+            with compute_memory():  # training's 4-32 MiB tensors stay on the heap, reused step after step
+                reply = self.handler.handle(task, reporter)
             if not isinstance(reply, TaskReply):
                 raise TypeError(f"the handler returned {type(reply).__name__}, not a TaskReply")
         except Exception as exc:  # a plan's bug must never kill the node: it becomes the reply

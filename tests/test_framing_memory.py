@@ -126,29 +126,41 @@ libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
-floor = memory.TRAINING_MMAP_THRESHOLD if sys.argv[1] == "node" else memory.MMAP_THRESHOLD
-assert memory.keep_chunk_memory(1 << 20, floor=floor)
-before = libc.mallinfo2().hblkhd
-block = libc.malloc(12 << 20)  # a torch activation of a CNN at batch 256 is ~12.8 MB
-print(libc.mallinfo2().hblkhd - before)  # bytes in separate mappings: 0 when it came from the heap
-libc.free(block)
+
+def mapped() -> int:
+    # bytes a 12 MiB block (a torch activation of a CNN at batch 256) adds in separate mappings: 0 on the heap
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(12 << 20)
+    grown = libc.mallinfo2().hblkhd - before
+    libc.free(block)
+    return grown
+
+assert memory.keep_chunk_memory(1 << 20)  # as NodeClient.run and FedServer.start
+out = [mapped()]  # transfers: its own mapping
+with memory.compute_memory():  # a handler computing
+    out.append(mapped())
+    with memory.compute_memory():  # a second client's handler, ending first
+        pass
+    out.append(mapped())
+memory.return_free_heap()  # the heap's free top (the blocks above) goes back, as after each task
+out.append(mapped())  # transfers again
+print(*out)
 """
 
 
 @pytest.mark.skipif(not memory._glibc(), reason="glibc malloc only")
-def test_a_training_node_keeps_tensor_sized_blocks_on_the_heap() -> None:
-    """A 12 MiB block is its own mapping (faulted in afresh each step) under the server's 4 MiB threshold,
-    from the heap under the node's (``TRAINING_MMAP_THRESHOLD``, what glibc's dynamic threshold reaches)."""
+def test_a_node_computes_with_tensor_sized_blocks_on_the_heap_and_transfers_without() -> None:
+    """Under keep_chunk_memory's 4 MiB threshold a 12 MiB block is its own mapping (faulted in afresh every
+    training step); inside compute_memory it comes from the heap (``TRAINING_MMAP_THRESHOLD``, what glibc's
+    dynamic threshold reaches) as long as any section is open; after the last one, mappings again."""
     import subprocess
     import sys
 
-    def mapped(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _TRAINING_PROBE, mode], capture_output=True, text=True,
-                             timeout=60, check=True)
-        return int(out.stdout)
-
-    assert mapped("server") >= 12 << 20
-    assert mapped("node") == 0
+    out = subprocess.run([sys.executable, "-c", _TRAINING_PROBE], capture_output=True, text=True, timeout=60,
+                         check=True)
+    before, computing, still_computing, after = (int(n) for n in out.stdout.split())
+    assert before >= 12 << 20 and after >= 12 << 20
+    assert computing == still_computing == 0
 
 
 _RAISE_PROBE = """
@@ -223,14 +235,15 @@ def rss() -> int:
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
-assert memory.keep_chunk_memory(1 << 20, floor=memory.TRAINING_MMAP_THRESHOLD)
+assert memory.keep_chunk_memory(1 << 20)
 before = rss()
-blocks = [libc.malloc(1 << 20) for _ in range(24)]  # 24 chunk-sized blocks from the heap, written
-for block in blocks:
-    ctypes.memset(block, 1, 1 << 20)
-for block in blocks:
-    libc.free(block)
-kept = rss() - before  # under the 32 MiB trim threshold glibc keeps them all
+with memory.compute_memory():  # a task computing: 32 MiB thresholds
+    blocks = [libc.malloc(1 << 20) for _ in range(24)]  # 24 chunk-sized blocks from the heap, written
+    for block in blocks:
+        ctypes.memset(block, 1, 1 << 20)
+    for block in blocks:
+        libc.free(block)
+kept = rss() - before  # under the 32 MiB trim threshold glibc kept them all
 assert memory.return_free_heap()
 print(kept, rss() - before)
 """

@@ -25,18 +25,20 @@ chunks they read; each thread otherwise gets its own arena, and each arena keeps
 threshold of freed chunks: three arenas held 10.5 MB of a 40 MB download's receiver (0.26x of the
 payload, docs/performance.md "Transport"); on one arena the receiver peak fell from 1.40-1.64x to
 1.30-1.41x with throughput unchanged. The cost is one arena lock for all threads' small allocations,
-which are few here (arrays above the mmap threshold are mmapped — 4 MiB on the server, 32 MiB on a node,
-which also trains — and Python objects come from pymalloc).
+which are few here (arrays above the 4 MiB mmap threshold are mmapped — 32 MiB while a node trains,
+:func:`compute_memory` — and Python objects come from pymalloc).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
 import sys
 import threading
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -127,11 +129,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc malloc.
 MALLOC_ARENAS = 1  # glibc arenas: every thread allocates from the main arena (see the module docstring)
 MMAP_THRESHOLD = 4 << 20  # bytes: blocks this large get their own mapping (as fedserver.malloc_policy sets)
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses larger (HEAP_MAX_SIZE / 2 on 64-bit)
-#: floor of a process that also trains (fednode): glibc's own dynamic threshold climbs to this maximum once
-#: a freed block was that large; a fixed 4 MiB made every 4-32 MiB torch activation a fresh mapping, faulted
-#: in each step (a CNN at batch 256: 2.3-2.5x slower, ``scripts/bench_node_malloc.py``)
+#: thresholds while a node computes (compute_memory): glibc's own dynamic threshold climbs to this maximum
+#: once a freed block was that large; a fixed 4 MiB made every 4-32 MiB torch activation a fresh mapping,
+#: faulted in each step (a CNN at batch 256: 2.3-2.5x slower, ``scripts/bench_node_malloc.py``)
 TRAINING_MMAP_THRESHOLD = _MMAP_THRESHOLD_MAX
 _kept = 0  # mmap threshold set so far
+_compute_sections = 0  # compute_memory() sections open
 
 
 def _glibc() -> bool:
@@ -146,15 +149,14 @@ def keep_chunk_memory(chunk_size: int, *, floor: int = MMAP_THRESHOLD) -> bool:
 
     Sets ``M_MMAP_THRESHOLD`` to ``floor`` (4 MiB), or just above a chunk message when chunks are larger, so a
     chunk is never a fresh ``mmap`` while model-sized arrays still get their own mapping, returned to
-    the kernel when freed (the policy of ``fedserver.malloc_policy``); a node, which also trains, passes
-    :data:`TRAINING_MMAP_THRESHOLD` (32 MiB): setting any threshold turns off glibc's dynamic one, which
-    would otherwise rise to that for torch's per-step tensors; and ``M_TRIM_THRESHOLD`` to the
+    the kernel when freed (the policy of ``fedserver.malloc_policy``); and ``M_TRIM_THRESHOLD`` to the
     same, so freeing a chunk does not hand the top of the heap back to the kernel only for the next
     chunk to fault it in again (measured: 2 MiB still trims ~once per 5 chunks; 8 MiB keeps ~10 MB more
     of the in-flight chunks after a transfer than 4 MiB); and ``M_ARENA_MAX`` to :data:`MALLOC_ARENAS`,
-    so threads created afterwards (gRPC's) do not each keep their own arena of freed chunks. Only ever
-    raises the thresholds; a setting the user made through ``GLIBC_TUNABLES`` is left alone. True when
-    glibc took them.
+    so threads created afterwards (gRPC's) do not each keep their own arena of freed chunks. Setting a
+    threshold turns off glibc's dynamic one, which a training step needs: a node runs its tasks'
+    computation inside :func:`compute_memory`. Only ever raises the thresholds; a setting the user made
+    through ``GLIBC_TUNABLES`` is left alone. True when glibc took them.
     """
     global _kept
     threshold = min(max(floor, chunk_size + (64 << 10)), _MMAP_THRESHOLD_MAX)
@@ -163,19 +165,55 @@ def keep_chunk_memory(chunk_size: int, *, floor: int = MMAP_THRESHOLD) -> bool:
             return True
         if not _glibc():
             return False
-        try:
-            mallopt = ctypes.CDLL(None).mallopt
-        except (OSError, AttributeError):
-            return False
-        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        tunables = os.environ.get("GLIBC_TUNABLES", "")
-        ok = ("mmap_threshold" in tunables or mallopt(_M_MMAP_THRESHOLD, threshold) == 1) and (
-            "trim_threshold" in tunables or mallopt(_M_TRIM_THRESHOLD, threshold) == 1)
-        if ok and not _kept and "arena_max" not in tunables:
-            mallopt(_M_ARENA_MAX, MALLOC_ARENAS)  # best effort: the thresholds are what matters most
+        ok = _compute_sections > 0 or _set_thresholds(threshold)  # a computation running keeps its higher ones
+        if ok and not _kept and "arena_max" not in os.environ.get("GLIBC_TUNABLES", ""):
+            _mallopt(_M_ARENA_MAX, MALLOC_ARENAS)  # best effort: the thresholds are what matters most
         if ok:
             _kept = threshold
         return ok
+
+
+@contextlib.contextmanager
+def compute_memory() -> Iterator[None]:
+    """Raise glibc's thresholds to :data:`TRAINING_MMAP_THRESHOLD` while a task's computation runs, then
+    put back what :func:`keep_chunk_memory` set for transfers (process-wide; concurrent sections share it).
+
+    The two want opposite things. Training allocates the same 4-32 MiB tensors every step: glibc's own
+    dynamic threshold would keep them on the heap, where they are reused, and a fixed 4 MiB one made each
+    a fresh mapping faulted in every step (a CNN at batch 256 ran 2.3-2.5x slower,
+    ``scripts/bench_node_malloc.py``). Receiving wants the heap small: under 32 MiB thresholds gRPC's
+    buffers and their fragments grew a node's heap by ~10-11.5 MiB during a 40 MB download, against
+    ~6-10 MiB under 4 MiB (receiver peak 1.26-1.31x vs 1.14-1.27x of the payload). Does nothing when
+    :func:`keep_chunk_memory` fixed no threshold (glibc's dynamic one then serves both).
+    """
+    global _compute_sections
+    with _pool_lock:
+        _compute_sections += 1
+        if _compute_sections == 1 and _kept:
+            _set_thresholds(max(_kept, TRAINING_MMAP_THRESHOLD))
+    try:
+        yield
+    finally:
+        with _pool_lock:
+            _compute_sections -= 1
+            if _compute_sections == 0 and _kept:
+                _set_thresholds(_kept)
+
+
+def _mallopt(param: int, value: int) -> bool:
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(param, value) == 1
+
+
+def _set_thresholds(threshold: int) -> bool:
+    """Set glibc's mmap and trim thresholds, except where ``GLIBC_TUNABLES`` already does."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return ("mmap_threshold" in tunables or _mallopt(_M_MMAP_THRESHOLD, threshold)) and (
+        "trim_threshold" in tunables or _mallopt(_M_TRIM_THRESHOLD, threshold))
 
 
 def return_free_heap() -> bool:
