@@ -32,19 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-import numpy as np  # noqa: E402
+import demo_data
+import numpy as np
+from demo_plan import DemoPlan
 
-import demo_data  # noqa: E402
-from demo_plan import DemoPlan  # noqa: E402
-from fedcore.aggregators import FedAverage, Scaffold  # noqa: E402
-from fedcore.plans import ArrayDataset  # noqa: E402
-from fedserver.auth import NodeStore  # noqa: E402
-from fedserver.config import ServerConfig  # noqa: E402
-from fedserver.experiment import Experiment  # noqa: E402
-from fedserver.history import HistoryStore  # noqa: E402
-from fedserver.plot import compare_experiments, plot_history  # noqa: E402
-from fedserver.rounds import RoundReport  # noqa: E402
-from fedserver.server import FedServer  # noqa: E402
+from fedcore.aggregators import FedAverage, Scaffold
+from fedcore.plans import ArrayDataset
+from fedserver.auth import NodeStore
+from fedserver.config import ServerConfig
+from fedserver.experiment import Experiment
+from fedserver.history import HistoryStore
+from fedserver.plot import compare_experiments, plot_history
+from fedserver.rounds import RoundReport
+from fedserver.server import FedServer
 
 TRAINING_ARGS = {"num_updates": 100, "lr": 0.05, "batch_size": 32, "seed": 3,
                  "test_ratio": 0.2, "test_on_global_updates": True, "test_on_local_updates": True}
@@ -54,7 +54,7 @@ N_SITES = 3
 def cli(*args: str, capture: bool = False) -> str:
     """Run a fedstream CLI (``python -m fedserver ...`` / ``python -m fednode ...``) and fail loudly."""
     proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=120)
+                          capture_output=True, timeout=120, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(args)}\n{proc.stdout}{proc.stderr}")
     return proc.stdout
@@ -144,13 +144,14 @@ def main() -> int:
         for i, path in enumerate(paths[:N_SITES]):
             home = out / f"site{i}"
             cli("fednode", "dataset", "add", f"site{i}", str(path), "--tags", "demo", "--home", str(home))
-            log = open(out / f"site{i}.log", "w")
-            nodes.append(subprocess.Popen(
-                [sys.executable, "-m", "fednode", os.environ.get("FEDSTREAM_DEMO_NODE_VERBOSITY", "-v"), "start", "--home", str(home), "--server", f"127.0.0.1:{port}",
-                 "--ca-cert", str(server_home / "certs" / "ca.crt"), "--token-file", str(tokens[i]),
-                 "--name", f"site-{i}", "--auto-approve"],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "OMP_NUM_THREADS": "1"}))  # 3 nodes + server share 2 cores
+            # Popen hands the child its own copy of the descriptor, so the parent's handle can close at once
+            with open(out / f"site{i}.log", "w") as log:
+                nodes.append(subprocess.Popen(
+                    [sys.executable, "-m", "fednode", os.environ.get("FEDSTREAM_DEMO_NODE_VERBOSITY", "-v"), "start", "--home", str(home), "--server", f"127.0.0.1:{port}",
+                     "--ca-cert", str(server_home / "certs" / "ca.crt"), "--token-file", str(tokens[i]),
+                     "--name", f"site-{i}", "--auto-approve"],
+                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"}))  # 3 nodes + server share 2 cores
         print(f"== started {len(nodes)} fednode processes (pids {[p.pid for p in nodes]}), server on port {port}")
         results = asyncio.run(researcher(out, port, args.rounds))
     finally:

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fedserver.auth import NodeStore
-from fedserver.config import ServerConfig
-from fedserver.server import FedServer
 from fednode.approvals import PlanApprovals
 from fednode.client import NodeClient
 from fednode.config import NodeConfig
 from fednode.datasets import DatasetRegistry
 from fednode.runner import TrainingTaskHandler
+from fedserver.auth import NodeStore
+from fedserver.config import ServerConfig
+from fedserver.server import FedServer
 
 
 @dataclass

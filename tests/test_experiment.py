@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from experiment_harness import federation, least_squares_sites
+from plans_lsq import LinearPlan
 
 from fedcore.aggregators import FedAverage, Scaffold
 from fedcore.errors import RoundFailedError
 from fedserver.experiment import Experiment
 from fedserver.history import HistoryStore
-from experiment_harness import federation, least_squares_sites
-from plans_lsq import LinearPlan
 
 ARGS = {"num_updates": 20, "lr": 0.02, "batch_size": 16, "seed": 7, "shuffle": True}
 
@@ -32,7 +32,7 @@ def test_fedavg_rounds_history_and_checkpoints(tmp_path: Path) -> None:
     sites = least_squares_sites()
 
     async def main():
-        async with federation(tmp_path, sites) as (server, nodes, _):
+        async with federation(tmp_path, sites) as (server, _nodes, _):
             exp = Experiment(LinearPlan, ARGS, aggregator=FedAverage(), rounds=3, dataset_tags=["lsq"],
                              min_nodes=3, round_timeout=30, checkpoint_dir=tmp_path / "ckpt",
                              history_db=tmp_path / "history.db", server=server, progress=False)

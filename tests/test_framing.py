@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import numpy as np
 import pytest
@@ -69,7 +70,7 @@ def test_empty_payload() -> None:
        cuts=st.lists(st.integers(0, 5000), max_size=6))
 def test_any_segmentation_and_chunk_size_round_trips(data: bytes, chunk_size: int, cuts: list[int]) -> None:
     points = sorted({c for c in cuts if c < len(data)} | {0, len(data)})
-    segments = [data[a:b] for a, b in zip(points, points[1:])]
+    segments = [data[a:b] for a, b in itertools.pairwise(points)]
     payload = OutgoingPayload(segments, chunk_size=chunk_size)
     assert bytes(assemble(payload.info(), payload.iter_chunks(), **LIMITS)) == data
 
