@@ -153,7 +153,7 @@ def main() -> int:
                          "after the other (default 64, like its 64 MiB send budget; 0: the server default, 4 GiB)")
     ap.add_argument("--receive-window", type=int, default=256, metavar="KIB",
                     help="fedstream server's receive_window_bytes in KiB: what a reply waiting for upload room may "
-                         "hold inside gRPC (default 256; 0: gRPC's bandwidth-delay probing, the server default)")
+                         "hold inside gRPC (default 256; 0: the server default, 'auto': one chunk message on this loopback)")
     ap.add_argument("--server-defaults", action="store_true",
                     help="run fedstream's server with its default limits (same as --upload-buffer 0 --receive-window 0)")
     ap.add_argument("--accumulator", choices=("float64", "param_dtype"), default="float64",
