@@ -87,7 +87,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--accumulator", default="float64", help="FedAverage(accumulator=...)")
     ap.add_argument("--receive-window-kib", type=int, default=0,
-                    help="ServerConfig.receive_window_bytes in KiB (0: None, gRPC's probing)")
+                    help="ServerConfig.receive_window_bytes in KiB (0: its default, auto)")
     ap.add_argument("--upload-buffer-mb", type=int, default=0,
                     help="ServerConfig.max_upload_buffer_bytes in MiB (0: the server's default)")
     args = ap.parse_args()
