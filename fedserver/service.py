@@ -137,7 +137,8 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         wait = request.wait_seconds
         wait = self.config.max_poll_wait_seconds if wait <= 0 else min(wait, self.config.max_poll_wait_seconds)
         # a Register of a newer process of the node ends this poll (NodeSupersededError, FAILED_PRECONDITION);
-        # one of the same process ends it with NoTask unless it is sending a task already
+        # one of the same process ends it with NoTask unless it is sending a task already, and lets the
+        # process's next poll take that task over (the board counts each sender with its generation)
         generation = self.board.poll_generation(node_id)
         self.registry.poll_opened(node_id)
         self.open_polls += 1
@@ -150,7 +151,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                 handle: TaskHandle | None = self.board.lookup(request.resume_task_id, node_id)
                 start = int(request.resume_offset)
                 handle.descriptor(start)  # validates the offset before anything is sent
-                self.board.acquire(handle)
+                self.board.acquire(handle, generation=generation)
             else:
                 handle = await self.board.next_for(node_id, wait, generation=generation)
                 start = 0
@@ -172,7 +173,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             finally:
                 if chunks is not None:
                     _close(chunks)
-                self.board.release(handle, delivered=delivered)
+                self.board.release(handle, delivered=delivered, generation=generation)
             if closed:  # nothing was sent
                 if request.resume_task_id:  # the node knows the task: it learns that it is closed
                     raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")

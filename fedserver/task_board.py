@@ -24,7 +24,10 @@ so a task dispatched meanwhile goes to the new process. The same process registe
 network blip, on a new connection) bumps it too (:meth:`TaskBoard.node_reregistered`): its polls from
 before that Register, likely on the dead connection, take nothing and end quietly (``check_poll`` returns
 False: the service answers NoTask), instead of the oldest of them taking the next task into a socket
-nobody reads.
+nobody reads. A process polls one task at a time and abandons every poll it opened before that Register,
+so a task that only such streams are sending (its header went into the dead connection, where the stream
+blocks until keepalive drops it) is free for the process's new poll, which sends it again from offset 0:
+each handle keeps the poll generation of every stream sending it (``TaskHandle.sender_generations``).
 
 Closed tasks leave a small record (node id, why it closed, a weak reference to the handle) so a late
 result is refused with FAILED_PRECONDITION rather than NOT_FOUND, and noted on the handle if the caller
@@ -236,7 +239,9 @@ class TaskBoard:
         back after a network blip, on a new connection). Its polls open before this are of its earlier
         connection, likely dead or half-open: they take no task and end quietly (:meth:`check_poll` returns
         False for them), so the next task goes to the poll the process opens now. A poll already sending a
-        task goes on (the process resumes that download on its new connection if this one is dead)."""
+        task goes on (the process resumes that download on its new connection if this one is dead), but
+        no longer holds it: a poll of the new generation may take it and send it from offset 0 (the
+        process never saw its header, or it would resume it)."""
         current = self._generations.get(node_id, _NO_GENERATION)
         self._generations[node_id] = _PollGeneration(current.generation + 1, current.restart, current.message)
         self._wakeup(node_id).set()
@@ -262,22 +267,32 @@ class TaskBoard:
             event = self._wakeups[node_id] = asyncio.Event()
         return event
 
-    def _take(self, node_id: str) -> TaskHandle | None:
+    def _take(self, node_id: str, generation: int) -> TaskHandle | None:
+        """The oldest queued task of ``node_id`` that no stream of poll ``generation`` or later is sending
+        (streams of earlier generations were abandoned by the process: it registered again since), with a
+        sender of ``generation`` counted."""
         for handle in self._queues.get(node_id, ()):
-            if handle.state is TaskState.QUEUED and handle.senders == 0:
-                handle.senders += 1
+            if handle.state is TaskState.QUEUED and all(g < generation for g in handle.sender_generations):
+                if handle.sender_generations:
+                    log.info("task %s: node %s registered again since its stream(s) of poll generation %s "
+                             "opened; sending it again from offset 0 on a poll of generation %d",
+                             handle.task_id, node_id, sorted(handle.sender_generations), generation)
+                handle.sender_generations.append(generation)
                 return handle
         return None
 
     async def next_for(self, node_id: str, wait_seconds: float, *, generation: int | None = None,
                        ) -> TaskHandle | None:
-        """The next task to stream to ``node_id`` (its ``senders`` count taken), or None after the wait.
+        """The next task to stream to ``node_id`` (a sender of ``generation`` counted), or None after the wait.
 
-        Returns None at once when the board is stopping. With ``generation`` (the poll's, from
-        :meth:`poll_generation` when it opened) it raises NodeSupersededError, taking nothing, as soon as
-        a newer process of the node registers, and returns None as soon as the same process registers
-        again (:meth:`check_poll`). The caller must :meth:`release` the handle when its stream ends,
-        whether or not the payload went through.
+        The oldest queued task that no stream of this poll's generation is sending: one whose only senders
+        are streams of earlier generations (the same process registered again since they opened, so it
+        abandoned them) is taken too, and sent again. Returns None at once when the board is stopping. With
+        ``generation`` (the poll's, from :meth:`poll_generation` when it opened; None: the node's current
+        one) it raises NodeSupersededError, taking nothing, as soon as a newer process of the node
+        registers, and returns None as soon as the same process registers again (:meth:`check_poll`). The
+        caller must :meth:`release` the handle, with the same ``generation``, when its stream ends, whether
+        or not the payload went through.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
@@ -287,7 +302,7 @@ class TaskBoard:
                 return None  # the same process registered again since this poll opened: it takes nothing
             for handle in self._queues.get(node_id, ()):
                 handle.touch()  # the node is polling for it: alive
-            handle = self._take(node_id)
+            handle = self._take(node_id, self.poll_generation(node_id) if generation is None else generation)
             if handle is not None:
                 return handle
             remaining = deadline - loop.time()
@@ -300,13 +315,19 @@ class TaskBoard:
                 continue  # one more look, then the deadline check returns None
         return None
 
-    def acquire(self, handle: TaskHandle) -> None:
-        """Count one more stream sending ``handle`` (a resumed download)."""
-        handle.senders += 1
+    def acquire(self, handle: TaskHandle, *, generation: int | None = None) -> None:
+        """Count one more stream sending ``handle`` (a resumed download), of poll ``generation`` (None: the
+        node's current one)."""
+        handle.sender_generations.append(self.poll_generation(handle.node_id) if generation is None else generation)
 
-    def release(self, handle: TaskHandle, *, delivered: bool) -> None:
-        """A stream sending ``handle`` ended; ``delivered`` when its last chunk went out."""
-        handle.senders = max(0, handle.senders - 1)
+    def release(self, handle: TaskHandle, *, delivered: bool, generation: int | None = None) -> None:
+        """A stream sending ``handle`` ended; ``delivered`` when its last chunk went out; ``generation`` is
+        the one it took the task with (:meth:`next_for`, :meth:`acquire`; None: the oldest sender ends).
+        Deliveries count once: the first marks the task delivered (RUNNING) and takes it off the queue; a
+        later one (a stale stream that went on, or the copy sent again after it) is only activity."""
+        senders = handle.sender_generations
+        if senders:
+            senders.remove(generation if generation in senders else min(senders))
         if delivered and not handle.done():
             handle.mark_delivered()
             queue = self._queues.get(handle.node_id)

@@ -181,7 +181,7 @@ class TaskHandle:
         self.latest_progress: TrainingProgress | None = None
         self.logs: deque[tuple[float, LogLine]] = deque(maxlen=max_logs)
         self.late_uploads: list[LateUpload] = []
-        self.senders = 0  # poll streams currently sending this task's payload
+        self.sender_generations: list[int] = []  # the node's poll generation of each stream sending the payload
         self.result_received = False  # the node's own outcome ended the task (finish()), not the server
         self._payload: SendablePayload | None = payload
         self._listeners: list[TaskListener] = []
@@ -209,6 +209,11 @@ class TaskHandle:
 
     def done(self) -> bool:
         return self.state.terminal
+
+    @property
+    def senders(self) -> int:
+        """How many poll streams are sending this task's payload now (kept by the task board)."""
+        return len(self.sender_generations)
 
     async def result(self, timeout: float | None = None) -> TaskResult:
         """Wait for the task to end (``TimeoutError`` after ``timeout`` seconds; the task goes on)."""
