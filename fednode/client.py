@@ -272,9 +272,8 @@ class NodeClient:
                  self.config.node_name, self.link_rtt * 1e3, settings.task_chunk_size or "unannounced",
                  describe_window(window), describe_window(conn.receive_window))
         self.receive_window = window
-        fresh = self._connect()
-        await conn.close(None)
-        return fresh
+        await conn.close(None)  # first: cancelled here, the session's cleanup closes it again, nothing leaks
+        return self._connect()
 
     def _poll_wait(self) -> float:
         cap = self.settings.max_poll_wait_seconds if self.settings else 0.0

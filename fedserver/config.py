@@ -147,7 +147,10 @@ class ServerConfig:
         """The upload window gRPC gets: bytes fixed, or None (probing). "auto" resolves by ``address``: a
         loopback address (127.0.0.0/8, ::1, localhost) can only be reached from this machine, so one chunk
         message of ``chunk_size`` suffices there; any other address may face a WAN, so probing. (A loopback
-        server that remote nodes reach through a TCP tunnel should set None: the tunnel makes it far.)"""
+        server that remote nodes reach through a TCP tunnel should set None: the tunnel makes it far.)
+        Sized for nodes uploading chunks of ``chunk_size`` (fednode's default, 1 MiB, is the default
+        ``chunk_size``): larger upload chunks still arrive, gRPC opening the window for a message it
+        waits on, but each waits for that update."""
         window = self.receive_window_bytes
         if window != AUTO_WINDOW:
             return window

@@ -324,10 +324,17 @@ class TaskBoard:
         """A stream sending ``handle`` ended; ``delivered`` when its last chunk went out; ``generation`` is
         the one it took the task with (:meth:`next_for`, :meth:`acquire`; None: the oldest sender ends).
         Deliveries count once: the first marks the task delivered (RUNNING) and takes it off the queue; a
-        later one (a stale stream that went on, or the copy sent again after it) is only activity."""
+        later one (a stale stream that went on, or the copy sent again after it) is only activity. A stale
+        stream's delivery while a stream of a later generation still sends the task does not count: the
+        process abandoned the stale one, and the later copy decides."""
         senders = handle.sender_generations
         if senders:
             senders.remove(generation if generation in senders else min(senders))
+        if delivered and generation is not None and any(g > generation for g in senders):
+            # a stale stream finished, but the process abandoned it and a newer poll is sending the task
+            # again: that copy decides (counting this one would take the task off the queue, and if the new
+            # copy broke too, nothing would send it again until its inactivity timeout)
+            delivered = False
         if delivered and not handle.done():
             handle.mark_delivered()
             queue = self._queues.get(handle.node_id)

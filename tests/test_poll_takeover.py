@@ -6,7 +6,9 @@ The rule (:class:`TaskBoard`): a process polls one task at a time and abandons e
 its latest Register, so a stream of an earlier poll generation no longer holds its task; a poll of the
 current generation takes a queued task unless a stream of its own generation sends it. Each handle keeps
 the generation of every stream sending it (``TaskHandle.sender_generations``); whichever stream delivers
-first marks the task delivered, the other's end changes nothing. A restart (another instance id) still
+first marks the task delivered, the other's end changes nothing — except that a stale stream's delivery
+while a newer copy is still being sent does not count (the newer copy decides, so a second blip cannot
+orphan the task). A restart (another instance id) still
 fails every task a stream is sending (test_node_restart.py).
 
 Unit level on :class:`TaskBoard`; over real grpc.aio on loopback with a raw-stub node whose first
@@ -105,9 +107,13 @@ async def test_the_stale_stream_delivering_first_or_breaking_keeps_the_task_cons
     gen = board.poll_generation("n")
     assert await board.next_for("n", 0, generation=gen) is first
 
-    board.release(first, delivered=True, generation=stale_gen)  # the stale stream got its last chunk out first
-    assert first.state is TaskState.RUNNING and first.sender_generations == [gen]
-    board.release(first, delivered=True, generation=gen)  # the copy still going delivers too: no change
+    board.release(first, delivered=True, generation=stale_gen)  # the stale stream got its last chunk out first,
+    # into a connection the process abandoned, while the copy sent again is still going: it does not count
+    assert first.state is TaskState.QUEUED and first.sender_generations == [gen]
+    board.release(first, delivered=False, generation=gen)  # and the copy breaks too (a second blip)
+    assert first.state is TaskState.QUEUED and first.senders == 0
+    assert await board.next_for("n", 0, generation=gen) is first  # not orphaned: sent again
+    board.release(first, delivered=True, generation=gen)  # this copy delivers: that counts
     assert first.state is TaskState.RUNNING and first.senders == 0
     assert await board.next_for("n", 0, generation=gen) is second  # the queue moved on, once
 
