@@ -244,6 +244,9 @@ with memory.compute_memory():  # a task computing: 32 MiB thresholds
     for block in blocks:
         libc.free(block)
 kept = rss() - before  # under the 32 MiB trim threshold glibc kept them all
+with memory.compute_memory():  # another client's handler computing: its memory stays
+    assert not memory.return_free_heap()
+assert rss() - before >= kept - (1 << 20)
 assert memory.return_free_heap()
 print(kept, rss() - before)
 """

@@ -222,7 +222,8 @@ def return_free_heap() -> bool:
     :func:`keep_chunk_memory` stops glibc from trimming the heap (up to its 32 MiB threshold on a node), and
     fragmentation can keep more: right for the next chunk or training step, wasted while a node waits a
     round for its next task. The node calls this after each task; it takes a few milliseconds and leaves
-    the thresholds alone. (Trimming between tasks also keeps one round's leftovers from adding to the next
+    the thresholds alone. Skipped (False) while a :func:`compute_memory` section is open: another client's
+    handler in the process is reusing that memory step after step. (Trimming between tasks also keeps one round's leftovers from adding to the next
     round's peak: a 40 MB download's steady peak 1.26x -> 1.21x of the payload, docs/performance.md.)
     """
     if not _glibc():
@@ -232,5 +233,8 @@ def return_free_heap() -> bool:
     except (OSError, AttributeError):
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
+    with _pool_lock:
+        if _compute_sections:  # another handler of the process computes: its tensors are reused from the heap
+            return False
+        trim(0)
     return True
