@@ -7,6 +7,9 @@ the event loop receives the next chunks: :meth:`PrefixDigest.extend` announces h
 final and hands batches of at least ``batch`` bytes to a shared worker pool; :meth:`PrefixDigest.digest`
 waits for the worker and hashes the tail inline. Small payloads (under one batch) never leave the
 calling thread. Each digest has at most one job in the pool at a time, so bytes are hashed in order.
+The pool's first thread is started by :func:`start_hash_worker` with the receiving side
+(:class:`~fedcore.framing.buffer_pool.BufferPool`), not by the first payload's :meth:`PrefixDigest.extend`
+on the event loop (0.3-2.5 ms there, measured in a fresh node's first download).
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ def _hash_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="fedstream-sha256")
         return _pool
+
+
+def start_hash_worker() -> None:
+    """Start a hashing worker thread now if none is running (once per process is enough)."""
+    try:
+        _hash_pool().submit(int)  # the executor starts a thread for a job when none is idle
+    except RuntimeError:  # interpreter shutting down: digests hash inline
+        pass
 
 
 class PrefixDigest:

@@ -7,6 +7,18 @@ the same work in one system call per step, without the GIL (ctypes releases it) 
 loop thread that copies chunks in. The advice populates page tables only: it never changes the
 contents, so it may run behind or ahead of the writer without coordination.
 
+Each call holds the process's mmap lock (for reading) until it returns: heap growth (``brk``), new
+mappings and unmappings wait for it. In a fresh node's first download gRPC's reading thread sat in ``brk``
+for whole 16 MiB calls (``perf sched``), and the first chunk reached the event loop 15-20 ms after dispatch
+(medians) instead of 3-5 ms in later downloads. 2 MiB calls brought it to 8-11 ms but the download ended no
+sooner: the first touch is CPU the transfer pays either way on 2 cores. And the worker needs the GIL
+between calls, so where the event loop holds it, 2 MiB calls populated 1.5-4x slower. Hence
+:data:`PREFAULT_STEP` stays at 16 MiB.
+
+The worker threads are started with the process's receiving side (:func:`start_prefault_worker`, called by
+:class:`~fedcore.framing.buffer_pool.BufferPool`), not by its first transfer: a thread's creation maps its
+stack, which is also a write of the mmap lock, and took 0.3-2.5 ms of the event loop there.
+
 Receive buffers opt out of transparent huge pages (``MADV_NOHUGEPAGE``; numpy opts large arrays in).
 Huge pages come from the large free blocks a VM with free page reporting has handed back to its host,
 so every one is a cold host fault: measured 1.1-2.0 CPU-s/GB after a few idle seconds, against a
@@ -44,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 PREFAULT_MIN = 8 << 20  # bytes: smaller buffers are faulted by their writer (cheaper than a thread hop)
-PREFAULT_STEP = 16 << 20  # bytes per madvise call
+PREFAULT_STEP = 16 << 20  # bytes per madvise call (the mmap lock is held for each: see the module docstring)
 _MADV_POPULATE_WRITE = 23  # linux/mman.h (5.14+)
 _MADV_NOHUGEPAGE = 15
 _PAGE = mmap.PAGESIZE
@@ -68,6 +80,17 @@ def _prefault_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedstream-prefault")
         return _pool
+
+
+def start_prefault_worker() -> None:
+    """Start the process's prefault worker thread now if it is not running (once per process is enough).
+
+    Otherwise the first receive buffer of :data:`PREFAULT_MIN` bytes or more creates it, inside a transfer.
+    """
+    try:
+        _prefault_pool().submit(int)  # the executor starts a thread for its first job
+    except RuntimeError:  # interpreter shutting down: buffers are faulted by their writers
+        pass
 
 
 def _pages(buffer: np.ndarray) -> tuple[int, int]:
