@@ -46,6 +46,17 @@ def _handle(board: TaskBoard, task_id: str, node_id: str = "n") -> TaskHandle:
     return handle
 
 
+async def _taken_over(board: TaskBoard, task: TaskHandle) -> tuple[int, int]:
+    """A stream of the node's current generation takes ``task``, the same process registers again, and a
+    poll of the new generation takes it over: ``(stale generation, current generation)``."""
+    stale_gen = board.poll_generation(task.node_id)
+    assert await board.next_for(task.node_id, 0, generation=stale_gen) is task
+    board.node_reregistered(task.node_id)
+    gen = board.poll_generation(task.node_id)
+    assert await board.next_for(task.node_id, 0, generation=gen) is task
+    return stale_gen, gen
+
+
 # -- unit level: the sender generations ------------------------------------------------------------------
 @async_test
 async def test_a_task_sent_only_by_streams_of_an_earlier_generation_goes_to_the_current_poll() -> None:
@@ -76,11 +87,7 @@ async def test_a_task_sent_only_by_streams_of_an_earlier_generation_goes_to_the_
 async def test_the_copy_sent_again_delivers_and_the_stale_stream_ends_without_effect() -> None:
     board = TaskBoard(reconnect_grace=None)
     task = _handle(board, "t")
-    stale_gen = board.poll_generation("n")
-    assert await board.next_for("n", 0, generation=stale_gen) is task
-    board.node_reregistered("n")
-    gen = board.poll_generation("n")
-    assert await board.next_for("n", 0, generation=gen) is task
+    stale_gen, gen = await _taken_over(board, task)
 
     board.release(task, delivered=True, generation=gen)  # the copy sent again delivered
     delivered_at = task.delivered_at
@@ -101,11 +108,7 @@ async def test_the_copy_sent_again_delivers_and_the_stale_stream_ends_without_ef
 async def test_the_stale_stream_delivering_first_or_breaking_keeps_the_task_consistent() -> None:
     board = TaskBoard(reconnect_grace=None)
     first, second = _handle(board, "t"), _handle(board, "u")
-    stale_gen = board.poll_generation("n")
-    assert await board.next_for("n", 0, generation=stale_gen) is first
-    board.node_reregistered("n")
-    gen = board.poll_generation("n")
-    assert await board.next_for("n", 0, generation=gen) is first
+    stale_gen, gen = await _taken_over(board, first)
 
     board.release(first, delivered=True, generation=stale_gen)  # the stale stream got its last chunk out first,
     # into a connection the process abandoned, while the copy sent again is still going: it does not count
@@ -129,11 +132,7 @@ async def test_the_stale_stream_delivering_first_or_breaking_keeps_the_task_cons
 async def test_a_stale_stream_breaking_before_the_copy_sent_again_delivers_leaves_it_held() -> None:
     board = TaskBoard(reconnect_grace=None)
     task = _handle(board, "t")
-    stale_gen = board.poll_generation("n")
-    assert await board.next_for("n", 0, generation=stale_gen) is task
-    board.node_reregistered("n")
-    gen = board.poll_generation("n")
-    assert await board.next_for("n", 0, generation=gen) is task
+    stale_gen, gen = await _taken_over(board, task)
     board.release(task, delivered=False, generation=stale_gen)  # keepalive dropped the dead connection
     assert task.state is TaskState.QUEUED and task.sender_generations == [gen]
     assert await board.next_for("n", 0, generation=gen) is None  # the current copy still holds it
