@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pytest
 from fake_node_service import arun, node_config, running
+from server_testkit import running_server
 from tcp_proxy import TcpProxy
 
 from fedcore.wire import ServerSettings, TaskKind
@@ -17,8 +18,6 @@ from fednode.client import NodeClient
 from fednode.config import MESSAGE_OVERHEAD
 from fednode.handler import EchoHandler
 from fednode.receive_window import NEAR_LINK_RATE, auto_window, chunk_message_window, measure_rtt
-from fedserver.auth import NodeStore
-from fedserver.config import ServerConfig
 from fedserver.server import FedServer
 from fedserver.tasks import TaskState
 
@@ -83,19 +82,15 @@ def test_node_picks_its_download_window_from_the_measured_round_trip(tmp_path, c
     the node moves to a channel with that fixed window (and downloads over it). Through a proxy that holds
     each read 10 ms the round trip is >= 20 ms: the node stays on its probing channel."""
     async def scenario():
-        store = NodeStore(tmp_path / "nodes.db")
-        token = store.enroll("site-a")
-        server = FedServer(ServerConfig(port=0, tls="insecure", chunk_size=4 * MiB, max_poll_wait_seconds=2.0), store)
-        port = await server.start()
-        proxy = DelayingProxy(port, delay)
-        client = NodeClient(node_config(await proxy.start(), token=token), EchoHandler())
-        assert client.config.receive_window_bytes == "auto" and client.receive_window is None
-        try:
-            async with running(client):
-                await _download_once(server, client)
-        finally:
-            await server.stop(grace=1)
-            await proxy.stop()
+        async with running_server(tmp_path, chunk_size=4 * MiB, max_poll_wait_seconds=2.0) as kit:
+            proxy = DelayingProxy(kit.server.port, delay)
+            client = NodeClient(node_config(await proxy.start(), token=kit.store.enroll("site-a")), EchoHandler())
+            assert client.config.receive_window_bytes == "auto" and client.receive_window is None
+            try:
+                async with running(client):
+                    await _download_once(kit.server, client)
+            finally:
+                await proxy.stop()
         return client
 
     with caplog.at_level(logging.INFO, logger="fednode"):
@@ -114,19 +109,15 @@ def test_node_picks_its_download_window_from_the_measured_round_trip(tmp_path, c
 
 def test_fixed_or_probing_configs_measure_nothing(tmp_path):
     async def scenario(window):
-        store = NodeStore(tmp_path / f"nodes-{window}.db")
-        token = store.enroll("site-a")
-        server = FedServer(ServerConfig(port=0, tls="insecure", chunk_size=MiB, max_poll_wait_seconds=2.0), store)
-        port = await server.start()
-        client = NodeClient(node_config(port, token=token, receive_window_bytes=window), EchoHandler())
-        try:
+        async with running_server(tmp_path / str(window), chunk_size=MiB, max_poll_wait_seconds=2.0) as kit:
+            config = node_config(kit.server.port, token=kit.store.enroll("site-a"), receive_window_bytes=window)
+            client = NodeClient(config, EchoHandler())
             async with running(client):
-                await _download_once(server, client)
-        finally:
-            await server.stop(grace=1)
+                await _download_once(kit.server, client)
         return client
 
     for window in (None, 2 * MiB):
+        (tmp_path / str(window)).mkdir()
         client = arun(scenario(window))
         assert client.link_rtt is None and client.receive_window == window
 

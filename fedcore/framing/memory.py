@@ -242,12 +242,13 @@ def _set_thresholds(threshold: int) -> bool:
 def return_free_heap() -> bool:
     """Hand the free pages of glibc's heap back to the kernel (``malloc_trim(0)``); False outside glibc.
 
-    :func:`keep_chunk_memory` stops glibc from trimming the heap (up to its 32 MiB threshold on a node), and
-    fragmentation can keep more: right for the next chunk or training step, wasted while a node waits a
-    round for its next task. The node calls this after each task; it takes a few milliseconds and leaves
-    the thresholds alone. Skipped (False) while a :func:`compute_memory` section is open: another client's
-    handler in the process is reusing that memory step after step. (Trimming between tasks also keeps one round's leftovers from adding to the next
-    round's peak: a 40 MB download's steady peak 1.26x -> 1.21x of the payload, docs/performance.md.)
+    The thresholds keep freed memory in the heap (up to 4 MiB at its top, 32 MiB of a task's tensors
+    inside :func:`compute_memory`), and fragmentation can keep more anywhere in it: right for the next
+    chunk or training step, wasted while a node waits a round for its next task, and added to the next
+    round's peak (a 40 MB download's steady peak 1.26x -> 1.21x of the payload, docs/performance.md). The
+    node calls this after each task; it takes a few milliseconds and leaves the thresholds alone. Skipped
+    (False) while a :func:`compute_memory` section is open: another client's handler in the process is
+    reusing that memory step after step.
     """
     if not _glibc():
         return False
