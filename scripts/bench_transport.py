@@ -41,7 +41,8 @@ Exit status 1 when a target is missed.
 
 Usage: python scripts/bench_transport.py [--sizes 40 400] [--huge 2500] [--skip-huge] [--repeat 3]
        [--transfers 2] [--gap 5] [--settle 5] [--quiet-wait 120] [--chunk 1048576]
-       [--profile DIR [--profile-native]]
+       [--profile DIR [--profile-native]] [--threads]
+       [--directions download upload]
 Figures and what they are made of: docs/performance.md, "Transport".
 """
 
@@ -74,12 +75,35 @@ class RssSampler(threading.Thread):
 
     TICK = os.sysconf("SC_CLK_TCK")
 
+    threads: ClassVar[bool] = False  # also sample each thread's CPU time (--threads)
+
     def __init__(self, pid: int, period: float = 0.02) -> None:
         super().__init__(daemon=True)
         self.pid = pid
         self.period = period
         self.samples: list[tuple[float, int, float]] = []
+        self.thread_samples: list[dict[str, float]] = []  # per sample: CPU seconds by thread name
         self._halt = threading.Event()
+
+    def _thread_cpu(self) -> dict[str, float]:
+        """CPU seconds of each live thread, keyed by its name: "main" for the main thread, the OS name of
+        a named native thread (gRPC's; threads sharing one are summed), "py<tid>" for other Python threads
+        (Python 3.11 does not name them)."""
+        by_name: dict[str, float] = {}
+        for task in os.scandir(f"/proc/{self.pid}/task"):
+            try:
+                with open(f"{task.path}/stat") as f:
+                    head, _, rest = f.read().rpartition(")")
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # the thread ended between the listing and the read
+            name = head.partition("(")[2]
+            if task.name == str(self.pid):
+                name = "main"
+            elif name.startswith("python"):
+                name = f"py{task.name}"
+            fields = rest.split()
+            by_name[name] = by_name.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / self.TICK
+        return by_name
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -91,6 +115,11 @@ class RssSampler(threading.Thread):
                 cpu = (int(fields[11]) + int(fields[12])) / self.TICK  # utime + stime
             except (FileNotFoundError, ProcessLookupError, StopIteration):
                 return
+            if self.threads:
+                try:
+                    self.thread_samples.append(self._thread_cpu())
+                except FileNotFoundError:
+                    return
             self.samples.append((time.monotonic(), rss, cpu))
             self._halt.wait(self.period)
 
@@ -109,6 +138,16 @@ class RssSampler(threading.Thread):
     def peak(self, t0: float, t1: float) -> int:
         inside = [rss for at, rss, _ in self.samples if t0 <= at <= t1 + self.period]
         return max(inside) if inside else self.before(t1)
+
+    def thread_cpu(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU seconds by thread name between the samples around ``t0`` and ``t1`` (``--threads``)."""
+        if not self.thread_samples:
+            return {}
+        stamps = [s[0] for s in self.samples]
+        i0 = max([i for i, at in enumerate(stamps) if at <= t0] or [0])
+        i1 = min([i for i, at in enumerate(stamps) if at >= t1] or [len(stamps) - 1])
+        start, end = self.thread_samples[i0], self.thread_samples[i1]
+        return {name: end[name] - start.get(name, 0.0) for name in end}
 
     def cpu(self, t0: float, t1: float) -> float:
         """CPU seconds (all threads) used between the samples around ``t0`` and ``t1``."""
@@ -153,6 +192,8 @@ class Run:
     encode_s: float | None = None
     sender_cpu: float = 0.0  # CPU seconds of the sender process during the transfer
     receiver_cpu: float = 0.0
+    sender_threads: dict[str, float] | None = None  # CPU seconds by thread name (--threads)
+    receiver_threads: dict[str, float] | None = None
 
 
 class Pair:
@@ -236,7 +277,8 @@ def run_raw(mode: str, size: int, chunk: int, transfers: int, gap: float, verify
         t0, t1 = t["start_at"], t["end_at"]
         runs.append(Run(t1 - t0, size, sender.peak(t0, t1) - sender.before(first),
                         receiver.peak(t0, t1) - receiver.before(first),
-                        sender_cpu=sender.cpu(t0, t1), receiver_cpu=receiver.cpu(t0, t1)))
+                        sender_cpu=sender.cpu(t0, t1), receiver_cpu=receiver.cpu(t0, t1),
+                        sender_threads=sender.thread_cpu(t0, t1), receiver_threads=receiver.thread_cpu(t0, t1)))
     return runs
 
 
@@ -275,8 +317,20 @@ def run_fed(mode: str, size: int, chunk: int, transfers: int, gap: float,
             seconds, c0 = t1 - st["upload_started_at"], st["upload_started_at"]
         runs.append(Run(seconds, nbytes, sender.peak(t0, t1) - sender.before(first),
                         receiver.peak(t0, t_end) - receiver.before(first), intact, encode_s,
-                        sender.cpu(c0, t1), receiver.cpu(c0, t1)))
+                        sender.cpu(c0, t1), receiver.cpu(c0, t1), sender.thread_cpu(c0, t1), receiver.thread_cpu(c0, t1)))
     return runs, {**(n if mode == "download" else s)["pool"], "window": n["window"], "rtt": n["rtt"]}
+
+
+def thread_table(label: str, runs: list[Run], top: int = 6) -> list[str]:
+    """``--threads``: each side's busiest threads in CPU s/GB (median over ``runs``), one line per side."""
+    lines = []
+    for side in ("sender", "receiver"):
+        per_run = [(getattr(r, f"{side}_threads") or {}, r.nbytes / 1e9) for r in runs]
+        names = {name for threads, _ in per_run for name in threads}
+        cost = {name: statistics.median(threads.get(name, 0.0) / gb for threads, gb in per_run) for name in names}
+        busiest = sorted(cost.items(), key=lambda item: -item[1])[:top]
+        lines.append(f"{label} {side:>8}: " + ", ".join(f"{name} {value:.2f}" for name, value in busiest))
+    return lines
 
 
 def summarize(runs: list[Run]) -> dict[str, float]:
@@ -381,7 +435,12 @@ def main() -> int:
                     help="skip the raw* and r+v context pairs (their columns then repeat raw)")
     ap.add_argument("--profile", type=Path, help="folder for py-spy collapsed stacks of every process")
     ap.add_argument("--profile-native", action="store_true", help="profile C frames too (slows the runs)")
+    ap.add_argument("--directions", nargs="+", choices=("download", "upload"), default=["download", "upload"],
+                    help="directions to run (both by default; the targets apply to both)")
+    ap.add_argument("--threads", action="store_true",
+                    help="also print each side's CPU s/GB by thread (sampled from /proc/<pid>/task)")
     args = ap.parse_args()
+    RssSampler.threads = args.threads
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
         Pair.profile = args.profile
@@ -410,10 +469,11 @@ def main() -> int:
     misses: list[str] = []
     idle: list[float] = []
     context: list[str] = []
+    thread_lines: list[str] = []
     pools: list[str] = []
     for mb, repeat, transfers, rated in plan:
         size = mb * MB
-        for mode in ("download", "upload"):
+        for mode in args.directions:
             kinds: dict[str, list[list[Run]]] = {"raw": [], "keep": [], "ver": [], "fed": []}
             pool_stats: list[dict[str, Any]] = []
             for _ in range(repeat):  # interleaved, so a drifting machine load hits all alike
@@ -449,6 +509,10 @@ def main() -> int:
                       f"{fed['sender']:7.2f}x {fed['receiver']:7.2f}x | {'yes' if fed['intact'] else 'NO':>6} | "
                       + ("" if rated else "throughput context, ")
                       + ", ".join(f"{name} {verdict(ok)}" for name, ok in checks.items()), flush=True)
+                if args.threads:
+                    for kind in ("raw", "fed"):
+                        thread_lines += thread_table(f"{mb:>5} MB {mode:>8} {row:>6} {kind:>4}",
+                                                     [r for pair in kinds[kind] for r in pair[pick]])
                 context.append(
                     f"{mb:>5} MB {mode:>8} {row:>6} | {keep['gbps']:5.2f} {fed['gbps'] / keep['gbps']:5.2f}x | "
                     f"{ver['gbps']:5.2f} {fed['gbps'] / ver['gbps']:5.2f}x | "
@@ -468,6 +532,9 @@ def main() -> int:
           f"{'raw':>6} {'r+v':>6} | enc s")
     print("\n".join(context))
     print("\n".join(pools))
+    if thread_lines:
+        print("CPU s/GB by thread (--threads; median over the runs; threads of one name summed):")
+        print("\n".join(thread_lines))
     print(f"machine idle before the runs: min {min(idle):.0%}, median {statistics.median(idle):.0%} "
           f"(runs wait up to {args.quiet_wait:g} s for >= 85% idle)")
     print(f"targets: fed/raw >= {TARGET_RATIO}x (the --sizes payloads; the over-2-GB one: context), sender RSS "
