@@ -19,6 +19,27 @@ class TaskOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_OUTCOME_SUCCEEDED: _ClassVar[TaskOutcome]
     TASK_OUTCOME_FAILED: _ClassVar[TaskOutcome]
     TASK_OUTCOME_REFUSED: _ClassVar[TaskOutcome]
+
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    ERROR_REASON_UNAUTHENTICATED: _ClassVar[ErrorReason]
+    ERROR_REASON_VERSION_MISMATCH: _ClassVar[ErrorReason]
+    ERROR_REASON_NODE_SUPERSEDED: _ClassVar[ErrorReason]
+    ERROR_REASON_TASK_CLOSED: _ClassVar[ErrorReason]
+    ERROR_REASON_UNKNOWN_TASK: _ClassVar[ErrorReason]
+    ERROR_REASON_TASK_NOT_SENT_TO_NODE: _ClassVar[ErrorReason]
+    ERROR_REASON_UNKNOWN_NODE: _ClassVar[ErrorReason]
+    ERROR_REASON_MALFORMED_MESSAGE: _ClassVar[ErrorReason]
+    ERROR_REASON_FRAMING: _ClassVar[ErrorReason]
+    ERROR_REASON_UPLOAD_INCOMPLETE: _ClassVar[ErrorReason]
+    ERROR_REASON_BAD_RESULT_DOCUMENT: _ClassVar[ErrorReason]
+    ERROR_REASON_DIGEST_MISMATCH: _ClassVar[ErrorReason]
+    ERROR_REASON_PAYLOAD_TOO_LARGE: _ClassVar[ErrorReason]
+    ERROR_REASON_UPLOADS_BUSY: _ClassVar[ErrorReason]
+    ERROR_REASON_UPLOAD_IN_PROGRESS: _ClassVar[ErrorReason]
+    ERROR_REASON_SERVER_STOPPING: _ClassVar[ErrorReason]
+    ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_TRAIN: TaskKind
 TASK_KIND_EVALUATE: TaskKind
@@ -26,6 +47,24 @@ TASK_OUTCOME_UNSPECIFIED: TaskOutcome
 TASK_OUTCOME_SUCCEEDED: TaskOutcome
 TASK_OUTCOME_FAILED: TaskOutcome
 TASK_OUTCOME_REFUSED: TaskOutcome
+ERROR_REASON_UNSPECIFIED: ErrorReason
+ERROR_REASON_UNAUTHENTICATED: ErrorReason
+ERROR_REASON_VERSION_MISMATCH: ErrorReason
+ERROR_REASON_NODE_SUPERSEDED: ErrorReason
+ERROR_REASON_TASK_CLOSED: ErrorReason
+ERROR_REASON_UNKNOWN_TASK: ErrorReason
+ERROR_REASON_TASK_NOT_SENT_TO_NODE: ErrorReason
+ERROR_REASON_UNKNOWN_NODE: ErrorReason
+ERROR_REASON_MALFORMED_MESSAGE: ErrorReason
+ERROR_REASON_FRAMING: ErrorReason
+ERROR_REASON_UPLOAD_INCOMPLETE: ErrorReason
+ERROR_REASON_BAD_RESULT_DOCUMENT: ErrorReason
+ERROR_REASON_DIGEST_MISMATCH: ErrorReason
+ERROR_REASON_PAYLOAD_TOO_LARGE: ErrorReason
+ERROR_REASON_UPLOADS_BUSY: ErrorReason
+ERROR_REASON_UPLOAD_IN_PROGRESS: ErrorReason
+ERROR_REASON_SERVER_STOPPING: ErrorReason
+ERROR_REASON_INTERNAL: ErrorReason
 
 class ProtocolVersion(_message.Message):
     __slots__ = ("major", "minor")
