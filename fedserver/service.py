@@ -27,6 +27,8 @@ from fedcore.errors import (
     MessageError,
     TaskClosedError,
     UnknownTaskError,
+    UploadIncompleteError,
+    UploadsBusyError,
 )
 from fedcore.serialization import DEFAULT_LIMITS, Serializer, SerializerLimits
 from fedcore.wire import (
@@ -131,6 +133,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
     async def PollTask(self, request: pb.PollTaskRequest,
                        context: Any) -> AsyncIterator[pb.PollTaskResponse | bytes]:
         node_id = self._identify(context, request.version)
+        held = _held_tasks(request)
         if self.is_stopping():
             yield self._shutdown_message()
             return
@@ -140,6 +143,9 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         # one of the same process ends it with NoTask unless it is sending a task already, and lets the
         # process's next poll take that task over (the board counts each sender with its generation)
         generation = self.board.poll_generation(node_id)
+        instance = call_instance_id(context)
+        if held is not None:  # tasks sent whole to this process that it does not hold were lost: sent again
+            self.board.requeue_lost(node_id, instance, held)
         self.registry.poll_opened(node_id)
         self.open_polls += 1
         self._polls_idle.clear()
@@ -153,7 +159,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                 handle.descriptor(start)  # validates the offset before anything is sent
                 self.board.acquire(handle, generation=generation)
             else:
-                handle = await self.board.next_for(node_id, wait, generation=generation)
+                handle = await self.board.next_for(node_id, wait, generation=generation, held=held or ())
                 start = 0
             if handle is None:
                 dropped = False  # before the yield: fednode cancels the call once it has read the answer
@@ -173,7 +179,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             finally:
                 if chunks is not None:
                     _close(chunks)
-                self.board.release(handle, delivered=delivered, generation=generation)
+                self.board.release(handle, delivered=delivered, generation=generation, instance_id=instance)
             if closed:  # nothing was sent
                 if request.resume_task_id:  # the node knows the task: it learns that it is closed
                     raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
@@ -266,7 +272,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             raise
         else:
             if isinstance(response, str):  # ended early
-                raise ChunkOrderError(response)
+                raise UploadIncompleteError(response)
             dropped = False
             return response
         finally:
@@ -288,12 +294,16 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
 
         info = desc.payload
         assert info is not None  # ResultDescriptor guarantees it for SUCCEEDED
+        self.uploads.check_limits(info)  # over a limit: refused at once, not after waiting in line for room
         if info.start_offset == 0:  # wait in line while running uploads hold every buffer (resumes need none)
             await self.uploads.wait_for_room(desc.task_id, info.total_size, handle.inactivity_timeout or 120.0,
                                              on_wake=handle.touch)
             if handle.done():  # ended while in line (a round gave up on it, the node restarted): take no buffer
                 raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
-        session = self.uploads.begin(desc.task_id, node_id, info)
+        try:
+            session = self.uploads.begin(desc.task_id, node_id, info)
+        except LimitExceededError as exc:  # within the limits (checked above): no buffer free now, retry later
+            raise UploadsBusyError(str(exc)) from None
         handle.mark_uploading()
         max_chunk = self.config.max_chunk_size
         try:
@@ -377,6 +387,17 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             except (UnknownTaskError, TaskClosedError):
                 pass  # liveness only: the node learns about closed tasks from Report or UploadResult
         return pb.HeartbeatResponse(shutting_down=self.is_stopping())
+
+
+def _held_tasks(request: pb.PollTaskRequest) -> frozenset[str] | None:
+    """The tasks a poll's process says it holds (its resume task included), None if it does not report them
+    (older nodes). Raises MessageError for ids sent without ``reports_held_tasks``."""
+    if not request.reports_held_tasks:
+        if request.held_task_ids:
+            raise MessageError(f"PollTaskRequest.held_task_ids names {len(request.held_task_ids)} task(s) but "
+                               f"reports_held_tasks is false: set it, or send no ids")
+        return None
+    return frozenset(request.held_task_ids) | ({request.resume_task_id} if request.resume_task_id else set())
 
 
 def _close(chunks: Iterator[tuple[int, memoryview | bytes]]) -> None:

@@ -29,6 +29,14 @@ so a task that only such streams are sending (its header went into the dead conn
 blocks until keepalive drops it) is free for the process's new poll, which sends it again from offset 0:
 each handle keeps the poll generation of every stream sending it (``TaskHandle.sender_generations``).
 
+A task whose whole payload fit into the buffers of a dead connection counts as delivered (its stream
+ended after the last chunk) though the process never got it. A poll that reports the tasks its process
+holds (``PollTaskRequest.reports_held_tasks``; the node sends one only once every earlier poll stream of
+it has ended or been abandoned) settles that: :meth:`TaskBoard.requeue_lost` puts every task delivered to
+that very process (``TaskHandle.delivered_to``, its instance id) whose upload has not begun and which the
+poll does not name back on the node's queue, in dispatch order, to be sent again from offset 0 (not after
+its inactivity timeout, or never without one); the poll itself is never given a task it names.
+
 Closed tasks leave a small record (node id, why it closed, a weak reference to the handle) so a late
 result is refused with FAILED_PRECONDITION rather than NOT_FOUND, and noted on the handle if the caller
 still holds it. The oldest records are forgotten beyond ``max_closed``.
@@ -41,7 +49,7 @@ import logging
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from fedcore.errors import NodeSupersededError, PermissionDeniedError, TaskClosedError, UnknownTaskError
@@ -100,6 +108,7 @@ class TaskBoard:
         self.liveness: Callable[[str], NodeLiveness | None] | None = None  # set by the service (the registry)
         self._watches: dict[str, asyncio.TimerHandle] = {}
         self._open: dict[str, TaskHandle] = {}
+        self._by_node: dict[str, dict[str, TaskHandle]] = {}  # the open tasks of each node, in dispatch order
         self._closed: OrderedDict[str, ClosedTask] = OrderedDict()
         self._queues: dict[str, list[TaskHandle]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
@@ -114,6 +123,7 @@ class TaskBoard:
     def add(self, handle: TaskHandle) -> None:
         """Queue ``handle`` for its node and wake that node's polls."""
         self._open[handle.task_id] = handle
+        self._by_node.setdefault(handle.node_id, {})[handle.task_id] = handle
         self._queues.setdefault(handle.node_id, []).append(handle)
         self._wakeup(handle.node_id).set()
         if handle.node_id not in self._watches:
@@ -122,6 +132,10 @@ class TaskBoard:
     def closed(self, handle: TaskHandle) -> None:
         """Called by a handle when it ends (its ``on_close``)."""
         self._open.pop(handle.task_id, None)
+        of_node = self._by_node.get(handle.node_id, {})
+        of_node.pop(handle.task_id, None)
+        if not of_node:
+            self._by_node.pop(handle.node_id, None)
         queue = self._queues.get(handle.node_id)
         if queue and handle in queue:
             queue.remove(handle)
@@ -134,7 +148,9 @@ class TaskBoard:
             self._on_close(handle)
 
     def open_tasks(self, node_id: str | None = None) -> list[TaskHandle]:
-        return [h for h in self._open.values() if node_id is None or h.node_id == node_id]
+        if node_id is None:
+            return list(self._open.values())
+        return list(self._by_node.get(node_id, {}).values())
 
     def cancel_all(self, reason: str, *, experiment_id: str | None = None, round: int | None = None) -> int:
         """Cancel the open tasks matching ``experiment_id`` / ``round`` (all if None); return how many."""
@@ -267,12 +283,13 @@ class TaskBoard:
             event = self._wakeups[node_id] = asyncio.Event()
         return event
 
-    def _take(self, node_id: str, generation: int) -> TaskHandle | None:
+    def _take(self, node_id: str, generation: int, held: Collection[str]) -> TaskHandle | None:
         """The oldest queued task of ``node_id`` that no stream of poll ``generation`` or later is sending
-        (streams of earlier generations were abandoned by the process: it registered again since), with a
-        sender of ``generation`` counted."""
+        (streams of earlier generations were abandoned by the process: it registered again since) and that
+        is not in ``held`` (the poll's process has it), with a sender of ``generation`` counted."""
         for handle in self._queues.get(node_id, ()):
-            if handle.state is TaskState.QUEUED and all(g < generation for g in handle.sender_generations):
+            if handle.state is TaskState.QUEUED and all(g < generation for g in handle.sender_generations) \
+                    and handle.task_id not in held:
                 if handle.sender_generations:
                     log.info("task %s: node %s registered again since its stream(s) of poll generation %s "
                              "opened; sending it again from offset 0 on a poll of generation %d",
@@ -282,7 +299,7 @@ class TaskBoard:
         return None
 
     async def next_for(self, node_id: str, wait_seconds: float, *, generation: int | None = None,
-                       ) -> TaskHandle | None:
+                       held: Collection[str] = ()) -> TaskHandle | None:
         """The next task to stream to ``node_id`` (a sender of ``generation`` counted), or None after the wait.
 
         The oldest queued task that no stream of this poll's generation is sending: one whose only senders
@@ -292,7 +309,8 @@ class TaskBoard:
         one) it raises NodeSupersededError, taking nothing, as soon as a newer process of the node
         registers, and returns None as soon as the same process registers again (:meth:`check_poll`). The
         caller must :meth:`release` the handle, with the same ``generation``, when its stream ends, whether
-        or not the payload went through.
+        or not the payload went through. A task named in ``held`` (the poll's process has it, see
+        :meth:`requeue_lost`) is not taken.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
@@ -302,7 +320,7 @@ class TaskBoard:
                 return None  # the same process registered again since this poll opened: it takes nothing
             for handle in self._queues.get(node_id, ()):
                 handle.touch()  # the node is polling for it: alive
-            handle = self._take(node_id, self.poll_generation(node_id) if generation is None else generation)
+            handle = self._take(node_id, self.poll_generation(node_id) if generation is None else generation, held)
             if handle is not None:
                 return handle
             remaining = deadline - loop.time()
@@ -320,9 +338,11 @@ class TaskBoard:
         node's current one)."""
         handle.sender_generations.append(self.poll_generation(handle.node_id) if generation is None else generation)
 
-    def release(self, handle: TaskHandle, *, delivered: bool, generation: int | None = None) -> None:
+    def release(self, handle: TaskHandle, *, delivered: bool, generation: int | None = None,
+                instance_id: str = "") -> None:
         """A stream sending ``handle`` ended; ``delivered`` when its last chunk went out; ``generation`` is
-        the one it took the task with (:meth:`next_for`, :meth:`acquire`; None: the oldest sender ends).
+        the one it took the task with (:meth:`next_for`, :meth:`acquire`; None: the oldest sender ends);
+        ``instance_id`` the node process its poll came from (its metadata; "": unknown).
         Deliveries count once: the first marks the task delivered (RUNNING) and takes it off the queue; a
         later one (a stale stream that went on, or the copy sent again after it) is only activity. A stale
         stream's delivery while a stream of a later generation still sends the task does not count: the
@@ -336,12 +356,38 @@ class TaskBoard:
             # copy broke too, nothing would send it again until its inactivity timeout)
             delivered = False
         if delivered and not handle.done():
-            handle.mark_delivered()
+            handle.mark_delivered(instance_id)
             queue = self._queues.get(handle.node_id)
             if queue and handle in queue:
                 queue.remove(handle)
         elif not handle.done():
             self._wakeup(handle.node_id).set()  # let another poll pick it up
+
+    def requeue_lost(self, node_id: str, instance_id: str, held: Collection[str]) -> list[TaskHandle]:
+        """A poll of ``node_id``'s process ``instance_id`` reports the ids of the tasks it holds (``held``:
+        received whole or being received, result not yet acknowledged; the process sends this only once
+        every earlier poll stream of it has ended or been abandoned). Every task delivered to that process
+        (RUNNING, ``delivered_to`` it: its last chunk went out and its stream ended) that ``held`` does not
+        name went whole into a dead connection: back on the node's queue in dispatch order, to be sent
+        again from offset 0. Returned; none for an empty ``instance_id`` (a process the server cannot tell
+        from another). A task whose upload has begun (UPLOADING) is the node's and never sent again."""
+        if not instance_id:
+            return []
+        lost = [h for h in self.open_tasks(node_id)
+                if h.state is TaskState.RUNNING and h.delivered_to == instance_id and h.task_id not in held]
+        queue = self._queues.setdefault(node_id, [])
+        for handle in lost:
+            delivered_at = handle.delivered_at or time.monotonic()
+            log.warning("task %s: node %s (instance %s) polls without it among the %d task(s) it holds, %.1f s "
+                        "after its last chunk went out: the payload went into a dead connection; sending it "
+                        "again from offset 0", handle.task_id, node_id, instance_id, len(held),
+                        time.monotonic() - delivered_at)
+            handle.requeue()
+            later = [i for i, queued in enumerate(queue) if queued.dispatched_at > handle.dispatched_at]
+            queue.insert(later[0] if later else len(queue), handle)
+        if lost:
+            self._wakeup(node_id).set()
+        return lost
 
     def stop(self) -> None:
         """Make every waiting poll return None now (the server is shutting down)."""

@@ -10,6 +10,10 @@ Lifecycle (``TaskState``)::
 
     QUEUED ──(payload fully streamed)──▶ RUNNING ──(first result chunk)──▶ UPLOADING
        └─────────────┴───────────────────────┴──▶ SUCCEEDED | FAILED | REFUSED | TIMED_OUT | CANCELLED
+    RUNNING ──(its node process polls naming the tasks it holds, not this one)──▶ QUEUED
+
+The last edge (:meth:`TaskHandle.requeue`, decided by the task board) is a payload that went whole into a
+dead connection: the server sent it, the process never got it, and it is sent again from offset 0.
 
 ``last_activity`` moves on every sign of life for the task (a poll that waits for it, chunks sent or
 received, a Report or Heartbeat naming it); when it stays still for ``inactivity_timeout`` seconds the
@@ -60,7 +64,7 @@ class PreparedPayload(Protocol):
 
 
 class TaskState(str, enum.Enum):
-    QUEUED = "queued"  # waiting for the node to poll (or for its download to complete)
+    QUEUED = "queued"  # waiting for the node to poll (or for its download to complete, or lost in a dead connection)
     RUNNING = "running"  # payload delivered; the node works on it
     UPLOADING = "uploading"  # result bytes are arriving
     SUCCEEDED = "succeeded"
@@ -175,6 +179,7 @@ class TaskHandle:
         self.close_reason = ""
         self.dispatched_at = self.last_activity = time.monotonic()
         self.delivered_at: float | None = None
+        self.delivered_to = ""  # instance id of the node process the delivery went to ("": not delivered, or unknown)
         self.upload_started_at: float | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -252,11 +257,24 @@ class TaskHandle:
             self.bytes_sent += nbytes
         self._emit(TransferProgress(direction, done, total))
 
-    def mark_delivered(self) -> None:
+    def mark_delivered(self, instance_id: str = "") -> None:
+        """The payload's last chunk went out, to the node process ``instance_id`` ("" if the poll named none)."""
         if self.state is TaskState.QUEUED:
             self.state = TaskState.RUNNING
             self.delivered_at = time.monotonic()
+            self.delivered_to = instance_id
         self.touch()
+
+    def requeue(self) -> bool:
+        """RUNNING back to QUEUED: the process it was delivered to does not hold it (it went whole into a dead
+        connection), so the board sends it again from offset 0. False (nothing changes) unless RUNNING: a
+        task whose result has begun arriving is the node's."""
+        if self.state is not TaskState.RUNNING:
+            return False
+        self.state = TaskState.QUEUED
+        self.delivered_at, self.delivered_to = None, ""
+        self.touch()
+        return True
 
     def mark_uploading(self) -> None:
         if self.state in (TaskState.QUEUED, TaskState.RUNNING):
