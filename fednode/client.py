@@ -284,7 +284,7 @@ class NodeClient:
         the server refused (:meth:`_drop_refused_task`), or a poll it ended with ABORTED."""
         resume_id, resume_offset = self._download.resume_point() if self._download else ("", 0)
         wait = self._poll_wait()
-        stream = conn.poll(wait, resume_id, resume_offset)
+        stream = conn.poll(wait, resume_id, resume_offset, held_task_ids=self._held_task_ids(resume_id))
         task_id = resume_id  # the task this poll is about, once known
         try:
             event = await stream.next(wait + self.config.call_timeout_seconds)
@@ -315,6 +315,18 @@ class NodeClient:
             stream.cancel()
         self._poll_aborted = False
         return polled
+
+    def _held_task_ids(self, resume_id: str) -> list[str]:
+        """What this process holds as it polls (PollTaskRequest.held_task_ids, docs/protocol.md §5 "Tasks lost
+        in a dead connection"): the download it resumes, and a result not yet acknowledged (none in practice:
+        the session delivers it before it polls). A partial download it does not resume is not held: the
+        server may send that task again. The promise that goes with the list holds: a poll starts only after
+        the previous poll stream was read to its end or cancelled (:meth:`_poll`), never during a download,
+        and a completed download was read to the stream's end before its task runs."""
+        held = [resume_id] if resume_id else []
+        if self._upload is not None:
+            held.append(self._upload.task_id)
+        return held
 
     def _drop_refused_task(self, exc: ServerRefusedError, task_id: str) -> bool:
         """Whether a poll's refusal ends only the task ``task_id`` (being resumed or downloaded; "" before

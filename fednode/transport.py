@@ -131,9 +131,12 @@ class NodeConnection:
         check_version(response.server_version, side="node")
         return convert.server_settings_from_pb(response)
 
-    def poll(self, wait_seconds: float, resume_task_id: str = "", resume_offset: int = 0) -> PollStream:
-        """Start a long poll; read its events with :meth:`PollStream.next`."""
-        request = convert.poll_request_to_pb(wait_seconds, resume_task_id, resume_offset)
+    def poll(self, wait_seconds: float, resume_task_id: str = "", resume_offset: int = 0, *,
+             held_task_ids: Iterable[str] | None = None) -> PollStream:
+        """Start a long poll; read its events with :meth:`PollStream.next`. ``held_task_ids``: every task the
+        process holds (PollTaskRequest.reports_held_tasks; None: not reported)."""
+        request = convert.poll_request_to_pb(wait_seconds, resume_task_id, resume_offset,
+                                             held_task_ids=held_task_ids)
         return PollStream(self._poll_call(request, metadata=self.metadata))
 
     async def upload(self, result: ResultDescriptor, chunks: Iterable[tuple[int, Any]],
