@@ -194,6 +194,7 @@ class Run:
     receiver_cpu: float = 0.0
     sender_threads: dict[str, float] | None = None  # CPU seconds by thread name (--threads)
     receiver_threads: dict[str, float] | None = None
+    span: tuple[float, float] = (0.0, 0.0)  # monotonic start and end of the timed transfer
 
 
 class Pair:
@@ -278,7 +279,8 @@ def run_raw(mode: str, size: int, chunk: int, transfers: int, gap: float, verify
         runs.append(Run(t1 - t0, size, sender.peak(t0, t1) - sender.before(first),
                         receiver.peak(t0, t1) - receiver.before(first),
                         sender_cpu=sender.cpu(t0, t1), receiver_cpu=receiver.cpu(t0, t1),
-                        sender_threads=sender.thread_cpu(t0, t1), receiver_threads=receiver.thread_cpu(t0, t1)))
+                        sender_threads=sender.thread_cpu(t0, t1), receiver_threads=receiver.thread_cpu(t0, t1),
+                        span=(t0, t1)))
     return runs
 
 
@@ -317,7 +319,8 @@ def run_fed(mode: str, size: int, chunk: int, transfers: int, gap: float,
             seconds, c0 = t1 - st["upload_started_at"], st["upload_started_at"]
         runs.append(Run(seconds, nbytes, sender.peak(t0, t1) - sender.before(first),
                         receiver.peak(t0, t_end) - receiver.before(first), intact, encode_s,
-                        sender.cpu(c0, t1), receiver.cpu(c0, t1), sender.thread_cpu(c0, t1), receiver.thread_cpu(c0, t1)))
+                        sender.cpu(c0, t1), receiver.cpu(c0, t1), sender.thread_cpu(c0, t1), receiver.thread_cpu(c0, t1),
+                        (c0, t1)))
     return runs, {**(n if mode == "download" else s)["pool"], "window": n["window"], "rtt": n["rtt"]}
 
 
