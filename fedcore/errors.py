@@ -14,6 +14,7 @@
     ├── TaskPayloadError (also ValueError)      a decoded task or result map lacks a field or has a bad one
     ├── FramingError (also ValueError)          chunk stream problems
     │   ├── ChunkOrderError                     out-of-order, duplicated or missing chunk
+    │   │   └── UploadIncompleteError           an upload stream ended before its last byte (bytes kept: resume)
     │   ├── PayloadSizeError                    payload or chunk beyond the announced or allowed size
     │   └── DigestMismatchError                 SHA-256 of the assembled payload differs from the header
     ├── VersionMismatchError (also ValueError)  the peer speaks another protocol major version; names both (fedcore.wire)
@@ -27,6 +28,7 @@
     │   ├── TaskClosedError                     the task's round is over (cancelled, timed out, done): refused
     │   ├── UnknownNodeError (also LookupError) no node with this id (not enrolled, not registered)
     │   ├── LimitExceededError                  over a configured limit: payload, chunk, concurrent uploads
+    │   │   └── UploadsBusyError                no upload buffer free now and none running to free one: retry later
     │   ├── UploadConflictError                 a second upload stream for a task whose upload is running
     │   ├── NodeSupersededError                 a call of a node process that a newer process of the node replaced
     │   ├── ServerStateError                    the server is not running (dispatch before start or after stop)
@@ -39,7 +41,8 @@
     └── NodeError                               a node cannot serve its server (fednode)
         ├── NodeConfigError (also ValueError)   bad node configuration: TLS mode, CA/cert/key, token, limits
         ├── ConnectionLostError                 server unreachable or a call broke mid-stream (retried, backoff)
-        ├── ServerRefusedError                  the server answered with a non-retryable status (.code, .details)
+        ├── ServerRefusedError                  the server answered with a non-retryable status (.code, .details,
+        │                                       .reason: the ErrorReason name of its fedstream-error-reason trailer)
         ├── NodeStoreError                      node.db unusable: not SQLite, schema newer than this fednode
         ├── DatasetRegistryError (also ValueError)  unknown or duplicate dataset name, bad name/tags/options
         │   └── DatasetFileError                dataset file missing, unreadable or changed since registration
@@ -113,6 +116,11 @@ class ChunkOrderError(FramingError):
     """A chunk arrived out of order, twice, or a chunk is missing."""
 
 
+class UploadIncompleteError(ChunkOrderError):
+    """An upload stream ended before its last byte; the server keeps the bytes and the node resumes at the
+    acknowledged offset (docs/protocol.md §5, "Resuming an upload")."""
+
+
 class PayloadSizeError(FramingError):
     """A payload or chunk is larger than announced or allowed."""
 
@@ -159,6 +167,11 @@ class UnknownNodeError(ServerError, LookupError):
 
 class LimitExceededError(ServerError):
     """A request goes over a configured limit: payload size, chunk size or number of concurrent uploads."""
+
+
+class UploadsBusyError(LimitExceededError):
+    """No upload buffer is free and no running upload could free one (too many concurrent uploads, or their
+    bytes over the budget): the upload is refused now and may be retried later, unlike a payload over a limit."""
 
 
 class UploadConflictError(ServerError):
@@ -210,18 +223,20 @@ class NodeConfigError(NodeError, ValueError):
 class ConnectionLostError(NodeError):
     """The server is unreachable or a call broke mid-stream; the node retries with backoff."""
 
-    def __init__(self, message: str, code: object = None) -> None:
+    def __init__(self, message: str, code: object = None, reason: str = "") -> None:
         super().__init__(message)
         self.code = code  # the grpc.StatusCode when the failure came from a call, else None
+        self.reason = reason  # the server's ErrorReason name (fedstream-error-reason trailer); "" if none or unknown
 
 
 class ServerRefusedError(NodeError):
     """The server answered with a status retrying cannot fix (bad token, incompatible protocol version)."""
 
-    def __init__(self, message: str, code: object = None, details: str = "") -> None:
+    def __init__(self, message: str, code: object = None, details: str = "", reason: str = "") -> None:
         super().__init__(message)
         self.code = code  # the grpc.StatusCode
-        self.details = details  # the server's status message
+        self.details = details  # the server's status message, for humans
+        self.reason = reason  # the server's ErrorReason name (fedstream-error-reason trailer); "" if none or unknown
 
 
 class NodeStoreError(NodeError):

@@ -14,7 +14,8 @@ restart: start over). A ServerShutdown waits ``retry_after`` instead; a poll the
 made again at once (once in a row; then as a lost connection). A refusal of one task (closed, unknown,
 not ours: a round cancelled it while it downloads) drops that task and polls again. A refusal that
 ends the node (:func:`fednode.transport.fatal_refusal`: bad token, another protocol major version, a
-newer process of this node registered) ends :meth:`NodeClient.run` with the error.
+newer process of this node registered) ends :meth:`NodeClient.run` with the error. Refusals are told
+apart by the server's error reason (docs/protocol.md §7), by the status code when it sends none.
 
 The client holds no global state and starts no thread of its own besides the handler's worker (from the
 loop's default executor unless one is injected), so hundreds of clients can share one event loop.
@@ -66,7 +67,7 @@ from fednode.receive_window import auto_window, measure_rtt
 from fednode.receive_window import describe as describe_window
 from fednode.reporter import Reporter, ReportPump
 from fednode.transfers import PendingUpload, TaskDownload
-from fednode.transport import EOF, NodeConnection, PollStream, fatal_refusal
+from fednode.transport import BUSY_REASON, EOF, NodeConnection, PollStream, fatal_refusal, task_refusal
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,6 @@ log = logging.getLogger(__name__)
 BUSY_UPLOAD_ATTEMPTS = 8
 T = TypeVar("T")
 CLIENT_VERSION = "fednode/0.1.0"
-#: Statuses of a poll about a known task (resumed, or its chunks arriving) that end that task only: the task
-#: is gone (closed, unknown, not ours) or cannot resume there; a fresh poll goes on (docs/protocol.md, error codes).
-TASK_REFUSALS = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-                           grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED})
 
 
 class ClientState(str, enum.Enum):
@@ -329,11 +326,15 @@ class NodeClient:
         return held
 
     def _drop_refused_task(self, exc: ServerRefusedError, task_id: str) -> bool:
-        """Whether a poll's refusal ends only the task ``task_id`` (being resumed or downloaded; "" before
-        any): then its partial download is dropped (its buffer goes back to the receive pool) and the node
-        polls again. A refusal that ends the node (:func:`fednode.transport.fatal_refusal`: superseded,
-        bad identity, protocol version), or any refusal of a fresh poll before a task header, does not."""
-        if fatal_refusal(exc) or not task_id or exc.code not in TASK_REFUSALS:
+        """Whether a poll's refusal ends only the download of ``task_id`` (being resumed or downloaded; ""
+        before any): the task is gone (:func:`fednode.transport.task_refusal`: closed, unknown, not ours) or
+        the server cannot resume it there (INVALID_ARGUMENT: a bad offset, another payload). Then its
+        partial download is dropped (its buffer goes back to the receive pool) and the node polls again. A
+        refusal that ends the node (:func:`fednode.transport.fatal_refusal`: superseded, bad identity,
+        protocol version), or any refusal of a fresh poll before a task header, does not."""
+        if not task_id or fatal_refusal(exc):
+            return False
+        if not (task_refusal(exc) or exc.code == grpc.StatusCode.INVALID_ARGUMENT):
             return False
         self._download = None
         log.info("%s: task %s dropped, the server refused it: %s; polling again", self.config.node_name, task_id,
@@ -483,8 +484,11 @@ class NodeClient:
         self._upload = None
 
     def _server_busy(self, exc: ServerRefusedError, upload: PendingUpload) -> bool:
-        """RESOURCE_EXHAUSTED for a result within the announced limits means "no upload buffer free now"
-        (docs/protocol.md, error codes): worth retrying later, unlike a payload over max_payload_size."""
+        """"No upload buffer free now" (reason ERROR_REASON_UPLOADS_BUSY): worth retrying later, unlike a
+        payload over max_payload_size. From a server without reasons: RESOURCE_EXHAUSTED for a result
+        within the announced limits (docs/protocol.md §7)."""
+        if exc.reason:
+            return exc.reason == BUSY_REASON
         if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
             return False
         limit = self.settings.max_payload_size if self.settings else 0
@@ -501,4 +505,17 @@ class NodeClient:
             log.info("%s: resuming the upload of task %s at byte %d of %d", self.config.node_name,
                      upload.task_id, start, upload.total_size)
         upload.attempted = True
-        await conn.upload(upload.descriptor(start), upload.chunks(start), self.config.idle_stream_timeout_seconds)
+        try:
+            await conn.upload(upload.descriptor(start), upload.chunks(start), self.config.idle_stream_timeout_seconds)
+        except ConnectionLostError as exc:
+            if exc.code != grpc.StatusCode.INTERNAL or exc.reason:
+                raise
+            # INTERNAL without a reason is gRPC's own: grpc.aio reports a server that ends the upload while we
+            # still write chunks (a refusal) as INTERNAL "Internal error from Core", losing the server's status
+            # (grpc/grpc#36066). The task's state on the server tells a refused task (closed, superseded, ...:
+            # GetUploadStatus raises that refusal) from a broken stream (reconnect and resume, as before).
+            log.info("%s: upload of task %s ended with %s; asking the server where it stands", self.config.node_name,
+                     upload.task_id, exc)
+            _, complete = await conn.upload_status(upload.task_id)
+            if not complete:
+                raise

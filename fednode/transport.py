@@ -6,10 +6,13 @@ so there the same entry is added to every call's metadata instead. Every call al
 (metadata ``fedstream-instance-id``, its RegisterRequest.instance_id): the server refuses the calls of a
 process that a newer process of the same node replaced. Every ``grpc.aio.AioRpcError`` is
 translated here, once, into a :class:`fedcore.errors.NodeError`: retrying can fix it
-(:class:`ConnectionLostError`) or it cannot (:class:`ServerRefusedError`). Among refusals,
-:func:`fatal_refusal` tells those that end the node (bad identity, another protocol version, a newer
-process of this node) from those about one task only. Messages are built and read only through
-:mod:`fedcore.wire.convert`; callers see domain objects.
+(:class:`ConnectionLostError`) or it cannot (:class:`ServerRefusedError`). The server names why it refused
+a call in the trailing metadata ``fedstream-error-reason`` (a ``fedstream.v1.ErrorReason`` name, kept as
+the error's ``reason``); the decisions read it first and fall back to the status code when it is absent
+(gRPC's own statuses, older servers) or unknown (newer servers), never to the message text:
+:func:`fatal_refusal` tells the refusals that end the node (bad identity, another protocol version, a newer
+process of this node) from :func:`task_refusal`, those that end one task only. Messages are built and read
+only through :mod:`fedcore.wire.convert`; callers see domain objects.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from fedcore.wire import (
     convert,
 )
 from fednode.config import NodeConfig
-from fedstream.v1 import node_service_pb2, node_service_pb2_grpc
+from fedstream.v1 import common_pb2, node_service_pb2, node_service_pb2_grpc
 
 #: What :meth:`PollStream.next` returns when the server ended the stream normally.
 EOF = grpc.aio.EOF
@@ -47,6 +50,28 @@ RETRYABLE_CODES = frozenset({
     grpc.StatusCode.UNKNOWN,  # server-side exception; a later attempt may meet a healthy server
     grpc.StatusCode.DATA_LOSS,  # corrupted transfer; resending cures it
 })
+
+#: Trailing metadata entry of the server's error statuses: the name of a fedstream.v1.ErrorReason (§7).
+REASON_METADATA_KEY = "fedstream-error-reason"
+#: Every ErrorReason name this node knows; another name (a newer server's) counts as no reason.
+KNOWN_REASONS = frozenset(common_pb2.ErrorReason.DESCRIPTOR.values_by_name) - {"ERROR_REASON_UNSPECIFIED"}
+#: Reasons that end the node process, whatever call they answer: bad identity, another protocol version,
+#: a newer process of this node registered (competing with it would fail its tasks in turn).
+FATAL_REASONS = frozenset({"ERROR_REASON_UNAUTHENTICATED", "ERROR_REASON_VERSION_MISMATCH",
+                           "ERROR_REASON_NODE_SUPERSEDED"})
+#: Reasons that end the task the call named (closed, unknown, sent to another node): drop it and go on.
+TASK_REASONS = frozenset({"ERROR_REASON_TASK_CLOSED", "ERROR_REASON_UNKNOWN_TASK",
+                          "ERROR_REASON_TASK_NOT_SENT_TO_NODE"})
+#: Codes that end one task, for a status without a known reason (FAILED_PRECONDITION may also be a newer
+#: process of this node: a node that drops the task learns it from its next call, which is about no task).
+TASK_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+                        grpc.StatusCode.PERMISSION_DENIED})
+#: Reasons a new attempt cures (reconnect with backoff; an upload resumes where GetUploadStatus says).
+RETRYABLE_REASONS = frozenset({"ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REASON_DIGEST_MISMATCH",
+                               "ERROR_REASON_UPLOAD_IN_PROGRESS", "ERROR_REASON_SERVER_STOPPING",
+                               "ERROR_REASON_INTERNAL"})
+#: The refusal of an upload while no buffer is free on the server: retried in place, with backoff.
+BUSY_REASON = "ERROR_REASON_UPLOADS_BUSY"
 
 Metadata = tuple[tuple[str, str], ...]
 #: Call metadata naming the node process (docs/protocol.md §2; fedserver.auth reads it).
@@ -205,35 +230,49 @@ class PollStream:
             self._call.cancel()
 
 
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorReason name of a failed call's ``fedstream-error-reason`` trailer; "" when there is none or
+    this node does not know it (then only the status code counts)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == REASON_METADATA_KEY:
+            name = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+            return name if name in KNOWN_REASONS else ""
+    return ""
+
+
 def translate(error: grpc.aio.AioRpcError, what: str) -> ConnectionLostError | ServerRefusedError:
-    """The node error for a failed call; ``what`` names the call in the message ("Register", ...)."""
+    """The node error for a failed call; ``what`` names the call in the message ("Register", ...).
+
+    Retryable (:class:`ConnectionLostError`) by the reason when the server gave one, else by the code."""
     code = error.code()
     details = error.details() or ""
     name = code.name if code is not None else "UNKNOWN"
-    if code in RETRYABLE_CODES:
-        return ConnectionLostError(f"{what} failed with {name}: {details}", code)
-    return ServerRefusedError(f"{what} refused by the server with {name}: {details}", code, details)
-
-
-#: Words of a FAILED_PRECONDITION status saying the protocol major versions differ (fedcore.wire.check_version).
-VERSION_REFUSAL = "protocol version"
-#: Words of the FAILED_PRECONDITION status ending a poll of a node process a newer one replaced
-#: (fedcore.errors.NodeSupersededError; docs/protocol.md, §4 and error codes).
-SUPERSEDED_REFUSAL = "superseded by a newer instance"
+    reason = error_reason(error)
+    retryable = reason in RETRYABLE_REASONS if reason else code in RETRYABLE_CODES
+    if retryable:
+        return ConnectionLostError(f"{what} failed with {name}: {details}", code, reason)
+    return ServerRefusedError(f"{what} refused by the server with {name}: {details}", code, details, reason)
 
 
 def superseded(error: ServerRefusedError) -> bool:
     """True when the server refused a call (or ended a poll) because another process of this node
     registered since (with another instance id): that process serves the node now."""
-    return error.code == grpc.StatusCode.FAILED_PRECONDITION and SUPERSEDED_REFUSAL in error.details
+    return error.reason == "ERROR_REASON_NODE_SUPERSEDED"
 
 
 def fatal_refusal(error: ServerRefusedError) -> bool:
-    """True for a refusal that ends the node, whatever call or task it came with: UNAUTHENTICATED (bad,
-    revoked or missing identity), another protocol major version, or a call superseded by a newer process
-    of this node (competing with it would fail its tasks in turn). Other refusals concern one request or
-    one task."""
-    if error.code == grpc.StatusCode.UNAUTHENTICATED:
-        return True
-    return error.code == grpc.StatusCode.FAILED_PRECONDITION and (
-        VERSION_REFUSAL in error.details or superseded(error))
+    """True for a refusal that ends the node, whatever call or task it came with (:data:`FATAL_REASONS`;
+    without a reason: UNAUTHENTICATED). Other refusals concern one request or one task. (A server without
+    reasons also says "another protocol version" or "superseded" with FAILED_PRECONDITION: on a call about
+    no task, Register or a fresh poll, the node stops on any refusal anyway.)"""
+    if error.reason:
+        return error.reason in FATAL_REASONS
+    return error.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def task_refusal(error: ServerRefusedError) -> bool:
+    """True for a refusal that ends the task the call named, and only it (:data:`TASK_REASONS`; without a
+    reason: :data:`TASK_CODES`)."""
+    if error.reason:
+        return error.reason in TASK_REASONS
+    return error.code in TASK_CODES

@@ -1,8 +1,12 @@
-"""Domain errors -> gRPC status codes, in one place, and the wrappers that apply it to every handler.
+"""Domain errors -> gRPC status codes and error reasons, in one place, and the wrappers that apply it to
+every handler.
 
 The exception classes live in :mod:`fedcore.errors` (the ``ServerError`` branch and the framing and
-wire errors); this module only decides which status each one becomes. Handlers raise domain errors and
-never call ``context.abort`` themselves. The table is also the error-code table of docs/protocol.md.
+wire errors); this module only decides which status each one becomes: a code, a message for humans, and
+the name of a ``fedstream.v1.ErrorReason`` in the trailing metadata entry ``fedstream-error-reason``, which
+tells a node what to do without reading the message (stop, drop the task, retry). Handlers raise domain
+errors and never call ``context.abort`` themselves. The table is also the error-code table of
+docs/protocol.md §7.
 """
 
 from __future__ import annotations
@@ -28,47 +32,59 @@ from fedcore.errors import (
     UnknownNodeError,
     UnknownTaskError,
     UploadConflictError,
+    UploadIncompleteError,
+    UploadsBusyError,
     VersionMismatchError,
 )
+from fedstream.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-#: First matching class wins, so subclasses come before their bases.
-STATUS_OF_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (VersionMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
-    (TaskClosedError, grpc.StatusCode.FAILED_PRECONDITION),
-    (NodeSupersededError, grpc.StatusCode.FAILED_PRECONDITION),  # a newer process of the node registered
-    (UnknownTaskError, grpc.StatusCode.NOT_FOUND),
-    (UnknownNodeError, grpc.StatusCode.NOT_FOUND),
-    (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (UploadConflictError, grpc.StatusCode.ABORTED),
-    (ServerStateError, grpc.StatusCode.UNAVAILABLE),
-    (DigestMismatchError, grpc.StatusCode.DATA_LOSS),
-    (FramingError, grpc.StatusCode.INVALID_ARGUMENT),  # chunk out of order, past the announced size
-    (MessageError, grpc.StatusCode.INVALID_ARGUMENT),
-    (DecodeError, grpc.StatusCode.INVALID_ARGUMENT),
+#: Trailing metadata key of every error status: the name of a fedstream.v1.ErrorReason value.
+REASON_METADATA_KEY = "fedstream-error-reason"
+
+_Code = grpc.StatusCode
+_R = common_pb2.ErrorReason
+
+#: ``(error class, status code, ErrorReason)``; the first matching class wins, so subclasses come first.
+STATUS_OF_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode, int], ...] = (
+    (AuthenticationError, _Code.UNAUTHENTICATED, _R.ERROR_REASON_UNAUTHENTICATED),
+    (PermissionDeniedError, _Code.PERMISSION_DENIED, _R.ERROR_REASON_TASK_NOT_SENT_TO_NODE),
+    (VersionMismatchError, _Code.FAILED_PRECONDITION, _R.ERROR_REASON_VERSION_MISMATCH),
+    (TaskClosedError, _Code.FAILED_PRECONDITION, _R.ERROR_REASON_TASK_CLOSED),
+    (NodeSupersededError, _Code.FAILED_PRECONDITION, _R.ERROR_REASON_NODE_SUPERSEDED),  # a newer process registered
+    (UnknownTaskError, _Code.NOT_FOUND, _R.ERROR_REASON_UNKNOWN_TASK),
+    (UnknownNodeError, _Code.NOT_FOUND, _R.ERROR_REASON_UNKNOWN_NODE),
+    (UploadsBusyError, _Code.RESOURCE_EXHAUSTED, _R.ERROR_REASON_UPLOADS_BUSY),  # before its base class
+    (LimitExceededError, _Code.RESOURCE_EXHAUSTED, _R.ERROR_REASON_PAYLOAD_TOO_LARGE),
+    (UploadConflictError, _Code.ABORTED, _R.ERROR_REASON_UPLOAD_IN_PROGRESS),
+    (ServerStateError, _Code.UNAVAILABLE, _R.ERROR_REASON_SERVER_STOPPING),
+    (DigestMismatchError, _Code.DATA_LOSS, _R.ERROR_REASON_DIGEST_MISMATCH),
+    (UploadIncompleteError, _Code.INVALID_ARGUMENT, _R.ERROR_REASON_UPLOAD_INCOMPLETE),  # before FramingError
+    (FramingError, _Code.INVALID_ARGUMENT, _R.ERROR_REASON_FRAMING),  # chunk out of order, past the announced size
+    (MessageError, _Code.INVALID_ARGUMENT, _R.ERROR_REASON_MALFORMED_MESSAGE),
+    (DecodeError, _Code.INVALID_ARGUMENT, _R.ERROR_REASON_BAD_RESULT_DOCUMENT),  # a result document
 )
 
 
-def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The status a domain error becomes; INTERNAL for anything not in :data:`STATUS_OF_ERROR`."""
-    for cls, code in STATUS_OF_ERROR:
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code a domain error becomes and the name of its ErrorReason; ``(INTERNAL,
+    "ERROR_REASON_INTERNAL")`` for anything not in :data:`STATUS_OF_ERROR`."""
+    for cls, code, reason in STATUS_OF_ERROR:
         if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+            return code, _R.Name(reason)
+    return _Code.INTERNAL, _R.Name(_R.ERROR_REASON_INTERNAL)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
-    code = status_for(exc)
+    code, reason = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed unexpectedly", method, exc_info=exc)
         details = f"internal server error in {method}: {type(exc).__name__}"
     else:
-        log.info("%s refused with %s: %s", method, code.name, exc)
+        log.info("%s refused with %s (%s): %s", method, code.name, reason, exc)
         details = str(exc)
-    await context.abort(code, details)
+    await context.abort(code, details, trailing_metadata=((REASON_METADATA_KEY, reason),))
 
 
 T = TypeVar("T")

@@ -27,6 +27,8 @@ from fedcore.errors import (
     MessageError,
     TaskClosedError,
     UnknownTaskError,
+    UploadIncompleteError,
+    UploadsBusyError,
 )
 from fedcore.serialization import DEFAULT_LIMITS, Serializer, SerializerLimits
 from fedcore.wire import (
@@ -270,7 +272,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             raise
         else:
             if isinstance(response, str):  # ended early
-                raise ChunkOrderError(response)
+                raise UploadIncompleteError(response)
             dropped = False
             return response
         finally:
@@ -292,12 +294,16 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
 
         info = desc.payload
         assert info is not None  # ResultDescriptor guarantees it for SUCCEEDED
+        self.uploads.check_limits(info)  # over a limit: refused at once, not after waiting in line for room
         if info.start_offset == 0:  # wait in line while running uploads hold every buffer (resumes need none)
             await self.uploads.wait_for_room(desc.task_id, info.total_size, handle.inactivity_timeout or 120.0,
                                              on_wake=handle.touch)
             if handle.done():  # ended while in line (a round gave up on it, the node restarted): take no buffer
                 raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
-        session = self.uploads.begin(desc.task_id, node_id, info)
+        try:
+            session = self.uploads.begin(desc.task_id, node_id, info)
+        except LimitExceededError as exc:  # within the limits (checked above): no buffer free now, retry later
+            raise UploadsBusyError(str(exc)) from None
         handle.mark_uploading()
         max_chunk = self.config.max_chunk_size
         try:

@@ -3,6 +3,9 @@
 It speaks the protocol from protos/fedstream/v1 with plain protobuf (no fedserver code), keeps what the
 node sent for the tests to inspect, and can break a download or an upload mid-stream on request, the way
 a cut network or a server crash would (the call ends with UNAVAILABLE after some chunks were kept).
+A status the tests script is ``(code, details)``, as from a server that sends no error reason, or
+``(code, details, reason)``: the ErrorReason name then goes in the ``fedstream-error-reason`` trailer, as
+fedserver sends it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,15 @@ from fedstream.v1 import node_service_pb2 as pb
 
 TOKEN = "s3cret-token"
 VERSION = common_pb2.ProtocolVersion(major=1, minor=0)
+REASON_METADATA_KEY = "fedstream-error-reason"
+#: A scripted status: (code, details) or (code, details, ErrorReason name).
+Status = tuple[grpc.StatusCode, str] | tuple[grpc.StatusCode, str, str]
+
+
+async def refuse(context: grpc.aio.ServicerContext, status: Status) -> None:
+    """End the call with ``status`` (its reason, if any, in the trailer)."""
+    code, details, *reason = status
+    await context.abort(code, details, trailing_metadata=tuple((REASON_METADATA_KEY, r) for r in reason))
 
 
 @dataclass
@@ -69,11 +81,14 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
         # fault injection: break the next download / upload after this many chunks (once); a download ends
         # with break_download_status (by default as a cut network would; a refusal of the task, ...)
         self.break_download_after: int | None = None
-        self.break_download_status = (grpc.StatusCode.UNAVAILABLE, "download cut by the test")
+        self.break_download_status: Status = (grpc.StatusCode.UNAVAILABLE, "download cut by the test")
         self.break_upload_after: int | None = None
-        # end the next polls, in order, with these statuses before any event: fresh polls / resuming polls
-        self.refuse_polls: list[tuple[grpc.StatusCode, str]] = []
-        self.refuse_resumes: list[tuple[grpc.StatusCode, str]] = []
+        # end the next polls, in order, with these statuses before any event (None: not that one): fresh
+        # polls / resuming polls
+        self.refuse_polls: list[Status | None] = []
+        self.refuse_resumes: list[Status | None] = []
+        # end the next upload (after its header) with this status instead of receiving it (once)
+        self.refuse_upload: Status | None = None
         # stop sending (without ending the call) after this many chunks: the test kills the server
         self.stall_download_after: int | None = None
         # pause after the last chunk before ending the stream (a server still busy with its bookkeeping)
@@ -131,7 +146,9 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
             return
         refusals = self.refuse_resumes if request.resume_task_id else self.refuse_polls
         if refusals:
-            await context.abort(*refusals.pop(0))
+            status = refusals.pop(0)
+            if status is not None:  # None: this poll goes on
+                await refuse(context, status)
         start = 0
         if request.resume_task_id:
             task = self.assigned.get(request.resume_task_id)
@@ -160,7 +177,7 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
                 self.break_download_after = None
                 if self.break_download_status[0] not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
                     self.assigned.pop(task.task_id, None)  # refused: the task is closed, never sent again
-                await context.abort(*self.break_download_status)
+                await refuse(context, self.break_download_status)
             if sent == self.stall_download_after:
                 await asyncio.Event().wait()  # until the server stops and cancels this call
             yield pb.PollTaskResponse(chunk=common_pb2.Chunk(offset=offset, data=bytes(data)))
@@ -180,6 +197,9 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
         if self.busy_uploads > 0:
             self.busy_uploads -= 1
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent uploads (16, limit 16)")
+        if self.refuse_upload is not None:
+            status, self.refuse_upload = self.refuse_upload, None
+            await refuse(context, status)
         if header.task_id not in self.assigned and header.task_id not in self.results:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"task {header.task_id} unknown")
         stored = self.results.get(header.task_id)

@@ -231,8 +231,10 @@ def test_a_node_process_replaced_while_its_handler_runs_stops_at_its_next_call(t
     failed, done, error, tasks, first_id, a_instance = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert failed.outcome is TaskState.FAILED and "restarted" in failed.error_message
     assert fatal_refusal(error) and superseded(error), error
-    # its upload is refused, or (when that stream broke off instead) the Register of its reconnect
-    assert re.match(r"(UploadResult|Register) refused", str(error)) and a_instance in error.details, error
+    # its upload is refused, or (when grpc.aio hides that status behind INTERNAL) the GetUploadStatus it then
+    # asks on the same connection: never a reconnect (which would Register and be refused there)
+    assert re.match(r"(UploadResult|GetUploadStatus) refused", str(error)) and a_instance in error.details, error
+    assert error.reason == "ERROR_REASON_NODE_SUPERSEDED"
     assert tasks == [first_id]  # A never took another task
     assert done.outcome is TaskState.SUCCEEDED, done.error_message
     np.testing.assert_array_equal(done.payload["params"]["w"], [2.0, 4.0])

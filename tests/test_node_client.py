@@ -121,7 +121,8 @@ def test_broken_upload_resumes_from_acknowledged_offset():
                 await service.wait_results(1)
         finally:
             await server.stop(None)
-        assert [r.task_id for r in service.status_requests] == ["t1"]
+        # asked after reconnecting; once more before, when grpc.aio reported the cut as INTERNAL without reason
+        assert [r.task_id for r in service.status_requests] in (["t1"], ["t1", "t1"])
         starts = [h.payload.start_offset for h in service.upload_headers]
         assert starts == [0, 4 * CHUNK]
         total = service.upload_headers[0].payload.total_size

@@ -1,11 +1,14 @@
 """How fednode answers a poll the server refuses or aborts, before or after the task header.
 
-* A refusal of one task (FAILED_PRECONDITION "no longer accepted", NOT_FOUND, PERMISSION_DENIED), on a
-  resumed poll or in the middle of a download (a round cancelling a slow node): the node drops that task,
-  its partial buffer goes back to the receive pool, and it polls again on the same connection.
-* A refusal that ends the node (:func:`fednode.transport.fatal_refusal`: UNAUTHENTICATED, another protocol
-  version, a poll "superseded by a newer instance" of the node) ends ``run()`` with it, wherever it comes:
-  a fresh poll, a resumed poll, mid-download.
+The server names each refusal in the trailer ``fedstream-error-reason``; the node decides by it, by the
+status code when there is none (an older server), never by the status message.
+
+* A refusal of one task (TASK_CLOSED, UNKNOWN_TASK, TASK_NOT_SENT_TO_NODE), on a resumed poll or in the
+  middle of a download (a round cancelling a slow node): the node drops that task, its partial buffer goes
+  back to the receive pool, and it polls again on the same connection.
+* A refusal that ends the node (:func:`fednode.transport.fatal_refusal`: UNAUTHENTICATED, VERSION_MISMATCH,
+  NODE_SUPERSEDED: a poll of a process a newer one replaced) ends ``run()`` with it, wherever it comes: a
+  fresh poll, a resumed poll, mid-download.
 * ABORTED (the server ends a stale poll and asks for another): the node polls again at once, resuming a
   partial download; a second ABORTED in a row counts as a lost connection (reconnect with backoff).
 
@@ -35,7 +38,7 @@ from fedcore.framing import OutgoingPayload
 from fedcore.wire import TaskKind
 from fednode.client import ClientState, NodeClient
 from fednode.handler import EchoHandler
-from fednode.transport import fatal_refusal, superseded
+from fednode.transport import superseded
 from fedserver.auth import NodeStore
 from fedserver.server import FedServer
 from fedserver.tasks import TaskState
@@ -49,26 +52,7 @@ SUPERSEDED = re.compile(r"PollTask stream of node (\S+) superseded by a newer in
 SUPERSEDED_MESSAGE = ("PollTask stream of node node-n1 superseded by a newer instance of the node: instance "
                       f"{NEW} registered at 10:11:12.345 in place of instance {'a' * 32}; this stream belongs to "
                       "an earlier process")
-
-
-def refusal(code: grpc.StatusCode, details: str) -> ServerRefusedError:
-    return ServerRefusedError(f"PollTask refused by the server with {code.name}: {details}", code, details)
-
-
-@pytest.mark.parametrize(("code", "details", "fatal"), [
-    (grpc.StatusCode.UNAUTHENTICATED, "token revoked", True),
-    (grpc.StatusCode.FAILED_PRECONDITION,
-     "protocol version 2.0 is not supported by this server (server speaks 1.x, exactly 1.0)", True),
-    (grpc.StatusCode.FAILED_PRECONDITION, SUPERSEDED_MESSAGE, True),
-    (grpc.StatusCode.FAILED_PRECONDITION, "task t1 is no longer accepted (round cancelled)", False),
-    (grpc.StatusCode.NOT_FOUND, "no task with id 't1'", False),
-    (grpc.StatusCode.PERMISSION_DENIED, "task t1 was not sent to node n", False),
-    (grpc.StatusCode.INVALID_ARGUMENT, "superseded by a newer instance", False),  # only FAILED_PRECONDITION says so
-])
-def test_fatal_refusals_are_identity_protocol_version_and_superseded(code, details, fatal) -> None:
-    error = refusal(code, details)
-    assert fatal_refusal(error) is fatal
-    assert superseded(error) is (details == SUPERSEDED_MESSAGE)
+SUPERSEDED_STATUS = (grpc.StatusCode.FAILED_PRECONDITION, SUPERSEDED_MESSAGE, "ERROR_REASON_NODE_SUPERSEDED")
 
 
 # -- the real FedServer ---------------------------------------------------------------------------------
@@ -243,7 +227,7 @@ def test_a_node_superseded_on_a_resumed_poll_stops() -> None:
     async def scenario():
         service = FakeNodeService()
         service.break_download_after = 3
-        service.refuse_resumes.append((grpc.StatusCode.FAILED_PRECONDITION, SUPERSEDED_MESSAGE))
+        service.refuse_resumes.append(SUPERSEDED_STATUS)
         return service, await _run_until_refused(service)
 
     service, error = arun(scenario())
@@ -252,18 +236,45 @@ def test_a_node_superseded_on_a_resumed_poll_stops() -> None:
     assert service.results == {}
 
 
-@pytest.mark.parametrize(("code", "details"), [
-    (grpc.StatusCode.FAILED_PRECONDITION, "task t1 is no longer accepted (round cancelled)"),
-    (grpc.StatusCode.NOT_FOUND, "no task with id 't1'"),
-    (grpc.StatusCode.PERMISSION_DENIED, "task t1 was not sent to node node-n1"),
-])
-def test_a_task_refused_mid_download_is_dropped_and_the_node_polls_again(code, details, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="fednode.client")
+def test_without_reasons_a_superseded_download_is_dropped_then_the_fresh_poll_refusal_stops_the_node() -> None:
+    """An older server (no reason trailer) says "superseded" with FAILED_PRECONDITION only, which mid-download
+    reads as "this task is gone": the node drops the download and polls afresh. That poll, about no task, is
+    refused too, and any refusal of a fresh poll ends run(): the node stops one poll later, whatever the text."""
 
     async def scenario():
         service = FakeNodeService()
         service.break_download_after = 3
-        service.break_download_status = (code, details)
+        service.break_download_status = SUPERSEDED_STATUS[:2]
+        service.refuse_polls.extend([None, SUPERSEDED_STATUS[:2]])  # the first poll gets t1
+        return service, await _run_until_refused(service)
+
+    service, error = arun(scenario())
+    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "")
+    assert not superseded(error)  # the message says so, but only a reason counts
+    assert [(p.resume_task_id, p.resume_offset) for p in service.polls] == [("", 0), ("", 0)]
+    assert service.results == {}
+
+
+@pytest.mark.parametrize("status", [
+    (grpc.StatusCode.FAILED_PRECONDITION, "task t1 is no longer accepted (round cancelled)", "ERROR_REASON_TASK_CLOSED"),
+    (grpc.StatusCode.NOT_FOUND, "no task with id 't1'", "ERROR_REASON_UNKNOWN_TASK"),
+    (grpc.StatusCode.PERMISSION_DENIED, "task t1 was not sent to node node-n1", "ERROR_REASON_TASK_NOT_SENT_TO_NODE"),
+    # the reason decides, not the message
+    (grpc.StatusCode.FAILED_PRECONDITION, "superseded by a newer instance of the node", "ERROR_REASON_TASK_CLOSED"),
+    # an older server (no reason): the code
+    (grpc.StatusCode.FAILED_PRECONDITION, "task t1 is no longer accepted (round cancelled)"),
+    (grpc.StatusCode.NOT_FOUND, "no task with id 't1'"),
+    # a newer server's reason this node does not know: the code
+    (grpc.StatusCode.PERMISSION_DENIED, "task t1 was not sent to node node-n1", "ERROR_REASON_FROM_THE_FUTURE"),
+])
+def test_a_task_refused_mid_download_is_dropped_and_the_node_polls_again(status, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="fednode.client")
+    details = status[1]
+
+    async def scenario():
+        service = FakeNodeService()
+        service.break_download_after = 3
+        service.break_download_status = status
         server, port = await start_server(service)
         client = NodeClient(node_config(port), EchoHandler())
         try:
@@ -285,19 +296,23 @@ def test_a_task_refused_mid_download_is_dropped_and_the_node_polls_again(code, d
     assert f"n1: task t1 dropped, the server refused it: {details}; polling again" in caplog.text
 
 
-@pytest.mark.parametrize(("code", "details"), [
-    (grpc.StatusCode.FAILED_PRECONDITION, SUPERSEDED_MESSAGE),
-    (grpc.StatusCode.UNAUTHENTICATED, "token revoked"),
+@pytest.mark.parametrize("status", [
+    SUPERSEDED_STATUS,
+    (grpc.StatusCode.UNAUTHENTICATED, "token revoked", "ERROR_REASON_UNAUTHENTICATED"),
+    (grpc.StatusCode.FAILED_PRECONDITION, "protocol version 2.0 is not supported", "ERROR_REASON_VERSION_MISMATCH"),
+    (grpc.StatusCode.FAILED_PRECONDITION, "task t1 is no longer accepted", "ERROR_REASON_NODE_SUPERSEDED"),
+    (grpc.StatusCode.UNAUTHENTICATED, "token revoked"),  # an older server: UNAUTHENTICATED is fatal by its code
 ])
-def test_a_fatal_refusal_mid_download_ends_run(code, details) -> None:
+def test_a_fatal_refusal_mid_download_ends_run(status) -> None:
     async def scenario():
         service = FakeNodeService()
         service.break_download_after = 3
-        service.break_download_status = (code, details)
+        service.break_download_status = status
         return service, await _run_until_refused(service)
 
     service, error = arun(scenario())
-    assert (error.code, error.details) == (code, details)
+    code, details, *reason = status
+    assert (error.code, error.details, error.reason) == (code, details, "".join(reason))
     assert len(service.polls) == 1
 
 
