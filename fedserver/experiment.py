@@ -296,7 +296,7 @@ class Experiment:
             self._checkpoint_params()
         task = TrainTask(key, round_index, self.plan, self.training_args.to_dict(), self.params,
                          self.aggregator.name, {}, self.dataset_tags, self.model_args)
-        model = RoundModel(task, server.config.chunk_size, reload=self._reloader())
+        model = await RoundModel.create(task, server.config.chunk_size, reload=self._reloader())
         del task
         held = self._hand_over_params()
         handles: list[TaskHandle] = []

@@ -114,13 +114,13 @@ async def run_round(
     with each task handle (progress subscriptions).
     """
     started = time.perf_counter()
-    model = task if isinstance(task, RoundModel) else RoundModel(task, server.config.chunk_size)
+    model = task if isinstance(task, RoundModel) else await RoundModel.create(task, server.config.chunk_size)
     del task  # x lives in ``model`` only: releasing it there frees it
     aggregator.begin_round(model.round, model.params(), list(selected), list(known_nodes))
     try:
         handles: dict[str, TaskHandle] = {}
         for node_id in selected:
-            payload = model.payload({"aggregator_state": aggregator.node_task_state(node_id)})
+            payload = await model.payload_async({"aggregator_state": aggregator.node_task_state(node_id)})
             handle = server.dispatch(node_id, TaskKind.TRAIN, payload, experiment_id=experiment_key,
                                      round=model.round, inactivity_timeout=inactivity_timeout)
             handles[node_id] = handle
