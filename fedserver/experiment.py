@@ -53,6 +53,7 @@ from fedserver.checkpoints import CheckpointStore
 from fedserver.config import ServerConfig
 from fedserver.history import HistoryStore
 from fedserver.history_records import NodeResultRecord
+from fedserver.off_loop import run_off_loop
 from fedserver.round_model import RoundModel
 from fedserver.rounds import NodeOutcome, RoundReport, run_round
 from fedserver.server import FedServer
@@ -326,9 +327,10 @@ class Experiment:
         self.params = report.params
         self.known_nodes = known
         self.completed_round = round_index
-        if self.checkpoints is not None:
-            self.checkpoints.save(round_index, self.params, self.aggregator.name, self.aggregator.config(),
-                                  self.aggregator.state(), self._state())
+        if self.checkpoints is not None:  # written in a worker thread: GBs of arrays, fsynced; the loop serves on
+            store, params, state = self.checkpoints, self.params, (self.aggregator.state(), self._state())
+            await run_off_loop(lambda: store.save(round_index, params, self.aggregator.name,
+                                                  self.aggregator.config(), *state))
             self._params_saved_as = round_index
         if history is not None and self.history_id is not None:
             history.finish_round(self.history_id, round_index, "completed", metrics=report.metrics)

@@ -34,6 +34,7 @@ from fedcore.aggregators import Aggregator, NodeReply
 from fedcore.errors import FedstreamError, RoundFailedError
 from fedcore.tasks import TrainResult, TrainTask
 from fedcore.wire import TaskKind
+from fedserver.off_loop import run_off_loop
 from fedserver.round_model import RoundModel
 from fedserver.server import FedServer
 from fedserver.tasks import TaskHandle, TaskResult, TaskState, TransferProgress
@@ -131,7 +132,7 @@ async def run_round(
         outcomes: list[NodeOutcome] = []
         try:
             for next_done in asyncio.as_completed([h.result() for h in handles.values()]):
-                outcome = _accept(aggregator, await next_done)
+                outcome = await accept_off_loop(aggregator, await next_done)
                 releaser.check()
                 outcomes.append(outcome)
                 log.info("round=%d node=%s outcome=%s%s", model.round, outcome.node_id, outcome.outcome,
@@ -152,7 +153,7 @@ async def run_round(
         raise RoundFailedError(
             f"round {model.round} failed: {len(ok)} of {len(selected)} selected nodes replied, quorum is "
             f"{min_nodes}; missing: {', '.join(missing)}")
-    params = aggregator.finalize()
+    params = await run_off_loop(aggregator.finalize)
     outcomes.sort(key=lambda o: o.node_id)
     return RoundReport(model.round, list(selected), outcomes, params, round_metrics(ok),
                        time.perf_counter() - started)
@@ -199,6 +200,11 @@ class _ReleaseWhenDownloaded:
         if all(h.task_id in self.downloaded or h.state is not TaskState.QUEUED for h in self.handles):
             self.model.release()
             log.info("round=%d every node has its task: global model released", self.model.round)
+
+
+async def accept_off_loop(aggregator: Aggregator, result: TaskResult) -> NodeOutcome:
+    """:func:`_accept` in a worker thread (:func:`fedserver.off_loop.run_off_loop`: a model-sized sum)."""
+    return await run_off_loop(lambda: _accept(aggregator, result))
 
 
 def _accept(aggregator: Aggregator, result: TaskResult) -> NodeOutcome:
