@@ -87,7 +87,7 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
         # polls / resuming polls
         self.refuse_polls: list[Status | None] = []
         self.refuse_resumes: list[Status | None] = []
-        # end the next upload (after its header) with this status instead of receiving it (once)
+        # end the next upload with this status instead of keeping it (once; after reading all of it)
         self.refuse_upload: Status | None = None
         # stop sending (without ending the call) after this many chunks: the test kills the server
         self.stall_download_after: int | None = None
@@ -199,6 +199,8 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent uploads (16, limit 16)")
         if self.refuse_upload is not None:
             status, self.refuse_upload = self.refuse_upload, None
+            async for _ in request_iterator:  # read to the end first: grpc.aio would report a refusal of a
+                pass  # stream still being written as a local INTERNAL (the real server's case: test_upload_refusals)
             await refuse(context, status)
         if header.task_id not in self.assigned and header.task_id not in self.results:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"task {header.task_id} unknown")

@@ -1,0 +1,218 @@
+"""How fednode answers a refused upload: by the server's error reason (``fedstream-error-reason``), by the
+status code when there is none, never by the status message.
+
+* NODE_SUPERSEDED ends ``run()``; TASK_CLOSED, UNKNOWN_TASK, TASK_NOT_SENT_TO_NODE, BAD_RESULT_DOCUMENT and
+  PAYLOAD_TOO_LARGE drop the result and the node goes on; UPLOAD_INCOMPLETE reconnects and resumes, and
+  UPLOADS_BUSY retries in place, although their codes (INVALID_ARGUMENT, RESOURCE_EXHAUSTED) are those of
+  refusals that drop the result. The fake NodeService scripts these statuses (it reads each upload to its end
+  before refusing it, so grpc.aio reports its status).
+* Against the real FedServer, which refuses an upload on its header while the node is still writing chunks,
+  grpc.aio reports a local INTERNAL without reason instead of the server's status (grpc/grpc#36066): the node
+  asks GetUploadStatus on the same connection and learns the refusal there: a closed task is dropped and a
+  superseded node stops, without reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from fake_node_service import FakeNodeService, FakeTask, arun, node_config, running, start_server
+from server_testkit import WireNode, channel_options
+from test_node_client_fedserver import server_config
+
+from fedcore.errors import ServerRefusedError
+from fedcore.framing import OutgoingPayload
+from fedcore.wire import TaskKind
+from fednode.client import NodeClient
+from fednode.handler import EchoHandler, TaskReply
+from fednode.transport import superseded
+from fedserver.auth import NodeStore
+from fedserver.server import FedServer
+from fedserver.tasks import TaskState
+
+CHUNK = 64 * 1024
+FP, INVALID, EXHAUSTED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+                          grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class CountingHandler(EchoHandler):
+    """EchoHandler that counts the tasks it ran."""
+
+    def __init__(self) -> None:
+        self.tasks: list[str] = []
+
+    def handle(self, task, reporter) -> TaskReply:
+        self.tasks.append(task.task_id)
+        return super().handle(task, reporter)
+
+
+def _payload() -> OutgoingPayload:
+    return OutgoingPayload.from_object({"w": np.arange(100_000, dtype=np.float32)}, CHUNK)  # ~400 kB, 7 chunks
+
+
+def _refused_upload(status: tuple) -> tuple[FakeNodeService, NodeClient, CountingHandler]:
+    """A node runs task t1, whose first upload the fake refuses with ``status``; until t1's result is kept
+    (the fake sends t1 again to a node that dropped its result)."""
+
+    async def scenario():
+        service = FakeNodeService()
+        service.refuse_upload = status
+        server, port = await start_server(service)
+        handler = CountingHandler()
+        client = NodeClient(node_config(port, upload_chunk_size=CHUNK), handler)
+        try:
+            async with running(client):
+                service.add_task(FakeTask("t1", _payload()))
+                await service.wait_results(1)
+        finally:
+            await server.stop(None)
+        return service, client, handler
+
+    return arun(scenario())
+
+
+@pytest.mark.parametrize("status", [
+    (FP, "task t1 is no longer accepted (round cancelled)", "ERROR_REASON_TASK_CLOSED"),
+    (grpc.StatusCode.NOT_FOUND, "no task with id 't1'", "ERROR_REASON_UNKNOWN_TASK"),
+    (grpc.StatusCode.PERMISSION_DENIED, "task t1 was not sent to node n1", "ERROR_REASON_TASK_NOT_SENT_TO_NODE"),
+    (INVALID, "result of task t1 could not be decoded", "ERROR_REASON_BAD_RESULT_DOCUMENT"),
+    (EXHAUSTED, "announced payload of 400000 bytes exceeds ...", "ERROR_REASON_PAYLOAD_TOO_LARGE"),
+    (INVALID, "upload of task t1 ended after 0 of 400000 bytes; resume at offset 0"),  # no reason: by the code
+])
+def test_a_refused_result_is_dropped_and_the_node_goes_on(status, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="fednode.client")
+    service, client, handler = _refused_upload(status)
+    assert f"n1: result of task t1 dropped: UploadResult refused by the server with {status[0].name}" in caplog.text
+    assert handler.tasks == ["t1", "t1"]  # dropped, so computed again when the fake sent t1 again
+    assert [h.payload.start_offset for h in service.upload_headers] == [0, 0] and service.status_requests == []
+    assert len(service.registrations) == 1 and client.sessions == 1
+
+
+def test_an_incomplete_upload_resumes_by_its_reason_although_its_code_is_invalid_argument(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="fednode.client")
+    service, client, handler = _refused_upload(
+        (INVALID, "upload of task t1 ended after 0 of 400000 bytes; resume at offset 0", "ERROR_REASON_UPLOAD_INCOMPLETE"))
+    assert handler.tasks == ["t1"]  # kept and sent again
+    assert [r.task_id for r in service.status_requests] == ["t1"]
+    assert len(service.registrations) == 2 and client.sessions == 2  # a retryable failure: a new session
+    assert "UploadResult failed with INVALID_ARGUMENT" in caplog.text and "reconnecting" in caplog.text
+
+
+def test_busy_is_retried_in_place_by_its_reason_whatever_the_sizes() -> None:
+    service, client, handler = _refused_upload((EXHAUSTED, "too many concurrent uploads (16, limit 16)",
+                                                "ERROR_REASON_UPLOADS_BUSY"))
+    assert handler.tasks == ["t1"] and len(service.upload_headers) == 2
+    assert len(service.registrations) == 1 and client.results_delivered == 1
+
+
+def test_a_superseded_upload_ends_run() -> None:
+    async def scenario():
+        service = FakeNodeService()
+        service.refuse_upload = (FP, "call of node n1 superseded by a newer instance of the node: ...",
+                                 "ERROR_REASON_NODE_SUPERSEDED")
+        server, port = await start_server(service)
+        client = NodeClient(node_config(port), EchoHandler())
+        service.add_task(FakeTask("t1", _payload()))
+        try:
+            with pytest.raises(ServerRefusedError) as err:
+                await asyncio.wait_for(client.run(), 10)
+        finally:
+            await server.stop(None)
+        return service, err.value
+
+    service, error = arun(scenario())
+    assert superseded(error) and error.reason == "ERROR_REASON_NODE_SUPERSEDED"
+    assert len(service.registrations) == 1 and len(service.polls) == 1
+
+
+# -- the real FedServer: a refusal hidden by grpc.aio --------------------------------------------------------
+class GatedTrainer:
+    """The first task waits for :attr:`release`, then answers 16 MB (256 upload chunks of 64 KiB: the node is
+    still writing when the server refuses the header); later tasks answer at once."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.tasks: list[str] = []
+
+    def handle(self, task, reporter) -> TaskReply:
+        self.tasks.append(task.task_id)
+        if len(self.tasks) == 1:
+            self.started.set()
+            assert self.release.wait(30), "never released"
+        return TaskReply.succeeded({"params": {"w": np.ones(4 << 20, dtype=np.float32)}})
+
+
+async def _first_task_held(server: FedServer, trainer: GatedTrainer):
+    await server.wait_for_nodes(1, timeout=10)
+    handle = server.dispatch("site-a", TaskKind.TRAIN, server.encode_payload({"round": 1}), experiment_id="e",
+                             round=1, inactivity_timeout=60)
+    assert await asyncio.to_thread(trainer.started.wait, 10)
+    return handle
+
+
+def test_a_task_closed_while_the_node_trains_is_dropped_without_reconnecting(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="fednode.client")
+
+    async def scenario():
+        store = NodeStore(tmp_path / "nodes.db")
+        token = store.enroll("site-a")
+        server = FedServer(server_config(), store)
+        port = await server.start()
+        trainer = GatedTrainer()
+        client = NodeClient(node_config(port, token=token, upload_chunk_size=CHUNK), trainer)
+        try:
+            async with running(client):
+                first = await _first_task_held(server, trainer)
+                first.cancel("round cancelled by the test")
+                trainer.release.set()
+                second = server.dispatch("site-a", TaskKind.TRAIN, server.encode_payload({"round": 2}),
+                                         experiment_id="e", round=2, inactivity_timeout=60)
+                result = await second.result(timeout=30)
+        finally:
+            trainer.release.set()
+            await server.stop(grace=1)
+        return first, result, client
+
+    first, result, client = arun(scenario(), timeout=90)
+    assert first.state is TaskState.CANCELLED and result.outcome is TaskState.SUCCEEDED, result.error_message
+    assert f"n1: result of task {first.task_id} dropped" in caplog.text
+    assert client.sessions == 1 and "reconnecting" not in caplog.text  # learned on the same connection
+
+
+def test_a_node_superseded_while_it_trains_stops_without_reconnecting(tmp_path: Path) -> None:
+    async def scenario():
+        store = NodeStore(tmp_path / "nodes.db")
+        token = store.enroll("site-a")
+        server = FedServer(server_config(), store)
+        port = await server.start()
+        trainer = GatedTrainer()
+        client = NodeClient(node_config(port, token=token, upload_chunk_size=CHUNK), trainer)
+        run = asyncio.create_task(client.run())
+        try:
+            first = await _first_task_held(server, trainer)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
+            await WireNode(channel, token).register(instance_id="b" * 32)  # a new process of the node
+            await channel.close()
+            trainer.release.set()
+            with pytest.raises(ServerRefusedError) as err:
+                await asyncio.wait_for(asyncio.shield(run), 30)
+            failed = await first.result(timeout=5)
+        finally:
+            trainer.release.set()
+            client.stop()
+            await asyncio.gather(run, return_exceptions=True)
+            await server.stop(grace=1)
+        return failed, err.value
+
+    failed, error = arun(scenario(), timeout=90)
+    assert failed.outcome is TaskState.FAILED and "restarted" in failed.error_message
+    assert superseded(error) and error.reason == "ERROR_REASON_NODE_SUPERSEDED"
+    # refused on the connection it uploaded on, not at the Register of a reconnect
+    assert str(error).startswith(("UploadResult refused", "GetUploadStatus refused")), error
