@@ -2,7 +2,8 @@
 /**
  * NodeClient against a scripted NodeService written with grpc-js from the same protos: identity, instance
  * id and version on every call, a download cut mid-payload and resumed, an upload cut and resumed from
- * GetUploadStatus, DATA_LOSS, a bad digest, ServerShutdown, UNAUTHENTICATED, and the whole loop.
+ * GetUploadStatus, DATA_LOSS, a bad digest, ServerShutdown, UNAUTHENTICATED, and the whole loop; refusals
+ * decided by the error reason in the `fedstream-error-reason` trailer, by the code without one.
  */
 const test = require("node:test");
 const assert = require("node:assert/strict");
@@ -17,7 +18,12 @@ const { PayloadError } = require("../src/errors.js");
 
 const { NodeService } = loadFedstream();
 const TOKEN = "tok-123";
-const fail = (code, details) => Object.assign(new Error(details), { code, details });
+/** A status error; with `reason`, an ErrorReason name in the trailer `fedstream-error-reason` (as fedserver). */
+function fail(code, details, reason = null) {
+  const metadata = new grpc.Metadata();
+  if (reason) metadata.set("fedstream-error-reason", reason);
+  return Object.assign(new Error(details), { code, details, metadata });
+}
 
 /**
  * A NodeService whose PollTask answers come from `script.polls` (functions (call, fake) run in turn)
@@ -98,6 +104,8 @@ class FakeServer {
         this.seen("UploadResult", call, header.version);
         this.uploadHeaders.push(header);
         if (this.script.refuseUpload) return finish(this.script.refuseUpload);
+        const refusal = (this.script.refuseUploads || []).shift(); // one per upload, in turn
+        if (refusal) return finish(refusal);
         const p = header.payload;
         u = this.uploads.get(header.task_id);
         if (!u || !p || p.start_offset === 0) {
@@ -137,14 +145,14 @@ class FakeServer {
 }
 
 /** Poll answer: a task header then chunks [from, to) of doc, then end (or a cut after `cutAfter` chunks). */
-function sendTask(taskId, doc, { chunkSize = 1024, from = 0, cutAfter = null, digest = null, kind = "TASK_KIND_TRAIN" } = {}) {
+function sendTask(taskId, doc, { chunkSize = 1024, from = 0, cutAfter = null, cutWith = null, digest = null, kind = "TASK_KIND_TRAIN" } = {}) {
   return (call) => {
     const payload = payloadHeader(doc, chunkSize, from, digest);
     call.write({ task: { task_id: taskId, experiment_id: "e", round: 1, kind, payload, inactivity_timeout_seconds: 30 } });
     let n = 0;
     for (const chunk of chunksOf(doc, chunkSize, from)) {
       if (cutAfter !== null && n === cutAfter) {
-        call.emit("error", fail(grpc.status.UNAVAILABLE, "stream cut (test)"));
+        call.emit("error", cutWith || fail(grpc.status.UNAVAILABLE, "stream cut (test)"));
         return;
       }
       call.write({ chunk });
@@ -310,19 +318,46 @@ test("stop() ends a long poll and a backoff promptly", async () => {
   }
 });
 
-test("isFatal: a poll superseded by a newer instance of the node stops the node; a task refusal does not", () => {
-  const { isFatal } = require("../src/wire/node_client.js");
-  const superseded = fail(grpc.status.FAILED_PRECONDITION, "PollTask stream of node n1 superseded by a newer "
-    + "instance of the node: instance b registered at 10:00:00.000 in place of instance a");
+test("classify: by the reason in the trailer when there is one, by the code otherwise, never by the message", () => {
+  const { classify, isFatal, errorReason } = require("../src/wire/node_client.js");
+  const FP = grpc.status.FAILED_PRECONDITION;
+  const superseded = fail(FP, "task t1 is no longer accepted", "ERROR_REASON_NODE_SUPERSEDED");
+  assert.equal(errorReason(superseded), "ERROR_REASON_NODE_SUPERSEDED");
   assert.equal(isFatal(superseded), true);
-  assert.equal(isFatal(fail(grpc.status.FAILED_PRECONDITION, "task t1 is closed")), false);
-  assert.equal(isFatal(fail(grpc.status.FAILED_PRECONDITION, "protocol version 2.0 not supported (server 1.0)")), true);
-  assert.equal(isFatal(fail(grpc.status.UNAVAILABLE, "superseded by a newer instance")), false);
+  assert.equal(classify(fail(FP, "protocol version 2.0 is not supported", "ERROR_REASON_VERSION_MISMATCH")), "fatal");
+  assert.equal(classify(fail(grpc.status.UNAUTHENTICATED, "token revoked", "ERROR_REASON_UNAUTHENTICATED")), "fatal");
+  assert.equal(classify(fail(FP, "superseded by a newer instance of the node", "ERROR_REASON_TASK_CLOSED")), "task");
+  assert.equal(classify(fail(grpc.status.NOT_FOUND, "no task", "ERROR_REASON_UNKNOWN_TASK")), "task");
+  assert.equal(classify(fail(grpc.status.PERMISSION_DENIED, "not yours", "ERROR_REASON_TASK_NOT_SENT_TO_NODE")), "task");
+  assert.equal(classify(fail(grpc.status.INVALID_ARGUMENT, "ended early", "ERROR_REASON_UPLOAD_INCOMPLETE")), "retry");
+  assert.equal(classify(fail(grpc.status.RESOURCE_EXHAUSTED, "busy", "ERROR_REASON_UPLOADS_BUSY")), "retry");
+  assert.equal(classify(fail(grpc.status.RESOURCE_EXHAUSTED, "too large", "ERROR_REASON_PAYLOAD_TOO_LARGE")), "refused");
+  assert.equal(classify(fail(grpc.status.INVALID_ARGUMENT, "bad chunk", "ERROR_REASON_FRAMING")), "refused");
+  // no reason (gRPC's own statuses, an older server) or one this client does not know (a newer server): the code
+  for (const reason of [null, "ERROR_REASON_FROM_THE_FUTURE"]) {
+    assert.equal(errorReason(fail(FP, "x", reason)), "");
+    assert.equal(classify(fail(FP, "superseded by a newer instance of the node", reason)), "task");
+    assert.equal(classify(fail(FP, "protocol version 2.0", reason), { aboutTask: false }), "fatal"); // Register, fresh poll
+    assert.equal(classify(fail(grpc.status.NOT_FOUND, "no task", reason), { aboutTask: false }), "task");
+    assert.equal(classify(fail(grpc.status.UNAUTHENTICATED, "token revoked", reason)), "fatal");
+    assert.equal(classify(fail(grpc.status.UNAVAILABLE, "superseded by a newer instance", reason)), "retry");
+    assert.equal(classify(fail(grpc.status.INVALID_ARGUMENT, "resume at offset 0", reason)), "refused");
+  }
+  assert.equal(classify(new PayloadError("SHA-256 mismatch")), "refused");
+});
+
+test("every reason the client names is an ErrorReason of the protos", () => {
+  const source = require("node:fs").readFileSync(require.resolve("../src/wire/node_client.js"), "utf8");
+  const { errorReasons } = loadFedstream();
+  const named = new Set(source.match(/ERROR_REASON_[A-Z_]+/g));
+  assert.ok(named.size >= 10);
+  for (const name of named) assert.ok(errorReasons.has(name), `${name} is not in common.proto`);
 });
 
 test("run() ends with the error when an upload is refused as superseded, and polls no more", async () => {
   const superseded = fail(grpc.status.FAILED_PRECONDITION, "call of node js-1 superseded by a newer instance of the "
-    + "node: instance b registered at 10:00:00.000 in place of instance a; this call belongs to an earlier process");
+    + "node: instance b registered at 10:00:00.000 in place of instance a; this call belongs to an earlier process",
+  "ERROR_REASON_NODE_SUPERSEDED");
   const fake = await new FakeServer({ refuseUpload: superseded }).start();
   fake.script.polls.push(sendTask("t6", crypto.randomBytes(100)));
   const c = client(fake);
@@ -331,6 +366,61 @@ test("run() ends with the error when an upload is refused as superseded, and pol
     await assert.rejects(c.run(trainer), (e) => e.code === grpc.status.FAILED_PRECONDITION && /superseded/.test(e.details));
     assert.deepEqual(fake.calls.map((x) => x.method), ["Register", "PollTask", "UploadResult"]);
     checkIdentity(fake, c);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("an upload refused UPLOAD_INCOMPLETE resumes from GetUploadStatus; one refused PAYLOAD_TOO_LARGE is not retried", async () => {
+  const fake = await new FakeServer({ refuseUploads: [
+    fail(grpc.status.INVALID_ARGUMENT, "upload of task t7 ended after 0 of 5000 bytes; resume at offset 0",
+      "ERROR_REASON_UPLOAD_INCOMPLETE"),
+  ] }).start();
+  const c = client(fake);
+  try {
+    await c.register();
+    const result = crypto.randomBytes(5000);
+    await c.upload("t7", "TASK_OUTCOME_SUCCEEDED", "", result);
+    assert.ok(fake.uploads.get("t7").buffer.equals(result));
+    assert.equal(fake.uploadHeaders.length, 2);
+    assert.ok(fake.calls.some((x) => x.method === "GetUploadStatus"));
+
+    // RESOURCE_EXHAUSTED is retryable by its code, but this reason says the payload will never fit
+    fake.script.refuseUploads.push(fail(grpc.status.RESOURCE_EXHAUSTED, "announced payload of 5000 bytes exceeds ...",
+      "ERROR_REASON_PAYLOAD_TOO_LARGE"));
+    await assert.rejects(c.upload("t8", "TASK_OUTCOME_SUCCEEDED", "", result),
+      (e) => e.code === grpc.status.RESOURCE_EXHAUSTED);
+    assert.equal(fake.uploadHeaders.filter((h) => h.task_id === "t8").length, 1);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("run(): a download refused TASK_CLOSED mid-payload is dropped; the next poll starts afresh", async () => {
+  const doc = crypto.randomBytes(6 * 1024);
+  const closed = fail(grpc.status.FAILED_PRECONDITION, "task t9 is no longer accepted (round cancelled)",
+    "ERROR_REASON_TASK_CLOSED");
+  const fake = await new FakeServer().start();
+  const trained = [];
+  const resumes = [];
+  fake.script.polls.push(sendTask("t9", doc, { cutAfter: 2, cutWith: closed }), (call) => {
+    resumes.push([call.request.resume_task_id, call.request.resume_offset]);
+    sendTask("t10", doc)(call);
+  });
+  const c = client(fake);
+  try {
+    const trainer = { run: async (header) => {
+      trained.push(header.task_id);
+      return { outcome: "TASK_OUTCOME_FAILED", errorMessage: "test", payload: null };
+    } };
+    await c.run(trainer, { maxTasks: 1 });
+    assert.deepEqual(trained, ["t10"]);
+    assert.deepEqual(resumes, [["", 0]], "the partial download of t9 was dropped, not resumed");
+    const polls = fake.calls.filter((x) => x.method === "PollTask");
+    assert.equal(polls.length, 2);
+    assert.equal(fake.registers, 1, "a task refusal keeps the session");
   } finally {
     c.close();
     await fake.stop();

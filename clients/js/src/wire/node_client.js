@@ -11,7 +11,9 @@
  *   run(trainer)                    the loop: register, poll, run, report, upload; reconnects with backoff
  *
  * Every call carries the protocol version, the `fedstream-instance-id` metadata (this client's instance id)
- * and, in token modes, `authorization: Bearer <token>`.
+ * and, in token modes, `authorization: Bearer <token>`. A refusal is read by its reason, the ErrorReason
+ * name in the trailer `fedstream-error-reason` (docs/protocol.md §7; classify()), by its status code when
+ * there is none, never by its message.
  */
 const crypto = require("node:crypto");
 const { once } = require("node:events");
@@ -22,8 +24,24 @@ const { ChunkAssembler, payloadHeader, chunksOf, sha256, MiB } = require("./chun
 const { PayloadError, ProtocolError } = require("../errors.js");
 
 const Status = grpc.status;
-const RETRYABLE = new Set([Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.RESOURCE_EXHAUSTED, Status.ABORTED]);
-/** Task-level refusals: the task is gone for this node (drop it, keep running). */
+/** Trailing metadata entry of the server's error statuses: the name of an ErrorReason (common.proto). */
+const REASON_METADATA_KEY = "fedstream-error-reason";
+/** Every ErrorReason name this client knows (from the protos); another name counts as no reason. */
+const KNOWN_REASONS = loadFedstream().errorReasons;
+/** Reasons that stop the node, whatever call they answer. */
+const FATAL_REASONS = new Set(["ERROR_REASON_UNAUTHENTICATED", "ERROR_REASON_VERSION_MISMATCH",
+  "ERROR_REASON_NODE_SUPERSEDED"]);
+/** Reasons that end the task the call named: drop it (its partial download, its result), keep running. */
+const TASK_REASONS = new Set(["ERROR_REASON_TASK_CLOSED", "ERROR_REASON_UNKNOWN_TASK",
+  "ERROR_REASON_TASK_NOT_SENT_TO_NODE"]);
+/** Reasons a new attempt may cure (backoff with jitter; an upload resumes where GetUploadStatus says). */
+const RETRYABLE_REASONS = new Set(["ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REASON_DIGEST_MISMATCH",
+  "ERROR_REASON_UPLOADS_BUSY", "ERROR_REASON_UPLOAD_IN_PROGRESS", "ERROR_REASON_SERVER_STOPPING",
+  "ERROR_REASON_INTERNAL"]);
+/** Without a known reason (gRPC's own statuses, older servers): codes a new attempt may cure... */
+const RETRYABLE = new Set([Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.RESOURCE_EXHAUSTED, Status.ABORTED,
+  Status.DATA_LOSS]);
+/** ...and codes of a task-level refusal (the task is gone for this node). */
 const TASK_GONE = new Set([Status.FAILED_PRECONDITION, Status.NOT_FOUND, Status.PERMISSION_DENIED]);
 
 
@@ -33,15 +51,37 @@ function backoffMs(attempt, baseMs = 500, capMs = 15000) {
   return ceiling * (0.5 + Math.random() / 2);
 }
 
+/** The ErrorReason name of a failed call's `fedstream-error-reason` trailer (grpc-js: `err.metadata`), or ""
+ * when there is none or this client does not know it (a newer server's: then the status code decides). */
+function errorReason(err) {
+  const metadata = err && err.metadata;
+  const values = metadata && typeof metadata.get === "function" ? metadata.get(REASON_METADATA_KEY) : [];
+  const name = values.length ? String(values[0]) : "";
+  return KNOWN_REASONS.has(name) ? name : "";
+}
+
 /**
- * True for errors that stop the node: bad identity, a protocol major version the server refuses, or a
- * call (a poll, an upload, ...) superseded by a newer process of the same node (another process registered
- * with this node's identity and a different instance id: competing with it would fail its tasks in turn).
+ * What a failed call means for the node: "fatal" (stop: bad identity, a protocol major version the server
+ * refuses, a call of this process superseded by a newer process of the same node), "task" (drop the task
+ * the call named), "retry" (a new attempt may work) or "refused" (this request will fail again as sent).
+ * By the reason; without one, by the code: then a FAILED_PRECONDITION of a call about no task (a Register, a
+ * fresh poll: `aboutTask` false) can only be another protocol version or a newer process, so it is fatal.
  */
-function isFatal(err) {
-  return err.code === Status.UNAUTHENTICATED
-    || (err.code === Status.FAILED_PRECONDITION
-      && /protocol version|superseded by a newer instance/.test(err.details || err.message || ""));
+function classify(err, { aboutTask = true } = {}) {
+  const reason = errorReason(err);
+  if (reason) {
+    if (FATAL_REASONS.has(reason)) return "fatal";
+    if (TASK_REASONS.has(reason)) return "task";
+    return RETRYABLE_REASONS.has(reason) ? "retry" : "refused";
+  }
+  if (err.code === Status.UNAUTHENTICATED) return "fatal";
+  if (TASK_GONE.has(err.code)) return aboutTask || err.code !== Status.FAILED_PRECONDITION ? "task" : "fatal";
+  return RETRYABLE.has(err.code) ? "retry" : "refused";
+}
+
+/** True for errors that stop the node (classify() says "fatal"). */
+function isFatal(err, options) {
+  return classify(err, options) === "fatal";
 }
 
 class NodeClient {
@@ -177,8 +217,9 @@ class NodeClient {
         }
       }
     } catch (err) {
-      if (resuming && TASK_GONE.has(err.code)) this.partial = null; // resume refused: poll afresh next time
-      if (err instanceof PayloadError || err instanceof ProtocolError) this.partial = null;
+      const kind = classify(err); // PayloadError, ProtocolError: "refused"
+      if (kind === "task" || kind === "refused") this.partial = null; // gone, or cannot resume: poll afresh next time
+      if (err.taskId === undefined) err.taskId = header ? header.task_id : resuming ? resuming.taskId : ""; // for run()
       throw err;
     } finally {
       this.currentCall = null;
@@ -253,10 +294,10 @@ class NodeClient {
       try {
         return await this.uploadOnce(taskId, outcome, errorMessage, doc, header);
       } catch (err) {
-        const resumable = RETRYABLE.has(err.code) || (err.code === Status.INVALID_ARGUMENT && /resume at offset/.test(err.details || ""));
-        if (attempt >= this.maxUploadAttempts || this.stopped || !(resumable || err.code === Status.DATA_LOSS)) throw err;
+        if (attempt >= this.maxUploadAttempts || this.stopped || classify(err) !== "retry") throw err;
         this.log("WARNING", `upload of task ${taskId} broke (${err.details || err.message}); attempt ${attempt + 1}`);
-        if (err.code === Status.DATA_LOSS) {
+        const reason = errorReason(err);
+        if (reason ? reason === "ERROR_REASON_DIGEST_MISMATCH" : err.code === Status.DATA_LOSS) {
           start = 0;
           continue;
         }
@@ -279,7 +320,8 @@ class NodeClient {
       try {
         await this.report(taskId, events);
       } catch (err) {
-        if (TASK_GONE.has(err.code)) gone = err;
+        const kind = classify(err);
+        if (kind === "task" || kind === "fatal") gone = err;
         else this.log("WARNING", `report for task ${taskId} failed: ${err.details || err.message}`);
       }
     };
@@ -294,7 +336,8 @@ class NodeClient {
     try {
       return await this.upload(taskId, outcome, errorMessage, result);
     } catch (err) {
-      if (!TASK_GONE.has(err.code) || isFatal(err)) throw err;
+      const kind = classify(err);
+      if (kind === "fatal" || kind === "retry") throw err; // stop; or retries used up: run() backs off
       this.log("WARNING", `task ${taskId}: result not accepted (${err.details || err.message})`);
       return null;
     }
@@ -303,7 +346,7 @@ class NodeClient {
   /**
    * The node loop until stop() (or `maxTasks` tasks handled, 0: no limit): register, poll, run tasks.
    * Retryable failures reconnect with backoff and jitter; UNAUTHENTICATED, a refused protocol version
-   * and a poll superseded by a newer process of this node (isFatal) end the loop with the error.
+   * and a call superseded by a newer process of this node (isFatal) end the loop with the error.
    */
   async run(trainer, { maxTasks = 0 } = {}) {
     let failures = 0;
@@ -327,10 +370,11 @@ class NodeClient {
         }
       } catch (err) {
         if (this.stopped) break;
-        if (isFatal(err)) throw err;
+        const kind = classify(err, { aboutTask: Boolean(err.taskId) }); // Register, a fresh poll: about no task
+        if (kind === "fatal") throw err;
         failures += 1;
         if (err.code === Status.UNAVAILABLE) this.registration = null;
-        const delay = TASK_GONE.has(err.code) ? 0 : backoffMs(failures);
+        const delay = kind === "task" ? 0 : backoffMs(failures);
         this.log("WARNING", `${err.details || err.message}; retrying in ${(delay / 1000).toFixed(1)} s`);
         await this.sleep(delay);
       }
@@ -350,4 +394,4 @@ class NodeClient {
   }
 }
 
-module.exports = { NodeClient, backoffMs, isFatal };
+module.exports = { NodeClient, backoffMs, isFatal, classify, errorReason, REASON_METADATA_KEY };

@@ -24,14 +24,20 @@ const LOADER_OPTIONS = {
   oneofs: true,
 };
 
-/** {NodeService: client constructor, packageDefinition} for fedstream.v1. */
+/**
+ * {NodeService: client constructor, packageDefinition, errorReasons} for fedstream.v1. `errorReasons`: the
+ * names of every `ErrorReason` value (common.proto) but ERROR_REASON_UNSPECIFIED, i.e. the reasons the
+ * server may name in the `fedstream-error-reason` trailer of an error status that this client knows.
+ */
 function loadFedstream(protosDir = DEFAULT_PROTOS_DIR) {
   const packageDefinition = protoLoader.loadSync(
     ["fedstream/v1/common.proto", "fedstream/v1/node_service.proto"],
     { ...LOADER_OPTIONS, includeDirs: [protosDir] },
   );
   const pkg = grpc.loadPackageDefinition(packageDefinition);
-  return { NodeService: pkg.fedstream.v1.NodeService, packageDefinition };
+  const errorReasons = new Set(packageDefinition["fedstream.v1.ErrorReason"].type.value
+    .map((v) => v.name).filter((name) => name !== "ERROR_REASON_UNSPECIFIED"));
+  return { NodeService: pkg.fedstream.v1.NodeService, packageDefinition, errorReasons };
 }
 
 module.exports = { loadFedstream, PROTOCOL_VERSION, DEFAULT_PROTOS_DIR };
