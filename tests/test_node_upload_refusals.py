@@ -1,6 +1,9 @@
 """How fednode answers a refused upload: by the server's error reason (``fedstream-error-reason``), by the
 status code when there is none, never by the status message.
 
+* :func:`fednode.transport.translate` keeps the trailer's reason (a name the node does not know counts as
+  none) and decides from it what is retryable; fatal_refusal / task_refusal / superseded read it.
+
 * NODE_SUPERSEDED ends ``run()``; TASK_CLOSED, UNKNOWN_TASK, TASK_NOT_SENT_TO_NODE, BAD_RESULT_DOCUMENT and
   PAYLOAD_TOO_LARGE drop the result and the node goes on; UPLOAD_INCOMPLETE reconnects and resumes, and
   UPLOADS_BUSY retries in place, although their codes (INVALID_ARGUMENT, RESOURCE_EXHAUSTED) are those of
@@ -26,12 +29,22 @@ from fake_node_service import FakeNodeService, FakeTask, arun, node_config, runn
 from server_testkit import WireNode, channel_options
 from test_node_client_fedserver import server_config
 
-from fedcore.errors import ServerRefusedError
+from fedcore.errors import ConnectionLostError, ServerRefusedError
 from fedcore.framing import OutgoingPayload
 from fedcore.wire import TaskKind
 from fednode.client import NodeClient
 from fednode.handler import EchoHandler, TaskReply
-from fednode.transport import superseded
+from fednode.transport import (
+    BUSY_REASON,
+    FATAL_REASONS,
+    KNOWN_REASONS,
+    RETRYABLE_REASONS,
+    TASK_REASONS,
+    fatal_refusal,
+    superseded,
+    task_refusal,
+    translate,
+)
 from fedserver.auth import NodeStore
 from fedserver.server import FedServer
 from fedserver.tasks import TaskState
@@ -39,6 +52,32 @@ from fedserver.tasks import TaskState
 CHUNK = 64 * 1024
 FP, INVALID, EXHAUSTED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
                           grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+@pytest.mark.parametrize(("code", "reason", "kind", "fatal", "task"), [
+    (FP, "ERROR_REASON_NODE_SUPERSEDED", ServerRefusedError, True, False),
+    (FP, "ERROR_REASON_VERSION_MISMATCH", ServerRefusedError, True, False),
+    (FP, "ERROR_REASON_TASK_CLOSED", ServerRefusedError, False, True),
+    (FP, "", ServerRefusedError, False, True),  # an older server: the code (a task, unless the call names none)
+    (FP, "ERROR_REASON_FROM_THE_FUTURE", ServerRefusedError, False, True),  # unknown: as no reason
+    (grpc.StatusCode.UNAUTHENTICATED, "", ServerRefusedError, True, False),
+    (INVALID, "ERROR_REASON_UPLOAD_INCOMPLETE", ConnectionLostError, None, None),  # retryable by its reason
+    (INVALID, "ERROR_REASON_FRAMING", ServerRefusedError, False, False),
+    (EXHAUSTED, "ERROR_REASON_UPLOADS_BUSY", ServerRefusedError, False, False),  # retried in place by _deliver
+    (grpc.StatusCode.INTERNAL, "", ConnectionLostError, None, None),
+])
+def test_translate_reads_the_reason_trailer(code, reason, kind, fatal, task) -> None:
+    trailer = grpc.aio.Metadata(("fedstream-error-reason", reason)) if reason else grpc.aio.Metadata()
+    error = translate(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailer, details="words"), "Call")
+    assert type(error) is kind and error.code is code
+    assert error.reason == (reason if reason in KNOWN_REASONS else "")
+    if kind is ServerRefusedError:
+        assert (fatal_refusal(error), task_refusal(error)) == (fatal, task)
+        assert superseded(error) is (reason == "ERROR_REASON_NODE_SUPERSEDED")
+
+
+def test_the_node_names_only_reasons_of_the_protos() -> None:
+    assert FATAL_REASONS | TASK_REASONS | RETRYABLE_REASONS | {BUSY_REASON} <= KNOWN_REASONS
 
 
 class CountingHandler(EchoHandler):
