@@ -484,9 +484,9 @@ class NodeClient:
         self._upload = None
 
     def _server_busy(self, exc: ServerRefusedError, upload: PendingUpload) -> bool:
-        """"No upload buffer free now" (reason ERROR_REASON_UPLOADS_BUSY): worth retrying later, unlike a
-        payload over max_payload_size. From a server without reasons: RESOURCE_EXHAUSTED for a result
-        within the announced limits (docs/protocol.md §7)."""
+        """Whether the upload was refused for "no upload buffer free now" (ERROR_REASON_UPLOADS_BUSY): worth
+        retrying later, unlike a payload over max_payload_size. From a server without reasons:
+        RESOURCE_EXHAUSTED for a result within the announced limits (docs/protocol.md §7)."""
         if exc.reason:
             return exc.reason == BUSY_REASON
         if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
