@@ -327,13 +327,23 @@ class Experiment:
         self.params = report.params
         self.known_nodes = known
         self.completed_round = round_index
-        if self.checkpoints is not None:  # written in a worker thread: GBs of arrays, fsynced; the loop serves on
-            store, params, state = self.checkpoints, self.params, (self.aggregator.state(), self._state())
-            await run_off_loop(lambda: store.save(round_index, params, self.aggregator.name,
-                                                  self.aggregator.config(), *state))
-            self._params_saved_as = round_index
-        if history is not None and self.history_id is not None:
-            history.finish_round(self.history_id, round_index, "completed", metrics=report.metrics)
+        store, saved = self.checkpoints, False
+
+        def save() -> None:  # in a worker thread: GBs of arrays, fsynced; the loop serves nodes meanwhile
+            nonlocal saved
+            assert store is not None
+            store.save(round_index, report.params, self.aggregator.name, self.aggregator.config(), *state)
+            saved = True
+
+        try:
+            if store is not None:
+                state = (self.aggregator.state(), self._state())
+                await run_off_loop(save)  # a cancellation arrives once the checkpoint is written (or failed)
+        finally:  # a round whose checkpoint landed is complete, even if the run is being cancelled
+            if saved:
+                self._params_saved_as = round_index
+            if (saved or store is None) and history is not None and self.history_id is not None:
+                history.finish_round(self.history_id, round_index, "completed", metrics=report.metrics)
         log.info("round=%d completed nodes=%s metrics=%s seconds=%.2f", round_index, report.succeeded,
                  report.metrics, report.duration_s)
         return report

@@ -8,10 +8,12 @@ numpy and file writes release the GIL, so the loop runs meanwhile.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 async def run_off_loop(work: Callable[[], T]) -> T:
@@ -19,11 +21,20 @@ async def run_off_loop(work: Callable[[], T]) -> T:
 
     A cancelled round resets its aggregator (``abort_round``) and an interrupted experiment may be resumed
     from its checkpoints: neither may happen while a thread is still adding into the sums or writing a
-    checkpoint, so the cancellation is delivered once ``work`` has returned.
+    checkpoint, so a cancellation (however many arrive) is delivered once ``work`` has returned. An error
+    of ``work`` that ends after a cancellation is logged (the cancellation wins).
     """
-    running = asyncio.ensure_future(asyncio.to_thread(work))
-    try:
-        return await asyncio.shield(running)
-    except asyncio.CancelledError:
-        await asyncio.wait([running])
-        raise
+    running = asyncio.get_running_loop().run_in_executor(None, work)  # a Future, not a Task: shutdown leaves it
+    interrupted = False
+    while not running.done():
+        try:
+            await asyncio.shield(running)
+        except asyncio.CancelledError:
+            interrupted = True  # delivered below, once the thread is done
+        except BaseException:  # work's own error: raised by result() below
+            break
+    if interrupted:
+        if not running.cancelled() and running.exception() is not None:
+            log.warning("work interrupted by a cancellation failed meanwhile: %r", running.exception())
+        raise asyncio.CancelledError
+    return running.result()

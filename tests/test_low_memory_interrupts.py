@@ -9,8 +9,10 @@ anything starts, and round k's checkpoint is left as it was.
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,3 +95,53 @@ def test_params_set_by_hand_on_a_resumed_run_do_not_overwrite_that_rounds_checkp
     refused = asyncio.run(asyncio.wait_for(main(), 60))
     assert "params were set by hand" in str(refused) and "round 1's own checkpoint" in str(refused), refused
     assert same_bytes(CheckpointStore(ckpt).load_params(1), fresh_x(shift=1.0))  # round 1's model, untouched
+
+
+class GatedStore(CheckpointStore):
+    """Holds each save of a round >= 1 at a gate the test opens: a slow write of a big model."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.saving = threading.Event()
+        self.gate = threading.Event()
+
+    def save(self, round: int, *args: Any) -> Path:
+        if round >= 1:
+            self.saving.set()
+            self.gate.wait(20)
+        return super().save(round, *args)
+
+
+def test_a_run_cancelled_while_its_checkpoint_is_written_counts_that_round_as_saved(tmp_path: Path) -> None:
+    """The save runs in a worker thread; a cancellation meanwhile is delivered once it is written, and the
+    round is then complete: run() again goes on from it instead of refusing "params set by hand"."""
+    async def main():
+        async with running_server(tmp_path, chunk_size=CHUNK) as kit:
+            nodes = [kit.node(f"wire-{i}") for i in range(2)]
+            for i, node in enumerate(nodes):
+                await node.register(f"wire-{i}", datasets=(DATASET,))
+            exp = Experiment(LinearPlan, ARGS, rounds=1, dataset_tags=["lsq"], min_nodes=2, round_timeout=30,
+                             node_wait_timeout=10, server=kit.server, progress=False, low_memory=True,
+                             checkpoint_dir=tmp_path / "ckpt")
+            store = exp.checkpoints = GatedStore(tmp_path / "ckpt")
+            exp.params = fresh_x()
+            running = asyncio.create_task(exp.run_async())
+            await serve_one_round(nodes)
+            assert await asyncio.to_thread(store.saving.wait, 20), "round 1's checkpoint was never written"
+            running.cancel()
+            await asyncio.sleep(0.05)
+            assert not running.done(), "the cancellation was delivered while the checkpoint was being written"
+            store.gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            saved_as, completed = exp._params_saved_as, exp.completed_round
+            exp.rounds = 2
+            again = asyncio.create_task(exp.run_async())
+            sent = await serve_one_round(nodes)
+            await asyncio.wait_for(again, 30)
+            return saved_as, completed, sent, exp
+
+    saved_as, completed, sent, exp = asyncio.run(asyncio.wait_for(main(), 90))
+    assert (saved_as, completed) == (1, 1)
+    assert all(same_bytes(x, {k: v + 1 for k, v in fresh_x().items()}) for x in sent)  # round 2 started from x_1
+    assert exp.completed_round == 2

@@ -126,3 +126,32 @@ async def test_a_cancelled_caller_gets_its_cancellation_after_the_work_ended() -
     with pytest.raises(asyncio.CancelledError):
         await caller
     assert ended == [True]
+
+
+@async_test
+async def test_repeated_cancellations_still_wait_for_the_work() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def work() -> int:
+        started.set()
+        release.wait(10)
+        raise ValueError("failed after the cancellation")
+
+    caller = asyncio.ensure_future(run_off_loop(work))
+    assert await asyncio.to_thread(started.wait, 10)
+    for _ in range(3):
+        caller.cancel()
+        await asyncio.sleep(0.02)
+        assert not caller.done(), "a second cancellation cut the wait short"
+    release.set()
+    with pytest.raises(asyncio.CancelledError):  # the cancellation wins; the work's error is logged
+        await caller
+
+
+@async_test
+async def test_the_works_error_reaches_the_caller() -> None:
+    def work() -> int:
+        raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        await run_off_loop(work)
