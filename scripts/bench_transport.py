@@ -326,9 +326,16 @@ def run_fed(mode: str, size: int, chunk: int, transfers: int, gap: float,
 
 def thread_table(label: str, runs: list[Run], top: int = 6) -> list[str]:
     """``--threads``: each side's busiest threads in CPU s/GB (median over ``runs``), one line per side."""
+    def by_rank(threads: dict[str, float]) -> dict[str, float]:
+        """Unnamed Python threads (``py<tid>``) as ``py#1``, ``py#2``, ... busiest first: tids differ from one
+        pair of processes to the next, ranks line up (the SHA-256 worker is py#1 in a download's receiver)."""
+        named = {name: cpu for name, cpu in threads.items() if not name.startswith("py")}
+        unnamed = sorted((cpu for name, cpu in threads.items() if name.startswith("py")), reverse=True)
+        return {**named, **{f"py#{i}": cpu for i, cpu in enumerate(unnamed, 1)}}
+
     lines = []
     for side in ("sender", "receiver"):
-        per_run = [(getattr(r, f"{side}_threads") or {}, r.nbytes / 1e9) for r in runs]
+        per_run = [(by_rank(getattr(r, f"{side}_threads") or {}), r.nbytes / 1e9) for r in runs]
         names = {name for threads, _ in per_run for name in threads}
         cost = {name: statistics.median(threads.get(name, 0.0) / gb for threads, gb in per_run) for name in names}
         busiest = sorted(cost.items(), key=lambda item: -item[1])[:top]
