@@ -266,7 +266,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         self.registry.upload_opened(node_id)
         dropped = True
         try:
-            response = await self._receive_result(node_id, first, messages)
+            response = await self._receive_result(node_id, call_instance_id(context), first, messages)
         except Exception:
             dropped = False  # refused by the server (a status goes back): the node is alive
             raise
@@ -279,9 +279,15 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             if self.registry.upload_closed(node_id, dropped=dropped):
                 self.board.watch(node_id)
 
-    async def _receive_result(self, node_id: str, first: pb.UploadResultRequest,
+    async def _receive_result(self, node_id: str, instance: str, first: pb.UploadResultRequest,
                               messages: AsyncIterator[Any]) -> pb.UploadResultResponse | str:
-        """Receive one result; a message saying where to resume if the stream ended before its last byte."""
+        """Receive one result; a message saying where to resume if the stream ended before its last byte.
+
+        First of all, the header marks its task as offered by the calling process (``instance``,
+        :meth:`TaskBoard.result_offered`): a header refused below (malformed, too large, busy) still shows
+        that the process got the task, so a poll of it that no longer names the task does not get it again.
+        """
+        self.board.result_offered(first.header.task_id, node_id, instance)
         desc = convert.result_descriptor_from_pb(first.header)
         handle = self.board.lookup(desc.task_id, node_id, late_outcome=desc.outcome)
         if desc.outcome is not TaskOutcome.SUCCEEDED:
@@ -389,9 +395,25 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         return pb.HeartbeatResponse(shutting_down=self.is_stopping())
 
 
+#: Most ids a PollTaskRequest.held_task_ids may carry (a process holds a few tasks; the list is read on the
+#: event loop of every poll), and the longest id (the server issues 32 hex characters).
+MAX_HELD_TASK_IDS = 1024
+MAX_TASK_ID_LENGTH = 64
+
+
 def _held_tasks(request: pb.PollTaskRequest) -> frozenset[str] | None:
     """The tasks a poll's process says it holds (its resume task included), None if it does not report them
-    (older nodes). Raises MessageError for ids sent without ``reports_held_tasks``."""
+    (older nodes). Raises MessageError for ids sent without ``reports_held_tasks``, for more than
+    :data:`MAX_HELD_TASK_IDS` ids and for an id over :data:`MAX_TASK_ID_LENGTH` characters, before any
+    set is built."""
+    ids = request.held_task_ids
+    if len(ids) > MAX_HELD_TASK_IDS:
+        raise MessageError(f"PollTaskRequest.held_task_ids names {len(ids)} tasks: at most {MAX_HELD_TASK_IDS} "
+                           f"are accepted")
+    for index, task_id in enumerate(ids):
+        if len(task_id) > MAX_TASK_ID_LENGTH:
+            raise MessageError(f"PollTaskRequest.held_task_ids[{index}] has {len(task_id)} characters: a task id "
+                               f"has at most {MAX_TASK_ID_LENGTH}")
     if not request.reports_held_tasks:
         if request.held_task_ids:
             raise MessageError(f"PollTaskRequest.held_task_ids names {len(request.held_task_ids)} task(s) but "

@@ -35,7 +35,10 @@ holds (``PollTaskRequest.reports_held_tasks``; the node sends one only once ever
 it has ended or been abandoned) settles that: :meth:`TaskBoard.requeue_lost` puts every task delivered to
 that very process (``TaskHandle.delivered_to``, its instance id) whose upload has not begun and which the
 poll does not name back on the node's queue, in dispatch order, to be sent again from offset 0 (not after
-its inactivity timeout, or never without one); the poll itself is never given a task it names.
+its inactivity timeout, or never without one); the poll itself is never given a new task it names (only
+the download it resumes). A task whose upload header came from that process, even one the server refused
+on that header (too large, malformed, busy: :meth:`TaskBoard.result_offered`), is the process's: never
+sent again, however its later polls read (a node that gives up such a result reports the task FAILED).
 
 Closed tasks leave a small record (node id, why it closed, a weak reference to the handle) so a late
 result is refused with FAILED_PRECONDITION rather than NOT_FOUND, and noted on the handle if the caller
@@ -363,6 +366,16 @@ class TaskBoard:
         elif not handle.done():
             self._wakeup(handle.node_id).set()  # let another poll pick it up
 
+    def result_offered(self, task_id: str, node_id: str, instance_id: str) -> None:
+        """An UploadResult header of ``node_id``'s process ``instance_id`` names ``task_id`` (call it before
+        anything may refuse that header). If the open task was delivered to that very process, the process
+        plainly got it, whatever becomes of this upload: the handle is flagged (``result_offered``) and
+        :meth:`requeue_lost` never sends it again. Otherwise (unknown, closed, another node's or process's
+        task, a call naming no process) nothing happens: the upload's own checks refuse what must be."""
+        handle = self._open.get(task_id)
+        if handle is not None and instance_id and handle.node_id == node_id and handle.delivered_to == instance_id:
+            handle.result_offered = True
+
     def requeue_lost(self, node_id: str, instance_id: str, held: Collection[str]) -> list[TaskHandle]:
         """A poll of ``node_id``'s process ``instance_id`` reports the ids of the tasks it holds (``held``:
         received whole or being received, result not yet acknowledged; the process sends this only once
@@ -370,11 +383,14 @@ class TaskBoard:
         (RUNNING, ``delivered_to`` it: its last chunk went out and its stream ended) that ``held`` does not
         name went whole into a dead connection: back on the node's queue in dispatch order, to be sent
         again from offset 0. Returned; none for an empty ``instance_id`` (a process the server cannot tell
-        from another). A task whose upload has begun (UPLOADING) is the node's and never sent again."""
+        from another). A task whose upload has begun (UPLOADING), or whose upload header came from that
+        process (``result_offered``: a result refused on its header, which the process then gave up), is the
+        node's and never sent again: the node would compute a result the server refuses again, and again."""
         if not instance_id:
             return []
         lost = [h for h in self.open_tasks(node_id)
-                if h.state is TaskState.RUNNING and h.delivered_to == instance_id and h.task_id not in held]
+                if h.state is TaskState.RUNNING and h.delivered_to == instance_id and not h.result_offered
+                and h.task_id not in held]
         queue = self._queues.setdefault(node_id, [])
         for handle in lost:
             delivered_at = handle.delivered_at or time.monotonic()

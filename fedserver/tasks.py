@@ -188,6 +188,9 @@ class TaskHandle:
         self.late_uploads: list[LateUpload] = []
         self.sender_generations: list[int] = []  # the node's poll generation of each stream sending the payload
         self.result_received = False  # the node's own outcome ended the task (finish()), not the server
+        # an UploadResult header naming the task came from the process it was delivered to (even one refused on
+        # that header: too large, malformed, busy): that process plainly got the task, never sent it again
+        self.result_offered = False
         self._payload: SendablePayload | None = payload
         self._listeners: list[TaskListener] = []
         self._on_close = on_close
@@ -267,9 +270,10 @@ class TaskHandle:
 
     def requeue(self) -> bool:
         """RUNNING back to QUEUED: the process it was delivered to does not hold it (it went whole into a dead
-        connection), so the board sends it again from offset 0. False (nothing changes) unless RUNNING: a
-        task whose result has begun arriving is the node's."""
-        if self.state is not TaskState.RUNNING:
+        connection), so the board sends it again from offset 0. False (nothing changes) unless RUNNING with
+        no result offered: a task whose result has begun arriving, or whose upload header came from the
+        process (``result_offered``, refused or not), is the node's."""
+        if self.state is not TaskState.RUNNING or self.result_offered:
             return False
         self.state = TaskState.QUEUED
         self.delivered_at, self.delivered_to = None, ""

@@ -43,6 +43,7 @@ from test_node_client_fedserver import Trainer
 from fedcore.framing import OutgoingPayload
 from fedcore.wire import TaskKind, convert
 from fednode.client import ClientState, NodeClient
+from fedserver.service import MAX_HELD_TASK_IDS, MAX_TASK_ID_LENGTH
 from fedserver.task_board import TaskBoard
 from fedserver.tasks import TaskHandle, TaskState
 from fedstream.v1 import node_service_pb2 as pb
@@ -250,6 +251,28 @@ async def test_held_ids_without_reports_held_tasks_are_refused(tmp_path: Path) -
                 pass
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "held_task_ids names 1 task(s) but reports_held_tasks is false" in refused.value.details()
+
+
+@pytest.mark.parametrize(("held", "words"), [
+    ([f"{i:032x}" for i in range(MAX_HELD_TASK_IDS + 1)], "held_task_ids names 1025 tasks: at most 1024 are accepted"),
+    (["a" * 32, "b" * 65], "held_task_ids[1] has 65 characters: a task id has at most 64"),
+])
+@async_test
+async def test_a_held_list_over_its_limits_is_refused_and_one_at_them_is_read(
+        held: list[str], words: str, tmp_path: Path) -> None:
+    """At most 1024 ids of at most 64 characters (the server issues 32): more is refused INVALID_ARGUMENT
+    (MALFORMED_MESSAGE) before the server builds anything from the list."""
+    assert (MAX_HELD_TASK_IDS, MAX_TASK_ID_LENGTH) == (1024, 64)
+    async with running_server(tmp_path) as kit:
+        node = await kit.registered_node("n")
+        request = convert.poll_request_to_pb(0.1, held_task_ids=held)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in node.stub.PollTask(request, metadata=node.metadata, timeout=10):
+                pass
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT and words in refused.value.details()
+        assert dict(refused.value.trailing_metadata())["fedstream-error-reason"] == "ERROR_REASON_MALFORMED_MESSAGE"
+        at_the_limits = [f"{i:064x}" for i in range(MAX_HELD_TASK_IDS)]
+        assert (await _poll(node, 0.1, held=at_the_limits)).no_task
 
 
 # -- fednode ---------------------------------------------------------------------------------------------------
