@@ -12,10 +12,12 @@ and starts a new one on a fresh channel. Transfers survive: a broken download re
 already assembled, a broken upload from the offset ``GetUploadStatus`` acknowledges (0 after a server
 restart: start over). A ServerShutdown waits ``retry_after`` instead; a poll the server ends with ABORTED is
 made again at once (once in a row; then as a lost connection). A refusal of one task (closed, unknown,
-not ours: a round cancelled it while it downloads) drops that task and polls again. A refusal that
-ends the node (:func:`fednode.transport.fatal_refusal`: bad token, another protocol major version, a
-newer process of this node registered) ends :meth:`NodeClient.run` with the error. Refusals are told
-apart by the server's error reason (docs/protocol.md §7), by the status code when it sends none.
+not ours: a round cancelled it while it downloads) drops that task and polls again; a result refused for
+itself (too large, malformed, the server still busy after retries) is replaced by a FAILED report naming
+the refusal, so the round counts the task at once. A refusal that ends the node
+(:func:`fednode.transport.fatal_refusal`: bad token, another protocol major version, a newer process of
+this node registered) ends :meth:`NodeClient.run` with the error. Refusals are told apart by the server's
+error reason (docs/protocol.md §7), by the status code when it sends none.
 
 The client holds no global state and starts no thread of its own besides the handler's worker (from the
 loop's default executor unless one is injected), so hundreds of clients can share one event loop.
@@ -73,6 +75,8 @@ log = logging.getLogger(__name__)
 
 #: Upload attempts while the server answers RESOURCE_EXHAUSTED "no upload buffer free" (with backoff).
 BUSY_UPLOAD_ATTEMPTS = 8
+#: The refusal of a result document that does not decode: the server ended the task FAILED already.
+BAD_RESULT_REASON = "ERROR_REASON_BAD_RESULT_DOCUMENT"
 T = TypeVar("T")
 CLIENT_VERSION = "fednode/0.1.0"
 
@@ -460,28 +464,54 @@ class NodeClient:
 
     # -- delivering a result --------------------------------------------------------------------
     async def _deliver(self, conn: NodeConnection) -> None:
-        """Send the pending result, resuming where the server stands; a refused result is dropped."""
-        upload = self._upload
-        if upload is None:
-            return
-        self.state = ClientState.UPLOADING
-        for attempt in range(BUSY_UPLOAD_ATTEMPTS):
+        """Send the pending result, resuming where the server stands. A result the server refuses is dropped;
+        when the refusal leaves its task open (:meth:`_after_refusal`), the node reports the task FAILED in
+        its place, naming the refusal, so the round counts it at once (the server never sends the task
+        again: it knows this process got it, docs/protocol.md §5)."""
+        while self._upload is not None:
+            self.state = ClientState.UPLOADING
+            # on an exception (connection lost, stop) _upload stays: the next session delivers it
+            self._upload = await self._deliver_one(conn, self._upload)
+
+    async def _deliver_one(self, conn: NodeConnection, upload: PendingUpload) -> PendingUpload | None:
+        """Deliver ``upload``, retrying in place while the server is busy; what is left to deliver: None, or
+        the FAILED report that replaces a refused result."""
+        attempt = 0
+        while True:
             try:
                 await self._stoppable(self._send(conn, upload), grace=self.config.stop_grace_seconds)
             except ServerRefusedError as exc:
                 if fatal_refusal(exc):  # e.g. a newer process of this node registered: it serves the node now
                     raise
-                if self._server_busy(exc, upload) and attempt + 1 < BUSY_UPLOAD_ATTEMPTS:
-                    delay = self.config.backoff.delay(attempt, self._rng)
+                busy = self._server_busy(exc, upload)
+                attempt += 1
+                if busy and attempt < BUSY_UPLOAD_ATTEMPTS:
+                    delay = self.config.backoff.delay(attempt - 1, self._rng)
                     log.info("%s: server busy with other uploads (%s); retrying task %s in %.2f s",
                              self.config.node_name, exc.details, upload.task_id, delay)
                     await self._stoppable(asyncio.sleep(delay))
                     continue
-                log.warning("%s: result of task %s dropped: %s", self.config.node_name, upload.task_id, exc)
-            else:
-                self.results_delivered += 1
-            break
-        self._upload = None
+                return self._after_refusal(upload, exc, attempt if busy else 0)
+            self.results_delivered += 1
+            return None
+
+    def _after_refusal(self, upload: PendingUpload, exc: ServerRefusedError,
+                       busy_attempts: int) -> PendingUpload | None:
+        """Drop a refused result; return the FAILED report to send in its place when the refusal leaves the
+        task open on the server: a result refused for itself (too large, malformed, misframed, or the server
+        still busy after ``busy_attempts`` attempts), as opposed to a task the refusal ends (closed, unknown,
+        not ours: :func:`fednode.transport.task_refusal`; a result document that does not decode, which ends
+        it FAILED). Left open, the task would wait for its inactivity timeout, since the server never sends
+        it again. A refused FAILED or REFUSED report is only dropped (nothing smaller to send)."""
+        name = self.config.node_name
+        if upload.payload is None or task_refusal(exc) or exc.reason == BAD_RESULT_REASON:
+            log.warning("%s: result of task %s dropped: %s", name, upload.task_id, exc)
+            return None
+        refusal = exc.reason or getattr(exc.code, "name", "no status code")
+        after = f" after {busy_attempts} attempts" if busy_attempts > 1 else ""
+        log.warning("%s: result of task %s dropped: %s; reporting the task FAILED", name, upload.task_id, exc)
+        return PendingUpload.failed(upload.task_id, f"the server refused the result of {upload.total_size} bytes"
+                                                    f"{after} ({refusal}): {exc.details}")
 
     def _server_busy(self, exc: ServerRefusedError, upload: PendingUpload) -> bool:
         """Whether the upload was refused for "no upload buffer free now" (ERROR_REASON_UPLOADS_BUSY): worth

@@ -4,11 +4,13 @@ status code when there is none, never by the status message.
 * :func:`fednode.transport.translate` keeps the trailer's reason (a name the node does not know counts as
   none) and decides from it what is retryable; fatal_refusal / task_refusal / superseded read it.
 
-* NODE_SUPERSEDED ends ``run()``; TASK_CLOSED, UNKNOWN_TASK, TASK_NOT_SENT_TO_NODE, BAD_RESULT_DOCUMENT and
-  PAYLOAD_TOO_LARGE drop the result and the node goes on; UPLOAD_INCOMPLETE reconnects and resumes, and
-  UPLOADS_BUSY retries in place, although their codes (INVALID_ARGUMENT, RESOURCE_EXHAUSTED) are those of
-  refusals that drop the result. The fake NodeService scripts these statuses (it reads each upload to its end
-  before refusing it, so grpc.aio reports its status).
+* NODE_SUPERSEDED ends ``run()``; TASK_CLOSED, UNKNOWN_TASK, TASK_NOT_SENT_TO_NODE and BAD_RESULT_DOCUMENT
+  (refusals that end the task) drop the result and the node goes on; PAYLOAD_TOO_LARGE, MALFORMED_MESSAGE,
+  FRAMING (refusals of the result itself, which leave the task open) drop it too and report the task FAILED
+  in its place, naming the refusal, as does UPLOADS_BUSY once the retries are spent; UPLOAD_INCOMPLETE
+  reconnects and resumes, and UPLOADS_BUSY retries in place, although their codes (INVALID_ARGUMENT,
+  RESOURCE_EXHAUSTED) are those of refusals that drop the result. The fake NodeService scripts these statuses
+  (it reads each upload to its end before refusing it, so grpc.aio reports its status).
 * Against the real FedServer, which refuses an upload on its header while the node is still writing chunks,
   grpc.aio reports a local INTERNAL without reason instead of the server's status (grpc/grpc#36066): the node
   asks GetUploadStatus on the same connection and learns the refusal there: a closed task is dropped and a
@@ -32,7 +34,7 @@ from test_node_client_fedserver import server_config
 from fedcore.errors import ConnectionLostError, ServerRefusedError
 from fedcore.framing import OutgoingPayload
 from fedcore.wire import TaskKind
-from fednode.client import NodeClient
+from fednode.client import BUSY_UPLOAD_ATTEMPTS, NodeClient
 from fednode.handler import EchoHandler, TaskReply
 from fednode.transport import (
     BUSY_REASON,
@@ -48,6 +50,7 @@ from fednode.transport import (
 from fedserver.auth import NodeStore
 from fedserver.server import FedServer
 from fedserver.tasks import TaskState
+from fedstream.v1 import common_pb2
 
 CHUNK = 64 * 1024
 FP, INVALID, EXHAUSTED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
@@ -120,16 +123,81 @@ def _refused_upload(status: tuple) -> tuple[FakeNodeService, NodeClient, Countin
     (FP, "task t1 is no longer accepted (round cancelled)", "ERROR_REASON_TASK_CLOSED"),
     (grpc.StatusCode.NOT_FOUND, "no task with id 't1'", "ERROR_REASON_UNKNOWN_TASK"),
     (grpc.StatusCode.PERMISSION_DENIED, "task t1 was not sent to node n1", "ERROR_REASON_TASK_NOT_SENT_TO_NODE"),
-    (INVALID, "result of task t1 could not be decoded", "ERROR_REASON_BAD_RESULT_DOCUMENT"),
-    (EXHAUSTED, "announced payload of 400000 bytes exceeds ...", "ERROR_REASON_PAYLOAD_TOO_LARGE"),
-    (INVALID, "upload of task t1 ended after 0 of 400000 bytes; resume at offset 0"),  # no reason: by the code
+    (INVALID, "result of task t1 could not be decoded", "ERROR_REASON_BAD_RESULT_DOCUMENT"),  # the server failed it
+    (FP, "task t1 is no longer accepted (round cancelled)"),  # no reason: by the code
 ])
-def test_a_refused_result_is_dropped_and_the_node_goes_on(status, caplog) -> None:
+def test_a_result_refused_with_its_task_is_dropped_and_the_node_goes_on(status, caplog) -> None:
     caplog.set_level(logging.INFO, logger="fednode.client")
     service, client, handler = _refused_upload(status)
     assert f"n1: result of task t1 dropped: UploadResult refused by the server with {status[0].name}" in caplog.text
+    assert "reporting the task FAILED" not in caplog.text
     assert handler.tasks == ["t1", "t1"]  # dropped, so computed again when the fake sent t1 again
+    assert [h.outcome for h in service.upload_headers] == [common_pb2.TASK_OUTCOME_SUCCEEDED] * 2
     assert [h.payload.start_offset for h in service.upload_headers] == [0, 0] and service.status_requests == []
+    assert len(service.registrations) == 1 and client.sessions == 1
+
+
+@pytest.mark.parametrize("status", [
+    (EXHAUSTED, "announced payload of 400000 bytes exceeds this server's limit of 1000 bytes",
+     "ERROR_REASON_PAYLOAD_TOO_LARGE"),
+    (INVALID, "only Chunk messages may follow the UploadHeader", "ERROR_REASON_MALFORMED_MESSAGE"),
+    (INVALID, "chunk at offset 0 has 5 bytes: ...", "ERROR_REASON_FRAMING"),
+    (INVALID, "chunk at offset 0 has 5 bytes: ..."),  # no reason: by the code (a closed task would refuse the report)
+])
+def test_a_result_refused_for_itself_is_reported_failed_and_never_computed_again(status, caplog) -> None:
+    """The task stays open on the server, which will not send it again: the node reports it FAILED, naming the
+    refusal (its reason, else its code, and the server's message), once."""
+    caplog.set_level(logging.INFO, logger="fednode.client")
+    service, client, handler = _refused_upload(status)
+    assert f"n1: result of task t1 dropped: UploadResult refused by the server with {status[0].name}" in caplog.text
+    assert handler.tasks == ["t1"]
+    first, report = service.upload_headers
+    assert first.outcome == common_pb2.TASK_OUTCOME_SUCCEEDED
+    size = first.payload.total_size
+    assert report.task_id == "t1" and report.outcome == common_pb2.TASK_OUTCOME_FAILED
+    refusal = status[2] if len(status) == 3 else status[0].name
+    assert report.error_message == f"the server refused the result of {size} bytes ({refusal}): {status[1]}"
+    assert report.payload.total_size == 0 and service.results["t1"].complete and not service.results["t1"].data
+    assert len(service.registrations) == 1 and client.sessions == 1 and client.results_delivered == 1
+
+
+class BusyService(FakeNodeService):
+    """Refuses the first ``busy`` uploads with UPLOADS_BUSY, each read to its end first (see the module doc)."""
+
+    def __init__(self, busy: int) -> None:
+        super().__init__()
+        self.busy = busy
+
+    async def UploadResult(self, request_iterator, context):
+        if self.busy > 0:
+            self.busy -= 1
+            self.refuse_upload = (EXHAUSTED, "too many concurrent uploads (16, limit 16)", "ERROR_REASON_UPLOADS_BUSY")
+        return await super().UploadResult(request_iterator, context)
+
+
+def test_a_server_still_busy_after_the_retries_gets_the_task_reported_failed() -> None:
+    """Busy is retried in place, BUSY_UPLOAD_ATTEMPTS times in all; then the task is reported FAILED."""
+
+    async def scenario():
+        service = BusyService(BUSY_UPLOAD_ATTEMPTS)
+        server, port = await start_server(service)
+        handler = CountingHandler()
+        client = NodeClient(node_config(port, upload_chunk_size=CHUNK), handler)
+        try:
+            async with running(client):
+                service.add_task(FakeTask("t1", _payload()))
+                await service.wait_results(1)
+        finally:
+            await server.stop(None)
+        return service, client, handler
+
+    service, client, handler = arun(scenario())
+    assert handler.tasks == ["t1"]
+    *attempts, report = service.upload_headers
+    assert [a.outcome for a in attempts] == [common_pb2.TASK_OUTCOME_SUCCEEDED] * BUSY_UPLOAD_ATTEMPTS
+    assert report.outcome == common_pb2.TASK_OUTCOME_FAILED and report.error_message == (
+        f"the server refused the result of {attempts[0].payload.total_size} bytes after {BUSY_UPLOAD_ATTEMPTS} "
+        f"attempts (ERROR_REASON_UPLOADS_BUSY): too many concurrent uploads (16, limit 16)")
     assert len(service.registrations) == 1 and client.sessions == 1
 
 
