@@ -39,15 +39,21 @@ async def serve_one_round(nodes: list[WireNode]) -> list[dict[str, np.ndarray]]:
     return sent
 
 
+async def two_nodes_and_a_low_memory_run(kit: Any, checkpoints: Path) -> tuple[list[WireNode], Experiment]:
+    """Two registered wire nodes and a one-round low-memory experiment that needs both."""
+    nodes = [kit.node(f"wire-{i}") for i in range(2)]
+    for i, node in enumerate(nodes):
+        await node.register(f"wire-{i}", datasets=(DATASET,))
+    exp = Experiment(LinearPlan, ARGS, rounds=1, dataset_tags=["lsq"], min_nodes=2, round_timeout=30,
+                     node_wait_timeout=10, server=kit.server, progress=False, low_memory=True,
+                     checkpoint_dir=checkpoints)
+    return nodes, exp
+
+
 def test_a_run_cancelled_after_the_release_leaves_params_none_and_goes_on_from_the_checkpoint(tmp_path: Path) -> None:
     async def main():
         async with running_server(tmp_path, chunk_size=CHUNK) as kit:
-            nodes = [kit.node(f"wire-{i}") for i in range(2)]
-            for i, node in enumerate(nodes):
-                await node.register(f"wire-{i}", datasets=(DATASET,))
-            exp = Experiment(LinearPlan, ARGS, rounds=1, dataset_tags=["lsq"], min_nodes=2, round_timeout=30,
-                             node_wait_timeout=10, server=kit.server, progress=False, low_memory=True,
-                             checkpoint_dir=tmp_path / "ckpt")
+            nodes, exp = await two_nodes_and_a_low_memory_run(kit, tmp_path / "ckpt")
             exp.params = fresh_x()
             refs = [weakref.ref(v) for v in exp.params.values()]
             running = asyncio.create_task(exp.run_async())
@@ -117,12 +123,7 @@ def test_a_run_cancelled_while_its_checkpoint_is_written_counts_that_round_as_sa
     round is then complete: run() again goes on from it instead of refusing "params set by hand"."""
     async def main():
         async with running_server(tmp_path, chunk_size=CHUNK) as kit:
-            nodes = [kit.node(f"wire-{i}") for i in range(2)]
-            for i, node in enumerate(nodes):
-                await node.register(f"wire-{i}", datasets=(DATASET,))
-            exp = Experiment(LinearPlan, ARGS, rounds=1, dataset_tags=["lsq"], min_nodes=2, round_timeout=30,
-                             node_wait_timeout=10, server=kit.server, progress=False, low_memory=True,
-                             checkpoint_dir=tmp_path / "ckpt")
+            nodes, exp = await two_nodes_and_a_low_memory_run(kit, tmp_path / "ckpt")
             store = exp.checkpoints = GatedStore(tmp_path / "ckpt")
             exp.params = fresh_x()
             running = asyncio.create_task(exp.run_async())
