@@ -27,6 +27,7 @@ import grpc.aio
 
 from fedcore.errors import ConnectionLostError, MessageError, NodeConfigError, ServerRefusedError
 from fedcore.wire import (
+    REASON_METADATA_KEY,
     NodeRegistration,
     ReportEvent,
     ResultDescriptor,
@@ -51,8 +52,6 @@ RETRYABLE_CODES = frozenset({
     grpc.StatusCode.DATA_LOSS,  # corrupted transfer; resending cures it
 })
 
-#: Trailing metadata entry of the server's error statuses: the name of a fedstream.v1.ErrorReason (§7).
-REASON_METADATA_KEY = "fedstream-error-reason"
 #: Every ErrorReason name this node knows; another name (a newer server's) counts as no reason.
 KNOWN_REASONS = frozenset(common_pb2.ErrorReason.DESCRIPTOR.values_by_name) - {"ERROR_REASON_UNSPECIFIED"}
 #: Reasons that end the node process, whatever call they answer: bad identity, another protocol version,

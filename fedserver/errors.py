@@ -36,12 +36,10 @@ from fedcore.errors import (
     UploadsBusyError,
     VersionMismatchError,
 )
+from fedcore.wire.metadata_keys import REASON_METADATA_KEY
 from fedstream.v1 import common_pb2
 
 log = logging.getLogger(__name__)
-
-#: Trailing metadata key of every error status: the name of a fedstream.v1.ErrorReason value.
-REASON_METADATA_KEY = "fedstream-error-reason"
 
 _Code = grpc.StatusCode
 _R = common_pb2.ErrorReason

@@ -1,4 +1,5 @@
-"""The wire, shared by fedserver and fednode: protocol version, domain messages, protobuf conversion.
+"""The wire, shared by fedserver and fednode: protocol version, metadata keys, domain messages, protobuf
+conversion.
 
 Imports protobuf and fedcore only (never grpc). ``fedcore.wire.convert`` is the only module that touches
 protobuf messages; everything else works with the dataclasses of ``fedcore.wire.messages``.
@@ -18,11 +19,13 @@ from fedcore.wire.messages import (
     TaskOutcome,
     TrainingProgress,
 )
+from fedcore.wire.metadata_keys import REASON_METADATA_KEY
 from fedcore.wire.versions import PROTOCOL_VERSION, check_version, format_version
 
 __all__ = [
     "LOG_LEVELS",
     "PROTOCOL_VERSION",
+    "REASON_METADATA_KEY",
     "DatasetInfo",
     "LogLine",
     "NodeRegistration",
