@@ -28,7 +28,6 @@ from fedcore.errors import (
     TaskClosedError,
     UnknownTaskError,
     UploadIncompleteError,
-    UploadsBusyError,
 )
 from fedcore.serialization import DEFAULT_LIMITS, Serializer, SerializerLimits
 from fedcore.wire import (
@@ -306,10 +305,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                                              on_wake=handle.touch)
             if handle.done():  # ended while in line (a round gave up on it, the node restarted): take no buffer
                 raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
-        try:
-            session = self.uploads.begin(desc.task_id, node_id, info)
-        except LimitExceededError as exc:  # within the limits (checked above): no buffer free now, retry later
-            raise UploadsBusyError(str(exc)) from None
+        session = self.uploads.begin(desc.task_id, node_id, info)  # UploadsBusyError: no buffer free now
         handle.mark_uploading()
         max_chunk = self.config.max_chunk_size
         try:

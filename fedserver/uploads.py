@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fedcore.errors import ChunkOrderError, LimitExceededError, UploadConflictError
+from fedcore.errors import ChunkOrderError, LimitExceededError, UploadConflictError, UploadsBusyError
 from fedcore.framing import BufferPool, ChunkAssembler, PayloadInfo
 
 
@@ -135,7 +135,11 @@ class UploadSessions:
         return True
 
     def begin(self, task_id: str, node_id: str, info: PayloadInfo) -> UploadSession:
-        """Start (``start_offset`` 0) or resume (``start_offset`` = acknowledged offset) an upload."""
+        """Start (``start_offset`` 0) or resume (``start_offset`` = acknowledged offset) an upload.
+
+        Raises LimitExceededError for a header over a limit (:meth:`check_limits`), and its subclass
+        UploadsBusyError when the upload is within the limits but no buffer is free now (``max_sessions``
+        sessions, or no room in ``max_buffered_bytes``): a refusal worth retrying later."""
         self.check_limits(info)
         existing = self._sessions.get(task_id)
         if existing is not None and existing.active:
@@ -152,11 +156,11 @@ class UploadSessions:
             existing = None  # no reference of ours keeps the parked buffer alive: discard frees it, its block is reused
             self.discard(task_id)  # a fresh start replaces the parked bytes
         if len(self._sessions) >= self.max_sessions:
-            raise LimitExceededError(
+            raise UploadsBusyError(
                 f"too many concurrent uploads ({len(self._sessions)}, limit {self.max_sessions}); "
                 "retry later")
         if not self._room_for(task_id, info.total_size):
-            raise LimitExceededError(
+            raise UploadsBusyError(
                 f"uploads in progress hold {self._buffered} bytes; {info.total_size} more exceed this server's "
                 f"upload buffer limit of {self.max_buffered_bytes} bytes; retry later")
         room = None if self.max_buffered_bytes is None else self.max_buffered_bytes - self._buffered

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcore.errors import LimitExceededError
+from fedcore.errors import LimitExceededError, UploadsBusyError
 from fedcore.framing import PayloadInfo
 from fedserver.uploads import UploadSessions
 from tests.server_testkit import async_test
@@ -75,7 +75,7 @@ async def test_waiting_stops_at_once_when_only_parked_sessions_hold_the_slots() 
     await asyncio.sleep(0.02)
     uploads.end(running)  # the stream broke: the session is parked for a resume, it will not end soon
     assert await asyncio.wait_for(waiting, 1) is False
-    with pytest.raises(LimitExceededError, match=r"too many concurrent uploads \(1, limit 1\)"):
+    with pytest.raises(UploadsBusyError, match=r"too many concurrent uploads \(1, limit 1\)"):
         uploads.begin("t2", "b", info(10))
 
 
@@ -85,7 +85,7 @@ async def test_a_byte_budget_receives_big_uploads_one_after_the_other() -> None:
     big = uploads.begin("big1", "a", info(900))  # alone, an upload always fits (even over the budget)
     uploads.begin("small", "s", info(100))  # fits next to it
     assert await uploads.wait_for_room("big2", 900, timeout=0.05) is False  # timed out: 1000 bytes held
-    with pytest.raises(LimitExceededError, match="hold 1000 bytes; 900 more exceed this server's upload buffer"):
+    with pytest.raises(UploadsBusyError, match="hold 1000 bytes; 900 more exceed this server's upload buffer"):
         uploads.begin("big2", "b", info(900))
     waiting = asyncio.ensure_future(uploads.wait_for_room("big2", 900, timeout=5))
     uploads.end(big)
@@ -93,6 +93,14 @@ async def test_a_byte_budget_receives_big_uploads_one_after_the_other() -> None:
     assert await asyncio.wait_for(waiting, 1) is True
     uploads.begin("big2", "b", info(900))
     assert len(uploads) == 2
+
+
+def test_an_upload_over_a_limit_is_refused_as_too_large_even_when_no_buffer_is_free() -> None:
+    uploads = sessions(max_sessions=1)
+    uploads.begin("t1", "a", info(10))
+    with pytest.raises(LimitExceededError, match="exceeds this server's limit") as refused:
+        uploads.begin("t2", "b", PayloadInfo(1 << 31, bytes(32), 1 << 20))
+    assert not isinstance(refused.value, UploadsBusyError), "too large, not busy: retrying cannot help"
 
 
 @async_test

@@ -9,7 +9,7 @@ import hashlib
 import pytest
 from fake_node_service import arun
 
-from fedcore.errors import ChunkOrderError, LimitExceededError
+from fedcore.errors import ChunkOrderError, UploadsBusyError
 from fedcore.framing import PayloadInfo
 from fedserver.uploads import UploadSessions
 
@@ -48,7 +48,7 @@ def test_discarded_upload_bytes_count_until_its_buffer_really_dies() -> None:
         reader = session.assembler.buffer[:MiB]  # e.g. a hashing job still reading it
         uploads.discard("a")  # the task closed (or the digest mismatched) meanwhile
         assert uploads.buffered_bytes == 2 * MiB
-        with pytest.raises(LimitExceededError, match="hold 2097152 bytes; 2097152 more exceed"):
+        with pytest.raises(UploadsBusyError, match="hold 2097152 bytes; 2097152 more exceed"):
             uploads.begin("b", "n", _info(2 * MiB))
         waiting = asyncio.ensure_future(uploads.wait_for_room("b", 2 * MiB, timeout=5))
         await asyncio.sleep(0.05)
