@@ -66,9 +66,11 @@ TASK_REASONS = frozenset({"ERROR_REASON_TASK_CLOSED", "ERROR_REASON_UNKNOWN_TASK
 TASK_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
                         grpc.StatusCode.PERMISSION_DENIED})
 #: Reasons a new attempt cures (reconnect with backoff; an upload resumes where GetUploadStatus says).
+#: ERROR_REASON_UNKNOWN_NODE (reserved: not sent by this server version) means "register again", which the
+#: reconnect does: every session starts with a Register.
 RETRYABLE_REASONS = frozenset({"ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REASON_DIGEST_MISMATCH",
                                "ERROR_REASON_UPLOAD_IN_PROGRESS", "ERROR_REASON_SERVER_STOPPING",
-                               "ERROR_REASON_INTERNAL"})
+                               "ERROR_REASON_INTERNAL", "ERROR_REASON_UNKNOWN_NODE"})
 #: The refusal of an upload while no buffer is free on the server: retried in place, with backoff.
 BUSY_REASON = "ERROR_REASON_UPLOADS_BUSY"
 

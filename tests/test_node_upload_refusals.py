@@ -68,6 +68,9 @@ FP, INVALID, EXHAUSTED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.I
     (INVALID, "ERROR_REASON_FRAMING", ServerRefusedError, False, False),
     (EXHAUSTED, "ERROR_REASON_UPLOADS_BUSY", ServerRefusedError, False, False),  # retried in place by _deliver
     (grpc.StatusCode.INTERNAL, "", ConnectionLostError, None, None),
+    # reserved (not sent by this server version): "register again", i.e. reconnect, whose session registers
+    (grpc.StatusCode.NOT_FOUND, "ERROR_REASON_UNKNOWN_NODE", ConnectionLostError, None, None),
+    (grpc.StatusCode.NOT_FOUND, "", ServerRefusedError, False, True),  # without a reason: NOT_FOUND is a task's
 ])
 def test_translate_reads_the_reason_trailer(code, reason, kind, fatal, task) -> None:
     trailer = grpc.aio.Metadata(("fedstream-error-reason", reason)) if reason else grpc.aio.Metadata()

@@ -333,6 +333,8 @@ test("classify: by the reason in the trailer when there is one, by the code othe
   assert.equal(classify(fail(grpc.status.RESOURCE_EXHAUSTED, "busy", "ERROR_REASON_UPLOADS_BUSY")), "retry");
   assert.equal(classify(fail(grpc.status.RESOURCE_EXHAUSTED, "too large", "ERROR_REASON_PAYLOAD_TOO_LARGE")), "refused");
   assert.equal(classify(fail(grpc.status.INVALID_ARGUMENT, "bad chunk", "ERROR_REASON_FRAMING")), "refused");
+  // reserved (not sent by this server version): "register again", which run() does after a "retry"
+  assert.equal(classify(fail(grpc.status.NOT_FOUND, "node not registered", "ERROR_REASON_UNKNOWN_NODE")), "retry");
   // no reason (gRPC's own statuses, an older server) or one this client does not know (a newer server): the code
   for (const reason of [null, "ERROR_REASON_FROM_THE_FUTURE"]) {
     assert.equal(errorReason(fail(FP, "x", reason)), "");

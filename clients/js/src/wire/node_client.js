@@ -34,10 +34,12 @@ const FATAL_REASONS = new Set(["ERROR_REASON_UNAUTHENTICATED", "ERROR_REASON_VER
 /** Reasons that end the task the call named: drop it (its partial download, its result), keep running. */
 const TASK_REASONS = new Set(["ERROR_REASON_TASK_CLOSED", "ERROR_REASON_UNKNOWN_TASK",
   "ERROR_REASON_TASK_NOT_SENT_TO_NODE"]);
-/** Reasons a new attempt may cure (backoff with jitter; an upload resumes where GetUploadStatus says). */
+/** Reasons a new attempt may cure (backoff with jitter; an upload resumes where GetUploadStatus says).
+ * ERROR_REASON_UNKNOWN_NODE (reserved: not sent by this server version) means "register again": run()
+ * forgets its registration and registers before its next poll. */
 const RETRYABLE_REASONS = new Set(["ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REASON_DIGEST_MISMATCH",
   "ERROR_REASON_UPLOADS_BUSY", "ERROR_REASON_UPLOAD_IN_PROGRESS", "ERROR_REASON_SERVER_STOPPING",
-  "ERROR_REASON_INTERNAL"]);
+  "ERROR_REASON_INTERNAL", "ERROR_REASON_UNKNOWN_NODE"]);
 /** Without a known reason (gRPC's own statuses, older servers): codes a new attempt may cure... */
 const RETRYABLE = new Set([Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.RESOURCE_EXHAUSTED, Status.ABORTED,
   Status.DATA_LOSS]);
@@ -373,7 +375,7 @@ class NodeClient {
         const kind = classify(err, { aboutTask: Boolean(err.taskId) }); // Register, a fresh poll: about no task
         if (kind === "fatal") throw err;
         failures += 1;
-        if (err.code === Status.UNAVAILABLE) this.registration = null;
+        if (err.code === Status.UNAVAILABLE || errorReason(err) === "ERROR_REASON_UNKNOWN_NODE") this.registration = null;
         const delay = kind === "task" ? 0 : backoffMs(failures);
         this.log("WARNING", `${err.details || err.message}; retrying in ${(delay / 1000).toFixed(1)} s`);
         await this.sleep(delay);
