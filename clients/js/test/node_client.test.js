@@ -428,3 +428,66 @@ test("run(): a download refused TASK_CLOSED mid-payload is dropped; the next pol
     await fake.stop();
   }
 });
+
+test("a result the server refuses for itself is replaced by a FAILED report naming the refusal (as fednode)", async () => {
+  const busy = () => fail(grpc.status.RESOURCE_EXHAUSTED, "too many concurrent uploads (16, limit 16)",
+    "ERROR_REASON_UPLOADS_BUSY");
+  const fake = await new FakeServer({ refuseUploads: [
+    fail(grpc.status.RESOURCE_EXHAUSTED, "announced payload of 5000 bytes exceeds this server's limit of 1024 bytes",
+      "ERROR_REASON_PAYLOAD_TOO_LARGE"),
+    null, // one refusal per upload, in turn: the FAILED report of t11 is accepted
+    fail(grpc.status.INVALID_ARGUMENT, "result of task t12 does not decode", "ERROR_REASON_BAD_RESULT_DOCUMENT"),
+    busy(), busy(),
+  ] }).start();
+  const c = client(fake, { maxUploadAttempts: 2 });
+  c.sleep = async () => {}; // no backoff between the busy attempts
+  const result = crypto.randomBytes(5000);
+  const trainer = { run: async () => ({ outcome: "TASK_OUTCOME_SUCCEEDED", errorMessage: "", payload: result }) };
+  const task = (taskId) => ({ header: { task_id: taskId, round: 1, kind: "TASK_KIND_TRAIN" }, payload: Buffer.alloc(0) });
+  const headers = (taskId) => fake.uploadHeaders.filter((h) => h.task_id === taskId)
+    .map((h) => [h.outcome, h.error_message, h.payload ? h.payload.total_size : 0]);
+  try {
+    await c.register();
+    await c.handleTask(task("t11"), trainer);
+    assert.deepEqual(headers("t11"), [["TASK_OUTCOME_SUCCEEDED", "", 5000], ["TASK_OUTCOME_FAILED",
+      "the server refused the result of 5000 bytes (ERROR_REASON_PAYLOAD_TOO_LARGE): announced payload of 5000 "
+      + "bytes exceeds this server's limit of 1024 bytes", 0]]);
+    assert.equal(fake.uploads.get("t11").complete, true, "the FAILED report was accepted");
+
+    // the server ended this task FAILED itself: nothing to report
+    assert.equal(await c.handleTask(task("t12"), trainer), null);
+    assert.deepEqual(headers("t12").map((h) => h[0]), ["TASK_OUTCOME_SUCCEEDED"]);
+
+    // busy: retried in place, then given up and reported
+    await c.handleTask(task("t13"), trainer);
+    assert.deepEqual(headers("t13"), [["TASK_OUTCOME_SUCCEEDED", "", 5000], ["TASK_OUTCOME_SUCCEEDED", "", 5000],
+      ["TASK_OUTCOME_FAILED", "the server refused the result of 5000 bytes after 2 attempts "
+        + "(ERROR_REASON_UPLOADS_BUSY): too many concurrent uploads (16, limit 16)", 0]]);
+
+    // a task the refusal ends is only dropped
+    fake.script.refuseUploads.push(fail(grpc.status.FAILED_PRECONDITION, "task t14 is no longer accepted",
+      "ERROR_REASON_TASK_CLOSED"));
+    assert.equal(await c.handleTask(task("t14"), trainer), null);
+    assert.equal(headers("t14").length, 1);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("refusedResultMessage: a report only for a result refused for itself", () => {
+  const { refusedResultMessage } = require("../src/wire/node_client.js");
+  const S = grpc.status;
+  assert.equal(refusedResultMessage(fail(S.INVALID_ARGUMENT, "chunk out of order", "ERROR_REASON_FRAMING"), 10),
+    "the server refused the result of 10 bytes (ERROR_REASON_FRAMING): chunk out of order");
+  assert.match(refusedResultMessage(fail(S.INVALID_ARGUMENT, "no header", "ERROR_REASON_MALFORMED_MESSAGE"), 10),
+    /\(ERROR_REASON_MALFORMED_MESSAGE\): no header$/);
+  assert.match(refusedResultMessage(fail(S.RESOURCE_EXHAUSTED, "busy"), 10), /\(RESOURCE_EXHAUSTED\): busy$/); // no reason
+  assert.equal(refusedResultMessage(new PayloadError("result of 10 bytes is over the server's max_payload_size 5"), 10),
+    "the result of 10 bytes was not sent: result of 10 bytes is over the server's max_payload_size 5");
+  for (const [code, reason] of [[S.FAILED_PRECONDITION, "ERROR_REASON_TASK_CLOSED"], [S.UNAVAILABLE, null],
+    [S.INVALID_ARGUMENT, "ERROR_REASON_BAD_RESULT_DOCUMENT"], [S.INVALID_ARGUMENT, "ERROR_REASON_UPLOAD_INCOMPLETE"],
+    [S.FAILED_PRECONDITION, "ERROR_REASON_NODE_SUPERSEDED"], [S.NOT_FOUND, "ERROR_REASON_UNKNOWN_NODE"]]) {
+    assert.equal(refusedResultMessage(fail(code, "words", reason), 10), null, `${reason || code}: no report`);
+  }
+});

@@ -13,7 +13,8 @@
  * Every call carries the protocol version, the `fedstream-instance-id` metadata (this client's instance id)
  * and, in token modes, `authorization: Bearer <token>`. A refusal is read by its reason, the ErrorReason
  * name in the trailer `fedstream-error-reason` (docs/protocol.md §7; classify()), by its status code when
- * there is none, never by its message.
+ * there is none, never by its message. A result the server refuses for itself is replaced by a FAILED
+ * report naming the refusal (handleTask, refusedResultMessage; docs/protocol.md §4 step 4).
  */
 const crypto = require("node:crypto");
 const { once } = require("node:events");
@@ -79,6 +80,25 @@ function classify(err, { aboutTask = true } = {}) {
   if (err.code === Status.UNAUTHENTICATED) return "fatal";
   if (TASK_GONE.has(err.code)) return aboutTask || err.code !== Status.FAILED_PRECONDITION ? "task" : "fatal";
   return RETRYABLE.has(err.code) ? "retry" : "refused";
+}
+
+/**
+ * The error_message of the FAILED report that replaces a result of `size` bytes refused by `err`, as
+ * fednode words it ("the server refused the result of N bytes[ after K attempts] (REASON): details"), or
+ * null when no report is due. Due for a refusal of the result for itself, which leaves its task open on the
+ * server (§4 step 4): any "refused" one (PAYLOAD_TOO_LARGE, MALFORMED_MESSAGE, FRAMING, ...; a result over
+ * max_payload_size refused here before sending, PayloadError) but BAD_RESULT_DOCUMENT (the server ended the
+ * task FAILED already), and UPLOADS_BUSY (without a reason: RESOURCE_EXHAUSTED) once the retries are used
+ * up. Not due when the refusal ends the task ("task"), stops the node ("fatal") or is a broken connection.
+ */
+function refusedResultMessage(err, size) {
+  const reason = errorReason(err);
+  const busy = reason ? reason === "ERROR_REASON_UPLOADS_BUSY" : err.code === Status.RESOURCE_EXHAUSTED;
+  if (!busy && (classify(err) !== "refused" || reason === "ERROR_REASON_BAD_RESULT_DOCUMENT")) return null;
+  if (err instanceof PayloadError) return `the result of ${size} bytes was not sent: ${err.message}`;
+  const name = reason || Object.keys(Status).find((k) => Status[k] === err.code) || "no status code";
+  const after = err.uploadAttempts > 1 ? ` after ${err.uploadAttempts} attempts` : "";
+  return `the server refused the result of ${size} bytes${after} (${name}): ${err.details || err.message}`;
 }
 
 /** True for errors that stop the node (classify() says "fatal"). */
@@ -296,7 +316,10 @@ class NodeClient {
       try {
         return await this.uploadOnce(taskId, outcome, errorMessage, doc, header);
       } catch (err) {
-        if (attempt >= this.maxUploadAttempts || this.stopped || classify(err) !== "retry") throw err;
+        if (attempt >= this.maxUploadAttempts || this.stopped || classify(err) !== "retry") {
+          err.uploadAttempts = attempt; // for refusedResultMessage: "after N attempts"
+          throw err;
+        }
         this.log("WARNING", `upload of task ${taskId} broke (${err.details || err.message}); attempt ${attempt + 1}`);
         const reason = errorReason(err);
         if (reason ? reason === "ERROR_REASON_DIGEST_MISMATCH" : err.code === Status.DATA_LOSS) {
@@ -335,12 +358,24 @@ class NodeClient {
     }
     this.log(outcome === "TASK_OUTCOME_SUCCEEDED" ? "INFO" : "WARNING",
       `task ${taskId}: ${outcome}${errorMessage ? ` (${errorMessage})` : ""}`);
+    let failedReport = null;
     try {
       return await this.upload(taskId, outcome, errorMessage, result);
     } catch (err) {
       const kind = classify(err);
-      if (kind === "fatal" || kind === "retry") throw err; // stop; or retries used up: run() backs off
-      this.log("WARNING", `task ${taskId}: result not accepted (${err.details || err.message})`);
+      failedReport = result ? refusedResultMessage(err, result.byteLength) : null;
+      if (kind === "fatal" || (kind === "retry" && !failedReport)) throw err; // stop; or retries used up: run() backs off
+      this.log("WARNING", `task ${taskId}: result not accepted (${err.details || err.message})`
+        + (failedReport ? "; reporting the task FAILED" : ""));
+      if (!failedReport) return null;
+    }
+    // the server refused the result for itself and left the task open: without this report the round would
+    // wait for the task's inactivity timeout (it never sends the task again: docs/protocol.md §4 step 4)
+    try {
+      return await this.upload(taskId, "TASK_OUTCOME_FAILED", failedReport, null);
+    } catch (err) {
+      if (classify(err) === "fatal") throw err;
+      this.log("WARNING", `task ${taskId}: FAILED report not accepted (${err.details || err.message})`);
       return null;
     }
   }
@@ -396,4 +431,4 @@ class NodeClient {
   }
 }
 
-module.exports = { NodeClient, backoffMs, isFatal, classify, errorReason, REASON_METADATA_KEY };
+module.exports = { NodeClient, backoffMs, isFatal, classify, errorReason, refusedResultMessage, REASON_METADATA_KEY };
