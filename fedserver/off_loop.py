@@ -1,8 +1,9 @@
 """Model-sized work of the server's rounds, run in a worker thread so the event loop keeps serving nodes.
 
-A weighted sum of a reply (~0.2 s/GB), the final average, a checkpoint of the new model (GBs written and
-fsynced): on the event loop each would hold up every other node's upload, poll and heartbeat for as long.
-numpy and file writes release the GIL, so the loop runs meanwhile.
+The final average of a round, a checkpoint of the new model (GBs written and fsynced): on the event loop
+each would hold up every other node's poll, heartbeat and stream for as long. numpy and file writes release
+the GIL, so the loop runs meanwhile. (Each reply's sum stays on the loop on purpose: see
+``fedserver.rounds.run_round``.)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ async def run_off_loop(work: Callable[[], T]) -> T:
             await asyncio.shield(running)
         except asyncio.CancelledError:
             interrupted = True  # delivered below, once the thread is done
-        except BaseException:  # work's own error: raised by result() below
+        except BaseException:  # noqa: BLE001 - work's own error: raised by result() below
             break
     if interrupted:
         if not running.cancelled() and running.exception() is not None:

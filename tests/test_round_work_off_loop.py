@@ -1,6 +1,6 @@
 """A round's model-sized work happens in a worker thread: building its payloads (encoding and SHA-256 of
-x, of a node's own entries) and summing the replies. The server keeps answering nodes over real gRPC
-meanwhile.
+x, of a node's own entries); the final average and checkpoint go through ``run_off_loop``. The server keeps
+answering nodes over real gRPC meanwhile.
 
 No timing threshold: a Heartbeat that completes while ``RoundModel.create`` / ``payload_async`` has not
 returned yet proves the loop was free. Done on the event loop, the build would run in one step of its
@@ -20,14 +20,10 @@ import pytest
 from plans_lsq import LinearPlan
 from server_testkit import WireNode, async_test, running_server
 
-from fedcore.aggregators import FedAverage
 from fedcore.errors import ExperimentError
-from fedcore.tasks import PlanSource, TrainResult, TrainTask
-from fedcore.wire import TaskKind
+from fedcore.tasks import PlanSource, TrainTask
 from fedserver.off_loop import run_off_loop
 from fedserver.round_model import RoundModel
-from fedserver.rounds import accept_off_loop
-from fedserver.tasks import TaskResult, TaskState, TaskTimings
 
 BIG = 32 << 20  # float32 elements: 128 MB, ~70 ms of SHA-256 here, against ~1 ms per Heartbeat
 
@@ -80,29 +76,6 @@ async def test_payload_async_after_release_is_refused() -> None:
     model.release()
     with pytest.raises(ExperimentError, match="released"):
         await model.payload_async({"aggregator_state": {}})
-
-
-def reply_result(node_id: str, params: dict[str, np.ndarray]) -> TaskResult:
-    """A finished TRAIN task whose decoded reply holds ``params`` (as the upload path hands it over)."""
-    reply = TrainResult(params=params, num_samples=10, num_steps=1, lr=0.1)
-    return TaskResult(f"t-{node_id}", node_id, "e", 1, TaskKind.TRAIN, TaskState.SUCCEEDED, "", reply.to_payload(),
-                      0, 0, TaskTimings(0.0, 0.0, 0.0, 1.0))
-
-
-@async_test
-async def test_a_reply_is_summed_off_the_loop(tmp_path: Path) -> None:
-    x = {"w": np.zeros(BIG, dtype=np.float32)}
-    aggregator = FedAverage()
-    aggregator.begin_round(1, x, ["a", "b"], ["a", "b"])
-    async with running_server(tmp_path) as kit:
-        node = await kit.registered_node("n1")
-        outcome, served = await heartbeats_during(
-            accept_off_loop(aggregator, reply_result("a", {"w": np.full(BIG, 2.0, dtype=np.float32)})), node)
-        assert outcome.outcome == "succeeded"
-        assert served >= 1, "no Heartbeat was answered while the reply was summed"
-    await accept_off_loop(aggregator, reply_result("b", {"w": np.full(BIG, 4.0, dtype=np.float32)}))
-    average = await run_off_loop(aggregator.finalize)
-    np.testing.assert_array_equal(average["w"][:5], np.full(5, 3.0, dtype=np.float32))  # equal weights: (2 + 4) / 2
 
 
 @async_test
