@@ -487,7 +487,8 @@ test("refusedResultMessage: a report only for a result refused for itself", () =
     "the result of 10 bytes was not sent: result of 10 bytes is over the server's max_payload_size 5");
   for (const [code, reason] of [[S.FAILED_PRECONDITION, "ERROR_REASON_TASK_CLOSED"], [S.UNAVAILABLE, null],
     [S.INVALID_ARGUMENT, "ERROR_REASON_BAD_RESULT_DOCUMENT"], [S.INVALID_ARGUMENT, "ERROR_REASON_UPLOAD_INCOMPLETE"],
-    [S.FAILED_PRECONDITION, "ERROR_REASON_NODE_SUPERSEDED"], [S.NOT_FOUND, "ERROR_REASON_UNKNOWN_NODE"]]) {
+    [S.FAILED_PRECONDITION, "ERROR_REASON_NODE_SUPERSEDED"], [S.NOT_FOUND, "ERROR_REASON_UNKNOWN_NODE"],
+    [S.CANCELLED, null], [S.INTERNAL, null], [S.UNKNOWN, null]]) { // broken or cancelled calls: no verdict
     assert.equal(refusedResultMessage(fail(code, "words", reason), 10), null, `${reason || code}: no report`);
   }
 });

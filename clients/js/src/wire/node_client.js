@@ -44,6 +44,9 @@ const RETRYABLE_REASONS = new Set(["ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REAS
 /** Without a known reason (gRPC's own statuses, older servers): codes a new attempt may cure... */
 const RETRYABLE = new Set([Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.RESOURCE_EXHAUSTED, Status.ABORTED,
   Status.DATA_LOSS]);
+/** Codes without a reason that say the call broke or was cancelled (stop(), RST_STREAM), not that the
+ * server refused anything: never turned into a FAILED report (fednode retries them). */
+const BROKEN_CALL = new Set([Status.CANCELLED, Status.INTERNAL, Status.UNKNOWN]);
 /** ...and codes of a task-level refusal (the task is gone for this node). */
 const TASK_GONE = new Set([Status.FAILED_PRECONDITION, Status.NOT_FOUND, Status.PERMISSION_DENIED]);
 
@@ -89,10 +92,12 @@ function classify(err, { aboutTask = true } = {}) {
  * server (§4 step 4): any "refused" one (PAYLOAD_TOO_LARGE, MALFORMED_MESSAGE, FRAMING, ...; a result over
  * max_payload_size refused here before sending, PayloadError) but BAD_RESULT_DOCUMENT (the server ended the
  * task FAILED already), and UPLOADS_BUSY (without a reason: RESOURCE_EXHAUSTED) once the retries are used
- * up. Not due when the refusal ends the task ("task"), stops the node ("fatal") or is a broken connection.
+ * up. Not due when the refusal ends the task ("task"), stops the node ("fatal") or is a broken connection
+ * or a cancelled call (CANCELLED, INTERNAL, UNKNOWN without a reason; handleTask: nor after stop()).
  */
 function refusedResultMessage(err, size) {
   const reason = errorReason(err);
+  if (!reason && BROKEN_CALL.has(err.code)) return null; // our call broke or was cancelled: not a verdict
   const busy = reason ? reason === "ERROR_REASON_UPLOADS_BUSY" : err.code === Status.RESOURCE_EXHAUSTED;
   if (!busy && (classify(err) !== "refused" || reason === "ERROR_REASON_BAD_RESULT_DOCUMENT")) return null;
   if (err instanceof PayloadError) return `the result of ${size} bytes was not sent: ${err.message}`;
@@ -363,7 +368,7 @@ class NodeClient {
       return await this.upload(taskId, outcome, errorMessage, result);
     } catch (err) {
       const kind = classify(err);
-      failedReport = result ? refusedResultMessage(err, result.byteLength) : null;
+      failedReport = result && !this.stopped ? refusedResultMessage(err, result.byteLength) : null;
       if (kind === "fatal" || (kind === "retry" && !failedReport)) throw err; // stop; or retries used up: run() backs off
       this.log("WARNING", `task ${taskId}: result not accepted (${err.details || err.message})`
         + (failedReport ? "; reporting the task FAILED" : ""));
