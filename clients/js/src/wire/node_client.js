@@ -43,10 +43,7 @@ const RETRYABLE_REASONS = new Set(["ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REAS
   "ERROR_REASON_INTERNAL", "ERROR_REASON_UNKNOWN_NODE"]);
 /** Without a known reason (gRPC's own statuses, older servers): codes a new attempt may cure... */
 const RETRYABLE = new Set([Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.RESOURCE_EXHAUSTED, Status.ABORTED,
-  Status.DATA_LOSS]);
-/** Codes without a reason that say the call broke or was cancelled (stop(), RST_STREAM), not that the
- * server refused anything: never turned into a FAILED report (fednode retries them). */
-const BROKEN_CALL = new Set([Status.CANCELLED, Status.INTERNAL, Status.UNKNOWN]);
+  Status.DATA_LOSS, Status.CANCELLED, Status.INTERNAL, Status.UNKNOWN]); // the last three: a broken call, as fednode
 /** ...and codes of a task-level refusal (the task is gone for this node). */
 const TASK_GONE = new Set([Status.FAILED_PRECONDITION, Status.NOT_FOUND, Status.PERMISSION_DENIED]);
 
@@ -97,7 +94,6 @@ function classify(err, { aboutTask = true } = {}) {
  */
 function refusedResultMessage(err, size) {
   const reason = errorReason(err);
-  if (!reason && BROKEN_CALL.has(err.code)) return null; // our call broke or was cancelled: not a verdict
   const busy = reason ? reason === "ERROR_REASON_UPLOADS_BUSY" : err.code === Status.RESOURCE_EXHAUSTED;
   if (!busy && (classify(err) !== "refused" || reason === "ERROR_REASON_BAD_RESULT_DOCUMENT")) return null;
   if (err instanceof PayloadError) return `the result of ${size} bytes was not sent: ${err.message}`;
