@@ -14,7 +14,8 @@ restart: start over). A ServerShutdown waits ``retry_after`` instead; a poll the
 made again at once (once in a row; then as a lost connection). A refusal of one task (closed, unknown,
 not ours: a round cancelled it while it downloads) drops that task and polls again; a result refused for
 itself (too large, malformed, the server still busy after retries) is replaced by a FAILED report naming
-the refusal, so the round counts the task at once. A refusal that ends the node
+the refusal, so the round counts the task at once (also when grpc.aio hid the refusal behind a local
+INTERNAL, grpc/grpc#36066: ``GetUploadStatus`` names it). A refusal that ends the node
 (:func:`fednode.transport.fatal_refusal`: bad token, another protocol major version, a newer process of
 this node registered) ends :meth:`NodeClient.run` with the error. Refusals are told apart by the server's
 error reason (docs/protocol.md §7), by the status code when it sends none.
@@ -527,11 +528,11 @@ class NodeClient:
     async def _send(self, conn: NodeConnection, upload: PendingUpload) -> None:
         start = 0
         if upload.attempted:
-            acknowledged, complete = await conn.upload_status(upload.task_id)
-            if complete:
+            status = await conn.upload_status(upload.task_id)
+            if status.complete:
                 return
-            if upload.valid_offset(acknowledged):
-                start = acknowledged
+            if upload.valid_offset(status.acknowledged_offset):
+                start = status.acknowledged_offset
             log.info("%s: resuming the upload of task %s at byte %d of %d", self.config.node_name,
                      upload.task_id, start, upload.total_size)
         upload.attempted = True
@@ -543,9 +544,17 @@ class NodeClient:
             # INTERNAL without a reason is gRPC's own: grpc.aio reports a server that ends the upload while we
             # still write chunks (a refusal) as INTERNAL "Internal error from Core", losing the server's status
             # (grpc/grpc#36066). The task's state on the server tells a refused task (closed, superseded, ...:
-            # GetUploadStatus raises that refusal) from a broken stream (reconnect and resume, as before).
+            # GetUploadStatus raises that refusal), a result refused for itself (too large, busy, misframed,
+            # malformed: GetUploadStatus names it in refused_reason, handled as if it came with its trailer)
+            # and a broken stream (reconnect and resume, as before).
             log.info("%s: upload of task %s ended with %s; asking the server where it stands", self.config.node_name,
                      upload.task_id, exc)
-            _, complete = await conn.upload_status(upload.task_id)
-            if not complete:
-                raise
+            status = await conn.upload_status(upload.task_id)
+            if status.complete:
+                return
+            if status.refused_reason:
+                raise ServerRefusedError(
+                    f"UploadResult refused by the server with {status.refused_reason} (told by GetUploadStatus; "
+                    f"the call itself failed with {exc}): {status.refused_message}",
+                    exc.code, status.refused_message, status.refused_reason) from None
+            raise

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -191,11 +192,13 @@ class NodeConnection:
             if not call.done():
                 call.cancel()
 
-    async def upload_status(self, task_id: str) -> tuple[int, bool]:
-        """``(acknowledged_offset, complete)`` of an interrupted upload."""
+    async def upload_status(self, task_id: str) -> UploadStatus:
+        """Where an interrupted upload stands on the server (and its last header refusal, if any)."""
         response = await self._unary(self.stub.GetUploadStatus, convert.upload_status_request_to_pb(task_id),
                                      "GetUploadStatus")
-        return convert.upload_status_from_pb(response)
+        acknowledged, complete = convert.upload_status_from_pb(response)
+        reason, message = convert.upload_refusal_from_pb(response)
+        return UploadStatus(acknowledged, complete, reason, message)
 
     async def report(self, task_id: str, events: list[ReportEvent]) -> None:
         await self._unary(self.stub.Report, convert.report_request_to_pb(task_id, events), "Report")
@@ -204,6 +207,19 @@ class NodeConnection:
         """Send a heartbeat; True when the server says it is shutting down."""
         response = await self._unary(self.stub.Heartbeat, convert.heartbeat_request_to_pb(task_id), "Heartbeat")
         return bool(response.shutting_down)
+
+
+@dataclass(frozen=True)
+class UploadStatus:
+    """A GetUploadStatusResponse: bytes the server keeps, whether it has the whole result, and the last refusal
+    of the task's upload header for the result itself (``refused_reason``: an ErrorReason name, "" if none;
+    the server keeps it while it holds no byte of the upload), which grpc.aio may have hidden
+    (grpc/grpc#36066)."""
+
+    acknowledged_offset: int
+    complete: bool
+    refused_reason: str = ""
+    refused_message: str = ""
 
 
 class PollStream:

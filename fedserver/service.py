@@ -25,6 +25,7 @@ from fedcore.errors import (
     DigestMismatchError,
     LimitExceededError,
     MessageError,
+    PermissionDeniedError,
     TaskClosedError,
     UnknownTaskError,
     UploadIncompleteError,
@@ -41,7 +42,7 @@ from fedcore.wire import (
 )
 from fedserver.auth import INSTANCE_METADATA_KEY, Authenticator, call_instance_id
 from fedserver.config import ServerConfig
-from fedserver.errors import translate_stream, translate_unary
+from fedserver.errors import status_for, translate_stream, translate_unary
 from fedserver.registry import NodeRegistry
 from fedserver.send_budget import SendBudget
 from fedserver.task_board import NodeLiveness, TaskBoard
@@ -51,6 +52,11 @@ from fedstream.v1 import common_pb2, node_service_pb2_grpc
 from fedstream.v1 import node_service_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+#: The refusals of an UploadResult header that refuse the result itself and leave its task open (the node
+#: reports the task FAILED, or retries when busy); GetUploadStatus tells the last one (refused_reason).
+RESULT_REFUSALS = frozenset({"ERROR_REASON_PAYLOAD_TOO_LARGE", "ERROR_REASON_UPLOADS_BUSY", "ERROR_REASON_FRAMING",
+                             "ERROR_REASON_MALFORMED_MESSAGE"})
 
 
 class NodeService(node_service_pb2_grpc.NodeServiceServicer):
@@ -287,7 +293,11 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         that the process got the task, so a poll of it that no longer names the task does not get it again.
         """
         self.board.result_offered(first.header.task_id, node_id, instance)
-        desc = convert.result_descriptor_from_pb(first.header)
+        try:
+            desc = convert.result_descriptor_from_pb(first.header)
+        except Exception as exc:
+            self._note_refused_header(first.header.task_id, node_id, instance, exc)
+            raise
         handle = self.board.lookup(desc.task_id, node_id, late_outcome=desc.outcome)
         if desc.outcome is not TaskOutcome.SUCCEEDED:
             if await anext(messages, None) is not None:
@@ -299,13 +309,18 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
 
         info = desc.payload
         assert info is not None  # ResultDescriptor guarantees it for SUCCEEDED
-        self.uploads.check_limits(info)  # over a limit: refused at once, not after waiting in line for room
-        if info.start_offset == 0:  # wait in line while running uploads hold every buffer (resumes need none)
-            await self.uploads.wait_for_room(desc.task_id, info.total_size, handle.inactivity_timeout or 120.0,
-                                             on_wake=handle.touch)
-            if handle.done():  # ended while in line (a round gave up on it, the node restarted): take no buffer
-                raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
-        session = self.uploads.begin(desc.task_id, node_id, info)  # UploadsBusyError: no buffer free now
+        try:
+            self.uploads.check_limits(info)  # over a limit: refused at once, not after waiting in line for room
+            if info.start_offset == 0:  # wait in line while running uploads hold every buffer (resumes need none)
+                await self.uploads.wait_for_room(desc.task_id, info.total_size, handle.inactivity_timeout or 120.0,
+                                                 on_wake=handle.touch)
+                if handle.done():  # ended while in line (a round gave up on it, the node restarted): no buffer
+                    raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+            session = self.uploads.begin(desc.task_id, node_id, info)  # UploadsBusyError: no buffer free now
+        except Exception as exc:
+            self._note_refused_header(desc.task_id, node_id, instance, exc)
+            raise
+        handle.refused_header = None  # this header passed: an earlier refusal no longer stands
         handle.mark_uploading()
         max_chunk = self.config.max_chunk_size
         try:
@@ -351,19 +366,38 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         handle.finish(TaskState.SUCCEEDED, desc.error_message, result, bytes_received=info.total_size)
         return pb.UploadResultResponse(task_id=desc.task_id, received_bytes=info.total_size)
 
+    def _note_refused_header(self, task_id: str, node_id: str, instance: str, exc: BaseException) -> None:
+        """Remember on the open task the refusal of an UploadResult header for the result itself
+        (:data:`RESULT_REFUSALS`) when the header came from the process the task was delivered to: that
+        process's grpc.aio may have hidden the status (grpc/grpc#36066) and asks GetUploadStatus."""
+        _, reason = status_for(exc)
+        if reason not in RESULT_REFUSALS or not instance:
+            return
+        try:
+            handle = self.board.lookup(task_id, node_id)
+        except (UnknownTaskError, PermissionDeniedError, TaskClosedError):  # nothing to remember it on
+            return
+        if handle.delivered_to == instance:
+            handle.refused_header = (reason, str(exc))
+
     # -- GetUploadStatus ---------------------------------------------------------------------------------
     @translate_unary
     async def GetUploadStatus(self, request: pb.GetUploadStatusRequest,
                               context: Any) -> pb.GetUploadStatusResponse:
         node_id = self._identify(context, request.version)
         try:
-            self.board.lookup(request.task_id, node_id)
+            handle = self.board.lookup(request.task_id, node_id)
         except TaskClosedError:
             record = self.board.closed_record(request.task_id)
             if record is not None and record.result_received:
                 return pb.GetUploadStatusResponse(acknowledged_offset=record.bytes_received, complete=True)
             raise
-        return pb.GetUploadStatusResponse(acknowledged_offset=self.uploads.acknowledged(request.task_id))
+        acknowledged = self.uploads.acknowledged(request.task_id)
+        refused = handle.refused_header if acknowledged == 0 else None
+        if refused is None:
+            return pb.GetUploadStatusResponse(acknowledged_offset=acknowledged)
+        return pb.GetUploadStatusResponse(acknowledged_offset=0, refused_message=refused[1],
+                                          refused_reason=common_pb2.ErrorReason.Value(refused[0]))
 
     # -- Report and Heartbeat -----------------------------------------------------------------------------
     @translate_unary

@@ -191,6 +191,10 @@ class TaskHandle:
         # an UploadResult header naming the task came from the process it was delivered to (even one refused on
         # that header: too large, malformed, busy): that process plainly got the task, never sent it again
         self.result_offered = False
+        # (ErrorReason name, message) of the last UploadResult header of the task refused for the result itself
+        # (too large, busy, framing, malformed) from the process it was delivered to; None once a header passes.
+        # GetUploadStatus tells it to a node whose grpc.aio hid the refusal (grpc/grpc#36066)
+        self.refused_header: tuple[str, str] | None = None
         self._payload: SendablePayload | None = payload
         self._listeners: list[TaskListener] = []
         self._on_close = on_close

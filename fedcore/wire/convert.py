@@ -390,6 +390,18 @@ def upload_status_from_pb(pb: node_service_pb2.GetUploadStatusResponse) -> tuple
     return int(pb.acknowledged_offset), bool(pb.complete)
 
 
+def upload_refusal_from_pb(pb: node_service_pb2.GetUploadStatusResponse) -> tuple[str, str]:
+    """``(refused_reason name, refused_message)``: the last refusal of the task's upload header for the result
+    itself, which the server keeps while it holds no byte of the upload; ``("", "")`` when there is none or
+    its reason is one this side does not know (a newer server)."""
+    if pb.refused_reason == common_pb2.ERROR_REASON_UNSPECIFIED:
+        return "", ""
+    try:
+        return common_pb2.ErrorReason.Name(pb.refused_reason), str(pb.refused_message)
+    except ValueError:
+        return "", ""
+
+
 def report_request_to_pb(task_id: str, events: list[ReportEvent],
                          version: tuple[int, int] = PROTOCOL_VERSION) -> node_service_pb2.ReportRequest:
     return node_service_pb2.ReportRequest(version=version_to_pb(version), task_id=task_id,

@@ -136,12 +136,16 @@ class GetUploadStatusRequest(_message.Message):
     def __init__(self, version: _Optional[_Union[_common_pb2.ProtocolVersion, _Mapping]] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class GetUploadStatusResponse(_message.Message):
-    __slots__ = ("acknowledged_offset", "complete")
+    __slots__ = ("acknowledged_offset", "complete", "refused_reason", "refused_message")
     ACKNOWLEDGED_OFFSET_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_REASON_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     acknowledged_offset: int
     complete: bool
-    def __init__(self, acknowledged_offset: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
+    refused_reason: _common_pb2.ErrorReason
+    refused_message: str
+    def __init__(self, acknowledged_offset: _Optional[int] = ..., complete: _Optional[bool] = ..., refused_reason: _Optional[_Union[_common_pb2.ErrorReason, str]] = ..., refused_message: _Optional[str] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("version", "task_id", "events")
