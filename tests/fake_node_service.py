@@ -20,10 +20,13 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import pytest
 
+from fedcore.errors import ServerRefusedError
 from fedcore.framing import OutgoingPayload
 from fednode.client import NodeClient
 from fednode.config import BackoffPolicy, NodeConfig
+from fednode.handler import EchoHandler, TaskHandler
 from fedstream.v1 import common_pb2, node_service_pb2_grpc
 from fedstream.v1 import node_service_pb2 as pb
 
@@ -295,3 +298,32 @@ async def running(client: NodeClient, timeout: float = 5.0) -> AsyncIterator[asy
 def arun(coro: Any, timeout: float = 60.0) -> Any:
     """Run a test coroutine in a fresh event loop with a hard timeout."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def run_until_refused(service: FakeNodeService, payload: OutgoingPayload) -> ServerRefusedError:
+    """An EchoHandler node against ``service``, with task t1 (carrying ``payload``) queued: the refusal that
+    ends its run()."""
+    server, port = await start_server(service)
+    client = NodeClient(node_config(port), EchoHandler())
+    service.add_task(FakeTask("t1", payload))
+    try:
+        with pytest.raises(ServerRefusedError) as err:
+            await asyncio.wait_for(client.run(), 10)
+    finally:
+        await server.stop(None)
+    return err.value
+
+
+async def run_until_t1_done(service: FakeNodeService, payload: OutgoingPayload, handler: TaskHandler | None = None,
+                            **config: Any) -> NodeClient:
+    """A node running ``handler`` (an EchoHandler if None; ``config`` overrides :func:`node_config`) against
+    ``service`` until it has sent the result of task t1 (carrying ``payload``), queued once it runs."""
+    server, port = await start_server(service)
+    client = NodeClient(node_config(port, **config), EchoHandler() if handler is None else handler)
+    try:
+        async with running(client):
+            service.add_task(FakeTask("t1", payload))
+            await service.wait_results(1)
+    finally:
+        await server.stop(None)
+    return client

@@ -28,7 +28,16 @@ import grpc
 import numpy as np
 import pytest
 from e2e_support import eventually
-from fake_node_service import FakeNodeService, FakeTask, arun, node_config, running, start_server
+from fake_node_service import (
+    FakeNodeService,
+    FakeTask,
+    arun,
+    node_config,
+    run_until_refused,
+    run_until_t1_done,
+    running,
+    start_server,
+)
 from server_testkit import WireNode, channel_options
 from tcp_proxy import PausingProxy
 from test_node_client_fedserver import Trainer, server_config
@@ -194,32 +203,6 @@ def _payload() -> OutgoingPayload:
     return OutgoingPayload.from_object({"w": np.arange(300_000, dtype=np.float32)}, CHUNK)  # ~1.2 MB, 19 chunks
 
 
-async def _run_until_refused(service: FakeNodeService) -> ServerRefusedError:
-    """An EchoHandler node against ``service``, with task t1 queued: the refusal that ends its run()."""
-    server, port = await start_server(service)
-    client = NodeClient(node_config(port), EchoHandler())
-    service.add_task(FakeTask("t1", _payload()))
-    try:
-        with pytest.raises(ServerRefusedError) as err:
-            await asyncio.wait_for(client.run(), 10)
-    finally:
-        await server.stop(None)
-    return err.value
-
-
-async def _run_until_t1_done(service: FakeNodeService) -> NodeClient:
-    """An EchoHandler node against ``service`` until it has sent the result of task t1, queued once it runs."""
-    server, port = await start_server(service)
-    client = NodeClient(node_config(port), EchoHandler())
-    try:
-        async with running(client):
-            service.add_task(FakeTask("t1", _payload()))
-            await service.wait_results(1)
-    finally:
-        await server.stop(None)
-    return client
-
-
 def test_a_node_superseded_on_a_resumed_poll_stops() -> None:
     """The download breaks; the poll resuming it is refused "superseded" (before the TaskHeader) and ends
     run(): FAILED_PRECONDITION on a resumed poll is "cannot resume, poll afresh" except for that."""
@@ -228,7 +211,7 @@ def test_a_node_superseded_on_a_resumed_poll_stops() -> None:
         service = FakeNodeService()
         service.break_download_after = 3
         service.refuse_resumes.append(SUPERSEDED_STATUS)
-        return service, await _run_until_refused(service)
+        return service, await run_until_refused(service, _payload())
 
     service, error = arun(scenario())
     assert superseded(error) and error.details == SUPERSEDED_MESSAGE
@@ -246,7 +229,7 @@ def test_without_reasons_a_superseded_download_is_dropped_then_the_fresh_poll_re
         service.break_download_after = 3
         service.break_download_status = SUPERSEDED_STATUS[:2]
         service.refuse_polls.extend([None, SUPERSEDED_STATUS[:2]])  # the first poll gets t1
-        return service, await _run_until_refused(service)
+        return service, await run_until_refused(service, _payload())
 
     service, error = arun(scenario())
     assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "")
@@ -308,7 +291,7 @@ def test_a_fatal_refusal_mid_download_ends_run(status) -> None:
         service = FakeNodeService()
         service.break_download_after = 3
         service.break_download_status = status
-        return service, await _run_until_refused(service)
+        return service, await run_until_refused(service, _payload())
 
     service, error = arun(scenario())
     code, details, *reason = status
@@ -324,7 +307,7 @@ def test_an_aborted_poll_is_made_again_at_once_on_the_same_connection(caplog) ->
     async def scenario():
         service = FakeNodeService()
         service.refuse_polls.append((grpc.StatusCode.ABORTED, "stale poll of this node process"))
-        return service, await _run_until_t1_done(service)
+        return service, await run_until_t1_done(service, _payload())
 
     service, client = arun(scenario())
     assert list(service.results) == ["t1"] and len(service.polls) >= 2
@@ -343,7 +326,7 @@ def test_an_aborted_download_resumes_at_once_and_a_second_abort_reconnects(caplo
         service.break_download_after = 3
         service.break_download_status = (grpc.StatusCode.ABORTED, "stale poll of this node process")
         service.refuse_resumes.append((grpc.StatusCode.ABORTED, "stale again"))
-        return service, await _run_until_t1_done(service)
+        return service, await run_until_t1_done(service, _payload())
 
     service, client = arun(scenario())
     assert list(service.results) == ["t1"]

@@ -27,7 +27,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fake_node_service import FakeNodeService, FakeTask, arun, node_config, running, start_server
+from fake_node_service import (
+    FakeNodeService,
+    arun,
+    node_config,
+    run_until_refused,
+    run_until_t1_done,
+    running,
+)
 from server_testkit import WireNode, channel_options
 from test_node_client_fedserver import server_config
 
@@ -101,25 +108,19 @@ def _payload() -> OutgoingPayload:
     return OutgoingPayload.from_object({"w": np.arange(100_000, dtype=np.float32)}, CHUNK)  # ~400 kB, 7 chunks
 
 
+def _uploaded(service: FakeNodeService) -> tuple[FakeNodeService, NodeClient, CountingHandler]:
+    """A node runs task t1 against ``service`` until t1's result is kept (the fake sends t1 again to a node
+    that dropped its result)."""
+    handler = CountingHandler()
+    client = arun(run_until_t1_done(service, _payload(), handler, upload_chunk_size=CHUNK))
+    return service, client, handler
+
+
 def _refused_upload(status: tuple) -> tuple[FakeNodeService, NodeClient, CountingHandler]:
-    """A node runs task t1, whose first upload the fake refuses with ``status``; until t1's result is kept
-    (the fake sends t1 again to a node that dropped its result)."""
-
-    async def scenario():
-        service = FakeNodeService()
-        service.refuse_upload = status
-        server, port = await start_server(service)
-        handler = CountingHandler()
-        client = NodeClient(node_config(port, upload_chunk_size=CHUNK), handler)
-        try:
-            async with running(client):
-                service.add_task(FakeTask("t1", _payload()))
-                await service.wait_results(1)
-        finally:
-            await server.stop(None)
-        return service, client, handler
-
-    return arun(scenario())
+    """:func:`_uploaded`, the first upload of t1 refused with ``status``."""
+    service = FakeNodeService()
+    service.refuse_upload = status
+    return _uploaded(service)
 
 
 @pytest.mark.parametrize("status", [
@@ -180,21 +181,7 @@ class BusyService(FakeNodeService):
 
 def test_a_server_still_busy_after_the_retries_gets_the_task_reported_failed() -> None:
     """Busy is retried in place, BUSY_UPLOAD_ATTEMPTS times in all; then the task is reported FAILED."""
-
-    async def scenario():
-        service = BusyService(BUSY_UPLOAD_ATTEMPTS)
-        server, port = await start_server(service)
-        handler = CountingHandler()
-        client = NodeClient(node_config(port, upload_chunk_size=CHUNK), handler)
-        try:
-            async with running(client):
-                service.add_task(FakeTask("t1", _payload()))
-                await service.wait_results(1)
-        finally:
-            await server.stop(None)
-        return service, client, handler
-
-    service, client, handler = arun(scenario())
+    service, client, handler = _uploaded(BusyService(BUSY_UPLOAD_ATTEMPTS))
     assert handler.tasks == ["t1"]
     *attempts, report = service.upload_headers
     assert [a.outcome for a in attempts] == [common_pb2.TASK_OUTCOME_SUCCEEDED] * BUSY_UPLOAD_ATTEMPTS
@@ -226,15 +213,7 @@ def test_a_superseded_upload_ends_run() -> None:
         service = FakeNodeService()
         service.refuse_upload = (FP, "call of node n1 superseded by a newer instance of the node: ...",
                                  "ERROR_REASON_NODE_SUPERSEDED")
-        server, port = await start_server(service)
-        client = NodeClient(node_config(port), EchoHandler())
-        service.add_task(FakeTask("t1", _payload()))
-        try:
-            with pytest.raises(ServerRefusedError) as err:
-                await asyncio.wait_for(client.run(), 10)
-        finally:
-            await server.stop(None)
-        return service, err.value
+        return service, await run_until_refused(service, _payload())
 
     service, error = arun(scenario())
     assert superseded(error) and error.reason == "ERROR_REASON_NODE_SUPERSEDED"
@@ -259,6 +238,17 @@ class GatedTrainer:
         return TaskReply.succeeded({"params": {"w": np.ones(4 << 20, dtype=np.float32)}})
 
 
+async def _served_node(tmp_path: Path) -> tuple[FedServer, str, GatedTrainer, NodeClient]:
+    """A started FedServer with node site-a enrolled (its token), and a NodeClient of site-a (not running)
+    whose handler is a :class:`GatedTrainer`."""
+    store = NodeStore(tmp_path / "nodes.db")
+    token = store.enroll("site-a")
+    server = FedServer(server_config(), store)
+    port = await server.start()
+    trainer = GatedTrainer()
+    return server, token, trainer, NodeClient(node_config(port, token=token, upload_chunk_size=CHUNK), trainer)
+
+
 async def _first_task_held(server: FedServer, trainer: GatedTrainer):
     await server.wait_for_nodes(1, timeout=10)
     handle = server.dispatch("site-a", TaskKind.TRAIN, server.encode_payload({"round": 1}), experiment_id="e",
@@ -271,12 +261,7 @@ def test_a_task_closed_while_the_node_trains_is_dropped_without_reconnecting(tmp
     caplog.set_level(logging.INFO, logger="fednode.client")
 
     async def scenario():
-        store = NodeStore(tmp_path / "nodes.db")
-        token = store.enroll("site-a")
-        server = FedServer(server_config(), store)
-        port = await server.start()
-        trainer = GatedTrainer()
-        client = NodeClient(node_config(port, token=token, upload_chunk_size=CHUNK), trainer)
+        server, _, trainer, client = await _served_node(tmp_path)
         try:
             async with running(client):
                 first = await _first_task_held(server, trainer)
@@ -298,16 +283,11 @@ def test_a_task_closed_while_the_node_trains_is_dropped_without_reconnecting(tmp
 
 def test_a_node_superseded_while_it_trains_stops_without_reconnecting(tmp_path: Path) -> None:
     async def scenario():
-        store = NodeStore(tmp_path / "nodes.db")
-        token = store.enroll("site-a")
-        server = FedServer(server_config(), store)
-        port = await server.start()
-        trainer = GatedTrainer()
-        client = NodeClient(node_config(port, token=token, upload_chunk_size=CHUNK), trainer)
+        server, token, trainer, client = await _served_node(tmp_path)
         run = asyncio.create_task(client.run())
         try:
             first = await _first_task_held(server, trainer)
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=channel_options())
             await WireNode(channel, token).register(instance_id="b" * 32)  # a new process of the node
             await channel.close()
             trainer.release.set()
