@@ -25,12 +25,14 @@ from fedcore.wire import (
     NodeRegistration,
     ResultDescriptor,
     TaskDescriptor,
+    TaskKind,
     TaskOutcome,
     convert,
 )
 from fedserver.auth import NodeStore
 from fedserver.config import MESSAGE_OVERHEAD, ServerConfig
 from fedserver.server import FedServer
+from fedserver.tasks import TaskHandle
 from fedstream.v1 import common_pb2, node_service_pb2_grpc
 from fedstream.v1 import node_service_pb2 as pb
 
@@ -179,6 +181,14 @@ class ServerKit:
         node = self.node(node_id, **kwargs)
         await node.register(name=f"{node_id} site")
         return node
+
+    async def running_task(self, node_id: str = "a") -> tuple[WireNode, TaskHandle]:
+        """A registered node ``node_id`` that has polled a task dispatched to it (round 1 of experiment e)."""
+        node = await self.registered_node(node_id)
+        handle = self.server.dispatch(node_id, TaskKind.TRAIN, self.server.encode_payload({"round": 1}),
+                                      experiment_id="e", round=1)
+        await node.poll(wait=1)
+        return node, handle
 
 
 @asynccontextmanager

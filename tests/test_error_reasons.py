@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from server_testkit import ServerKit, WireNode, async_test, encoded, running_server, sha256, version
+from server_testkit import async_test, encoded, running_server, sha256, version
 
 from fedcore.errors import RoundFailedError, ServerStateError, TaskClosedError
 from fedcore.framing import OutgoingPayload, PayloadInfo
-from fedcore.wire import TaskKind, TaskOutcome
+from fedcore.wire import TaskOutcome
 from fedserver.errors import (
     REASON_METADATA_KEY,
     STATUS_OF_ERROR,
@@ -26,7 +26,6 @@ from fedserver.errors import (
     translate_stream,
     translate_unary,
 )
-from fedserver.tasks import TaskHandle
 from fedstream.v1 import common_pb2, node_service_pb2_grpc
 from fedstream.v1 import node_service_pb2 as pb
 
@@ -45,14 +44,6 @@ async def refused(call: object) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call  # type: ignore[misc]
     return err.value.code(), reason_of(err.value)
-
-
-async def _running_task(kit: ServerKit, node_id: str = "a") -> tuple[WireNode, TaskHandle]:
-    node = await kit.registered_node(node_id)
-    handle = kit.server.dispatch(node_id, TaskKind.TRAIN, kit.server.encode_payload({"round": 1}),
-                                 experiment_id="e", round=1)
-    await node.poll(wait=1)
-    return node, handle
 
 
 # -- the table ------------------------------------------------------------------------------------------
@@ -123,7 +114,7 @@ async def test_a_replaced_process_is_refused_superseded_on_every_call(tmp_path: 
 @async_test
 async def test_closed_unknown_and_foreign_tasks(tmp_path: Path) -> None:
     async with running_server(tmp_path) as kit:
-        node, handle = await _running_task(kit, "a")
+        node, handle = await kit.running_task("a")
         intruder = await kit.registered_node("b")
         doc = encoded(RESULT)
         foreign = (Code.PERMISSION_DENIED, "ERROR_REASON_TASK_NOT_SENT_TO_NODE")
@@ -145,7 +136,7 @@ async def test_closed_unknown_and_foreign_tasks(tmp_path: Path) -> None:
 @async_test
 async def test_every_refusal_of_an_upload(tmp_path: Path) -> None:
     async with running_server(tmp_path, max_payload_size=1 << 20, max_chunk_size=1 << 16, chunk_size=1 << 16) as kit:
-        node, handle = await _running_task(kit)
+        node, handle = await kit.running_task()
         task = handle.task_id
         doc = encoded(RESULT, chunk_size=4096)
         assert doc.total_size > 3 * 4096
@@ -183,7 +174,7 @@ async def test_every_refusal_of_an_upload(tmp_path: Path) -> None:
 @async_test
 async def test_busy_uploads_are_told_from_a_payload_over_the_limit(tmp_path: Path) -> None:
     async with running_server(tmp_path, max_concurrent_uploads=1, max_payload_size=1 << 20) as kit:
-        (first, parked), (node, handle) = await _running_task(kit, "n1"), await _running_task(kit, "n2")
+        (first, parked), (node, handle) = await kit.running_task("n1"), await kit.running_task("n2")
         doc = encoded(RESULT, chunk_size=4096)
         await refused(first.upload(parked.task_id, doc, stop_after_chunks=1))  # its buffer waits for a resume
         assert await refused(node.upload(handle.task_id, doc)) == (Code.RESOURCE_EXHAUSTED, "ERROR_REASON_UPLOADS_BUSY")

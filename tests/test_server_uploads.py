@@ -8,21 +8,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from server_testkit import ServerKit, WireNode, async_test, encoded, running_server, sha256
+from server_testkit import async_test, encoded, running_server, sha256
 
 from fedcore.framing import OutgoingPayload, PayloadInfo
-from fedcore.wire import TaskKind
-from fedserver.tasks import TaskHandle, TaskState
+from fedserver.tasks import TaskState
 
 RESULT = {"params": {"w": np.arange(5000, dtype=np.float64)}, "num_samples": 3}  # ~40 kB
-
-
-async def _running_task(kit: ServerKit, node_id: str = "a") -> tuple[WireNode, TaskHandle]:
-    node = await kit.registered_node(node_id)
-    handle = kit.server.dispatch(node_id, TaskKind.TRAIN, kit.server.encode_payload({"round": 1}),
-                                 experiment_id="e", round=1)
-    await node.poll(wait=1)
-    return node, handle
 
 
 async def _expect(code: grpc.StatusCode, call: object) -> str:
@@ -35,7 +26,7 @@ async def _expect(code: grpc.StatusCode, call: object) -> str:
 @async_test
 async def test_broken_upload_resumes_from_the_acknowledged_offset(tmp_path: Path) -> None:
     async with running_server(tmp_path) as kit:
-        node, handle = await _running_task(kit)
+        node, handle = await kit.running_task()
         doc = encoded(RESULT, chunk_size=4096)
         assert doc.total_size > 5 * 4096
         assert (await node.status(handle.task_id)).acknowledged_offset == 0
@@ -58,7 +49,7 @@ async def test_broken_upload_resumes_from_the_acknowledged_offset(tmp_path: Path
 @async_test
 async def test_upload_cut_by_the_client_keeps_its_bytes(tmp_path: Path) -> None:
     async with running_server(tmp_path) as kit:
-        node, handle = await _running_task(kit)
+        node, handle = await kit.running_task()
         doc = encoded(RESULT, chunk_size=4096)
         chunks = [(o, bytes(d)) for o, d in doc.iter_chunks()]
         sent = asyncio.Event()
@@ -95,7 +86,7 @@ async def test_upload_cut_by_the_client_keeps_its_bytes(tmp_path: Path) -> None:
 @async_test
 async def test_resume_without_held_bytes_or_at_the_wrong_offset_is_refused(tmp_path: Path) -> None:
     async with running_server(tmp_path) as kit:
-        node, handle = await _running_task(kit)
+        node, handle = await kit.running_task()
         doc = encoded(RESULT, chunk_size=4096)
         details = await _expect(grpc.StatusCode.INVALID_ARGUMENT, node.upload(handle.task_id, doc, start_offset=8192))
         assert "holds no bytes of it" in details
@@ -114,7 +105,7 @@ async def test_resume_without_held_bytes_or_at_the_wrong_offset_is_refused(tmp_p
 @async_test
 async def test_wrong_digest_is_data_loss_and_the_task_stays_open(tmp_path: Path) -> None:
     async with running_server(tmp_path) as kit:
-        node, handle = await _running_task(kit)
+        node, handle = await kit.running_task()
         doc = encoded(RESULT, chunk_size=4096)
         bad = PayloadInfo(doc.total_size, sha256(b"something else"), 4096)
         details = await _expect(grpc.StatusCode.DATA_LOSS, node.upload(handle.task_id, doc, info=bad))
@@ -128,7 +119,7 @@ async def test_wrong_digest_is_data_loss_and_the_task_stays_open(tmp_path: Path)
 @async_test
 async def test_chunk_past_the_announced_size_is_invalid(tmp_path: Path) -> None:
     async with running_server(tmp_path) as kit:
-        node, handle = await _running_task(kit)
+        node, handle = await kit.running_task()
         data = bytes(10)
         info = PayloadInfo(10, sha256(data), 4)
         chunks = [(0, data[:4]), (4, data[4:8]), (8, b"\0\0\0\0")]
@@ -147,7 +138,7 @@ async def test_chunk_past_the_announced_size_is_invalid(tmp_path: Path) -> None:
 @async_test
 async def test_misframed_chunks_are_invalid(tmp_path: Path, chunks: list, message: str) -> None:
     async with running_server(tmp_path) as kit:
-        node, handle = await _running_task(kit)
+        node, handle = await kit.running_task()
         data = b"abcdefghij"
         details = await _expect(grpc.StatusCode.INVALID_ARGUMENT, node.upload(
             handle.task_id, info=PayloadInfo(10, sha256(data), 4), chunks=chunks))
@@ -160,7 +151,7 @@ async def test_stream_must_start_with_a_header(tmp_path: Path) -> None:
     from fedstream.v1 import node_service_pb2 as pb
 
     async with running_server(tmp_path) as kit:
-        node, _ = await _running_task(kit)
+        node, _ = await kit.running_task()
 
         async def chunk_first():
             yield pb.UploadResultRequest(chunk=common_pb2.Chunk(offset=0, data=b"x"))
@@ -173,7 +164,7 @@ async def test_stream_must_start_with_a_header(tmp_path: Path) -> None:
 @async_test
 async def test_announced_payload_over_the_limit_is_refused_before_allocation(tmp_path: Path) -> None:
     async with running_server(tmp_path, max_payload_size=1 << 20) as kit:
-        node, handle = await _running_task(kit)
+        node, handle = await kit.running_task()
         huge = PayloadInfo(1 << 50, sha256(b""), 1 << 20)  # 1 PiB: allocating it would fail loudly
         details = await _expect(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 node.upload(handle.task_id, info=huge, chunks=[]))
@@ -184,7 +175,7 @@ async def test_announced_payload_over_the_limit_is_refused_before_allocation(tmp
 @async_test
 async def test_announced_chunk_size_over_the_limit_is_refused(tmp_path: Path) -> None:
     async with running_server(tmp_path, max_chunk_size=1 << 16, chunk_size=1 << 16) as kit:
-        node, handle = await _running_task(kit)
+        node, handle = await kit.running_task()
         data = bytes(100)
         details = await _expect(grpc.StatusCode.RESOURCE_EXHAUSTED, node.upload(
             handle.task_id, info=PayloadInfo(100, sha256(data), 1 << 17), chunks=[(0, data)]))
@@ -194,7 +185,7 @@ async def test_announced_chunk_size_over_the_limit_is_refused(tmp_path: Path) ->
 @async_test
 async def test_too_many_concurrent_uploads(tmp_path: Path) -> None:
     async with running_server(tmp_path, max_concurrent_uploads=2) as kit:
-        nodes = [await _running_task(kit, f"n{i}") for i in range(3)]
+        nodes = [await kit.running_task(f"n{i}") for i in range(3)]
         doc = encoded(RESULT, chunk_size=4096)
         for node, handle in nodes[:2]:  # two parked sessions hold buffers
             await _expect(grpc.StatusCode.INVALID_ARGUMENT, node.upload(handle.task_id, doc, stop_after_chunks=1))
@@ -210,7 +201,7 @@ async def test_too_many_concurrent_uploads(tmp_path: Path) -> None:
 @async_test
 async def test_node_cannot_touch_a_task_sent_to_another_node(tmp_path: Path) -> None:
     async with running_server(tmp_path) as kit:
-        _, handle = await _running_task(kit, "a")
+        _, handle = await kit.running_task("a")
         intruder = await kit.registered_node("b")
         doc = encoded(RESULT)
         details = await _expect(grpc.StatusCode.PERMISSION_DENIED, intruder.upload(handle.task_id, doc))
@@ -238,7 +229,7 @@ async def test_unknown_task_is_not_found(tmp_path: Path) -> None:
 @async_test
 async def test_concurrent_streams_for_one_task_conflict(tmp_path: Path) -> None:
     async with running_server(tmp_path) as kit:
-        node, handle = await _running_task(kit)
+        node, handle = await kit.running_task()
         session_doc = OutgoingPayload.from_bytes(bytes(8192), 4096)
         kit.server.uploads.begin(handle.task_id, "a", session_doc.info())  # an upload already running
         details = await _expect(grpc.StatusCode.ABORTED, node.upload(handle.task_id, session_doc))
