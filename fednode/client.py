@@ -70,14 +70,20 @@ from fednode.receive_window import auto_window, measure_rtt
 from fednode.receive_window import describe as describe_window
 from fednode.reporter import Reporter, ReportPump
 from fednode.transfers import PendingUpload, TaskDownload
-from fednode.transport import BUSY_REASON, EOF, NodeConnection, PollStream, fatal_refusal, task_refusal
+from fednode.transport import (
+    BAD_RESULT_REASON,
+    BUSY_REASON,
+    EOF,
+    NodeConnection,
+    PollStream,
+    fatal_refusal,
+    task_refusal,
+)
 
 log = logging.getLogger(__name__)
 
 #: Upload attempts while the server answers RESOURCE_EXHAUSTED "no upload buffer free" (with backoff).
 BUSY_UPLOAD_ATTEMPTS = 8
-#: The refusal of a result document that does not decode: the server ended the task FAILED already.
-BAD_RESULT_REASON = "ERROR_REASON_BAD_RESULT_DOCUMENT"
 T = TypeVar("T")
 CLIENT_VERSION = "fednode/0.1.0"
 

@@ -28,6 +28,7 @@ import grpc.aio
 
 from fedcore.errors import ConnectionLostError, MessageError, NodeConfigError, ServerRefusedError
 from fedcore.wire import (
+    INSTANCE_METADATA_KEY,
     REASON_METADATA_KEY,
     NodeRegistration,
     ReportEvent,
@@ -74,10 +75,10 @@ RETRYABLE_REASONS = frozenset({"ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REASON_D
                                "ERROR_REASON_INTERNAL", "ERROR_REASON_UNKNOWN_NODE"})
 #: The refusal of an upload while no buffer is free on the server: retried in place, with backoff.
 BUSY_REASON = "ERROR_REASON_UPLOADS_BUSY"
+#: The refusal of a result document that does not decode: the server ended the task FAILED already.
+BAD_RESULT_REASON = "ERROR_REASON_BAD_RESULT_DOCUMENT"
 
 Metadata = tuple[tuple[str, str], ...]
-#: Call metadata naming the node process (docs/protocol.md §2; fedserver.auth reads it).
-INSTANCE_METADATA_KEY = "fedstream-instance-id"
 _SERVICE = "/" + node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
 
 

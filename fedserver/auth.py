@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.errors import AuthenticationError, ServerConfigError, UnknownNodeError
+from fedcore.wire import INSTANCE_METADATA_KEY
 from fedcore.wire.convert import check_instance_id
 from fedserver.config import TlsMode
 
 NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-#: Call metadata naming the node process (its RegisterRequest.instance_id); absent or "" from older nodes.
-INSTANCE_METADATA_KEY = "fedstream-instance-id"
 TOKEN_PREFIX = "fsn1_"  # makes leaked tokens greppable (secret scanners) and versions the format
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (

@@ -19,10 +19,11 @@ from fedcore.wire.messages import (
     TaskOutcome,
     TrainingProgress,
 )
-from fedcore.wire.metadata_keys import REASON_METADATA_KEY
+from fedcore.wire.metadata_keys import INSTANCE_METADATA_KEY, REASON_METADATA_KEY
 from fedcore.wire.versions import PROTOCOL_VERSION, check_version, format_version
 
 __all__ = [
+    "INSTANCE_METADATA_KEY",
     "LOG_LEVELS",
     "PROTOCOL_VERSION",
     "REASON_METADATA_KEY",
