@@ -31,6 +31,7 @@
     │   │   └── UploadsBusyError                no upload buffer free now and none running to free one: retry later
     │   ├── UploadConflictError                 a second upload stream for a task whose upload is running
     │   ├── NodeSupersededError                 a call of a node process that a newer process of the node replaced
+    │   ├── StalePollError                      a PollTask of a node process older than one of its polls seen already
     │   ├── ServerStateError                    the server is not running (dispatch before start or after stop)
     │   ├── HistoryError (also ValueError)      history.db: unknown experiment/round, bad record, not our schema
     │   ├── CheckpointError                     checkpoint unwritable or damaged: missing file, size/digest
@@ -182,6 +183,12 @@ class NodeSupersededError(ServerError):
     """A call of a node process that a newer process of the same node replaced (it registered with another
     instance id, sent in every call's ``fedstream-instance-id`` metadata): an open PollTask stream takes no
     task and ends, any later call of the old process is refused; another process now serves the node."""
+
+
+class StalePollError(ServerError):
+    """A PollTask whose ``poll_sequence`` is not greater than one the server has already seen from the same
+    node process: a poll of an earlier, abandoned connection that arrived late. Refused before it takes a
+    task or changes anything; for the node only that call is dead."""
 
 
 class ServerStateError(ServerError):

@@ -28,6 +28,7 @@ from fedcore.errors import (
     NodeSupersededError,
     PermissionDeniedError,
     ServerStateError,
+    StalePollError,
     TaskClosedError,
     UnknownNodeError,
     UnknownTaskError,
@@ -56,6 +57,7 @@ STATUS_OF_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode, int], ...] = 
     (UploadsBusyError, _Code.RESOURCE_EXHAUSTED, _R.ERROR_REASON_UPLOADS_BUSY),  # before its base class
     (LimitExceededError, _Code.RESOURCE_EXHAUSTED, _R.ERROR_REASON_PAYLOAD_TOO_LARGE),
     (UploadConflictError, _Code.ABORTED, _R.ERROR_REASON_UPLOAD_IN_PROGRESS),
+    (StalePollError, _Code.ABORTED, _R.ERROR_REASON_STALE_POLL),  # a late poll of an abandoned connection
     (ServerStateError, _Code.UNAVAILABLE, _R.ERROR_REASON_SERVER_STOPPING),
     (DigestMismatchError, _Code.DATA_LOSS, _R.ERROR_REASON_DIGEST_MISMATCH),
     (UploadIncompleteError, _Code.INVALID_ARGUMENT, _R.ERROR_REASON_UPLOAD_INCOMPLETE),  # before FramingError

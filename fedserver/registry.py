@@ -22,6 +22,13 @@ process names its instance in the call metadata (:func:`fedserver.auth.call_inst
 another instance than the one registered last is refused (:meth:`NodeRegistry.check_instance`), and so is
 a Register of an instance a later one replaced: an old process that was uploading or training at the
 restart cannot come back (not even by reconnecting) and compete for the node's tasks.
+
+Within one process, polls are ordered by ``PollTaskRequest.poll_sequence`` (1, 2, ... per process, across
+its connections): the record keeps the highest seen from the node's current instance
+(:attr:`NodeRecord.poll_sequence`, kept by a Register of the same instance, forgotten by another's), and a
+poll that does not exceed it is a late poll of a connection the process abandoned
+(:meth:`NodeRegistry.check_poll_sequence`): refused before it touches a task, since its ``held_task_ids``
+are older than the process's latest poll and would send back to the queue a task the process holds.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from fedcore.errors import NodeSupersededError, UnknownNodeError
+from fedcore.errors import NodeSupersededError, StalePollError, UnknownNodeError
 from fedcore.strategies import NodeInfo
 from fedcore.wire import DatasetInfo, NodeRegistration
 from fedserver.task_board import clock_text
@@ -52,6 +59,7 @@ class NodeRecord:
     instance_id: str = ""  # of the process that registered last ("": unknown, an older node)
     instance_since: float = field(default_factory=time.time)  # wall time of that process's first Register
     replaced: tuple[str, ...] = ()  # instance ids of earlier processes it replaced, latest first (bounded)
+    poll_sequence: int = 0  # highest PollTaskRequest.poll_sequence seen from instance_id (0: none yet)
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     open_polls: int = 0
@@ -113,8 +121,8 @@ class NodeRegistry:
             record.registered_at, record.open_polls, record.open_uploads, record.in_flight, record.drops = (
                 old.registered_at, old.open_polls, old.open_uploads, old.in_flight, old.drops)
             record.replaced = old.replaced
-            if old.instance_id == reg.instance_id:
-                record.instance_since = old.instance_since
+            if old.instance_id == reg.instance_id:  # the same process again: its polls keep their order
+                record.instance_since, record.poll_sequence = old.instance_since, old.poll_sequence
             elif old.instance_id and reg.instance_id:
                 record.replaced = (old.instance_id, *old.replaced)[:MAX_REPLACED_INSTANCES]
         self._nodes[node_id] = record
@@ -147,6 +155,23 @@ class NodeRegistry:
             f"call of node {node_id} superseded by a newer instance of the node: instance {record.instance_id} "
             f"registered at {clock_text(record.instance_since)} in place of instance {instance_id}; this call "
             f"belongs to an earlier process")
+
+    def check_poll_sequence(self, node_id: str, instance_id: str, sequence: int) -> None:
+        """Accept a PollTask of ``node_id``'s process ``instance_id`` numbered ``sequence``
+        (PollTaskRequest.poll_sequence) and record it as the highest seen, or raise StalePollError (ABORTED)
+        when it is not greater than one seen already from that process: a late poll of a connection the
+        process abandoned (it re-registered and polled again meanwhile). Checks nothing for ``sequence`` 0
+        (older nodes), a call naming no instance, an unknown node, or an instance that is not the node's
+        registered one (:meth:`check_instance` decided about it already)."""
+        record = self._nodes.get(node_id)
+        if not sequence or not instance_id or record is None or record.instance_id != instance_id:
+            return
+        if sequence <= record.poll_sequence:
+            raise StalePollError(
+                f"stale PollTask of node {node_id}: its poll_sequence {sequence} is not greater than "
+                f"{record.poll_sequence}, the highest this process (instance {instance_id}) has sent; a late "
+                f"poll of a connection the process abandoned, refused untouched (no task, no requeue)")
+        record.poll_sequence = sequence
 
     def touch(self, node_id: str) -> None:
         """The node made an authenticated call: it is alive (again, if a poll of it had dropped)."""

@@ -4,8 +4,8 @@ Handlers stay thin: every rule lives in the task board, the upload sessions, the
 :mod:`fedcore.wire`; every error is a domain exception turned into a status by :mod:`fedserver.errors`.
 Order of checks on each call: identity (UNAUTHENTICATED), protocol version (FAILED_PRECONDITION), the
 calling process (metadata ``fedstream-instance-id``: INVALID_ARGUMENT if malformed; FAILED_PRECONDITION if
-a newer process of the node registered since, on a Register if a newer process replaced this one), then
-the request itself.
+a newer process of the node registered since, on a Register if a newer process replaced this one), on a
+PollTask its ``poll_sequence`` (ABORTED if the process sent a later poll already), then the request itself.
 """
 
 from __future__ import annotations
@@ -138,6 +138,10 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
     async def PollTask(self, request: pb.PollTaskRequest,
                        context: Any) -> AsyncIterator[pb.PollTaskResponse | bytes]:
         node_id = self._identify(context, request.version)
+        instance = call_instance_id(context)
+        # a late poll of a connection the process abandoned (a newer poll of it came first) is refused before
+        # anything else: its held_task_ids are older than that poll's, it must take no task nor end others
+        self.registry.check_poll_sequence(node_id, instance, request.poll_sequence)
         held = _held_tasks(request)
         if self.is_stopping():
             yield self._shutdown_message()
@@ -148,7 +152,6 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         # one of the same process ends it with NoTask unless it is sending a task already, and lets the
         # process's next poll take that task over (the board counts each sender with its generation)
         generation = self.board.poll_generation(node_id)
-        instance = call_instance_id(context)
         if held is not None:  # tasks sent whole to this process that it does not hold were lost: sent again
             self.board.requeue_lost(node_id, instance, held)
         self.registry.poll_opened(node_id)

@@ -334,12 +334,15 @@ def shutdown_from_pb(pb: node_service_pb2.ServerShutdown) -> ShutdownNotice:
 # -- node-side call envelopes (fednode builds requests and reads the poll stream through these) -----
 def poll_request_to_pb(wait_seconds: float, resume_task_id: str = "", resume_offset: int = 0,
                        version: tuple[int, int] = PROTOCOL_VERSION, *,
-                       held_task_ids: Iterable[str] | None = None) -> node_service_pb2.PollTaskRequest:
+                       held_task_ids: Iterable[str] | None = None,
+                       poll_sequence: int = 0) -> node_service_pb2.PollTaskRequest:
     """A long poll of ``wait_seconds``; set ``resume_task_id``/``resume_offset`` to resume a download.
     ``held_task_ids`` (possibly empty) reports every task the process holds (``reports_held_tasks``);
-    None reports nothing, as nodes older than that field."""
+    None reports nothing, as nodes older than that field. ``poll_sequence``: the number of this poll among
+    those of the node process (1, 2, ...; 0: not sent)."""
     request = node_service_pb2.PollTaskRequest(version=version_to_pb(version), wait_seconds=wait_seconds,
-                                               resume_task_id=resume_task_id, resume_offset=resume_offset)
+                                               resume_task_id=resume_task_id, resume_offset=resume_offset,
+                                               poll_sequence=poll_sequence)
     if held_task_ids is not None:
         request.reports_held_tasks = True
         request.held_task_ids.extend(held_task_ids)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedstream.v1 import common_pb2 as fedstream_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64stream/v1/node_service.proto\x12\x0c\x66\x65\x64stream.v1\x1a\x19\x66\x65\x64stream/v1/common.proto\"\xc4\x01\n\x0fRegisterRequest\x12.\n\x07version\x18\x01 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12+\n\x08\x64\x61tasets\x18\x03 \x03(\x0b\x32\x19.fedstream.v1.DatasetInfo\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\"\xe8\x01\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x35\n\x0eserver_version\x18\x02 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x1d\n\x15max_poll_wait_seconds\x18\x03 \x01(\x01\x12\x16\n\x0emax_chunk_size\x18\x04 \x01(\r\x12\x18\n\x10max_payload_size\x18\x05 \x01(\x04\x12\"\n\x1aheartbeat_interval_seconds\x18\x06 \x01(\x01\x12\x17\n\x0ftask_chunk_size\x18\x07 \x01(\r\"\xb9\x01\n\x0fPollTaskRequest\x12.\n\x07version\x18\x01 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\x12\x16\n\x0eresume_task_id\x18\x03 \x01(\t\x12\x15\n\rresume_offset\x18\x04 \x01(\x04\x12\x15\n\rheld_task_ids\x18\x05 \x03(\t\x12\x1a\n\x12reports_held_tasks\x18\x06 \x01(\x08\"\xc6\x01\n\x10PollTaskResponse\x12(\n\x04task\x18\x01 \x01(\x0b\x32\x18.fedstream.v1.TaskHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedstream.v1.ChunkH\x00\x12\'\n\x07no_task\x18\x03 \x01(\x0b\x32\x14.fedstream.v1.NoTaskH\x00\x12\x30\n\x08shutdown\x18\x04 \x01(\x0b\x32\x1c.fedstream.v1.ServerShutdownH\x00\x42\x07\n\x05\x65vent\"\xbb\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.fedstream.v1.TaskKind\x12,\n\x07payload\x18\x05 \x01(\x0b\x32\x1b.fedstream.v1.PayloadHeader\x12\"\n\x1ainactivity_timeout_seconds\x18\x06 \x01(\x01\"\x08\n\x06NoTask\"=\n\x0eServerShutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x02 \x01(\x01\"r\n\x13UploadResultRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedstream.v1.UploadHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedstream.v1.ChunkH\x00\x42\x07\n\x05\x65vent\"\xc0\x01\n\x0cUploadHeader\x12.\n\x07version\x18\x01 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12*\n\x07outcome\x18\x03 \x01(\x0e\x32\x19.fedstream.v1.TaskOutcome\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12,\n\x07payload\x18\x05 \x01(\x0b\x32\x1b.fedstream.v1.PayloadHeader\"?\n\x14UploadResultResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\"Y\n\x16GetUploadStatusRequest\x12.\n\x07version\x18\x01 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\x94\x01\n\x17GetUploadStatusResponse\x12\x1b\n\x13\x61\x63knowledged_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x31\n\x0erefused_reason\x18\x03 \x01(\x0e\x32\x19.fedstream.v1.ErrorReason\x12\x17\n\x0frefused_message\x18\x04 \x01(\t\"{\n\rReportRequest\x12.\n\x07version\x18\x01 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12)\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x19.fedstream.v1.ReportEvent\"\x83\x01\n\x0bReportEvent\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\x32\n\x08progress\x18\x02 \x01(\x0b\x32\x1e.fedstream.v1.TrainingProgressH\x00\x12$\n\x03log\x18\x03 \x01(\x0b\x32\x15.fedstream.v1.LogLineH\x00\x42\x07\n\x05\x65vent\"\x8a\x01\n\x10TrainingProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x11\n\titeration\x18\x02 \x01(\x04\x12\x18\n\x10total_iterations\x18\x03 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x17\n\x0fnum_samples_max\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x01\")\n\x07LogLine\x12\r\n\x05level\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x10\n\x0eReportResponse\"S\n\x10HeartbeatRequest\x12.\n\x07version\x18\x01 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"*\n\x11HeartbeatResponse\x12\x15\n\rshutting_down\x18\x01 \x01(\x08\x32\xf1\x03\n\x0bNodeService\x12I\n\x08Register\x12\x1d.fedstream.v1.RegisterRequest\x1a\x1e.fedstream.v1.RegisterResponse\x12K\n\x08PollTask\x12\x1d.fedstream.v1.PollTaskRequest\x1a\x1e.fedstream.v1.PollTaskResponse0\x01\x12W\n\x0cUploadResult\x12!.fedstream.v1.UploadResultRequest\x1a\".fedstream.v1.UploadResultResponse(\x01\x12^\n\x0fGetUploadStatus\x12$.fedstream.v1.GetUploadStatusRequest\x1a%.fedstream.v1.GetUploadStatusResponse\x12\x43\n\x06Report\x12\x1b.fedstream.v1.ReportRequest\x1a\x1c.fedstream.v1.ReportResponse\x12L\n\tHeartbeat\x12\x1e.fedstream.v1.HeartbeatRequest\x1a\x1f.fedstream.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64stream/v1/node_service.proto\x12\x0c\x66\x65\x64stream.v1\x1a\x19\x66\x65\x64stream/v1/common.proto\"\xc4\x01\n\x0fRegisterRequest\x12.\n\x07version\x18\x01 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12+\n\x08\x64\x61tasets\x18\x03 \x03(\x0b\x32\x19.fedstream.v1.DatasetInfo\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\"\xe8\x01\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x35\n\x0eserver_version\x18\x02 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x1d\n\x15max_poll_wait_seconds\x18\x03 \x01(\x01\x12\x16\n\x0emax_chunk_size\x18\x04 \x01(\r\x12\x18\n\x10max_payload_size\x18\x05 \x01(\x04\x12\"\n\x1aheartbeat_interval_seconds\x18\x06 \x01(\x01\x12\x17\n\x0ftask_chunk_size\x18\x07 \x01(\r\"\xd0\x01\n\x0fPollTaskRequest\x12.\n\x07version\x18\x01 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\x12\x16\n\x0eresume_task_id\x18\x03 \x01(\t\x12\x15\n\rresume_offset\x18\x04 \x01(\x04\x12\x15\n\rheld_task_ids\x18\x05 \x03(\t\x12\x1a\n\x12reports_held_tasks\x18\x06 \x01(\x08\x12\x15\n\rpoll_sequence\x18\x07 \x01(\x04\"\xc6\x01\n\x10PollTaskResponse\x12(\n\x04task\x18\x01 \x01(\x0b\x32\x18.fedstream.v1.TaskHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedstream.v1.ChunkH\x00\x12\'\n\x07no_task\x18\x03 \x01(\x0b\x32\x14.fedstream.v1.NoTaskH\x00\x12\x30\n\x08shutdown\x18\x04 \x01(\x0b\x32\x1c.fedstream.v1.ServerShutdownH\x00\x42\x07\n\x05\x65vent\"\xbb\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.fedstream.v1.TaskKind\x12,\n\x07payload\x18\x05 \x01(\x0b\x32\x1b.fedstream.v1.PayloadHeader\x12\"\n\x1ainactivity_timeout_seconds\x18\x06 \x01(\x01\"\x08\n\x06NoTask\"=\n\x0eServerShutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x02 \x01(\x01\"r\n\x13UploadResultRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedstream.v1.UploadHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedstream.v1.ChunkH\x00\x42\x07\n\x05\x65vent\"\xc0\x01\n\x0cUploadHeader\x12.\n\x07version\x18\x01 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12*\n\x07outcome\x18\x03 \x01(\x0e\x32\x19.fedstream.v1.TaskOutcome\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12,\n\x07payload\x18\x05 \x01(\x0b\x32\x1b.fedstream.v1.PayloadHeader\"?\n\x14UploadResultResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x04\"Y\n\x16GetUploadStatusRequest\x12.\n\x07version\x18\x01 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"\x94\x01\n\x17GetUploadStatusResponse\x12\x1b\n\x13\x61\x63knowledged_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\x31\n\x0erefused_reason\x18\x03 \x01(\x0e\x32\x19.fedstream.v1.ErrorReason\x12\x17\n\x0frefused_message\x18\x04 \x01(\t\"{\n\rReportRequest\x12.\n\x07version\x18\x01 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12)\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x19.fedstream.v1.ReportEvent\"\x83\x01\n\x0bReportEvent\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\x32\n\x08progress\x18\x02 \x01(\x0b\x32\x1e.fedstream.v1.TrainingProgressH\x00\x12$\n\x03log\x18\x03 \x01(\x0b\x32\x15.fedstream.v1.LogLineH\x00\x42\x07\n\x05\x65vent\"\x8a\x01\n\x10TrainingProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x11\n\titeration\x18\x02 \x01(\x04\x12\x18\n\x10total_iterations\x18\x03 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x04\x12\x17\n\x0fnum_samples_max\x18\x05 \x01(\x04\x12\x0c\n\x04loss\x18\x06 \x01(\x01\")\n\x07LogLine\x12\r\n\x05level\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x10\n\x0eReportResponse\"S\n\x10HeartbeatRequest\x12.\n\x07version\x18\x01 \x01(\x0b\x32\x1d.fedstream.v1.ProtocolVersion\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"*\n\x11HeartbeatResponse\x12\x15\n\rshutting_down\x18\x01 \x01(\x08\x32\xf1\x03\n\x0bNodeService\x12I\n\x08Register\x12\x1d.fedstream.v1.RegisterRequest\x1a\x1e.fedstream.v1.RegisterResponse\x12K\n\x08PollTask\x12\x1d.fedstream.v1.PollTaskRequest\x1a\x1e.fedstream.v1.PollTaskResponse0\x01\x12W\n\x0cUploadResult\x12!.fedstream.v1.UploadResultRequest\x1a\".fedstream.v1.UploadResultResponse(\x01\x12^\n\x0fGetUploadStatus\x12$.fedstream.v1.GetUploadStatusRequest\x1a%.fedstream.v1.GetUploadStatusResponse\x12\x43\n\x06Report\x12\x1b.fedstream.v1.ReportRequest\x1a\x1c.fedstream.v1.ReportResponse\x12L\n\tHeartbeat\x12\x1e.fedstream.v1.HeartbeatRequest\x1a\x1f.fedstream.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,39 +37,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERRESPONSE']._serialized_start=276
   _globals['_REGISTERRESPONSE']._serialized_end=508
   _globals['_POLLTASKREQUEST']._serialized_start=511
-  _globals['_POLLTASKREQUEST']._serialized_end=696
-  _globals['_POLLTASKRESPONSE']._serialized_start=699
-  _globals['_POLLTASKRESPONSE']._serialized_end=897
-  _globals['_TASKHEADER']._serialized_start=900
-  _globals['_TASKHEADER']._serialized_end=1087
-  _globals['_NOTASK']._serialized_start=1089
-  _globals['_NOTASK']._serialized_end=1097
-  _globals['_SERVERSHUTDOWN']._serialized_start=1099
-  _globals['_SERVERSHUTDOWN']._serialized_end=1160
-  _globals['_UPLOADRESULTREQUEST']._serialized_start=1162
-  _globals['_UPLOADRESULTREQUEST']._serialized_end=1276
-  _globals['_UPLOADHEADER']._serialized_start=1279
-  _globals['_UPLOADHEADER']._serialized_end=1471
-  _globals['_UPLOADRESULTRESPONSE']._serialized_start=1473
-  _globals['_UPLOADRESULTRESPONSE']._serialized_end=1536
-  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=1538
-  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=1627
-  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_start=1630
-  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_end=1778
-  _globals['_REPORTREQUEST']._serialized_start=1780
-  _globals['_REPORTREQUEST']._serialized_end=1903
-  _globals['_REPORTEVENT']._serialized_start=1906
-  _globals['_REPORTEVENT']._serialized_end=2037
-  _globals['_TRAININGPROGRESS']._serialized_start=2040
-  _globals['_TRAININGPROGRESS']._serialized_end=2178
-  _globals['_LOGLINE']._serialized_start=2180
-  _globals['_LOGLINE']._serialized_end=2221
-  _globals['_REPORTRESPONSE']._serialized_start=2223
-  _globals['_REPORTRESPONSE']._serialized_end=2239
-  _globals['_HEARTBEATREQUEST']._serialized_start=2241
-  _globals['_HEARTBEATREQUEST']._serialized_end=2324
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2326
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2368
-  _globals['_NODESERVICE']._serialized_start=2371
-  _globals['_NODESERVICE']._serialized_end=2868
+  _globals['_POLLTASKREQUEST']._serialized_end=719
+  _globals['_POLLTASKRESPONSE']._serialized_start=722
+  _globals['_POLLTASKRESPONSE']._serialized_end=920
+  _globals['_TASKHEADER']._serialized_start=923
+  _globals['_TASKHEADER']._serialized_end=1110
+  _globals['_NOTASK']._serialized_start=1112
+  _globals['_NOTASK']._serialized_end=1120
+  _globals['_SERVERSHUTDOWN']._serialized_start=1122
+  _globals['_SERVERSHUTDOWN']._serialized_end=1183
+  _globals['_UPLOADRESULTREQUEST']._serialized_start=1185
+  _globals['_UPLOADRESULTREQUEST']._serialized_end=1299
+  _globals['_UPLOADHEADER']._serialized_start=1302
+  _globals['_UPLOADHEADER']._serialized_end=1494
+  _globals['_UPLOADRESULTRESPONSE']._serialized_start=1496
+  _globals['_UPLOADRESULTRESPONSE']._serialized_end=1559
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_start=1561
+  _globals['_GETUPLOADSTATUSREQUEST']._serialized_end=1650
+  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_start=1653
+  _globals['_GETUPLOADSTATUSRESPONSE']._serialized_end=1801
+  _globals['_REPORTREQUEST']._serialized_start=1803
+  _globals['_REPORTREQUEST']._serialized_end=1926
+  _globals['_REPORTEVENT']._serialized_start=1929
+  _globals['_REPORTEVENT']._serialized_end=2060
+  _globals['_TRAININGPROGRESS']._serialized_start=2063
+  _globals['_TRAININGPROGRESS']._serialized_end=2201
+  _globals['_LOGLINE']._serialized_start=2203
+  _globals['_LOGLINE']._serialized_end=2244
+  _globals['_REPORTRESPONSE']._serialized_start=2246
+  _globals['_REPORTRESPONSE']._serialized_end=2262
+  _globals['_HEARTBEATREQUEST']._serialized_start=2264
+  _globals['_HEARTBEATREQUEST']._serialized_end=2347
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2349
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2391
+  _globals['_NODESERVICE']._serialized_start=2394
+  _globals['_NODESERVICE']._serialized_end=2891
 # @@protoc_insertion_point(module_scope)

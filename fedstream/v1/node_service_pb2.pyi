@@ -42,20 +42,22 @@ class RegisterResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., server_version: _Optional[_Union[_common_pb2.ProtocolVersion, _Mapping]] = ..., max_poll_wait_seconds: _Optional[float] = ..., max_chunk_size: _Optional[int] = ..., max_payload_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., task_chunk_size: _Optional[int] = ...) -> None: ...
 
 class PollTaskRequest(_message.Message):
-    __slots__ = ("version", "wait_seconds", "resume_task_id", "resume_offset", "held_task_ids", "reports_held_tasks")
+    __slots__ = ("version", "wait_seconds", "resume_task_id", "resume_offset", "held_task_ids", "reports_held_tasks", "poll_sequence")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_OFFSET_FIELD_NUMBER: _ClassVar[int]
     HELD_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     REPORTS_HELD_TASKS_FIELD_NUMBER: _ClassVar[int]
+    POLL_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     version: _common_pb2.ProtocolVersion
     wait_seconds: float
     resume_task_id: str
     resume_offset: int
     held_task_ids: _containers.RepeatedScalarFieldContainer[str]
     reports_held_tasks: bool
-    def __init__(self, version: _Optional[_Union[_common_pb2.ProtocolVersion, _Mapping]] = ..., wait_seconds: _Optional[float] = ..., resume_task_id: _Optional[str] = ..., resume_offset: _Optional[int] = ..., held_task_ids: _Optional[_Iterable[str]] = ..., reports_held_tasks: _Optional[bool] = ...) -> None: ...
+    poll_sequence: int
+    def __init__(self, version: _Optional[_Union[_common_pb2.ProtocolVersion, _Mapping]] = ..., wait_seconds: _Optional[float] = ..., resume_task_id: _Optional[str] = ..., resume_offset: _Optional[int] = ..., held_task_ids: _Optional[_Iterable[str]] = ..., reports_held_tasks: _Optional[bool] = ..., poll_sequence: _Optional[int] = ...) -> None: ...
 
 class PollTaskResponse(_message.Message):
     __slots__ = ("task", "chunk", "no_task", "shutdown")
