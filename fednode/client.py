@@ -154,6 +154,10 @@ class NodeClient:
         self._upload: PendingUpload | None = None
         self._attempt = 0  # consecutive failed sessions, for the backoff
         self._poll_aborted = False  # the last poll ended ABORTED (polled again at once; a second one reconnects)
+        #: PollTasks this client (one node process, one instance id) has sent, over all its connections: the
+        #: next one carries this + 1 (PollTaskRequest.poll_sequence), so the server refuses a late poll of an
+        #: abandoned connection (ERROR_REASON_STALE_POLL) instead of acting on its older held_task_ids.
+        self.polls_sent = 0
         #: Download buffers kept between tasks (see NodeConfig.receive_pool_bytes; 0: a fresh one every task).
         self.receive_pool = BufferPool(config.receive_pool_bytes)
         #: Download window of the current channel (bytes fixed, None: probing) and, under "auto", the
@@ -292,7 +296,9 @@ class NodeClient:
         the server refused (:meth:`_drop_refused_task`), or a poll it ended with ABORTED."""
         resume_id, resume_offset = self._download.resume_point() if self._download else ("", 0)
         wait = self._poll_wait()
-        stream = conn.poll(wait, resume_id, resume_offset, held_task_ids=self._held_task_ids(resume_id))
+        self.polls_sent += 1
+        stream = conn.poll(wait, resume_id, resume_offset, held_task_ids=self._held_task_ids(resume_id),
+                           poll_sequence=self.polls_sent)
         task_id = resume_id  # the task this poll is about, once known
         try:
             event = await stream.next(wait + self.config.call_timeout_seconds)
@@ -312,8 +318,9 @@ class NodeClient:
                 raise
             return None
         except ConnectionLostError as exc:
-            # ABORTED: the server ended this poll and asks for another (e.g. a stale poll of this very process);
-            # a partial download stays and resumes. A second one in a row reconnects, with backoff.
+            # ABORTED: the server ended this poll and asks for another (e.g. ERROR_REASON_STALE_POLL: this call is
+            # dead, never a reason to stop or drop a task); a partial download stays and resumes. A second one in
+            # a row reconnects, with backoff.
             if exc.code != grpc.StatusCode.ABORTED or self._poll_aborted:
                 raise
             self._poll_aborted = True

@@ -67,12 +67,15 @@ TASK_REASONS = frozenset({"ERROR_REASON_TASK_CLOSED", "ERROR_REASON_UNKNOWN_TASK
 #: process of this node: a node that drops the task learns it from its next call, which is about no task).
 TASK_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
                         grpc.StatusCode.PERMISSION_DENIED})
+#: A poll refused for its poll_sequence: a late poll of a connection this process abandoned. Only that call is
+#: dead (never a reason to stop or to drop a task): retryable, its code ABORTED makes the client poll again.
+STALE_POLL_REASON = "ERROR_REASON_STALE_POLL"
 #: Reasons a new attempt cures (reconnect with backoff; an upload resumes where GetUploadStatus says).
 #: ERROR_REASON_UNKNOWN_NODE (reserved: not sent by this server version) means "register again", which the
 #: reconnect does: every session starts with a Register.
 RETRYABLE_REASONS = frozenset({"ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REASON_DIGEST_MISMATCH",
                                "ERROR_REASON_UPLOAD_IN_PROGRESS", "ERROR_REASON_SERVER_STOPPING",
-                               "ERROR_REASON_INTERNAL", "ERROR_REASON_UNKNOWN_NODE"})
+                               "ERROR_REASON_INTERNAL", "ERROR_REASON_UNKNOWN_NODE", STALE_POLL_REASON})
 #: The refusal of an upload while no buffer is free on the server: retried in place, with backoff.
 BUSY_REASON = "ERROR_REASON_UPLOADS_BUSY"
 #: The refusal of a result document that does not decode: the server ended the task FAILED already.
@@ -160,11 +163,13 @@ class NodeConnection:
         return convert.server_settings_from_pb(response)
 
     def poll(self, wait_seconds: float, resume_task_id: str = "", resume_offset: int = 0, *,
-             held_task_ids: Iterable[str] | None = None) -> PollStream:
+             held_task_ids: Iterable[str] | None = None, poll_sequence: int = 0) -> PollStream:
         """Start a long poll; read its events with :meth:`PollStream.next`. ``held_task_ids``: every task the
-        process holds (PollTaskRequest.reports_held_tasks; None: not reported)."""
+        process holds (PollTaskRequest.reports_held_tasks; None: not reported). ``poll_sequence``: the number
+        of this poll among the process's (1, 2, ...; 0: not sent), so a late poll of an abandoned connection is
+        refused (ERROR_REASON_STALE_POLL) instead of acting on old information."""
         request = convert.poll_request_to_pb(wait_seconds, resume_task_id, resume_offset,
-                                             held_task_ids=held_task_ids)
+                                             held_task_ids=held_task_ids, poll_sequence=poll_sequence)
         return PollStream(self._poll_call(request, metadata=self.metadata))
 
     async def upload(self, result: ResultDescriptor, chunks: Iterable[tuple[int, Any]],
