@@ -8,175 +8,15 @@
 const test = require("node:test");
 const assert = require("node:assert/strict");
 const crypto = require("node:crypto");
+const fs = require("node:fs");
+const path = require("node:path");
 const grpc = require("@grpc/grpc-js");
-const { NodeClient } = require("../src/wire/node_client.js");
 const { loadFedstream } = require("../src/wire/proto.js");
-const { payloadHeader, chunksOf, sha256 } = require("../src/wire/chunks.js");
+const { sha256 } = require("../src/wire/chunks.js");
 const { LinearTrainer } = require("../src/training/train_task.js");
 const { encode, decode, NDArray, Float64 } = require("../src/codec");
 const { PayloadError } = require("../src/errors.js");
-
-const { NodeService } = loadFedstream();
-const TOKEN = "tok-123";
-/** A status error; with `reason`, an ErrorReason name in the trailer `fedstream-error-reason` (as fedserver). */
-function fail(code, details, reason = null) {
-  const metadata = new grpc.Metadata();
-  if (reason) metadata.set("fedstream-error-reason", reason);
-  return Object.assign(new Error(details), { code, details, metadata });
-}
-
-/**
- * A NodeService whose PollTask answers come from `script.polls` (functions (call, fake) run in turn)
- * and whose uploads keep their bytes per task, like fedserver's.
- */
-class FakeServer {
-  constructor(script = {}) {
-    this.script = { polls: [], ...script };
-    this.calls = [];
-    this.registers = 0;
-    this.instanceIds = []; // RegisterRequest.instance_id of each Register
-    this.uploads = new Map();
-    this.uploadHeaders = [];
-    this.reports = [];
-  }
-
-  seen(method, call, version = (call.request || {}).version) {
-    const [auth] = call.metadata.get("authorization");
-    const [instance] = call.metadata.get("fedstream-instance-id");
-    this.calls.push({ method, auth, instance, version, field: (call.request || {}).instance_id });
-  }
-
-  async start() {
-    this.server = new grpc.Server();
-    this.server.addService(NodeService.service, {
-      Register: (call, cb) => {
-        this.seen("Register", call);
-        this.registers += 1;
-        this.instanceIds.push(call.request.instance_id);
-        if (this.script.register) return this.script.register(call, cb);
-        cb(null, { node_id: "js-1", server_version: { major: 1, minor: 0 }, max_poll_wait_seconds: 2,
-          max_chunk_size: 4096, max_payload_size: 1 << 20, heartbeat_interval_seconds: 1 });
-      },
-      PollTask: (call) => {
-        this.seen("PollTask", call);
-        const next = this.script.polls.shift();
-        if (next) next(call, this);
-        else setTimeout(() => { call.write({ no_task: {} }); call.end(); }, 20);
-      },
-      UploadResult: (call, cb) => this.upload(call, cb),
-      GetUploadStatus: (call, cb) => {
-        this.seen("GetUploadStatus", call);
-        const u = this.uploads.get(call.request.task_id);
-        cb(null, { acknowledged_offset: u ? u.received : 0, complete: Boolean(u && u.complete) });
-      },
-      Report: (call, cb) => {
-        this.seen("Report", call);
-        this.reports.push(...call.request.events);
-        cb(null, {});
-      },
-      Heartbeat: (call, cb) => {
-        this.seen("Heartbeat", call);
-        cb(null, { shutting_down: false });
-      },
-    });
-    const port = await new Promise((resolve, reject) => {
-      this.server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p)));
-    });
-    this.address = `127.0.0.1:${port}`;
-    return this;
-  }
-
-  upload(call, cb) {
-    let header = null;
-    let u = null;
-    let chunks = 0;
-    let done = false;
-    const finish = (err, res) => {
-      if (!done) {
-        done = true;
-        cb(err, res);
-      }
-    };
-    call.on("data", (msg) => {
-      if (done) return;
-      if (msg.event === "header") {
-        header = msg.header;
-        this.seen("UploadResult", call, header.version);
-        this.uploadHeaders.push(header);
-        if (this.script.refuseUpload) return finish(this.script.refuseUpload);
-        const refusal = (this.script.refuseUploads || []).shift(); // one per upload, in turn
-        if (refusal) return finish(refusal);
-        const p = header.payload;
-        u = this.uploads.get(header.task_id);
-        if (!u || !p || p.start_offset === 0) {
-          u = { buffer: Buffer.alloc(p ? p.total_size : 0), received: 0, complete: false, header };
-          this.uploads.set(header.task_id, u);
-        }
-        return;
-      }
-      const { offset, data } = msg.chunk;
-      assert.equal(offset, u.received, "chunks arrive in order from the acknowledged offset");
-      data.copy(u.buffer, offset);
-      u.received += data.length;
-      chunks += 1;
-      if (this.script.breakUploadAfter && chunks === this.script.breakUploadAfter) {
-        this.script.breakUploadAfter = 0;
-        finish(fail(grpc.status.UNAVAILABLE, "connection cut (test)"));
-      }
-    });
-    call.on("end", () => {
-      if (done) return;
-      const p = header.payload;
-      if (p && p.total_size > 0) {
-        if (!sha256(u.buffer).equals(p.sha256) || this.script.dataLossOnce) {
-          this.script.dataLossOnce = false;
-          this.uploads.delete(header.task_id);
-          return finish(fail(grpc.status.DATA_LOSS, "SHA-256 mismatch (test)"));
-        }
-      }
-      u.complete = true;
-      finish(null, { task_id: header.task_id, received_bytes: u.received });
-    });
-  }
-
-  stop() {
-    return new Promise((resolve) => this.server.tryShutdown(resolve));
-  }
-}
-
-/** Poll answer: a task header then chunks [from, to) of doc, then end (or a cut after `cutAfter` chunks). */
-function sendTask(taskId, doc, { chunkSize = 1024, from = 0, cutAfter = null, cutWith = null, digest = null, kind = "TASK_KIND_TRAIN" } = {}) {
-  return (call) => {
-    const payload = payloadHeader(doc, chunkSize, from, digest);
-    call.write({ task: { task_id: taskId, experiment_id: "e", round: 1, kind, payload, inactivity_timeout_seconds: 30 } });
-    let n = 0;
-    for (const chunk of chunksOf(doc, chunkSize, from)) {
-      if (cutAfter !== null && n === cutAfter) {
-        call.emit("error", cutWith || fail(grpc.status.UNAVAILABLE, "stream cut (test)"));
-        return;
-      }
-      call.write({ chunk });
-      n += 1;
-    }
-    call.end();
-  };
-}
-
-function client(fake, extra = {}) {
-  return new NodeClient({ server: fake.address, credentials: grpc.credentials.createInsecure(), token: TOKEN,
-    nodeName: "test", datasets: [], capabilities: ["js"], pollWaitSeconds: 1, uploadChunkSize: 1024, ...extra });
-}
-
-/** Every call carried the token, version 1.0 and the client's instance id (metadata; a Register's field too). */
-function checkIdentity(fake, c) {
-  assert.match(c.instanceId, /^[0-9a-f]{32}$/);
-  for (const call of fake.calls) {
-    assert.equal(call.auth, `Bearer ${TOKEN}`, `${call.method} carries the token`);
-    assert.deepEqual({ ...call.version }, { major: 1, minor: 0 }, `${call.method} carries version 1.0`);
-    assert.equal(call.instance, c.instanceId, `${call.method} carries fedstream-instance-id`);
-    if (call.method === "Register") assert.equal(call.field, c.instanceId, "equal to RegisterRequest.instance_id");
-  }
-}
+const { FakeServer, fail, sendTask, client, checkIdentity } = require("./fake_server.js");
 
 test("a download cut mid-payload resumes from the kept offset; an upload cut resumes from GetUploadStatus", async () => {
   const doc = crypto.randomBytes(10 * 1024 + 77);
@@ -232,14 +72,52 @@ test("DATA_LOSS makes the upload start over from offset 0; FAILED outcomes carry
   }
 });
 
-test("a payload whose SHA-256 differs is refused and its bytes dropped", async () => {
+test("a payload whose SHA-256 differs is dropped and the task reported FAILED (as fednode), held until then", async () => {
   const doc = crypto.randomBytes(5000);
   const fake = await new FakeServer().start();
   fake.script.polls.push(sendTask("t4", doc, { digest: sha256(Buffer.from("other")) }));
   const c = client(fake);
   try {
-    await assert.rejects(c.poll(), (e) => e instanceof PayloadError && /SHA-256 mismatch/.test(e.message));
+    const bad = await c.poll();
+    assert.equal(bad.kind, "task");
+    assert.equal(bad.payload, null);
+    assert.equal(bad.reply.outcome, "TASK_OUTCOME_FAILED");
+    assert.match(bad.reply.errorMessage, /^bad task payload: SHA-256 mismatch/);
     assert.equal(c.partial, null);
+    assert.deepEqual([...c.held], ["t4"], "held until its report is acknowledged");
+    await c.register();
+    assert.equal((await c.handleTask(bad, { run: async () => assert.fail("not run") })).task_id, "t4");
+    assert.deepEqual([...c.held], []);
+    const h = fake.uploadHeaders.at(-1);
+    assert.deepEqual([h.task_id, h.outcome, h.payload], ["t4", "TASK_OUTCOME_FAILED", null]);
+    assert.match(h.error_message, /^bad task payload: SHA-256 mismatch/);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("over this node's limits a task is REFUSED at its header; a misframed stream is FAILED", async () => {
+  const fake = await new FakeServer().start();
+  const doc = crypto.randomBytes(4096);
+  fake.script.polls.push(sendTask("big", crypto.randomBytes(6000)), (call) => {
+    const payload = require("../src/wire/chunks.js").payloadHeader(doc, 1024);
+    call.write({ task: { task_id: "skew", experiment_id: "e", round: 1, kind: "TASK_KIND_TRAIN", payload } });
+    call.write({ chunk: { offset: 0, data: doc.subarray(0, 1024) } });
+    call.write({ chunk: { offset: 2048, data: doc.subarray(2048, 3072) } }); // a gap
+    call.end();
+  });
+  const c = client(fake, { maxPayloadSize: 5000 });
+  try {
+    const big = await c.poll();
+    assert.equal(big.reply.outcome, "TASK_OUTCOME_REFUSED");
+    assert.match(big.reply.errorMessage, /^node refuses the task: payload of 6000 bytes is over this node's limit of 5000/);
+    const skew = await c.poll();
+    assert.equal(skew.reply.outcome, "TASK_OUTCOME_FAILED");
+    assert.equal(skew.reply.errorMessage, "bad task stream: chunk at offset 2048, expected 1024");
+    assert.deepEqual([...c.held].sort(), ["big", "skew"]);
+    assert.equal(c.partial, null, "nothing to resume");
+    assert.deepEqual(fake.polls.map((p) => p.held), [[], ["big"]]);
   } finally {
     c.close();
     await fake.stop();
@@ -349,10 +227,12 @@ test("classify: by the reason in the trailer when there is one, by the code othe
 });
 
 test("every reason the client names is an ErrorReason of the protos", () => {
-  const source = require("node:fs").readFileSync(require.resolve("../src/wire/node_client.js"), "utf8");
+  const dir = path.join(__dirname, "..", "src", "wire");
+  const source = fs.readdirSync(dir).map((f) => fs.readFileSync(path.join(dir, f), "utf8")).join("\n");
   const { errorReasons } = loadFedstream();
   const named = new Set(source.match(/ERROR_REASON_[A-Z_]+/g));
   assert.ok(named.size >= 10);
+  named.delete("ERROR_REASON_UNSPECIFIED"); // proto.js leaves it out of the known reasons
   for (const name of named) assert.ok(errorReasons.has(name), `${name} is not in common.proto`);
 });
 
@@ -430,17 +310,13 @@ test("run(): a download refused TASK_CLOSED mid-payload is dropped; the next pol
 });
 
 test("a result the server refuses for itself is replaced by a FAILED report naming the refusal (as fednode)", async () => {
-  const busy = () => fail(grpc.status.RESOURCE_EXHAUSTED, "too many concurrent uploads (16, limit 16)",
-    "ERROR_REASON_UPLOADS_BUSY");
   const fake = await new FakeServer({ refuseUploads: [
     fail(grpc.status.RESOURCE_EXHAUSTED, "announced payload of 5000 bytes exceeds this server's limit of 1024 bytes",
       "ERROR_REASON_PAYLOAD_TOO_LARGE"),
     null, // one refusal per upload, in turn: the FAILED report of t11 is accepted
     fail(grpc.status.INVALID_ARGUMENT, "result of task t12 does not decode", "ERROR_REASON_BAD_RESULT_DOCUMENT"),
-    busy(), busy(),
   ] }).start();
-  const c = client(fake, { maxUploadAttempts: 2 });
-  c.sleep = async () => {}; // no backoff between the busy attempts
+  const c = client(fake);
   const result = crypto.randomBytes(5000);
   const trainer = { run: async () => ({ outcome: "TASK_OUTCOME_SUCCEEDED", errorMessage: "", payload: result }) };
   const task = (taskId) => ({ header: { task_id: taskId, round: 1, kind: "TASK_KIND_TRAIN" }, payload: Buffer.alloc(0) });
@@ -458,12 +334,7 @@ test("a result the server refuses for itself is replaced by a FAILED report nami
     assert.equal(await c.handleTask(task("t12"), trainer), null);
     assert.deepEqual(headers("t12").map((h) => h[0]), ["TASK_OUTCOME_SUCCEEDED"]);
 
-    // busy: retried in place, then given up and reported
-    await c.handleTask(task("t13"), trainer);
-    assert.deepEqual(headers("t13"), [["TASK_OUTCOME_SUCCEEDED", "", 5000], ["TASK_OUTCOME_SUCCEEDED", "", 5000],
-      ["TASK_OUTCOME_FAILED", "the server refused the result of 5000 bytes after 2 attempts "
-        + "(ERROR_REASON_UPLOADS_BUSY): too many concurrent uploads (16, limit 16)", 0]]);
-
+    // busy: delivery.test.js
     // a task the refusal ends is only dropped
     fake.script.refuseUploads.push(fail(grpc.status.FAILED_PRECONDITION, "task t14 is no longer accepted",
       "ERROR_REASON_TASK_CLOSED"));
@@ -483,6 +354,9 @@ test("refusedResultMessage: a report only for a result refused for itself", () =
   assert.match(refusedResultMessage(fail(S.INVALID_ARGUMENT, "no header", "ERROR_REASON_MALFORMED_MESSAGE"), 10),
     /\(ERROR_REASON_MALFORMED_MESSAGE\): no header$/);
   assert.match(refusedResultMessage(fail(S.RESOURCE_EXHAUSTED, "busy"), 10), /\(RESOURCE_EXHAUSTED\): busy$/); // no reason
+  const busy = Object.assign(fail(S.RESOURCE_EXHAUSTED, "busy", "ERROR_REASON_UPLOADS_BUSY"), { busy: { attempts: 1, ms: 120049 } });
+  assert.equal(refusedResultMessage(busy, 10), // fednode's words
+    "the server refused the result of 10 bytes after 1 attempt over 120.0 s (ERROR_REASON_UPLOADS_BUSY): busy");
   assert.equal(refusedResultMessage(new PayloadError("result of 10 bytes is over the server's max_payload_size 5"), 10),
     "the result of 10 bytes was not sent: result of 10 bytes is over the server's max_payload_size 5");
   for (const [code, reason] of [[S.FAILED_PRECONDITION, "ERROR_REASON_TASK_CLOSED"], [S.UNAVAILABLE, null],

@@ -1,0 +1,278 @@
+"use strict";
+/**
+ * ResultDelivery: the results this node still has to deliver, and their uploads (docs/protocol.md §4 step
+ * 4, §5 "Resuming an upload").
+ *
+ * A result (SUCCEEDED with its encoded document, or FAILED / REFUSED without one) stays pending until the
+ * server acknowledges it (UploadResultResponse, or GetUploadStatus.complete) or the task is gone; a broken
+ * connection keeps it, and run() delivers it on the next connection before it polls, resuming where
+ * GetUploadStatus says, as fednode's pending upload. Its task counts as held meanwhile (`held`, reported on
+ * every poll: §5 "Tasks lost in a dead connection").
+ *
+ * Attempts: a broken upload is tried again in place up to `maxUploadAttempts` times (backoff with jitter,
+ * resuming from the acknowledged offset; after DATA_LOSS from 0), then left to run()'s reconnect. An upload
+ * refused ERROR_REASON_UPLOADS_BUSY (no upload buffer free on the server) is tried again in place for
+ * `busyUploadRetryMs` from its first busy refusal, however many attempts that takes, with a Heartbeat naming
+ * the task before each wait (waiting for room is not inactivity), as fednode. A result the server
+ * refuses for itself (too large, malformed, misframed, or still busy after that time) is replaced by a
+ * FAILED report naming the refusal (refusedResultMessage), delivered the same way; a refusal that ends the
+ * task (closed, unknown, not ours, a result document that does not decode) drops it.
+ *
+ * Stopping: once stop() is called, an upload in flight, and the FAILED report that replaces a result refused
+ * meanwhile, get `stopGraceMs` from stop() (or from the start of a later delivery) to finish; no new attempt
+ * is made after a failure. What is still pending is then cancelled and logged as not delivered (the server
+ * ends such a task when the node's reconnect grace expires, or at once when a new process of the node
+ * registers: fednode keeps nothing on disk either).
+ */
+const { once } = require("node:events");
+const grpc = require("@grpc/grpc-js");
+const { PROTOCOL_VERSION } = require("./proto.js");
+const { payloadHeader, chunksOf, sha256, MiB } = require("./chunks.js");
+const { backoffMs, classify, errorReason, isBusy, refusedResultMessage } = require("./refusals.js");
+const { PayloadError } = require("../errors.js");
+
+/** A task's result waiting to be delivered. `doc` is the encoded document (SUCCEEDED) or null. */
+class PendingResult {
+  constructor(taskId, outcome, errorMessage = "", doc = null) {
+    this.taskId = taskId;
+    this.outcome = outcome;
+    this.errorMessage = errorMessage;
+    this.doc = doc;
+    this.digest = doc ? sha256(doc) : null;
+    this.chunkSize = 0; // fixed by the first attempt: a resume must describe the same payload
+    this.attempted = false; // an UploadResult was started: ask GetUploadStatus before the next one
+  }
+
+  get size() {
+    return this.doc ? this.doc.byteLength : 0;
+  }
+
+  /** What the pending result is, for log lines. */
+  describe() {
+    const what = this.doc ? `result of ${this.size} bytes` : `${this.outcome} report`;
+    return this.errorMessage ? `${what} (${this.errorMessage})` : what;
+  }
+}
+
+class ResultDelivery {
+  /**
+   * @param {import("./calls.js").NodeCalls} calls
+   * @param {object} o
+   * @param {Set<string>} o.held the tasks the process holds (TaskPoller); a task leaves it once delivered or gone
+   * @param {() => object|null} o.registration the RegisterResponse in force (max_chunk_size, max_payload_size)
+   * @param {(ms: number) => Promise<void>} o.sleep a wait that stop() cuts short
+   * @param {() => boolean} o.stopping whether stop() was called
+   * @param {(level: string, msg: string) => void} o.log
+   * @param {number} o.uploadChunkSize chunk size of uploads (≤ the server's max_chunk_size)
+   * @param {number} o.maxUploadAttempts attempts in place of a broken upload before run() reconnects
+   * @param {number} o.busyUploadRetryMs how long an upload refused UPLOADS_BUSY is tried again in place
+   * @param {number} o.stopGraceMs how long an upload in flight may finish after stop()
+   * @param {number} o.streamAllowanceSeconds deadline of an upload stream beyond the call timeout
+   */
+  constructor(calls, o) {
+    this.calls = calls;
+    this.held = o.held;
+    this.registration = o.registration;
+    this.sleep = o.sleep;
+    this.stopping = o.stopping;
+    this.log = o.log;
+    this.uploadChunkSize = o.uploadChunkSize ?? MiB;
+    this.maxUploadAttempts = o.maxUploadAttempts;
+    this.busyUploadRetryMs = o.busyUploadRetryMs;
+    this.stopGraceMs = o.stopGraceMs;
+    this.streamAllowanceSeconds = o.streamAllowanceSeconds;
+    this.pending = new Map(); // task id -> PendingResult, in the order they came
+    this.delivering = 0; // deliveries in progress
+    this.graceTimer = null;
+    this.graceOver = false; // stopGraceMs passed since stop(): uploads are cancelled, none starts
+  }
+
+  /** Queue a task's result (replacing an earlier one of the same task); its task stays held. */
+  add(taskId, outcome, errorMessage = "", doc = null) {
+    const result = new PendingResult(taskId, outcome, errorMessage, doc);
+    this.pending.set(taskId, result);
+    this.held.add(taskId);
+    return result;
+  }
+
+  /** The task is done for this node (its result acknowledged, or the task gone): no longer pending nor held. */
+  forget(taskId) {
+    this.pending.delete(taskId);
+    this.held.delete(taskId);
+  }
+
+  /** Deliver every pending result, oldest first; rejects with the first failure that keeps one pending. */
+  async deliverAll() {
+    for (const result of [...this.pending.values()]) await this.deliver(result);
+  }
+
+  /**
+   * Deliver `result` (a PendingResult, or a task id of a pending one). Resolves to the UploadResultResponse
+   * (or {task_id, received_bytes} when GetUploadStatus says the server has it), or null when the result was
+   * dropped: its task is gone, or the refused report could not be replaced. Rejects (the result stays
+   * pending) on a failure a later attempt may cure, on stop, and on a fatal refusal.
+   */
+  async deliver(result) {
+    if (typeof result === "string") result = this.pending.get(result);
+    if (!result) return null;
+    this.delivering += 1;
+    if (this.stopping()) this.startGrace();
+    try {
+      for (;;) {
+        if (this.graceOver) throw Object.assign(new Error("stopping: the grace for uploads is over"), { stopped: true });
+        try {
+          const response = await this.send(result);
+          this.forget(result.taskId);
+          return response;
+        } catch (err) {
+          const kind = classify(err);
+          const busy = isBusy(err);
+          if (kind === "fatal" || this.stopping() && busy) throw err;
+          const report = result.doc ? refusedResultMessage(err, result.size) : null;
+          if (kind === "retry" && !report) throw err; // run() reconnects and delivers it again
+          this.log("WARNING", `task ${result.taskId}: result not accepted (${err.details || err.message})`
+            + (report ? "; reporting the task FAILED" : "; dropped"));
+          if (!report) {
+            this.forget(result.taskId);
+            return null;
+          }
+          // the server refused the result for itself and left the task open: without this report the round
+          // would wait for the task's inactivity timeout (the server never sends it again: §4 step 4, §5)
+          result = this.add(result.taskId, "TASK_OUTCOME_FAILED", report, null);
+        }
+      }
+    } finally {
+      this.delivering -= 1;
+      if (this.delivering === 0) this.endGrace();
+    }
+  }
+
+  /**
+   * Send `result` with the attempts in place (see the module docstring); resolves to the server's answer,
+   * rejects with the last failure (`busy` = {attempts, ms} set when the busy retries are used up).
+   */
+  async send(result) {
+    const registration = this.registration();
+    const maxPayload = registration ? registration.max_payload_size : 0;
+    if (result.doc && maxPayload > 0 && result.size > maxPayload) {
+      throw new PayloadError(`result of ${result.size} bytes is over the server's max_payload_size ${maxPayload}`);
+    }
+    if (!result.chunkSize) {
+      const serverMax = registration ? registration.max_chunk_size : 0;
+      result.chunkSize = serverMax > 0 ? Math.min(this.uploadChunkSize, serverMax) : this.uploadChunkSize;
+    }
+    let start = result.attempted ? await this.resumePoint(result) : 0;
+    let busySince = null;
+    let busy = 0;
+    let broken = 0;
+    for (let attempt = 1; ; attempt++) {
+      if (start === null) return { task_id: result.taskId, received_bytes: result.size }; // the server has it
+      result.attempted = true;
+      try {
+        return await this.uploadOnce(result, start);
+      } catch (err) {
+        if (classify(err) !== "retry" || this.stopping()) throw err;
+        let delay;
+        if (isBusy(err)) {
+          busy += 1;
+          busySince ??= Date.now();
+          const waited = Date.now() - busySince;
+          if (waited >= this.busyUploadRetryMs) {
+            err.busy = { attempts: busy, ms: waited }; // for refusedResultMessage: "after N attempts over S s"
+            throw err;
+          }
+          delay = Math.min(backoffMs(busy), this.busyUploadRetryMs - waited);
+          this.log("INFO", `server busy with other uploads (${err.details || err.message}); retrying task `
+            + `${result.taskId} in ${(delay / 1000).toFixed(2)} s (${((this.busyUploadRetryMs - waited) / 1000).toFixed(0)} s left to wait)`);
+          // waiting for room is not inactivity: a Heartbeat naming the task keeps it alive on the server
+          await this.calls.unary("Heartbeat", { version: PROTOCOL_VERSION, task_id: result.taskId });
+        } else {
+          broken += 1;
+          if (broken >= this.maxUploadAttempts) throw err;
+          this.log("WARNING", `upload of task ${result.taskId} broke (${err.details || err.message}); attempt ${attempt + 1}`);
+          if (errorReason(err) ? errorReason(err) === "ERROR_REASON_DIGEST_MISMATCH" : err.code === grpc.status.DATA_LOSS) {
+            start = 0; // the server discarded the bytes: from 0, at once
+            continue;
+          }
+          delay = backoffMs(broken);
+        }
+        await this.sleep(delay);
+        if (this.stopping()) throw err;
+        start = await this.resumePoint(result);
+      }
+    }
+  }
+
+  /** Where a result's next attempt starts: the offset the server acknowledges (0 when it cannot say, or the
+   * offset does not fit this payload), or null when the server has the whole result. A refusal of the task
+   * itself (closed, unknown, not ours) or of the node rejects. */
+  async resumePoint(result) {
+    let status;
+    try {
+      status = await this.calls.unary("GetUploadStatus", { version: PROTOCOL_VERSION, task_id: result.taskId });
+    } catch (err) {
+      const kind = classify(err);
+      if (kind === "task" || kind === "fatal") throw err;
+      return 0;
+    }
+    if (status.complete) return null;
+    const offset = status.acknowledged_offset;
+    return result.doc && offset % result.chunkSize === 0 && offset <= result.size ? offset : 0;
+  }
+
+  /** One UploadResult stream: the header, then the chunks from `start`. */
+  uploadOnce(result, start) {
+    const header = result.doc ? payloadHeader(result.doc, result.chunkSize, start, result.digest) : null;
+    let failed = null;
+    let call = null;
+    const response = new Promise((resolve, reject) => {
+      call = this.calls.uploadStream(this.calls.callTimeoutSeconds + this.streamAllowanceSeconds, (err, res) => {
+        if (err) {
+          failed = err;
+          reject(err);
+        } else resolve(res);
+      });
+      (async () => {
+        call.write({ header: { version: PROTOCOL_VERSION, task_id: result.taskId, outcome: result.outcome,
+          error_message: result.errorMessage, payload: header } });
+        if (result.doc) {
+          for (const chunk of chunksOf(result.doc, header.chunk_size, header.start_offset)) {
+            if (failed) return;
+            if (!call.write({ chunk })) await Promise.race([once(call, "drain"), response.catch(() => {})]);
+          }
+        }
+        call.end();
+      })().catch((err) => {
+        failed = err;
+        call.cancel();
+      });
+    });
+    return response.finally(() => this.calls.release(call));
+  }
+
+  /** stop() was called: uploads in flight (and the FAILED reports replacing refused results) get
+   * stopGraceMs, then they are cancelled. */
+  startGrace() {
+    if (this.graceTimer || this.graceOver || this.delivering === 0) return;
+    this.graceTimer = setTimeout(() => {
+      this.graceOver = true;
+      this.calls.cancel("upload");
+    }, this.stopGraceMs);
+  }
+
+  endGrace() {
+    clearTimeout(this.graceTimer);
+    this.graceTimer = null;
+    this.graceOver = false;
+  }
+
+  /** Log every result still pending (at stop, or when run() ends), naming its task. */
+  logUndelivered() {
+    for (const result of this.pending.values()) {
+      this.log("WARNING", `task ${result.taskId}: stopping with its ${result.describe()} not delivered; the server `
+        + "ends the task when this node's reconnect grace expires, or at once when a new process of the node registers");
+    }
+  }
+}
+
+module.exports = { ResultDelivery, PendingResult };

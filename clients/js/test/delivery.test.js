@@ -1,0 +1,148 @@
+"use strict";
+/**
+ * Result delivery: an upload refused ERROR_REASON_UPLOADS_BUSY is tried again for busyUploadRetryMs from its
+ * first busy refusal (not a number of attempts), then given up and the task reported FAILED naming the
+ * refusal; stop() lets an upload in flight, and the FAILED report that replaces a result refused meanwhile,
+ * finish within stopGraceMs; what is left is cancelled and logged, naming the task. The command line does the
+ * same on SIGTERM.
+ */
+const test = require("node:test");
+const assert = require("node:assert/strict");
+const crypto = require("node:crypto");
+const fs = require("node:fs");
+const os = require("node:os");
+const path = require("node:path");
+const { spawn } = require("node:child_process");
+const grpc = require("@grpc/grpc-js");
+const { encode, NDArray, Float64 } = require("../src/codec");
+const { FakeServer, fail, sendTask, client } = require("./fake_server.js");
+
+const busy = () => fail(grpc.status.RESOURCE_EXHAUSTED, "too many concurrent uploads (16, limit 16)", "ERROR_REASON_UPLOADS_BUSY");
+const tooLarge = () => fail(grpc.status.RESOURCE_EXHAUSTED, "announced payload of 3000 bytes exceeds this server's "
+  + "limit of 1024 bytes", "ERROR_REASON_PAYLOAD_TOO_LARGE");
+const task = (taskId) => ({ header: { task_id: taskId, round: 1, kind: "TASK_KIND_TRAIN" }, payload: Buffer.alloc(0) });
+const succeeding = (result) => ({ run: async () => ({ outcome: "TASK_OUTCOME_SUCCEEDED", errorMessage: "", payload: result }) });
+const headers = (fake, taskId) => fake.uploadHeaders.filter((h) => h.task_id === taskId)
+  .map((h) => [h.outcome, h.error_message, h.payload ? h.payload.total_size : 0]);
+
+test("UPLOADS_BUSY is tried again for busyUploadRetryMs, however many attempts, then reported FAILED", async () => {
+  let busyUntil = Date.now() + 700;
+  const fake = await new FakeServer({ onUploadHeader: (h) => (h.payload && Date.now() < busyUntil ? busy() : null) }).start();
+  const c = client(fake, { maxUploadAttempts: 1, busyUploadRetryMs: 5000 });
+  const result = crypto.randomBytes(3000);
+  try {
+    await c.register();
+    // busy for 0.7 s: more attempts than maxUploadAttempts (which bounds broken uploads only), then accepted
+    assert.equal((await c.handleTask(task("t1"), succeeding(result))).received_bytes, 3000);
+    const attempts = headers(fake, "t1");
+    assert.ok(attempts.length >= 2 && attempts.every((h) => h[0] === "TASK_OUTCOME_SUCCEEDED"), JSON.stringify(attempts));
+    assert.ok(fake.uploads.get("t1").complete);
+
+    // busy for longer than busyUploadRetryMs: given up after that time, the task reported FAILED
+    busyUntil = Infinity;
+    c.delivery.busyUploadRetryMs = 600;
+    const t0 = Date.now();
+    await c.handleTask(task("t2"), succeeding(result));
+    const elapsed = Date.now() - t0;
+    assert.ok(elapsed >= 600 && elapsed < 3000, `${elapsed} ms`);
+    const sent = headers(fake, "t2");
+    const [outcome, message] = sent.at(-1);
+    assert.equal(outcome, "TASK_OUTCOME_FAILED");
+    assert.match(message, new RegExp(`^the server refused the result of 3000 bytes after ${sent.length - 1} attempts `
+      + "over (\\d+\\.\\d) s \\(ERROR_REASON_UPLOADS_BUSY\\): too many concurrent uploads \\(16, limit 16\\)$"));
+    const over = Number(message.match(/over (\d+\.\d) s/)[1]);
+    assert.ok(over >= 0.6 && over * 1000 <= elapsed + 50, `${over} s of ${elapsed} ms`);
+    assert.ok(sent.length - 1 >= 2);
+    const beats = fake.calls.filter((x) => x.method === "Heartbeat").length;
+    assert.equal(beats, fake.uploadHeaders.length - 3, "a Heartbeat naming the task before each busy wait");
+    assert.ok(fake.uploads.get("t2").complete, "the FAILED report was accepted");
+    assert.deepEqual([...c.held], []);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("stop() lets the upload in flight finish within stopGraceMs, and the FAILED report replacing a refused result", async () => {
+  const fake = await new FakeServer({ answerDelayMs: 300 }).start();
+  const lines = [];
+  const c = client(fake, { stopGraceMs: 3000, log: (level, msg) => lines.push(msg) });
+  fake.script.polls.push(sendTask("t3", crypto.randomBytes(100)));
+  fake.script.onUploadHeader = (h) => {
+    c.stop(); // SIGTERM while the result goes out
+    return h.payload ? tooLarge() : null;
+  };
+  try {
+    await c.run(succeeding(crypto.randomBytes(3000)));
+    assert.deepEqual(headers(fake, "t3"), [["TASK_OUTCOME_SUCCEEDED", "", 3000], ["TASK_OUTCOME_FAILED",
+      "the server refused the result of 3000 bytes (ERROR_REASON_PAYLOAD_TOO_LARGE): announced payload of 3000 bytes "
+      + "exceeds this server's limit of 1024 bytes", 0]]);
+    assert.ok(fake.uploads.get("t3").complete, "the FAILED report was delivered after stop()");
+    assert.ok(!lines.some((l) => /not delivered/.test(l)), lines.join("\n"));
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("stop(): an upload still running after stopGraceMs is cancelled, and its task logged as not delivered", async () => {
+  const fake = await new FakeServer({ answerDelayMs: 5000 }).start();
+  const lines = [];
+  const c = client(fake, { stopGraceMs: 200, log: (level, msg) => lines.push(`${level} ${msg}`) });
+  fake.script.polls.push(sendTask("t4", crypto.randomBytes(100)));
+  fake.script.onUploadHeader = () => { setTimeout(() => c.stop(), 50); };
+  try {
+    const t0 = Date.now();
+    await c.run(succeeding(crypto.randomBytes(3000)));
+    assert.ok(Date.now() - t0 < 2000);
+    assert.ok(lines.includes("WARNING task t4: stopping with its result of 3000 bytes not delivered; the server ends the "
+      + "task when this node's reconnect grace expires, or at once when a new process of the node registers"), lines.join("\n"));
+    assert.deepEqual([...c.delivery.pending.keys()], ["t4"]);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("the command line on SIGTERM delivers the FAILED report that replaces a refused result, then exits 0", async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "fedstream-js-"));
+  const data = path.join(dir, "site.csv");
+  fs.writeFileSync(data, "x,y\n1,2\n2,4\n3,6\n");
+  const source = "class LinearPlan: ...\n";
+  const sha = crypto.createHash("sha256").update(source).digest("hex");
+  const doc = encode({
+    format: 1, experiment_id: "e", round: 1, plan: { name: "LinearPlan", source, sha256: sha },
+    training_args: { lr: new Float64(0.1), num_updates: 3 }, model_args: {},
+    params: { coef: NDArray.zeros([1, 1], "<f4"), intercept: NDArray.zeros([1], "<f4") },
+    aggregator: "fedavg", aggregator_state: {}, dataset_tags: [],
+  });
+  const fake = await new FakeServer({ answerDelayMs: 200 }).start();
+  fake.script.polls.push(sendTask("t5", Buffer.from(doc)));
+  fs.writeFileSync(path.join(dir, "token"), "tok-123\n");
+  const child = spawn(process.execPath, [path.join(__dirname, "..", "src", "cli.js"), "--server", fake.address,
+    "--tls", "insecure", "--token-file", path.join(dir, "token"), "--data", data, "--target", "y",
+    "--approve-plan", sha, "--poll-wait", "1"], { stdio: ["ignore", "ignore", "pipe"] });
+  let stderr = "";
+  child.stderr.on("data", (b) => { stderr += b; });
+  fake.script.onUploadHeader = (h) => {
+    if (!h.payload) return null;
+    child.kill("SIGTERM");
+    return fail(grpc.status.RESOURCE_EXHAUSTED, "announced payload too large (test)", "ERROR_REASON_PAYLOAD_TOO_LARGE");
+  };
+  try {
+    const [code] = await Promise.race([
+      new Promise((resolve) => child.on("exit", (c, signal) => resolve([c, signal]))),
+      new Promise((resolve) => setTimeout(() => resolve(["timeout"]), 15000)),
+    ]);
+    assert.equal(code, 0, stderr);
+    assert.match(stderr, /SIGTERM: stopping/);
+    const last = fake.uploadHeaders.at(-1);
+    assert.equal(last.outcome, "TASK_OUTCOME_FAILED");
+    assert.match(last.error_message, /\(ERROR_REASON_PAYLOAD_TOO_LARGE\): announced payload too large \(test\)$/);
+    assert.ok(fake.uploads.get("t5").complete, stderr);
+  } finally {
+    if (child.exitCode === null) child.kill("SIGKILL");
+    await fake.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
