@@ -119,3 +119,32 @@ test("a result whose upload broke stays pending and held; run() delivers it on a
     await fake.stop();
   }
 });
+
+test("polls are numbered 1, 2, 3 across reconnects; one refused STALE_POLL keeps the download and is made again at once", async () => {
+  const { classify } = require("../src/wire/node_client.js");
+  const doc = crypto.randomBytes(5 * 1024);
+  const stale = fail(grpc.status.ABORTED, "stale PollTask of node js-1: its poll_sequence 2 is not greater than 7",
+    "ERROR_REASON_STALE_POLL");
+  assert.equal(classify(stale), "retry", "never fatal, never a task drop");
+  const fake = await new FakeServer().start();
+  const at = [];
+  fake.script.polls.push(
+    sendTask("t6", doc, { cutAfter: 2 }), // a broken connection: run() reconnects (fresh channel, Register)
+    (call) => { at.push(Date.now()); call.emit("error", stale); },
+    (call) => { at.push(Date.now()); sendTask("t6", doc, { from: 2 * 1024 })(call); },
+  );
+  const lines = [];
+  const c = client(fake, { log: (level, msg) => lines.push(msg) });
+  try {
+    await c.run(failedTrainer, { maxTasks: 1 });
+    assert.deepEqual(fake.polls.map(({ sequence, resume, held }) => [sequence, resume, held]),
+      [[1, "", []], [2, "t6", ["t6"]], [3, "t6", ["t6"]]]);
+    assert.equal(fake.registers, 2);
+    assert.ok(at[1] - at[0] < 200, `polled again at once (${at[1] - at[0]} ms)`);
+    assert.ok(lines.some((l) => /poll_sequence 2 is not greater than 7; polling again/.test(l)), lines.join("\n"));
+    assert.equal(fake.uploadHeaders.at(-1).task_id, "t6");
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});

@@ -24,7 +24,7 @@ const { NodeCalls } = require("./calls.js");
 const { TaskPoller } = require("./poller.js");
 const { ResultDelivery, PendingResult } = require("./delivery.js");
 const {
-  REASON_METADATA_KEY, backoffMs, classify, errorReason, isFatal, refusedResultMessage,
+  REASON_METADATA_KEY, STALE_POLL_REASON, backoffMs, classify, errorReason, isFatal, refusedResultMessage,
 } = require("./refusals.js");
 
 const Status = grpc.status;
@@ -205,13 +205,15 @@ class NodeClient {
   /**
    * The node loop until stop() (or `maxTasks` tasks handled, 0: no limit): register, deliver the results
    * still pending, poll, run tasks. Retryable failures back off with jitter; those that may mean a dead
-   * connection (UNAVAILABLE, a deadline, a silent stream) open a fresh channel and register again.
+   * connection (UNAVAILABLE, a deadline, a silent stream) open a fresh channel and register again; a poll
+ * refused as stale (ERROR_REASON_STALE_POLL: that call is dead) is made again at once (backoff after a second).
    * UNAUTHENTICATED, a refused protocol version and a call superseded by a newer process of this node
    * (isFatal) end the loop with the error. Results still pending when it ends are logged.
    */
   async run(trainer, { maxTasks = 0 } = {}) {
     let failures = 0;
     let handled = 0;
+    let stale = false; // the last poll was refused as stale: polled again at once; a second one backs off
     try {
       while (!this.stopped) {
         try {
@@ -225,6 +227,7 @@ class NodeClient {
           if (maxTasks && handled >= maxTasks) break;
           const event = await this.poll();
           failures = 0;
+          stale = false;
           if (event.kind === "task") {
             handled += 1;
             await this.handleTask(event, trainer);
@@ -237,6 +240,11 @@ class NodeClient {
           if (this.stopped) break;
           const kind = classify(err, { aboutTask: Boolean(err.taskId) }); // Register, a fresh poll: about no task
           if (kind === "fatal") throw err;
+          if (errorReason(err) === STALE_POLL_REASON && !stale) { // that call is dead, nothing else: poll again
+            stale = true;
+            this.log("INFO", `${err.details || err.message}; polling again`);
+            continue;
+          }
           failures += 1;
           if (RECONNECT_CODES.has(err.code)) {
             this.registration = null;

@@ -17,6 +17,10 @@
  * running (each is read to its end or cancelled before poll() returns); a poll started while another one
  * runs (two poll() at once) does not report.
  *
+ * Poll sequence (§5 "Stale polls"): every poll carries its number among this client's polls (1, 2, ...,
+ * across reconnects, never repeated), so a poll of an abandoned connection that reaches the server late is
+ * refused (ERROR_REASON_STALE_POLL: that call is dead) instead of sending back a task the process holds.
+ *
  * A stream silent for longer than the poll's wait plus the call timeout (first message), or than
  * `idleStreamTimeoutSeconds` (between chunks), is cancelled and fails with ConnectionLostError: the
  * connection is taken as dead (half-open), as fednode's idle timeouts do.
@@ -52,6 +56,10 @@ class TaskPoller {
     this.idleStreamTimeoutSeconds = o.idleStreamTimeoutSeconds;
     this.streamAllowanceSeconds = o.streamAllowanceSeconds;
     this.partial = null; // {taskId, assembler} of a broken download
+    /** PollTasks this client (one node process) has sent, over all its connections: the next one carries
+     * this + 1 as PollTaskRequest.poll_sequence, so the server refuses a late poll of an abandoned
+     * connection (ERROR_REASON_STALE_POLL) instead of acting on its older held_task_ids. */
+    this.pollsSent = 0;
   }
 
   /** The wait of the next poll: ours, capped by the server's max_poll_wait_seconds (0: no cap). */
@@ -72,9 +80,11 @@ class TaskPoller {
     return [...ids];
   }
 
-  /** The PollTaskRequest: the wait, the download it resumes, and what the process holds when it may say so. */
+  /** The PollTaskRequest of the next poll: its number (poll_sequence), the wait, the download it resumes, and
+   * what the process holds when it may say so. */
   request(wait, resuming) {
-    const request = { version: PROTOCOL_VERSION, wait_seconds: wait };
+    this.pollsSent += 1;
+    const request = { version: PROTOCOL_VERSION, wait_seconds: wait, poll_sequence: this.pollsSent };
     if (resuming) {
       request.resume_task_id = resuming.taskId;
       request.resume_offset = resuming.assembler.keptOffset;

@@ -21,12 +21,16 @@ const FATAL_REASONS = new Set(["ERROR_REASON_UNAUTHENTICATED", "ERROR_REASON_VER
 /** Reasons that end the task the call named: drop it (its partial download, its result), keep running. */
 const TASK_REASONS = new Set(["ERROR_REASON_TASK_CLOSED", "ERROR_REASON_UNKNOWN_TASK",
   "ERROR_REASON_TASK_NOT_SENT_TO_NODE"]);
+/** A poll the server saw after a newer poll of this process (PollTaskRequest.poll_sequence not greater: a
+ * late poll of a connection the process abandoned, docs/protocol.md §5 "Stale polls"): that call is dead,
+ * nothing else is (no task dropped, a download kept to resume); run() polls again at once. */
+const STALE_POLL_REASON = "ERROR_REASON_STALE_POLL";
 /** Reasons a new attempt may cure (backoff with jitter; an upload resumes where GetUploadStatus says).
  * ERROR_REASON_UNKNOWN_NODE (reserved: not sent by this server version) means "register again": run()
  * forgets its registration and registers before its next poll. */
 const RETRYABLE_REASONS = new Set(["ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REASON_DIGEST_MISMATCH",
   "ERROR_REASON_UPLOADS_BUSY", "ERROR_REASON_UPLOAD_IN_PROGRESS", "ERROR_REASON_SERVER_STOPPING",
-  "ERROR_REASON_INTERNAL", "ERROR_REASON_UNKNOWN_NODE"]);
+  "ERROR_REASON_INTERNAL", "ERROR_REASON_UNKNOWN_NODE", STALE_POLL_REASON]);
 /** The refusal of an upload while the server has no upload buffer free: retried in place for a while. */
 const BUSY_REASON = "ERROR_REASON_UPLOADS_BUSY";
 /** The refusal of a result document that does not decode: the server ended the task FAILED already. */
@@ -105,5 +109,5 @@ function refusedResultMessage(err, size) {
 }
 
 module.exports = {
-  REASON_METADATA_KEY, BUSY_REASON, backoffMs, errorReason, classify, isFatal, isBusy, refusedResultMessage,
+  REASON_METADATA_KEY, BUSY_REASON, STALE_POLL_REASON, backoffMs, errorReason, classify, isFatal, isBusy, refusedResultMessage,
 };
