@@ -344,6 +344,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                         f"chunk at offset {offset} has {n} bytes: every chunk but the last must have "
                         f"chunk_size {info.chunk_size} bytes")
                 session.assembler.add(offset, data)
+                del message, data  # not held while the next chunk is read (receiver peak RSS)
                 handle.transferred("upload", n, session.received, info.total_size)
         finally:
             self.uploads.end(session)
