@@ -69,10 +69,9 @@ from fednode.handler import ReceivedTask, TaskHandler, TaskReply
 from fednode.receive_window import auto_window, measure_rtt
 from fednode.receive_window import describe as describe_window
 from fednode.reporter import Reporter, ReportPump
+from fednode.result_delivery import ResultDelivery
 from fednode.transfers import PendingUpload, TaskDownload
 from fednode.transport import (
-    BAD_RESULT_REASON,
-    BUSY_REASON,
     EOF,
     NodeConnection,
     PollStream,
@@ -82,8 +81,6 @@ from fednode.transport import (
 
 log = logging.getLogger(__name__)
 
-#: Upload attempts while the server answers RESOURCE_EXHAUSTED "no upload buffer free" (with backoff).
-BUSY_UPLOAD_ATTEMPTS = 8
 T = TypeVar("T")
 CLIENT_VERSION = "fednode/0.1.0"
 
@@ -142,11 +139,11 @@ class NodeClient:
         self._token = config.resolve_token()  # a missing token file fails now, not at the first call
         self._executor = executor
         self._rng = rng if rng is not None else random.Random()
+        self._delivery = ResultDelivery(config, self._stoppable, self._rng)
         self.state = ClientState.CREATED
         self.node_id: str | None = None
         self.settings: ServerSettings | None = None
         self.sessions = 0  # successful registrations
-        self.results_delivered = 0
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reporter: Reporter | None = None
@@ -188,6 +185,11 @@ class NodeClient:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def results_delivered(self) -> int:
+        """Results (and FAILED reports in their place) the server has acknowledged."""
+        return self._delivery.delivered
 
     async def run(self) -> None:
         """Serve until :meth:`stop` (once per client). Raises ServerRefusedError or VersionMismatchError
@@ -479,95 +481,11 @@ class NodeClient:
     # -- delivering a result --------------------------------------------------------------------
     async def _deliver(self, conn: NodeConnection) -> None:
         """Send the pending result, resuming where the server stands. A result the server refuses is dropped;
-        when the refusal leaves its task open (:meth:`_after_refusal`), the node reports the task FAILED in
+        when the refusal leaves its task open (:class:`fednode.result_delivery.ResultDelivery`: too large,
+        malformed, misframed, busy past ``busy_upload_retry_seconds``), the node reports the task FAILED in
         its place, naming the refusal, so the round counts it at once (the server never sends the task
         again: it knows this process got it, docs/protocol.md §5)."""
         while self._upload is not None:
             self.state = ClientState.UPLOADING
             # on an exception (connection lost, stop) _upload stays: the next session delivers it
-            self._upload = await self._deliver_one(conn, self._upload)
-
-    async def _deliver_one(self, conn: NodeConnection, upload: PendingUpload) -> PendingUpload | None:
-        """Deliver ``upload``, retrying in place while the server is busy; what is left to deliver: None, or
-        the FAILED report that replaces a refused result."""
-        attempt = 0
-        while True:
-            try:
-                await self._stoppable(self._send(conn, upload), grace=self.config.stop_grace_seconds)
-            except ServerRefusedError as exc:
-                if fatal_refusal(exc):  # e.g. a newer process of this node registered: it serves the node now
-                    raise
-                busy = self._server_busy(exc, upload)
-                attempt += 1
-                if busy and attempt < BUSY_UPLOAD_ATTEMPTS:
-                    delay = self.config.backoff.delay(attempt - 1, self._rng)
-                    log.info("%s: server busy with other uploads (%s); retrying task %s in %.2f s",
-                             self.config.node_name, exc.details, upload.task_id, delay)
-                    await self._stoppable(asyncio.sleep(delay))
-                    continue
-                return self._after_refusal(upload, exc, attempt if busy else 0)
-            self.results_delivered += 1
-            return None
-
-    def _after_refusal(self, upload: PendingUpload, exc: ServerRefusedError,
-                       busy_attempts: int) -> PendingUpload | None:
-        """Drop a refused result; return the FAILED report to send in its place when the refusal leaves the
-        task open on the server: a result refused for itself (too large, malformed, misframed, or the server
-        still busy after ``busy_attempts`` attempts), as opposed to a task the refusal ends (closed, unknown,
-        not ours: :func:`fednode.transport.task_refusal`; a result document that does not decode, which ends
-        it FAILED). Left open, the task would wait for its inactivity timeout, since the server never sends
-        it again. A refused FAILED or REFUSED report is only dropped (nothing smaller to send)."""
-        name = self.config.node_name
-        if upload.payload is None or task_refusal(exc) or exc.reason == BAD_RESULT_REASON:
-            log.warning("%s: result of task %s dropped: %s", name, upload.task_id, exc)
-            return None
-        refusal = exc.reason or getattr(exc.code, "name", "no status code")
-        after = f" after {busy_attempts} attempts" if busy_attempts > 1 else ""
-        log.warning("%s: result of task %s dropped: %s; reporting the task FAILED", name, upload.task_id, exc)
-        return PendingUpload.failed(upload.task_id, f"the server refused the result of {upload.total_size} bytes"
-                                                    f"{after} ({refusal}): {exc.details}")
-
-    def _server_busy(self, exc: ServerRefusedError, upload: PendingUpload) -> bool:
-        """Whether the upload was refused for "no upload buffer free now" (ERROR_REASON_UPLOADS_BUSY): worth
-        retrying later, unlike a payload over max_payload_size. From a server without reasons:
-        RESOURCE_EXHAUSTED for a result within the announced limits (docs/protocol.md §7)."""
-        if exc.reason:
-            return exc.reason == BUSY_REASON
-        if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return False
-        limit = self.settings.max_payload_size if self.settings else 0
-        return limit == 0 or upload.total_size <= limit
-
-    async def _send(self, conn: NodeConnection, upload: PendingUpload) -> None:
-        start = 0
-        if upload.attempted:
-            status = await conn.upload_status(upload.task_id)
-            if status.complete:
-                return
-            if upload.valid_offset(status.acknowledged_offset):
-                start = status.acknowledged_offset
-            log.info("%s: resuming the upload of task %s at byte %d of %d", self.config.node_name,
-                     upload.task_id, start, upload.total_size)
-        upload.attempted = True
-        try:
-            await conn.upload(upload.descriptor(start), upload.chunks(start), self.config.idle_stream_timeout_seconds)
-        except ConnectionLostError as exc:
-            if exc.code != grpc.StatusCode.INTERNAL or exc.reason:
-                raise
-            # INTERNAL without a reason is gRPC's own: grpc.aio reports a server that ends the upload while we
-            # still write chunks (a refusal) as INTERNAL "Internal error from Core", losing the server's status
-            # (grpc/grpc#36066). The task's state on the server tells a refused task (closed, superseded, ...:
-            # GetUploadStatus raises that refusal), a result refused for itself (too large, busy, misframed,
-            # malformed: GetUploadStatus names it in refused_reason, handled as if it came with its trailer)
-            # and a broken stream (reconnect and resume, as before).
-            log.info("%s: upload of task %s ended with %s; asking the server where it stands", self.config.node_name,
-                     upload.task_id, exc)
-            status = await conn.upload_status(upload.task_id)
-            if status.complete:
-                return
-            if status.refused_reason:
-                raise ServerRefusedError(
-                    f"UploadResult refused by the server with {status.refused_reason} (told by GetUploadStatus; "
-                    f"the call itself failed with {exc}): {status.refused_message}",
-                    exc.code, status.refused_message, status.refused_reason) from None
-            raise
+            self._upload = await self._delivery.deliver(conn, self._upload, self.settings)

@@ -98,6 +98,16 @@ class NodeConfig:
     report_interval_seconds: float = 0.5  # batching period of progress/log events
     heartbeat_interval_seconds: float = 10.0  # used until the server announces its own at Register
     stop_grace_seconds: float = 10.0  # how long stop() lets an upload in flight finish
+    #: How long a result refused ERROR_REASON_UPLOADS_BUSY is retried in place (with ``backoff``, each wait
+    #: cut to the time left) before the node gives it up and reports its task FAILED, counted from the
+    #: first busy refusal, seconds. Busy means the server's upload buffers are taken, possibly by *parked*
+    #: uploads (broken, kept for their resume), which it frees only when their task ends: by fedserver's
+    #: defaults within its reconnect grace (30 s) of their node's drop, or, for a node that fell silent,
+    #: its liveness window (max poll wait 30 s + 2 x heartbeat 10 s) plus that grace: 80 s. 120 s outlasts
+    #: that by more than one backoff ceiling (30 s), so an attempt comes after the room is free (the former
+    #: rule, eight attempts, gave up after ~31 s on average, 61.5 s at most, and lost a good result).
+    #: Meanwhile a Heartbeat naming the task keeps it from counting as inactive.
+    busy_upload_retry_seconds: float = 120.0
     #: HTTP/2 receive window for task downloads, bytes: how much the server may send ahead of what the node
     #: has read. "auto" (default): measured after every Register (fednode.receive_window) - one chunk
     #: message fixed when the round-trip time is short enough for it to move >= 1 GB/s, else gRPC's
@@ -129,7 +139,7 @@ class NodeConfig:
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
             raise NodeConfigError(f"receive_pool_bytes must be an int >= 0 bytes (0: off), got {pool!r}")
         for name in ("poll_wait_seconds", "call_timeout_seconds", "idle_stream_timeout_seconds",
-                     "report_interval_seconds", "heartbeat_interval_seconds"):
+                     "report_interval_seconds", "heartbeat_interval_seconds", "busy_upload_retry_seconds"):
             if not getattr(self, name) > 0:
                 raise NodeConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not valid_receive_window(self.receive_window_bytes):

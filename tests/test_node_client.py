@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 
 import numpy as np
@@ -183,10 +182,8 @@ def test_busy_server_upload_is_retried_not_dropped():
         service = FakeNodeService()
         service.busy_uploads = 2
         server, port = await start_server(service)
-        config = node_config(port)
         handler = RecordingHandler()
-        client = NodeClient(config, handler)
-        client.config = dataclasses.replace(config, backoff=BackoffPolicy(initial=0.01, maximum=0.05))
+        client = NodeClient(node_config(port, backoff=BackoffPolicy(initial=0.01, maximum=0.05)), handler)
         try:
             async with running(client):
                 service.add_task(FakeTask("t1", OutgoingPayload.from_object(params(1000), CHUNK)))

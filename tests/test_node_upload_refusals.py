@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from test_node_client_fedserver import server_config
 from fedcore.errors import ConnectionLostError, ServerRefusedError
 from fedcore.framing import OutgoingPayload
 from fedcore.wire import TaskKind
-from fednode.client import BUSY_UPLOAD_ATTEMPTS, NodeClient
+from fednode.client import NodeClient
 from fednode.handler import EchoHandler, TaskReply
 from fednode.transport import (
     BUSY_REASON,
@@ -166,28 +167,40 @@ def test_a_result_refused_for_itself_is_reported_failed_and_never_computed_again
 
 
 class BusyService(FakeNodeService):
-    """Refuses the first ``busy`` uploads with UPLOADS_BUSY, each read to its end first (see the module doc)."""
+    """Refuses the first ``busy`` uploads of a SUCCEEDED result with UPLOADS_BUSY, each read to its end first
+    (see the module doc); FAILED and REFUSED reports go through."""
 
     def __init__(self, busy: int) -> None:
         super().__init__()
         self.busy = busy
 
     async def UploadResult(self, request_iterator, context):
-        if self.busy > 0:
+        first = await request_iterator.__anext__()
+        if self.busy > 0 and first.header.outcome == common_pb2.TASK_OUTCOME_SUCCEEDED:
             self.busy -= 1
             self.refuse_upload = (EXHAUSTED, "too many concurrent uploads (16, limit 16)", "ERROR_REASON_UPLOADS_BUSY")
-        return await super().UploadResult(request_iterator, context)
+
+        async def replayed():
+            yield first
+            async for message in request_iterator:
+                yield message
+
+        return await super().UploadResult(replayed(), context)
 
 
-def test_a_server_still_busy_after_the_retries_gets_the_task_reported_failed() -> None:
-    """Busy is retried in place, BUSY_UPLOAD_ATTEMPTS times in all; then the task is reported FAILED."""
-    service, client, handler = _uploaded(BusyService(BUSY_UPLOAD_ATTEMPTS))
-    assert handler.tasks == ["t1"]
+def test_a_server_still_busy_past_the_window_gets_the_task_reported_failed() -> None:
+    """Busy is retried in place while the refusals last less than busy_upload_retry_seconds; then the task is
+    reported FAILED, naming the attempts, the time spent and the refusal."""
+    service = BusyService(10**6)
+    client = arun(run_until_t1_done(service, _payload(), upload_chunk_size=CHUNK, busy_upload_retry_seconds=0.4))
     *attempts, report = service.upload_headers
-    assert [a.outcome for a in attempts] == [common_pb2.TASK_OUTCOME_SUCCEEDED] * BUSY_UPLOAD_ATTEMPTS
-    assert report.outcome == common_pb2.TASK_OUTCOME_FAILED and report.error_message == (
-        f"the server refused the result of {attempts[0].payload.total_size} bytes after {BUSY_UPLOAD_ATTEMPTS} "
-        f"attempts (ERROR_REASON_UPLOADS_BUSY): too many concurrent uploads (16, limit 16)")
+    assert len(attempts) >= 2 and {a.outcome for a in attempts} == {common_pb2.TASK_OUTCOME_SUCCEEDED}
+    assert report.outcome == common_pb2.TASK_OUTCOME_FAILED
+    words = re.fullmatch(rf"the server refused the result of {attempts[0].payload.total_size} bytes after (\d+) "
+                         r"attempts over (\d+\.\d) s \(ERROR_REASON_UPLOADS_BUSY\): too many concurrent uploads "
+                         r"\(16, limit 16\)", report.error_message)
+    assert words is not None, report.error_message
+    assert int(words[1]) == len(attempts) and 0.4 <= float(words[2]) < 3.0, report.error_message
     assert len(service.registrations) == 1 and client.sessions == 1
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ from test_lost_delivery import LOST, X, Y, _deliver, _handle, _poll
 
 from fedcore.framing import PayloadInfo
 from fedcore.wire import TaskKind, TaskOutcome
-from fednode.client import BUSY_UPLOAD_ATTEMPTS, NodeClient
+from fednode.client import NodeClient
 from fednode.handler import TaskReply
 from fedserver.task_board import TaskBoard
 from fedserver.tasks import TaskHandle, TaskState
@@ -158,8 +159,8 @@ async def test_fednode_reports_a_result_over_the_servers_limit_failed_and_does_n
     behind a local INTERNAL, grpc/grpc#36066: the node then reconnects and learns it from the next attempt.)"""
     async with running_server(tmp_path, max_poll_wait_seconds=2.0, heartbeat_interval_seconds=0.5) as kit:
         trainer = Trainer()
-        client = NodeClient(node_config(kit.server.port, token=kit.store.enroll("n"), poll_wait_seconds=2.0),
-                            trainer)
+        client = NodeClient(node_config(kit.server.port, token=kit.store.enroll("n"), poll_wait_seconds=2.0,
+                                        busy_upload_retry_seconds=1.0), trainer)
         async with running(client):
             await kit.server.wait_for_nodes(1, timeout=10)
             announced = kit.server.uploads.max_payload_size
@@ -183,8 +184,8 @@ async def test_fednode_reports_a_result_over_the_servers_limit_failed_and_does_n
 @async_test
 async def test_fednode_reports_a_task_failed_when_the_server_stays_busy(tmp_path: Path) -> None:
     """One upload slot, held by another node's interrupted upload (parked, waiting for a resume: nothing
-    running can free it): every attempt is refused UPLOADS_BUSY; after its retries the node reports the
-    task FAILED, naming the refusal, and does not train it again."""
+    running can free it, within the reconnect grace of 30 s): every attempt is refused UPLOADS_BUSY; past its
+    busy window (1 s here) the node reports the task FAILED, naming the refusal, and does not train it again."""
     async with running_server(tmp_path, max_concurrent_uploads=1, max_poll_wait_seconds=2.0,
                               heartbeat_interval_seconds=0.5) as kit:
         other = await kit.registered_node("other")
@@ -194,8 +195,8 @@ async def test_fednode_reports_a_task_failed_when_the_server_stays_busy(tmp_path
             await other.upload(parked.task_id, encoded({"r": bytes(20_000)}, chunk_size=4096), stop_after_chunks=1)
         assert len(kit.server.uploads) == 1
         trainer = Trainer()
-        client = NodeClient(node_config(kit.server.port, token=kit.store.enroll("n"), poll_wait_seconds=2.0),
-                            trainer)
+        client = NodeClient(node_config(kit.server.port, token=kit.store.enroll("n"), poll_wait_seconds=2.0,
+                                        busy_upload_retry_seconds=1.0), trainer)
         async with running(client):
             await eventually(lambda: "n" in kit.server.registry, 10, "the node registered")
             handle = _train(kit)
@@ -203,6 +204,6 @@ async def test_fednode_reports_a_task_failed_when_the_server_stays_busy(tmp_path
             await eventually(lambda: client.results_delivered == 1, 5, "the FAILED report acknowledged")
             await asyncio.sleep(0.3)  # the node polls holding nothing: the task does not come again
     assert result.outcome is TaskState.FAILED, result
-    assert f"after {BUSY_UPLOAD_ATTEMPTS} attempts (ERROR_REASON_UPLOADS_BUSY)" in result.error_message
+    assert re.search(r"after \d+ attempts over \d+\.\d s \(ERROR_REASON_UPLOADS_BUSY\)", result.error_message)
     assert "too many concurrent uploads (1, limit 1)" in result.error_message, result.error_message
     assert trainer.tasks == [handle.task_id] and result.bytes_sent == TASK_SIZE

@@ -1,0 +1,157 @@
+"""``ResultDelivery``: how a node process hands one task's result to the server.
+
+Resume where the server stands (``GetUploadStatus`` after an interrupted attempt), retry in place while the
+server is busy with other uploads (ERROR_REASON_UPLOADS_BUSY) for up to ``NodeConfig.busy_upload_retry_seconds``,
+and replace a result the server refuses for itself (too large, malformed, misframed, still busy after that
+window) by a FAILED report naming the refusal, so the round counts the task at once instead of waiting for
+its inactivity timeout (the server never sends such a task again: docs/protocol.md §4 step 4, §5).
+
+Busy is time-bound, not count-bound: a busy server's buffers may be held by *parked* uploads (interrupted,
+kept for their resume) that free only when their task ends, up to the server's reconnect grace after their
+node went away. A fixed number of jittered attempts can end well before that and lose a good result; the
+window outlasts it (see the field's docstring in :class:`fednode.config.NodeConfig`). While it waits, the
+node says the task is alive (a ``Heartbeat`` naming it), so the wait is not taken for inactivity.
+
+Every wait goes through the client's ``stoppable`` (its stop() ends it); connection failures propagate to
+the client, which reconnects and delivers again in its next session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from fedcore.errors import ConnectionLostError, ServerRefusedError
+from fedcore.wire import ServerSettings
+from fednode.config import NodeConfig
+from fednode.transfers import PendingUpload
+from fednode.transport import BAD_RESULT_REASON, BUSY_REASON, NodeConnection, fatal_refusal, task_refusal
+
+#: A child of the client's logger: delivering results is part of the node's loop, and a level or filter set on
+#: ``fednode.client`` (an operator's, a test's) covers it too.
+log = logging.getLogger("fednode.client.delivery")
+
+#: Awaits an awaitable unless the client is asked to stop first (then allows ``grace`` more seconds).
+Stoppable = Callable[..., Awaitable[Any]]
+
+
+class ResultDelivery:
+    """Delivers pending results over the client's connections; counts the ones the server acknowledged.
+
+    ``stoppable(awaitable, grace=0.0)`` is the client's wait that stop() interrupts; ``rng`` drives the
+    backoff jitter; ``clock`` (``time.monotonic``) measures the busy window.
+    """
+
+    def __init__(self, config: NodeConfig, stoppable: Stoppable, rng: random.Random,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._stoppable = stoppable
+        self._rng = rng
+        self._clock = clock
+        self.delivered = 0  # results (and FAILED reports) the server acknowledged
+
+    async def deliver(self, conn: NodeConnection, upload: PendingUpload,
+                      settings: ServerSettings | None) -> PendingUpload | None:
+        """Deliver ``upload``, retrying in place while the server is busy; what is left to deliver: None, or
+        the FAILED report that replaces a refused result. Busy refusals are retried with the client's backoff
+        (each wait cut to what is left of the window) while they have lasted less than
+        ``busy_upload_retry_seconds`` since the first; then the result is given up."""
+        cfg = self.config
+        attempts, busy_since = 0, None
+        while True:
+            try:
+                await self._stoppable(self._send(conn, upload), grace=cfg.stop_grace_seconds)
+            except ServerRefusedError as exc:
+                if fatal_refusal(exc):  # e.g. a newer process of this node registered: it serves the node now
+                    raise
+                attempts += 1
+                if not self._server_busy(exc, upload, settings):
+                    return self._after_refusal(upload, exc)
+                now = self._clock()
+                busy_since = now if busy_since is None else busy_since
+                left = cfg.busy_upload_retry_seconds - (now - busy_since)
+                if left <= 0:
+                    return self._after_refusal(upload, exc, busy=(attempts, now - busy_since))
+                delay = min(cfg.backoff.delay(attempts - 1, self._rng), left)
+                log.info("%s: server busy with other uploads (%s); retrying task %s in %.2f s (%.0f s left to "
+                         "wait)", cfg.node_name, exc.details, upload.task_id, delay, left)
+                await self._stoppable(conn.heartbeat(upload.task_id))  # waiting for room is not inactivity
+                await self._stoppable(asyncio.sleep(delay))
+                continue
+            self.delivered += 1
+            return None
+
+    def _after_refusal(self, upload: PendingUpload, exc: ServerRefusedError,
+                       busy: tuple[int, float] | None = None) -> PendingUpload | None:
+        """Drop a refused result; return the FAILED report to send in its place when the refusal leaves the
+        task open on the server: a result refused for itself (too large, malformed, misframed, or the server
+        still busy, ``busy`` = (attempts, seconds) spent retrying), as opposed to a task the refusal ends
+        (closed, unknown, not ours: :func:`fednode.transport.task_refusal`; a result document that does not
+        decode, which ends it FAILED). Left open, the task would wait for its inactivity timeout, since the
+        server never sends it again. A refused FAILED or REFUSED report is only dropped (nothing smaller)."""
+        name = self.config.node_name
+        if upload.payload is None or task_refusal(exc) or exc.reason == BAD_RESULT_REASON:
+            log.warning("%s: result of task %s dropped: %s", name, upload.task_id, exc)
+            return None
+        refusal = exc.reason or getattr(exc.code, "name", "no status code")
+        after = ""
+        if busy is not None:
+            attempts, seconds = busy
+            after = f" after {attempts} attempt{'s' if attempts != 1 else ''} over {seconds:.1f} s"
+        log.warning("%s: result of task %s dropped%s: %s; reporting the task FAILED", name, upload.task_id, after,
+                    exc)
+        return PendingUpload.failed(upload.task_id, f"the server refused the result of {upload.total_size} bytes"
+                                                    f"{after} ({refusal}): {exc.details}")
+
+    @staticmethod
+    def _server_busy(exc: ServerRefusedError, upload: PendingUpload, settings: ServerSettings | None) -> bool:
+        """Whether the upload was refused for "no upload buffer free now" (ERROR_REASON_UPLOADS_BUSY): worth
+        retrying later, unlike a payload over max_payload_size. From a server without reasons:
+        RESOURCE_EXHAUSTED for a result within the announced limits (docs/protocol.md §7)."""
+        if exc.reason:
+            return exc.reason == BUSY_REASON
+        if exc.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return False
+        limit = settings.max_payload_size if settings else 0
+        return limit == 0 or upload.total_size <= limit
+
+    async def _send(self, conn: NodeConnection, upload: PendingUpload) -> None:
+        name = self.config.node_name
+        start = 0
+        if upload.attempted:
+            status = await conn.upload_status(upload.task_id)
+            if status.complete:
+                return
+            if upload.valid_offset(status.acknowledged_offset):
+                start = status.acknowledged_offset
+            log.info("%s: resuming the upload of task %s at byte %d of %d", name, upload.task_id, start,
+                     upload.total_size)
+        upload.attempted = True
+        try:
+            await conn.upload(upload.descriptor(start), upload.chunks(start), self.config.idle_stream_timeout_seconds)
+        except ConnectionLostError as exc:
+            if exc.code != grpc.StatusCode.INTERNAL or exc.reason:
+                raise
+            # INTERNAL without a reason is gRPC's own: grpc.aio reports a server that ends the upload while we
+            # still write chunks (a refusal) as INTERNAL "Internal error from Core", losing the server's status
+            # (grpc/grpc#36066). The task's state on the server tells a refused task (closed, superseded, ...:
+            # GetUploadStatus raises that refusal), a result refused for itself (too large, busy, misframed,
+            # malformed: GetUploadStatus names it in refused_reason, handled as if it came with its trailer)
+            # and a broken stream (reconnect and resume, as before).
+            log.info("%s: upload of task %s ended with %s; asking the server where it stands", name,
+                     upload.task_id, exc)
+            status = await conn.upload_status(upload.task_id)
+            if status.complete:
+                return
+            if status.refused_reason:
+                raise ServerRefusedError(
+                    f"UploadResult refused by the server with {status.refused_reason} (told by GetUploadStatus; "
+                    f"the call itself failed with {exc}): {status.refused_message}",
+                    exc.code, status.refused_message, status.refused_reason) from None
+            raise
