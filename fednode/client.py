@@ -392,6 +392,7 @@ class NodeClient:
                 raise MessageError(f"PollTask sent {type(event).__name__} in the middle of task {task_id}'s chunks")
             try:
                 assembler.add(*event)
+                del event  # not held while the next chunk is read (receiver peak RSS)
             except FramingError as exc:
                 self._download = None
                 return _Polled(descriptor, early_reply=PendingUpload.failed(task_id, f"bad task stream: {exc}"))
