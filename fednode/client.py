@@ -20,6 +20,11 @@ INTERNAL, grpc/grpc#36066: ``GetUploadStatus`` names it). A refusal that ends th
 this node registered) ends :meth:`NodeClient.run` with the error. Refusals are told apart by the server's
 error reason (docs/protocol.md §7), by the status code when it sends none.
 
+Running a task (the handler in a worker thread, its reports and heartbeats meanwhile) is
+:class:`fednode.task_execution.TaskExecution`'s job; delivering its result (resume, busy retries, FAILED
+reports in place of refused results) is :class:`fednode.result_delivery.ResultDelivery`'s. The client owns
+one of each and hands them its stop.
+
 The client holds no global state and starts no thread of its own besides the handler's worker (from the
 loop's default executor unless one is injected), so hundreds of clients can share one event loop.
 Downloads are received into buffers from the client's own :class:`~fedcore.framing.BufferPool`
@@ -44,32 +49,28 @@ import numpy as np
 
 from fedcore.errors import (
     ConnectionLostError,
-    EncodeError,
     FramingError,
     MessageError,
     NodeError,
     PayloadSizeError,
-    SerializationError,
     ServerRefusedError,
 )
-from fedcore.framing import BufferPool, OutgoingPayload
-from fedcore.framing.memory import compute_memory, keep_chunk_memory, return_free_heap
-from fedcore.serialization import Serializer
+from fedcore.framing import BufferPool
+from fedcore.framing.memory import keep_chunk_memory, return_free_heap
 from fedcore.wire import (
     DatasetInfo,
     NodeRegistration,
     ServerSettings,
     ShutdownNotice,
     TaskDescriptor,
-    TaskOutcome,
 )
 from fedcore.wire.flow_control import AUTO_WINDOW
 from fednode.config import NodeConfig
-from fednode.handler import ReceivedTask, TaskHandler, TaskReply
+from fednode.handler import TaskHandler
 from fednode.receive_window import auto_window, measure_rtt
 from fednode.receive_window import describe as describe_window
-from fednode.reporter import Reporter, ReportPump
 from fednode.result_delivery import ResultDelivery
+from fednode.task_execution import TaskExecution
 from fednode.transfers import PendingUpload, TaskDownload
 from fednode.transport import (
     EOF,
@@ -137,8 +138,8 @@ class NodeClient:
         self.registration = NodeRegistration(config.node_name, tuple(datasets), tuple(capabilities),
                                              CLIENT_VERSION, instance_id=secrets.token_hex(16))
         self._token = config.resolve_token()  # a missing token file fails now, not at the first call
-        self._executor = executor
         self._rng = rng if rng is not None else random.Random()
+        self._execution = TaskExecution(config, handler, executor, lambda: self.stopping)
         self._delivery = ResultDelivery(config, self._stoppable, self._rng)
         self.state = ClientState.CREATED
         self.node_id: str | None = None
@@ -146,7 +147,6 @@ class NodeClient:
         self.sessions = 0  # successful registrations
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reporter: Reporter | None = None
         self._download: TaskDownload | None = None
         self._upload: PendingUpload | None = None
         self._attempt = 0  # consecutive failed sessions, for the backoff
@@ -169,9 +169,7 @@ class NodeClient:
         A poll or a download is abandoned at once; a running handler sees ``reporter.stop_requested`` and
         is waited for; an upload in flight gets ``config.stop_grace_seconds`` to finish.
         """
-        reporter = self._reporter
-        if reporter is not None:
-            reporter.request_stop()
+        self._execution.request_stop()
         loop = self._loop
         try:
             current = asyncio.get_running_loop()
@@ -420,64 +418,11 @@ class NodeClient:
 
     # -- running a task -----------------------------------------------------------------------
     async def _execute(self, conn: NodeConnection, polled: _Polled) -> PendingUpload:
-        """Run the handler in a worker thread while a pump sends its reports and heartbeats."""
+        """Run a downloaded task (:class:`fednode.task_execution.TaskExecution`: the handler in a worker thread,
+        its reports and heartbeats sent meanwhile); the result to deliver."""
         self.state = ClientState.RUNNING
-        reporter = Reporter(polled.descriptor.task_id)
-        self._reporter = reporter
-        if self.stopping:
-            reporter.request_stop()
-        settings = self.settings
-        heartbeat = settings.heartbeat_interval_seconds if settings and settings.heartbeat_interval_seconds > 0 \
-            else self.config.heartbeat_interval_seconds
-
-        async def send_heartbeat(task_id: str) -> None:
-            if await conn.heartbeat(task_id):
-                log.info("%s: server is shutting down; finishing task %s", self.config.node_name, task_id)
-
-        pump = ReportPump(reporter, send_report=conn.report, send_heartbeat=send_heartbeat,
-                          interval=self.config.report_interval_seconds, heartbeat_interval=heartbeat)
-        pump_task = asyncio.create_task(pump.run())
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._work, polled, reporter)
-        finally:
-            pump.finish()
-            await asyncio.gather(pump_task, return_exceptions=True)
-            self._reporter = None
-
-    def _work(self, polled: _Polled, reporter: Reporter) -> PendingUpload:
-        """Worker thread: decode, handle, encode and hash the reply (all CPU-bound, off the event loop)."""
-        d = polled.descriptor
-        try:
-            payload = Serializer.loads(polled.buffer)
-        except SerializationError as exc:
-            return PendingUpload.failed(d.task_id, f"task payload cannot be decoded: {exc}")
-        task = ReceivedTask(d.task_id, d.experiment_id, d.round, d.kind, payload)
-        try:
-            with compute_memory():  # training's 4-32 MiB tensors stay on the heap, reused step after step
-                reply = self.handler.handle(task, reporter)
-            if not isinstance(reply, TaskReply):
-                raise TypeError(f"the handler returned {type(reply).__name__}, not a TaskReply")
-        except Exception as exc:  # a plan's bug must never kill the node: it becomes the reply
-            log.warning("%s: task %s failed: %s: %s", self.config.node_name, d.task_id, type(exc).__name__, exc,
-                        exc_info=log.isEnabledFor(logging.DEBUG))
-            return PendingUpload.failed(d.task_id, f"{type(exc).__name__}: {exc}")
-        if reply.outcome is not TaskOutcome.SUCCEEDED:
-            return PendingUpload(d.task_id, TaskOutcome(reply.outcome), reply.error_message)
-        try:
-            out = OutgoingPayload.from_object(reply.payload, self._upload_chunk_size())
-        except EncodeError as exc:
-            return PendingUpload.failed(d.task_id, f"result payload cannot be encoded: {exc}")
-        limit = self.settings.max_payload_size if self.settings else 0
-        if limit and out.total_size > limit:
-            return PendingUpload.failed(
-                d.task_id, f"result payload of {out.total_size} bytes exceeds the server's limit of {limit} bytes")
-        return PendingUpload(d.task_id, TaskOutcome.SUCCEEDED, "", out)
-
-    def _upload_chunk_size(self) -> int:
-        server_max = self.settings.max_chunk_size if self.settings else 0
-        size = self.config.upload_chunk_size
-        return min(size, server_max) if server_max > 0 else size
+        assert polled.buffer is not None  # a _Polled without an early reply holds the verified payload
+        return await self._execution.run(conn, polled.descriptor, polled.buffer, self.settings)
 
     # -- delivering a result --------------------------------------------------------------------
     async def _deliver(self, conn: NodeConnection) -> None:
