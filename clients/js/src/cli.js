@@ -6,7 +6,7 @@
  */
 const os = require("node:os");
 const { parseArgs } = require("node:util");
-const { NodeClient } = require("./wire/node_client.js");
+const { NodeClient, BUSY_UPLOAD_RETRY_MS } = require("./wire/node_client.js");
 const { channelCredentials, readToken, TLS_MODES } = require("./wire/connection.js");
 const { loadDataset } = require("./training/dataset.js");
 const { LinearTrainer } = require("./training/train_task.js");
@@ -44,9 +44,19 @@ OPTIONS
     --name NAME             display name (default: <hostname>-js)
     --poll-wait SECONDS     long-poll wait (default 30, capped by the server)
     --chunk-size BYTES      upload chunk size (default 1048576, capped by the server)
+    --stop-grace SECONDS    on SIGINT/SIGTERM, how long an upload in flight may finish (default 10)
+    --busy-upload-retry SECONDS
+                            how long a result the server refuses as busy (no upload buffer free) is
+                            tried again before the task is reported FAILED (default ${BUSY_UPLOAD_RETRY_MS / 1000}, as fednode)
     --max-tasks N           exit after N tasks (default 0: run until SIGINT/SIGTERM)
     --protos DIR            directory holding fedstream/v1/*.proto (default: the repository's protos/)
     -h, --help              this text
+
+SIGNALS
+    SIGINT, SIGTERM: the poll in progress ends at once; a result being uploaded, and the FAILED report
+    that replaces a result the server refuses meanwhile, get --stop-grace seconds; a result still not
+    delivered is logged with its task (the server ends that task after its reconnect grace, or at once
+    when the node starts again). A second signal kills the process.
 
 EXIT STATUS
     0 stopped by a signal or --max-tasks; 2 bad configuration; 3 the server refused this node
@@ -69,6 +79,8 @@ const OPTIONS = {
   name: { type: "string" },
   "poll-wait": { type: "string", default: "30" },
   "chunk-size": { type: "string", default: String(1024 * 1024) },
+  "stop-grace": { type: "string", default: "10" },
+  "busy-upload-retry": { type: "string", default: String(BUSY_UPLOAD_RETRY_MS / 1000) },
   "max-tasks": { type: "string", default: "0" },
   protos: { type: "string" },
   help: { type: "boolean", short: "h", default: false },
@@ -108,6 +120,8 @@ function setup(v) {
     clientVersion: `fedstream-js/${version}`,
     pollWaitSeconds: positiveNumber(v["poll-wait"], "--poll-wait"),
     uploadChunkSize: positiveNumber(v["chunk-size"], "--chunk-size", true) || 1024 * 1024,
+    stopGraceMs: positiveNumber(v["stop-grace"], "--stop-grace") * 1000,
+    busyUploadRetryMs: positiveNumber(v["busy-upload-retry"], "--busy-upload-retry") * 1000,
     channelOptions: v["tls-server-name"] ? { "grpc.ssl_target_name_override": v["tls-server-name"] } : {},
     protosDir: v.protos,
     log,

@@ -123,7 +123,9 @@ class TaskPoller {
       this.held.add(header.task_id);
       return { kind: "task", header, payload: null, reply: null, ...fields };
     };
-    expect(wait + this.callTimeoutSeconds, "waiting for a task");
+    // wait 0 asks for the server's maximum: 30 s unless it announced another
+    const longest = wait > 0 ? wait : (registration && registration.max_poll_wait_seconds) || 30;
+    expect(longest + this.callTimeoutSeconds, "waiting for a task");
     try {
       for await (const message of call) {
         expect(this.idleStreamTimeoutSeconds, header ? `task ${header.task_id}` : "after its first message");
