@@ -2,8 +2,10 @@
 /**
  * NodeClient against a scripted NodeService written with grpc-js from the same protos: identity, instance
  * id and version on every call, a download cut mid-payload and resumed, an upload cut and resumed from
- * GetUploadStatus, DATA_LOSS, a bad digest, ServerShutdown, UNAUTHENTICATED, and the whole loop; refusals
- * decided by the error reason in the `fedstream-error-reason` trailer, by the code without one.
+ * GetUploadStatus, DATA_LOSS, a task it cannot take (bad digest, misframed, over its limits: answered as
+ * fednode), a trainer that throws, ServerShutdown, UNAUTHENTICATED, and the whole loop; refusals decided by
+ * the error reason in the `fedstream-error-reason` trailer, by the code without one. The scripted server is
+ * fake_server.js; held tasks and poll numbering: held_tasks.test.js; busy retries and stop: delivery.test.js.
  */
 const test = require("node:test");
 const assert = require("node:assert/strict");
@@ -364,5 +366,21 @@ test("refusedResultMessage: a report only for a result refused for itself", () =
     [S.FAILED_PRECONDITION, "ERROR_REASON_NODE_SUPERSEDED"], [S.NOT_FOUND, "ERROR_REASON_UNKNOWN_NODE"],
     [S.CANCELLED, null], [S.INTERNAL, null], [S.UNKNOWN, null]]) { // broken or cancelled calls: no verdict
     assert.equal(refusedResultMessage(fail(code, "words", reason), 10), null, `${reason || code}: no report`);
+  }
+});
+
+test("a trainer that throws does not kill the node: the task is reported FAILED with the error", async () => {
+  const fake = await new FakeServer().start();
+  const c = client(fake);
+  const task = { header: { task_id: "t15", round: 1, kind: "TASK_KIND_TRAIN" }, payload: Buffer.alloc(0) };
+  try {
+    await c.register();
+    await c.handleTask(task, { run: async () => { throw new RangeError("index 7 out of range"); } });
+    const h = fake.uploadHeaders.at(-1);
+    assert.deepEqual([h.task_id, h.outcome, h.error_message], ["t15", "TASK_OUTCOME_FAILED", "RangeError: index 7 out of range"]);
+    assert.deepEqual([...c.held], []);
+  } finally {
+    c.close();
+    await fake.stop();
   }
 });
