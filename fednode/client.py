@@ -20,10 +20,11 @@ INTERNAL, grpc/grpc#36066: ``GetUploadStatus`` names it). A refusal that ends th
 this node registered) ends :meth:`NodeClient.run` with the error. Refusals are told apart by the server's
 error reason (docs/protocol.md §7), by the status code when it sends none.
 
-Running a task (the handler in a worker thread, its reports and heartbeats meanwhile) is
-:class:`fednode.task_execution.TaskExecution`'s job; delivering its result (resume, busy retries, FAILED
-reports in place of refused results) is :class:`fednode.result_delivery.ResultDelivery`'s. The client owns
-one of each and hands them its stop.
+The client owns one part per job: receiving a polled task's payload (resumable downloads,
+:class:`fednode.task_reception.TaskReception`), running it (the handler in a worker thread, its reports and
+heartbeats meanwhile, :class:`fednode.task_execution.TaskExecution`) and delivering its result (resume,
+busy retries, FAILED reports in place of refused results, :class:`fednode.result_delivery.ResultDelivery`);
+it hands them its stop.
 
 The client holds no global state and starts no thread of its own besides the handler's worker (from the
 loop's default executor unless one is injected), so hundreds of clients can share one event loop.
@@ -41,18 +42,15 @@ import random
 import secrets
 from collections.abc import Awaitable, Iterable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-import numpy as np
 
 from fedcore.errors import (
     ConnectionLostError,
     FramingError,
     MessageError,
     NodeError,
-    PayloadSizeError,
     ServerRefusedError,
 )
 from fedcore.framing import BufferPool
@@ -71,11 +69,11 @@ from fednode.receive_window import auto_window, measure_rtt
 from fednode.receive_window import describe as describe_window
 from fednode.result_delivery import ResultDelivery
 from fednode.task_execution import TaskExecution
-from fednode.transfers import PendingUpload, TaskDownload
+from fednode.task_reception import PolledTask, TaskReception
+from fednode.transfers import PendingUpload
 from fednode.transport import (
     EOF,
     NodeConnection,
-    PollStream,
     fatal_refusal,
     task_refusal,
 )
@@ -111,15 +109,6 @@ class _Reconnect(Exception):
         self.delay = delay
 
 
-@dataclass(frozen=True)
-class _Polled:
-    """A downloaded task: its verified buffer, or the reply the node gives without running it."""
-
-    descriptor: TaskDescriptor
-    buffer: np.ndarray | None = None
-    early_reply: PendingUpload | None = None
-
-
 class NodeClient:
     """Serves one node's tasks until :meth:`stop`; see the module docstring for the lifecycle.
 
@@ -147,7 +136,6 @@ class NodeClient:
         self.sessions = 0  # successful registrations
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._download: TaskDownload | None = None
         self._upload: PendingUpload | None = None
         self._attempt = 0  # consecutive failed sessions, for the backoff
         self._poll_aborted = False  # the last poll ended ABORTED (polled again at once; a second one reconnects)
@@ -157,6 +145,7 @@ class NodeClient:
         self.polls_sent = 0
         #: Download buffers kept between tasks (see NodeConfig.receive_pool_bytes; 0: a fresh one every task).
         self.receive_pool = BufferPool(config.receive_pool_bytes)
+        self._reception = TaskReception(config, self.receive_pool)
         #: Download window of the current channel (bytes fixed, None: probing) and, under "auto", the
         #: round-trip time it was chosen from (seconds; None before the first measurement).
         self.receive_window: int | None = config.initial_receive_window()
@@ -291,10 +280,10 @@ class NodeClient:
         cap = self.settings.max_poll_wait_seconds if self.settings else 0.0
         return min(self.config.poll_wait_seconds, cap) if cap > 0 else self.config.poll_wait_seconds
 
-    async def _poll(self, conn: NodeConnection) -> _Polled | None:
+    async def _poll(self, conn: NodeConnection) -> PolledTask | None:
         """One long poll: a downloaded task (or a reply refusing it), or None to poll again: NoTask, a task
         the server refused (:meth:`_drop_refused_task`), or a poll it ended with ABORTED."""
-        resume_id, resume_offset = self._download.resume_point() if self._download else ("", 0)
+        resume_id, resume_offset = self._reception.resume_point()
         wait = self._poll_wait()
         self.polls_sent += 1
         stream = conn.poll(wait, resume_id, resume_offset, held_task_ids=self._held_task_ids(resume_id),
@@ -309,7 +298,8 @@ class NodeClient:
                 polled = None
             elif isinstance(event, TaskDescriptor):
                 task_id = event.task_id
-                polled = await self._download_task(stream, event)
+                self.state = ClientState.DOWNLOADING
+                polled = await self._reception.receive(stream, event)
             else:
                 what = "end of stream" if event is EOF else f"a chunk at offset {event[0]}"
                 raise MessageError(f"PollTask sent {what} before any task header")
@@ -354,74 +344,17 @@ class NodeClient:
             return False
         if not (task_refusal(exc) or exc.code == grpc.StatusCode.INVALID_ARGUMENT):
             return False
-        self._download = None
+        self._reception.drop()
         log.info("%s: task %s dropped, the server refused it: %s; polling again", self.config.node_name, task_id,
                  exc.details or str(exc))
         return True
 
-    def _begin_download(self, descriptor: TaskDescriptor) -> TaskDownload:
-        current = self._download
-        if current is not None and current.accepts_resume(descriptor):
-            current.assembler.resume(descriptor.payload)
-            log.info("%s: resuming task %s at byte %d", self.config.node_name, descriptor.task_id,
-                     descriptor.payload.start_offset)
-            return current
-        current = self._download = None  # a different task, or a fresh start: free the old buffer first
-        self._download = TaskDownload.start(descriptor, max_payload_size=self.config.max_payload_size,
-                                            max_chunk_size=self.config.max_chunk_size, pool=self.receive_pool)
-        return self._download
-
-    async def _download_task(self, stream: PollStream, descriptor: TaskDescriptor) -> _Polled:
-        self.state = ClientState.DOWNLOADING
-        task_id = descriptor.task_id
-        try:
-            download = self._begin_download(descriptor)
-        except PayloadSizeError as exc:
-            log.warning("%s: refusing task %s: %s", self.config.node_name, task_id, exc)
-            return _Polled(descriptor, early_reply=PendingUpload.refused(task_id, f"node refuses the task: {exc}"))
-        assembler = download.assembler
-        idle = self.config.idle_stream_timeout_seconds
-        while not assembler.complete:
-            event = await stream.next(idle)
-            if event is EOF:
-                raise ConnectionLostError(f"PollTask ended after {assembler.received} of "
-                                          f"{assembler.info.total_size} bytes of task {task_id}")
-            if not isinstance(event, tuple):
-                raise MessageError(f"PollTask sent {type(event).__name__} in the middle of task {task_id}'s chunks")
-            try:
-                assembler.add(*event)
-                del event  # not held while the next chunk is read (receiver peak RSS)
-            except FramingError as exc:
-                self._download = None
-                return _Polled(descriptor, early_reply=PendingUpload.failed(task_id, f"bad task stream: {exc}"))
-        self._download = None
-        await self._read_stream_end(stream, task_id)
-        try:
-            buffer = assembler.finish()
-        except FramingError as exc:
-            return _Polled(descriptor, early_reply=PendingUpload.failed(task_id, f"bad task payload: {exc}"))
-        return _Polled(descriptor, buffer=buffer)
-
-    async def _read_stream_end(self, stream: PollStream, task_id: str) -> None:
-        """Wait for the server to end the stream, so it records the task as delivered (not to resend).
-
-        The payload is complete by now: a failure here is logged, never a reason to download again.
-        """
-        try:
-            tail = await stream.next(self.config.idle_stream_timeout_seconds)
-        except (NodeError, MessageError) as exc:
-            log.info("%s: task %s stream did not end cleanly (%s)", self.config.node_name, task_id, exc)
-            return
-        if tail is not EOF:
-            log.warning("%s: ignoring %s after the last chunk of task %s", self.config.node_name,
-                        type(tail).__name__, task_id)
-
     # -- running a task -----------------------------------------------------------------------
-    async def _execute(self, conn: NodeConnection, polled: _Polled) -> PendingUpload:
+    async def _execute(self, conn: NodeConnection, polled: PolledTask) -> PendingUpload:
         """Run a downloaded task (:class:`fednode.task_execution.TaskExecution`: the handler in a worker thread,
         its reports and heartbeats sent meanwhile); the result to deliver."""
         self.state = ClientState.RUNNING
-        assert polled.buffer is not None  # a _Polled without an early reply holds the verified payload
+        assert polled.buffer is not None  # a PolledTask without an early reply holds the verified payload
         return await self._execution.run(conn, polled.descriptor, polled.buffer, self.settings)
 
     # -- delivering a result --------------------------------------------------------------------
