@@ -53,9 +53,9 @@ from fedserver.checkpoints import CheckpointStore
 from fedserver.config import ServerConfig
 from fedserver.history import HistoryStore
 from fedserver.history_records import NodeResultRecord
-from fedserver.off_loop import run_off_loop
+from fedserver.off_loop import run_off_loop, to_completion
 from fedserver.round_model import RoundModel
-from fedserver.rounds import NodeOutcome, RoundReport, run_round
+from fedserver.rounds import CollectedRound, NodeOutcome, RoundReport, collect_round, finish_round
 from fedserver.server import FedServer
 from fedserver.tasks import TaskHandle, TaskState
 
@@ -263,15 +263,7 @@ class Experiment:
                    disable=not self.progress, leave=True)
         try:
             for round_index in range(self.completed_round + 1, self.rounds + 1):
-                report = await self._one_round(server, history, round_index, key)
-                if not self.keep_round_params and self.reports:
-                    self.reports[-1] = replace(self.reports[-1], params={})
-                self.reports.append(report)
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in report.metrics.items() if k.endswith(("loss", "accuracy"))})
-                if self.on_round is not None:
-                    self.on_round(report)
-                del report  # it holds x of the next round, which low_memory releases during that round
+                await self._one_round(server, history, round_index, key, bar)
         except BaseException as exc:
             if history is not None and self.history_id is not None:
                 status = "failed" if isinstance(exc, Exception) else "stopped"
@@ -285,7 +277,9 @@ class Experiment:
         return self.reports
 
     async def _one_round(self, server: FedServer, history: HistoryStore | None, round_index: int,
-                         key: str) -> RoundReport:
+                         key: str, bar: tqdm) -> None:
+        """Run round ``round_index`` up to its replies; then average, checkpoint and report it as one step
+        (:meth:`_complete_round`) that a cancellation (Ctrl-C, a cancelled ``run_async``) waits for."""
         self._record_late(history)
         candidates = await self._eligible(server)
         selector = self.selection or AllNodes()
@@ -307,46 +301,65 @@ class Experiment:
                 history.record_node_result(self._record_of(round_index, outcome))
 
         try:
-            report = await run_round(server, self.aggregator, model, selected, known, min_nodes=self.min_nodes,
-                                     inactivity_timeout=self.round_timeout, experiment_key=key,
-                                     on_outcome=record, on_dispatch=handles.append)
+            collected = await collect_round(server, self.aggregator, model, selected, known,
+                                            min_nodes=self.min_nodes, inactivity_timeout=self.round_timeout,
+                                            experiment_key=key, on_outcome=record, on_dispatch=handles.append)
         except BaseException as exc:
-            if held is not None:
-                if isinstance(exc, Exception) or not model.released:  # no reload when not released
-                    await self._take_back_params(model, held, exc)
-                else:  # interrupted: a reload (seconds at scale) would hold up the shutdown
-                    log.warning("round=%d interrupted (%s) after the global model was released: params stays None; "
-                                "checkpoint round %s holds it (run() reloads it, Experiment.resume() reads it)",
-                                round_index, type(exc).__name__, self._params_saved_as)
-            if isinstance(exc, RoundFailedError) and history is not None and self.history_id is not None:
-                history.finish_round(self.history_id, round_index, "failed", error=str(exc))
+            await self._round_not_applied(exc, model, held, history, round_index)
             raise
         finally:
             self._awaiting_late += [h for h in handles if h.state in (TaskState.TIMED_OUT, TaskState.CANCELLED)]
+        await to_completion(self._complete_round(collected, model, held, history, known, bar))
+
+    async def _round_not_applied(self, exc: BaseException, model: RoundModel, held: bool | None,
+                                 history: HistoryStore | None, round_index: int) -> None:
+        """A round that ended before its average (failed, interrupted) or whose average failed: ``params`` is
+        x again (reloaded if the round released it, unless interrupted) and the history says so."""
+        if held is not None:
+            if isinstance(exc, Exception) or not model.released:  # no reload when not released
+                await self._take_back_params(model, held, exc)
+            else:  # interrupted: a reload (seconds at scale) would hold up the shutdown
+                log.warning("round=%d interrupted (%s) after the global model was released: params stays None; "
+                            "checkpoint round %s holds it (run() reloads it, Experiment.resume() reads it)",
+                            round_index, type(exc).__name__, self._params_saved_as)
+        if isinstance(exc, RoundFailedError) and history is not None and self.history_id is not None:
+            history.finish_round(self.history_id, round_index, "failed", error=str(exc))
+
+    async def _complete_round(self, collected: CollectedRound, model: RoundModel, held: bool | None,
+                              history: HistoryStore | None, known: list[str], bar: tqdm) -> None:
+        """Average the round, then record it everywhere: ``params``, ``completed_round``, its checkpoint, the
+        history, ``reports``, the progress bar and ``on_round``. Run whole (:func:`to_completion`): the
+        average moves the aggregator to the next round (Scaffold's control variates), so a cancellation
+        between it and the checkpoint or the report would leave a state that no run, resumed or not,
+        can continue exactly."""
+        round_index = collected.round
+        try:
+            report = await finish_round(self.aggregator, collected)
+        except BaseException as exc:
+            await self._round_not_applied(exc, model, held, history, round_index)
+            raise
         del model
         self.params = report.params
         self.known_nodes = known
         self.completed_round = round_index
-        store, saved = self.checkpoints, False
-
-        def save() -> None:  # in a worker thread: GBs of arrays, fsynced; the loop serves nodes meanwhile
-            nonlocal saved
-            assert store is not None
-            store.save(round_index, report.params, self.aggregator.name, self.aggregator.config(), *state)
-            saved = True
-
-        try:
-            if store is not None:
-                state = (self.aggregator.state(), self._state())
-                await run_off_loop(save)  # a cancellation arrives once the checkpoint is written (or failed)
-        finally:  # a round whose checkpoint landed is complete, even if the run is being cancelled
-            if saved:
-                self._params_saved_as = round_index
-            if (saved or store is None) and history is not None and self.history_id is not None:
-                history.finish_round(self.history_id, round_index, "completed", metrics=report.metrics)
+        store = self.checkpoints
+        if store is not None:
+            state = (self.aggregator.state(), self._state())
+            # in a worker thread: GBs of arrays, fsynced; the loop serves nodes meanwhile
+            await run_off_loop(lambda: store.save(round_index, report.params, self.aggregator.name,
+                                                  self.aggregator.config(), *state))
+            self._params_saved_as = round_index
+        if history is not None and self.history_id is not None:
+            history.finish_round(self.history_id, round_index, "completed", metrics=report.metrics)
         log.info("round=%d completed nodes=%s metrics=%s seconds=%.2f", round_index, report.succeeded,
                  report.metrics, report.duration_s)
-        return report
+        if not self.keep_round_params and self.reports:
+            self.reports[-1] = replace(self.reports[-1], params={})
+        self.reports.append(report)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in report.metrics.items() if k.endswith(("loss", "accuracy"))})
+        if self.on_round is not None:
+            self.on_round(report)
 
     # -- low memory: x lives in the round's RoundModel only ------------------------------------------
     def _check_params_checkpointable(self) -> None:

@@ -3,14 +3,14 @@
 The final average of a round, a checkpoint of the new model (GBs written and fsynced): on the event loop
 each would hold up every other node's poll, heartbeat and stream for as long. numpy and file writes release
 the GIL, so the loop runs meanwhile. (Each reply's sum stays on the loop on purpose: see
-``fedserver.rounds.run_round``.)
+``fedserver.rounds.collect_round``.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -22,16 +22,27 @@ async def run_off_loop(work: Callable[[], T]) -> T:
 
     A cancelled round resets its aggregator (``abort_round``) and an interrupted experiment may be resumed
     from its checkpoints: neither may happen while a thread is still adding into the sums or writing a
-    checkpoint, so a cancellation (however many arrive) is delivered once ``work`` has returned. An error
-    of ``work`` that ends after a cancellation is logged (the cancellation wins).
+    checkpoint, so a cancellation (however many arrive) is delivered once ``work`` has returned (see
+    :func:`to_completion`).
     """
-    running = asyncio.get_running_loop().run_in_executor(None, work)  # a Future, not a Task: shutdown leaves it
+    # a Future, not a Task: the loop's shutdown, which cancels every remaining task, leaves the thread's job be
+    return await to_completion(asyncio.get_running_loop().run_in_executor(None, work))
+
+
+async def to_completion(work: Awaitable[T]) -> T:
+    """Await ``work`` (a coroutine runs as its own task) to its end even if the caller is cancelled meanwhile.
+
+    For a step that must happen whole or not at all, e.g. a round's average, checkpoint and report: a
+    cancellation (however many arrive) is delivered as ``CancelledError`` once ``work`` is done, never in
+    its middle. An error of ``work`` that ends after a cancellation is logged (the cancellation wins).
+    """
+    running = asyncio.ensure_future(work)
     interrupted = False
     while not running.done():
         try:
             await asyncio.shield(running)
         except asyncio.CancelledError:
-            interrupted = True  # delivered below, once the thread is done
+            interrupted = True  # delivered below, once the work is done
         except BaseException:  # noqa: BLE001 - work's own error: raised by result() below
             break
     if interrupted:

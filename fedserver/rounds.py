@@ -1,7 +1,8 @@
 """One training round, the only place the round loop lives.
 
     select nodes → begin_round → send each node its task (the global model encoded once, plus its own
-    aggregator state) → accumulate every reply into the aggregator as it arrives → finalize.
+    aggregator state) → accumulate every reply into the aggregator as it arrives (:func:`collect_round`)
+    → finalize (:func:`finish_round`).
 
 With a releasable :class:`~fedserver.round_model.RoundModel` (``Experiment(low_memory=True)``) the round
 releases x as soon as every selected node has downloaded its task (or ended without needing it): from
@@ -94,7 +95,17 @@ def round_metrics(outcomes: Sequence[NodeOutcome]) -> dict[str, float]:
     return {key: sums[key] / weights[key] for key in sorted(sums)}
 
 
-async def run_round(
+@dataclass(frozen=True)
+class CollectedRound:
+    """A round whose replies are all in and summed, quorum met: what :func:`finish_round` averages."""
+
+    round: int
+    selected: list[str]
+    outcomes: list[NodeOutcome]  # sorted by node id
+    started: float  # time.perf_counter() when the round began
+
+
+async def collect_round(
     server: FedServer,
     aggregator: Aggregator,
     task: TrainTask | RoundModel,
@@ -106,8 +117,10 @@ async def run_round(
     experiment_key: str,
     on_outcome: Callable[[NodeOutcome], None] | None = None,
     on_dispatch: Callable[[TaskHandle], None] | None = None,
-) -> RoundReport:
-    """Run round ``task.round`` with ``selected`` nodes, starting from x (``task.params``).
+) -> CollectedRound:
+    """Run round ``task.round`` with ``selected`` nodes, starting from x (``task.params``), up to the average:
+    every reply summed, the quorum checked (:class:`RoundFailedError` otherwise). Interrupted or failed,
+    the aggregator drops the round (``abort_round``). :func:`finish_round` then averages.
 
     ``task``: the round's TrainTask, or its RoundModel; a releasable one is released once every node
     has its task, if the aggregator does not keep x (``Aggregator.keeps_global_params``).
@@ -156,10 +169,21 @@ async def run_round(
         raise RoundFailedError(
             f"round {model.round} failed: {len(ok)} of {len(selected)} selected nodes replied, quorum is "
             f"{min_nodes}; missing: {', '.join(missing)}")
-    params = await run_off_loop(aggregator.finalize)
     outcomes.sort(key=lambda o: o.node_id)
-    return RoundReport(model.round, list(selected), outcomes, params, round_metrics(ok),
-                       time.perf_counter() - started)
+    return CollectedRound(model.round, list(selected), outcomes, started)
+
+
+async def finish_round(aggregator: Aggregator, collected: CollectedRound) -> RoundReport:
+    """Average a collected round (``aggregator.finalize``, in a worker thread) into its report.
+
+    ``finalize`` moves the aggregator to the next round (Scaffold's control variates): a caller that must
+    not lose that step to a cancellation runs this, and what it records of the round, as one step
+    (:func:`fedserver.off_loop.to_completion`, as ``Experiment`` does).
+    """
+    params = await run_off_loop(aggregator.finalize)
+    ok = [o for o in collected.outcomes if o.outcome == "succeeded"]
+    return RoundReport(collected.round, collected.selected, collected.outcomes, params, round_metrics(ok),
+                       time.perf_counter() - collected.started)
 
 
 class _ReleaseWhenDownloaded:

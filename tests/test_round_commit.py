@@ -1,0 +1,137 @@
+"""A round's average, checkpoint and report are one step: a cancellation (Ctrl-C, a cancelled ``run_async``)
+that arrives while the average or the checkpoint is being computed waits for the whole step, so the round
+is either not applied at all or applied everywhere — the aggregator's state (Scaffold's control variates),
+``params``, ``completed_round``, the checkpoint, ``reports`` and ``on_round`` — and the next run goes on
+exactly as an uninterrupted one. Real gRPC on loopback; the nodes answer with hand-made results."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from low_memory_support import ARGS, DATASET, fresh_x
+from plans_lsq import LinearPlan
+from server_testkit import WireNode, running_server
+
+from fedcore.aggregators import Scaffold
+from fedcore.serialization import Serializer
+from fedcore.strategies import ByIds
+from fedcore.tasks import TrainResult
+from fedserver.checkpoints import CheckpointStore
+from fedserver.experiment import Experiment
+
+
+class GatedScaffold(Scaffold):
+    """Scaffold whose average waits for ``gate`` (set by the test) once it has started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.gate = threading.Event(), threading.Event()
+
+    def _result(self) -> Any:
+        self.started.set()
+        self.gate.wait(10)
+        return super()._result()
+
+
+class GatedStore(CheckpointStore):
+    """A checkpoint store whose first save waits for ``gate`` once it has started."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started, self.gate = threading.Event(), threading.Event()
+
+    def save(self, *args: Any, **kwargs: Any) -> Any:
+        self.started.set()
+        self.gate.wait(10)
+        return super().save(*args, **kwargs)
+
+
+async def serve(node: WireNode, step: float = 1.0) -> None:
+    """Answer one task with x + ``step``."""
+    polled = await node.poll(wait=10)
+    params = polled.assemble()["params"]
+    reply = TrainResult(params={k: v + step for k, v in params.items()}, num_samples=10, num_steps=1, lr=0.01)
+    await node.upload(polled.descriptor.task_id, Serializer.dumps(reply.to_payload()))
+
+
+def experiment(kit: Any, name: str, folder: Path, **kwargs: Any) -> Experiment:
+    exp = Experiment(LinearPlan, ARGS, rounds=2, dataset_tags=["lsq"], min_nodes=1, selection=ByIds(["wire-0"]),
+                     round_timeout=30, node_wait_timeout=10, server=kit.server, progress=False,
+                     checkpoint_dir=folder, name=name, **kwargs)
+    exp.params = fresh_x()
+    return exp
+
+
+async def interrupt_when(started: threading.Event, gate: threading.Event, run: asyncio.Task[Any]) -> None:
+    """Cancel ``run`` once ``started`` is set, then let the gated work go on; ``run`` must end cancelled."""
+    assert await asyncio.to_thread(started.wait, 10)
+    run.cancel()
+    await asyncio.sleep(0.05)
+    assert not run.done(), "the cancellation was delivered in the middle of the round's last step"
+    gate.set()
+    try:
+        await run
+    except asyncio.CancelledError:
+        return
+    raise AssertionError("run_async was cancelled but returned normally")
+
+
+def test_a_cancellation_during_the_average_completes_the_round_and_the_next_run_matches(tmp_path: Path) -> None:
+    async def main() -> tuple[Any, ...]:
+        async with running_server(tmp_path) as kit:
+            node = kit.node("wire-0")
+            await node.register("wire-0", datasets=(DATASET,))
+            plain = experiment(kit, "plain", tmp_path / "a", aggregator=Scaffold())
+            run = asyncio.create_task(plain.run_async())
+            for _ in range(2):
+                await serve(node)
+            await asyncio.wait_for(run, 30)
+
+            aggregator, seen = GatedScaffold(), []
+            gated = experiment(kit, "gated", tmp_path / "b", aggregator=aggregator, on_round=seen.append)
+            run = asyncio.create_task(gated.run_async())
+            await serve(node)
+            await interrupt_when(aggregator.started, aggregator.gate, run)
+            after_cancel = (gated.completed_round, [r.round for r in gated.reports], [r.round for r in seen],
+                            gated.checkpoints.rounds())
+            run = asyncio.create_task(gated.run_async())  # goes on with round 2
+            await serve(node)
+            await asyncio.wait_for(run, 30)
+            return after_cancel, plain, gated, seen
+
+    after_cancel, plain, gated, seen = asyncio.run(asyncio.wait_for(main(), 90))
+    completed, reported, called_back, checkpointed = after_cancel
+    assert completed == 1 and reported == [1] and called_back == [1]
+    assert 1 in checkpointed
+    assert [r.round for r in gated.reports] == [1, 2] and [r.round for r in seen] == [1, 2]
+    a, b = plain.aggregator.state(), gated.aggregator.state()
+    for key in a["server_control"]:  # c after round 2: as in the uninterrupted run
+        np.testing.assert_array_equal(b["server_control"][key], a["server_control"][key])
+    for key in plain.params:
+        np.testing.assert_array_equal(gated.params[key], plain.params[key])
+
+
+def test_a_cancellation_during_the_checkpoint_still_reports_the_round(tmp_path: Path) -> None:
+    async def main() -> tuple[list[int], list[int], int]:
+        async with running_server(tmp_path) as kit:
+            node = kit.node("wire-0")
+            await node.register("wire-0", datasets=(DATASET,))
+            seen: list[Any] = []
+            exp = experiment(kit, "saving", tmp_path / "c", on_round=seen.append)
+            store = exp.checkpoints = GatedStore(tmp_path / "c")
+            run = asyncio.create_task(exp.run_async())
+            await serve(node)
+            await interrupt_when(store.started, store.gate, run)
+            assert exp.completed_round == 1 and 1 in store.rounds()
+            assert [r.round for r in exp.reports] == [1] and [r.round for r in seen] == [1]
+            again = asyncio.create_task(exp.run_async())
+            await serve(node)
+            reports = await asyncio.wait_for(again, 30)
+            return [r.round for r in reports], [r.round for r in seen], exp.completed_round
+
+    rounds, seen, completed = asyncio.run(asyncio.wait_for(main(), 60))
+    assert rounds == [1, 2] and seen == [1, 2] and completed == 2
