@@ -12,7 +12,10 @@
 
 The plan's whole module source is what nodes approve and run. After every completed round the global
 parameters, the aggregator's full state and the experiment's own state are checkpointed atomically, and
-a run resumed from round k's checkpoint produces the same parameters as an uninterrupted run.
+a run resumed from round k's checkpoint produces the same parameters as an uninterrupted run. A round's
+last step — the average, the checkpoint, the history and the report — is done whole: a Ctrl-C or a cancelled
+``run_async`` that arrives during it waits for it (seconds at GB scale), so a round is either applied
+everywhere or not at all, and ``run()`` again goes on exactly.
 
 ``low_memory=True`` (FedAvg; needs ``checkpoint_dir``) keeps the global model x out of memory for most of
 a round: x is released once every selected node has downloaded its task, and reloaded from the checkpoint
