@@ -29,6 +29,7 @@ from fedcore.wire import (
     TaskOutcome,
     convert,
 )
+from fedcore.wire.metadata_keys import INSTANCE_METADATA_KEY
 from fedserver.auth import NodeStore
 from fedserver.config import MESSAGE_OVERHEAD, ServerConfig
 from fedserver.server import FedServer
@@ -88,10 +89,15 @@ class WireNode:
         return await self.stub.Register(request, metadata=self.metadata, timeout=10)
 
     async def poll(self, wait: float = 0.2, resume_task_id: str = "", resume_offset: int = 0,
-                   stop_after_chunks: int | None = None) -> PolledTask:
-        request = pb.PollTaskRequest(version=version(), wait_seconds=wait, resume_task_id=resume_task_id,
-                                     resume_offset=resume_offset)
-        call = self.stub.PollTask(request, metadata=self.metadata, timeout=wait + 30)
+                   stop_after_chunks: int | None = None, *, request: pb.PollTaskRequest | None = None,
+                   instance: str | None = None) -> PolledTask:
+        """One PollTask call read to its end (or ``stop_after_chunks``); ``request`` in place of the one built
+        from the other arguments; ``instance``: the process's id sent in the metadata."""
+        if request is None:
+            request = pb.PollTaskRequest(version=version(), wait_seconds=wait, resume_task_id=resume_task_id,
+                                         resume_offset=resume_offset)
+        metadata = self.metadata if instance is None else (*self.metadata, (INSTANCE_METADATA_KEY, instance))
+        call = self.stub.PollTask(request, metadata=metadata, timeout=request.wait_seconds + 30)
         got = PolledTask()
         async for message in call:
             which = message.WhichOneof("event")

@@ -119,18 +119,7 @@ async def _poll(node: WireNode, wait: float, held: list[str] | None, resume_task
                 resume_offset: int = 0) -> PolledTask:
     """One poll of process X (its instance id in the metadata), reporting ``held`` (None: not reported)."""
     request = convert.poll_request_to_pb(wait, resume_task_id, resume_offset, held_task_ids=held)
-    call = node.stub.PollTask(request, metadata=(*node.metadata, ("fedstream-instance-id", X)), timeout=wait + 30)
-    got = PolledTask()
-    async for message in call:
-        which = message.WhichOneof("event")
-        if which == "task":
-            got.descriptor = convert.task_descriptor_from_pb(message.task)
-        elif which == "chunk":
-            got.chunks.append((message.chunk.offset, message.chunk.data))
-        else:
-            assert which == "no_task", message
-            got.no_task = True
-    return got
+    return await node.poll(request=request, instance=X)
 
 
 def _dispatch(kit: ServerKit, data: bytes, chunk_size: int = 16 << 10) -> TaskHandle:

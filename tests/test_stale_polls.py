@@ -70,19 +70,7 @@ async def _poll(node: WireNode, sequence: int, held: list[str] | None, wait: flo
                 instance: str = X) -> PolledTask:
     """One poll of process ``instance`` numbered ``sequence`` (0: not sent), reporting ``held``."""
     request = convert.poll_request_to_pb(wait, held_task_ids=held, poll_sequence=sequence)
-    call = node.stub.PollTask(request, metadata=(*node.metadata, ("fedstream-instance-id", instance)),
-                              timeout=wait + 30)
-    got = PolledTask()
-    async for message in call:
-        which = message.WhichOneof("event")
-        if which == "task":
-            got.descriptor = convert.task_descriptor_from_pb(message.task)
-        elif which == "chunk":
-            got.chunks.append((message.chunk.offset, message.chunk.data))
-        else:
-            assert which == "no_task", message
-            got.no_task = True
-    return got
+    return await node.poll(request=request, instance=instance)
 
 
 async def _refused(node: WireNode, sequence: int, held: list[str] | None) -> tuple[grpc.StatusCode, str, str]:
