@@ -124,11 +124,14 @@ class UploadService:
         try:
             self.uploads.check_limits(info)  # over a limit: refused at once, not after waiting in line for room
             if info.start_offset == 0:  # wait in line while running uploads hold every buffer (resumes need none)
-                await self.uploads.wait_for_room(desc.task_id, info.total_size, handle.inactivity_timeout or 120.0,
-                                                 on_wake=handle.touch)
-                if handle.done():  # ended while in line (a round gave up on it, the node restarted): no buffer
-                    raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
-            session = self.uploads.begin(desc.task_id, node_id, info)  # UploadsBusyError: no buffer free now
+                # leaving the block without turn.begin (the task closed, any error) passes the turn on
+                async with self.uploads.line(desc.task_id, info.total_size, handle.inactivity_timeout or 120.0,
+                                             on_wake=handle.touch) as turn:
+                    if handle.done():  # ended while in line (a round gave up on it, the node restarted): no buffer
+                        raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+                    session = turn.begin(node_id, info)  # UploadsBusyError: no buffer free now
+            else:
+                session = self.uploads.begin(desc.task_id, node_id, info)
         except Exception as exc:
             self._note_refused_header(desc.task_id, node_id, instance, exc)
             raise

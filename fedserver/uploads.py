@@ -23,6 +23,9 @@ An upload that finds no room waits in line (:meth:`UploadSessions.wait_for_room`
 running upload may free some, instead of being refused: a thousand nodes replying at once queue behind
 ``max_sessions`` buffers, and two 2.4 GB replies are received one after the other when
 ``max_buffered_bytes`` holds only one. Only when nothing running can free room is the upload refused.
+Room that frees is handed to one waiter at a time, and only :meth:`UploadSessions.begin` hands it on to
+the next; an upload let through that does not begin (its task closed while it waited, any error) passes
+its turn on, which :meth:`UploadSessions.line` does by construction (:class:`LineTurn`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Self
 
 from fedcore.errors import ChunkOrderError, LimitExceededError, UploadConflictError, UploadsBusyError
 from fedcore.framing import BufferPool, ChunkAssembler, PayloadInfo
@@ -110,7 +114,9 @@ class UploadSessions:
         Returns False at once when no running upload could free room (only parked sessions hold the
         buffers: :meth:`begin` then refuses), and after ``timeout`` seconds. ``on_wake`` is called each
         time the line moves (e.g. to count waiting as activity of the task). Call :meth:`begin` right
-        after, with no ``await`` in between, so the room is still there.
+        after, with no ``await`` in between, so the room is still there; a caller that does not (its task
+        closed meanwhile, an error) must :meth:`pass_turn`: :meth:`line` does both for you. A wait that
+        ends otherwise (its timeout, a cancellation) passes on a turn it was handed meanwhile itself.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -125,14 +131,41 @@ class UploadSessions:
             else:
                 self._waiters.append(waiter)
             try:
-                await asyncio.wait_for(waiter, remaining)
+                async with asyncio.timeout(remaining):
+                    await waiter
             except TimeoutError:
-                self._wake()  # in case our turn came as the clock ran out: pass it on
+                self._leave_line(waiter)
                 return False
+            except BaseException:  # the call ended while it waited (cancelled)
+                self._leave_line(waiter)
+                raise
             woken = True
             if on_wake is not None:
                 on_wake()
         return True
+
+    def _leave_line(self, waiter: asyncio.Future[None]) -> None:
+        """``waiter`` leaves the line without its turn: a turn it was handed as it left goes to the next one."""
+        if waiter.done() and not waiter.cancelled():
+            self.pass_turn()
+        else:
+            waiter.cancel()  # skipped by _wake, not counted as waiting
+
+    def pass_turn(self) -> None:
+        """Hand the turn on to the next upload in line.
+
+        A turn is handed to one waiter at a time (:meth:`_wake`), and only :meth:`begin` hands on the
+        next one. An upload let through by :meth:`wait_for_room` that does not call :meth:`begin` (its task
+        closed while it waited, any error before) calls this instead; otherwise the next waiter would sit
+        until some other upload frees room, or its wait runs out."""
+        if self._waiters:
+            self._wake()
+
+    def line(self, task_id: str, size: int, timeout: float,
+             on_wake: Callable[[], None] | None = None) -> LineTurn:
+        """A wait in line for a fresh upload of ``size`` bytes, as an async context manager: its block calls
+        :meth:`LineTurn.begin`; when it ends without (an exception, or no call), the turn passes on."""
+        return LineTurn(self, task_id, size, timeout, on_wake)
 
     def begin(self, task_id: str, node_id: str, info: PayloadInfo) -> UploadSession:
         """Start (``start_offset`` 0) or resume (``start_offset`` = acknowledged offset) an upload.
@@ -224,6 +257,11 @@ class UploadSessions:
         self.pool.trim(0)
 
     @property
+    def waiting(self) -> int:
+        """Uploads waiting in line for room now."""
+        return sum(not waiter.done() for waiter in self._waiters)
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes counted against ``max_buffered_bytes``: open sessions' buffers and discarded ones still alive."""
         return self._buffered
@@ -235,6 +273,44 @@ class UploadSessions:
         """Contiguous bytes received and kept for ``task_id`` (0 when there is no session)."""
         session = self._sessions.get(task_id)
         return 0 if session is None else session.received
+
+
+class LineTurn:
+    """One fresh upload's wait in line and the turn it gets (:meth:`UploadSessions.line`)::
+
+        async with uploads.line(task_id, size, timeout) as turn:
+            ...  # checks that may raise
+            session = turn.begin(node_id, info)
+
+    ``admitted`` says whether room was there when the wait ended (False: it ran out, or nothing running could
+    free room; :meth:`begin` then refuses, unless room appeared meanwhile). A block that ends without a
+    successful :meth:`begin` passes the turn on (:meth:`UploadSessions.pass_turn`): an upload that leaves
+    the line never stalls the uploads behind it.
+    """
+
+    def __init__(self, sessions: UploadSessions, task_id: str, size: int, timeout: float,
+                 on_wake: Callable[[], None] | None = None) -> None:
+        self.task_id = task_id
+        self.size = size
+        self.timeout = timeout
+        self.admitted = False
+        self._sessions = sessions
+        self._on_wake = on_wake
+        self._taken = False
+
+    async def __aenter__(self) -> Self:
+        self.admitted = await self._sessions.wait_for_room(self.task_id, self.size, self.timeout, self._on_wake)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.admitted and not self._taken:
+            self._sessions.pass_turn()
+
+    def begin(self, node_id: str, info: PayloadInfo) -> UploadSession:
+        """:meth:`UploadSessions.begin` for this upload; the turn is taken once it returns."""
+        session = self._sessions.begin(self.task_id, node_id, info)
+        self._taken = True
+        return session
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
