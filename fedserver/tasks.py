@@ -17,7 +17,8 @@ dead connection: the server sent it, the process never got it, and it is sent ag
 
 ``last_activity`` moves on every sign of life for the task (a poll that waits for it, chunks sent or
 received, a Report or Heartbeat naming it); when it stays still for ``inactivity_timeout`` seconds the
-task ends TIMED_OUT. A slow but moving upload therefore never times out. A task whose node disconnected
+task ends TIMED_OUT. A slow but moving upload therefore never times out, nor does a result waiting in the
+server's upload line for a buffer (:meth:`TaskHandle.kept_active`). A task whose node disconnected
 and did not come back within the task board's reconnect grace ends FAILED sooner (:meth:`TaskHandle.lose`);
 one whose payload the server cannot rebuild (a low-memory round's checkpoint gone bad) ends FAILED at once
 (:meth:`TaskHandle.fail`). Listeners are dropped when the task ends.
@@ -26,6 +27,7 @@ one whose payload the server cannot rebuild (a low-memory round's checkpoint gon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -201,6 +203,7 @@ class TaskHandle:
         self._loop = asyncio.get_running_loop()
         self._future: asyncio.Future[TaskResult] = self._loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
+        self._kept_active = 0  # blocks of kept_active() running now
         self._arm_timer()
 
     def __repr__(self) -> str:
@@ -248,6 +251,19 @@ class TaskHandle:
     def touch(self) -> None:
         """Record activity (resets the inactivity timeout)."""
         self.last_activity = time.monotonic()
+
+    @contextlib.contextmanager
+    def kept_active(self) -> Iterator[None]:
+        """Count the task as active for as long as the block runs, and its inactivity timeout from the block's
+        end: e.g. while its result waits in the server's upload line, its node waits on an open call and has
+        nothing to send (:meth:`fedserver.uploads.UploadSessions.line`)."""
+        self._kept_active += 1
+        self.touch()
+        try:
+            yield
+        finally:
+            self._kept_active -= 1
+            self.touch()
 
     # -- used by the server ----------------------------------------------------------------------
     def report(self, event: ReportEvent) -> None:
@@ -354,6 +370,8 @@ class TaskHandle:
         self._timer = None
         if self.state.terminal or self.inactivity_timeout is None:
             return
+        if self._kept_active:  # e.g. waiting in the upload line: active all along
+            self.touch()
         if time.monotonic() - self.last_activity >= self.inactivity_timeout - 1e-3:  # timers may fire early
             reason = f"timed out after {self.inactivity_timeout:g} s without activity"
             self._finish(TaskState.TIMED_OUT, f"node {self.node_id} {reason} ({self.state.value})",

@@ -6,8 +6,9 @@ calling process) as callbacks; the rules live in the task board and the upload s
 
 An UploadResult is a header, then chunks written into one preallocated buffer (:mod:`fedserver.uploads`):
 a header over a limit is refused at once, a fresh one (offset 0) waits in line while running uploads hold
-every buffer, and a stream that ends before its last byte leaves its session parked for a resume at the
-offset GetUploadStatus acknowledges. The header first marks its task as offered by the calling process
+every buffer (at most :data:`fedserver.uploads.LINE_WAIT_SECONDS`, its task counted active meanwhile: its
+node has nothing to send), and a stream that ends before its last byte leaves its session parked for a
+resume at the offset GetUploadStatus acknowledges. The header first marks its task as offered by the calling process
 (:meth:`fedserver.task_board.TaskBoard.result_offered`), so a task whose result was refused is never sent
 to that process again. A refusal of the header for the result itself (:data:`RESULT_REFUSALS`) is kept on
 the task for GetUploadStatus (``refused_reason``): grpc.aio may hide it from the node (grpc/grpc#36066).
@@ -124,12 +125,14 @@ class UploadService:
         try:
             self.uploads.check_limits(info)  # over a limit: refused at once, not after waiting in line for room
             if info.start_offset == 0:  # wait in line while running uploads hold every buffer (resumes need none)
-                # leaving the block without turn.begin (the task closed, any error) passes the turn on
-                async with self.uploads.line(desc.task_id, info.total_size, handle.inactivity_timeout or 120.0,
-                                             on_wake=handle.touch) as turn:
-                    if handle.done():  # ended while in line (a round gave up on it, the node restarted): no buffer
-                        raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
-                    session = turn.begin(node_id, info)  # UploadsBusyError: no buffer free now
+                # the node waits on its open call meanwhile, sending nothing: its task is active all along. At
+                # most line_wait_seconds, well within a node's idle timeout; leaving the block without
+                # turn.begin (the task closed, any error) passes the turn on
+                with handle.kept_active():
+                    async with self.uploads.line(desc.task_id, info.total_size) as turn:
+                        if handle.done():  # ended while in line (a round gave up on it, the node restarted)
+                            raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+                        session = turn.begin(node_id, info)  # UploadsBusyError: no buffer free now
             else:
                 session = self.uploads.begin(desc.task_id, node_id, info)
         except Exception as exc:

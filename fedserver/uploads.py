@@ -25,21 +25,43 @@ running upload may free some, instead of being refused: a thousand nodes replyin
 ``max_buffered_bytes`` holds only one. Only when nothing running can free room is the upload refused.
 Room that frees is handed to one waiter at a time, and only :meth:`UploadSessions.begin` hands it on to
 the next; an upload let through that does not begin (its task closed while it waited, any error) passes
-its turn on, which :meth:`UploadSessions.line` does by construction (:class:`LineTurn`).
+its turn on, which :meth:`UploadSessions.line` does by construction (:class:`LineTurn`). A wait lasts at
+most :data:`LINE_WAIT_SECONDS` (then the upload is refused busy, before its node's own idle timeout gives
+up the call); an upload that left the line without its turn keeps its place for the next upload of its
+task (:data:`PLACE_KEPT_SECONDS`), so the line stays oldest first across a node's busy retries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Self
 
 from fedcore.errors import ChunkOrderError, LimitExceededError, UploadConflictError, UploadsBusyError
 from fedcore.framing import BufferPool, ChunkAssembler, PayloadInfo
+
+#: Longest an upload waits in line, seconds (:meth:`UploadSessions.line`; then it is refused busy). A node's
+#: UploadResult call makes no progress while it waits (the server reads nothing more), and fednode gives up a
+#: call silent for ``NodeConfig.idle_stream_timeout_seconds`` (120 s by default) and rejoins at the back: the
+#: server answers well before that, and keeps the upload's place for its retry (:data:`PLACE_KEPT_SECONDS`).
+LINE_WAIT_SECONDS = 60.0
+#: How long the place of an upload that left the line without its turn (its wait ran out, nothing running
+#: could free room, its call ended) is kept for the next upload of its task, seconds: more than a busy retry's
+#: backoff (fednode: at most 30 s by default) plus its Heartbeat.
+PLACE_KEPT_SECONDS = 120.0
+
+
+@dataclass(order=True)
+class _Waiter:
+    """An upload waiting in line; the line is ordered by ``ticket`` (its task's first arrival): oldest first."""
+
+    ticket: int
+    future: asyncio.Future[None] = field(compare=False)
 
 
 @dataclass
@@ -69,7 +91,10 @@ class UploadSessions:
         self._sessions: dict[str, UploadSession] = {}
         self._buffered = 0  # bytes of the open sessions' buffers, and of finished ones not yet freed
         self._unfreed = 0  # finished uploads whose buffers are still alive (their result being aggregated)
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.line_wait_seconds = LINE_WAIT_SECONDS  # longest wait in line() by default
+        self._line: list[_Waiter] = []  # a heap: the oldest ticket first
+        self._tickets = itertools.count()
+        self._places: dict[str, tuple[int, float]] = {}  # task id -> (ticket, kept until: time.monotonic())
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -100,49 +125,60 @@ class UploadSessions:
 
     def _wake(self, everyone: bool = False) -> None:
         """Let the oldest waiter (or all of them) look for room again."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        while self._line:
+            waiter = heapq.heappop(self._line).future
             if not waiter.done():
                 waiter.set_result(None)
                 if not everyone:
                     return
 
-    async def wait_for_room(self, task_id: str, size: int, timeout: float,
-                            on_wake: Callable[[], None] | None = None) -> bool:
+    async def wait_for_room(self, task_id: str, size: int, timeout: float) -> bool:
         """Wait in line until a fresh upload of ``size`` bytes fits; True when it does.
 
         Returns False at once when no running upload could free room (only parked sessions hold the
-        buffers: :meth:`begin` then refuses), and after ``timeout`` seconds. ``on_wake`` is called each
-        time the line moves (e.g. to count waiting as activity of the task). Call :meth:`begin` right
+        buffers: :meth:`begin` then refuses), and after ``timeout`` seconds. Call :meth:`begin` right
         after, with no ``await`` in between, so the room is still there; a caller that does not (its task
         closed meanwhile, an error) must :meth:`pass_turn`: :meth:`line` does both for you. A wait that
         ends otherwise (its timeout, a cancellation) passes on a turn it was handed meanwhile itself.
         """
+        return await self._wait(task_id, size, timeout) == "admitted"
+
+    async def _wait(self, task_id: str, size: int, timeout: float) -> str:
+        """:meth:`wait_for_room`, saying how it ended: "admitted", "timed out" or "hopeless" (nothing running)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        woken = False
+        ticket = self._place_of(task_id)
         while not self._room_for(task_id, size):
             remaining = deadline - loop.time()
             if not self._running() or remaining <= 0:
-                return False
-            waiter = loop.create_future()
-            if woken:
-                self._waiters.appendleft(waiter)  # woken but beaten to the room: keep our place in line
-            else:
-                self._waiters.append(waiter)
+                self._keep_place(task_id, ticket)
+                return "hopeless" if remaining > 0 else "timed out"
+            waiter = _Waiter(ticket, loop.create_future())
+            heapq.heappush(self._line, waiter)  # woken but beaten to the room: back at our place
             try:
                 async with asyncio.timeout(remaining):
-                    await waiter
+                    await waiter.future
             except TimeoutError:
-                self._leave_line(waiter)
-                return False
+                self._leave_line(waiter.future)
+                self._keep_place(task_id, ticket)
+                return "timed out"
             except BaseException:  # the call ended while it waited (cancelled)
-                self._leave_line(waiter)
+                self._leave_line(waiter.future)
+                self._keep_place(task_id, ticket)
                 raise
-            woken = True
-            if on_wake is not None:
-                on_wake()
-        return True
+        return "admitted"
+
+    def _place_of(self, task_id: str) -> int:
+        """The ticket of ``task_id``'s upload in line: the one kept from its last wait, else a new one at the back."""
+        kept = self._places.pop(task_id, None)
+        return kept[0] if kept is not None and kept[1] > time.monotonic() else next(self._tickets)
+
+    def _keep_place(self, task_id: str, ticket: int) -> None:
+        now = time.monotonic()
+        for known, (_, until) in list(self._places.items()):
+            if until <= now:
+                del self._places[known]
+        self._places[task_id] = (ticket, now + PLACE_KEPT_SECONDS)
 
     def _leave_line(self, waiter: asyncio.Future[None]) -> None:
         """``waiter`` leaves the line without its turn: a turn it was handed as it left goes to the next one."""
@@ -158,14 +194,14 @@ class UploadSessions:
         next one. An upload let through by :meth:`wait_for_room` that does not call :meth:`begin` (its task
         closed while it waited, any error before) calls this instead; otherwise the next waiter would sit
         until some other upload frees room, or its wait runs out."""
-        if self._waiters:
+        if self._line:
             self._wake()
 
-    def line(self, task_id: str, size: int, timeout: float,
-             on_wake: Callable[[], None] | None = None) -> LineTurn:
-        """A wait in line for a fresh upload of ``size`` bytes, as an async context manager: its block calls
-        :meth:`LineTurn.begin`; when it ends without (an exception, or no call), the turn passes on."""
-        return LineTurn(self, task_id, size, timeout, on_wake)
+    def line(self, task_id: str, size: int, timeout: float | None = None) -> LineTurn:
+        """A wait in line for a fresh upload of ``size`` bytes (at most ``timeout`` seconds, by default
+        ``line_wait_seconds``), as an async context manager: its block calls :meth:`LineTurn.begin`; when it
+        ends without (an exception, or no call), the turn passes on."""
+        return LineTurn(self, task_id, size, self.line_wait_seconds if timeout is None else timeout)
 
     def begin(self, task_id: str, node_id: str, info: PayloadInfo) -> UploadSession:
         """Start (``start_offset`` 0) or resume (``start_offset`` = acknowledged offset) an upload.
@@ -201,18 +237,19 @@ class UploadSessions:
                                    max_chunk_size=self.max_chunk_size, pool=self.pool, pool_room=room)
         session = self._sessions[task_id] = UploadSession(task_id, node_id, assembler)
         self._buffered += assembler.held_bytes
-        if self._waiters:
+        self._places.pop(task_id, None)
+        if self._line:
             self._wake()  # the next in line may fit too (a byte budget can hold several small uploads)
         return session
 
     def end(self, session: UploadSession) -> None:
         """The stream writing into ``session`` ended (the session stays for a resume)."""
         session.active = False
-        if self._waiters:  # looked at on the next loop step, once a finished upload was discarded
+        if self._line:  # looked at on the next loop step, once a finished upload was discarded
             asyncio.get_running_loop().call_soon(self._wake_if_hopeless)
 
     def _wake_if_hopeless(self) -> None:
-        if self._waiters and not self._running():
+        if self._line and not self._running():
             self._wake(everyone=True)  # only parked sessions are left: waiting cannot help any more
 
     def discard(self, task_id: str, *, held_until_freed: object = None) -> None:
@@ -259,7 +296,7 @@ class UploadSessions:
     @property
     def waiting(self) -> int:
         """Uploads waiting in line for room now."""
-        return sum(not waiter.done() for waiter in self._waiters)
+        return sum(not waiter.future.done() for waiter in self._line)
 
     @property
     def buffered_bytes(self) -> int:
@@ -278,28 +315,28 @@ class UploadSessions:
 class LineTurn:
     """One fresh upload's wait in line and the turn it gets (:meth:`UploadSessions.line`)::
 
-        async with uploads.line(task_id, size, timeout) as turn:
+        async with uploads.line(task_id, size) as turn:
             ...  # checks that may raise
             session = turn.begin(node_id, info)
 
-    ``admitted`` says whether room was there when the wait ended (False: it ran out, or nothing running could
-    free room; :meth:`begin` then refuses, unless room appeared meanwhile). A block that ends without a
-    successful :meth:`begin` passes the turn on (:meth:`UploadSessions.pass_turn`): an upload that leaves
-    the line never stalls the uploads behind it.
+    ``admitted`` says whether room was there when the wait ended (False: its ``timeout`` ran out, or nothing
+    running could free room; :meth:`begin` then refuses busy, unless room appeared meanwhile). A block that
+    ends without a successful :meth:`begin` passes the turn on (:meth:`UploadSessions.pass_turn`): an upload
+    that leaves the line never stalls the uploads behind it.
     """
 
-    def __init__(self, sessions: UploadSessions, task_id: str, size: int, timeout: float,
-                 on_wake: Callable[[], None] | None = None) -> None:
+    def __init__(self, sessions: UploadSessions, task_id: str, size: int, timeout: float) -> None:
         self.task_id = task_id
         self.size = size
         self.timeout = timeout
         self.admitted = False
         self._sessions = sessions
-        self._on_wake = on_wake
+        self._ending = ""
         self._taken = False
 
     async def __aenter__(self) -> Self:
-        self.admitted = await self._sessions.wait_for_room(self.task_id, self.size, self.timeout, self._on_wake)
+        self._ending = await self._sessions._wait(self.task_id, self.size, self.timeout)
+        self.admitted = self._ending == "admitted"
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -307,8 +344,16 @@ class LineTurn:
             self._sessions.pass_turn()
 
     def begin(self, node_id: str, info: PayloadInfo) -> UploadSession:
-        """:meth:`UploadSessions.begin` for this upload; the turn is taken once it returns."""
-        session = self._sessions.begin(self.task_id, node_id, info)
+        """:meth:`UploadSessions.begin` for this upload; the turn is taken once it returns. Still no room after
+        the longest wait: UploadsBusyError saying so."""
+        try:
+            session = self._sessions.begin(self.task_id, node_id, info)
+        except UploadsBusyError as exc:
+            if self._ending != "timed out":
+                raise
+            raise UploadsBusyError(
+                f"{exc} (waited {self.timeout:g} s in line, the longest an upload waits; an upload of this task "
+                f"within {PLACE_KEPT_SECONDS:g} s keeps its place)") from None
         self._taken = True
         return session
 
