@@ -180,7 +180,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                 self.board.release(handle, delivered=delivered, generation=generation, instance_id=instance)
             if closed:  # nothing was sent
                 if request.resume_task_id:  # the node knows the task: it learns that it is closed
-                    raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+                    raise handle.closed_error()
                 dropped = False  # a fresh poll never saw it: nothing for the node this time
                 yield pb.PollTaskResponse(no_task=pb.NoTask())
             elif not current:  # the same process registered again meanwhile: it polls anew (nothing was sent)
@@ -240,7 +240,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
             try:
                 self.board.check_poll(handle.node_id, generation)  # raises after a restart (its task ended too)
                 if handle.done():
-                    raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+                    raise handle.closed_error()
                 offset, data = next(chunks)
                 yield convert.encode_chunk_event(offset, data)  # pre-serialized: one copy per chunk
             finally:

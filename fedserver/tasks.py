@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from fedcore.errors import TaskClosedError
 from fedcore.framing import PayloadInfo
 from fedcore.wire import LogLine, ReportEvent, TaskDescriptor, TaskKind, TaskOutcome, TrainingProgress
 
@@ -224,6 +225,10 @@ class TaskHandle:
 
     def done(self) -> bool:
         return self.state.terminal
+
+    def closed_error(self) -> TaskClosedError:
+        """The refusal of a call naming this task once it has ended: ``task <id> is no longer accepted (<why>)``."""
+        return TaskClosedError(f"task {self.task_id} is no longer accepted ({self.close_reason})")
 
     @property
     def senders(self) -> int:

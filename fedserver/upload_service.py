@@ -131,7 +131,7 @@ class UploadService:
                 with handle.kept_active():
                     async with self.uploads.line(desc.task_id, info.total_size) as turn:
                         if handle.done():  # ended while in line (a round gave up on it, the node restarted)
-                            raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+                            raise handle.closed_error()
                         session = turn.begin(node_id, info)  # UploadsBusyError: no buffer free now
             else:
                 session = self.uploads.begin(desc.task_id, node_id, info)
@@ -153,7 +153,7 @@ class UploadService:
                 if n > max_chunk:
                     raise LimitExceededError(f"chunk of {n} bytes exceeds this server's limit of {max_chunk} bytes")
                 if handle.done():
-                    raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+                    raise handle.closed_error()
                 if n < info.chunk_size and offset + n != info.total_size:  # larger: the assembler refuses
                     raise ChunkOrderError(
                         f"chunk at offset {offset} has {n} bytes: every chunk but the last must have "
@@ -166,7 +166,7 @@ class UploadService:
             if handle.done():  # no resume will come: free the buffer now rather than park it for nobody
                 self.uploads.discard(desc.task_id)
         if handle.done():  # ended during the stream, after its last chunk or before it broke off
-            raise TaskClosedError(f"task {handle.task_id} is no longer accepted ({handle.close_reason})")
+            raise handle.closed_error()
         if not session.assembler.complete:
             return (f"upload of task {desc.task_id} ended after {session.received} of {info.total_size} bytes; "
                     f"resume at offset {session.received}")
