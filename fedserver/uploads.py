@@ -159,6 +159,8 @@ class UploadSessions:
                 async with asyncio.timeout(remaining):
                     await waiter.future
             except TimeoutError:
+                if _handed(waiter.future) and self._room_for(task_id, size):
+                    return "admitted"  # its turn came as the clock ran out
                 self._leave_line(waiter.future)
                 self._keep_place(task_id, ticket)
                 return "timed out"
@@ -175,14 +177,17 @@ class UploadSessions:
 
     def _keep_place(self, task_id: str, ticket: int) -> None:
         now = time.monotonic()
-        for known, (_, until) in list(self._places.items()):
-            if until <= now:
-                del self._places[known]
+        while self._places:  # in the order they expire: the places kept longest ago first
+            oldest = next(iter(self._places))
+            if self._places[oldest][1] > now:
+                break
+            del self._places[oldest]
+        self._places.pop(task_id, None)
         self._places[task_id] = (ticket, now + PLACE_KEPT_SECONDS)
 
     def _leave_line(self, waiter: asyncio.Future[None]) -> None:
         """``waiter`` leaves the line without its turn: a turn it was handed as it left goes to the next one."""
-        if waiter.done() and not waiter.cancelled():
+        if _handed(waiter):
             self.pass_turn()
         else:
             waiter.cancel()  # skipped by _wake, not counted as waiting
@@ -356,6 +361,11 @@ class LineTurn:
                 f"within {PLACE_KEPT_SECONDS:g} s keeps its place)") from None
         self._taken = True
         return session
+
+
+def _handed(waiter: asyncio.Future[None]) -> bool:
+    """Whether a waiter was handed a turn (woken, not cancelled)."""
+    return waiter.done() and not waiter.cancelled()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
