@@ -312,7 +312,9 @@ class Experiment:
             raise
         finally:
             self._awaiting_late += [h for h in handles if h.state in (TaskState.TIMED_OUT, TaskState.CANCELLED)]
-        await to_completion(self._complete_round(collected, model, held, history, known, bar))
+        step = self._complete_round(collected, model, held, history, known, bar)
+        del model  # the step holds it until the average is in: x is not kept through the checkpoint
+        await to_completion(step)
 
     async def _round_not_applied(self, exc: BaseException, model: RoundModel, held: bool | None,
                                  history: HistoryStore | None, round_index: int) -> None:
@@ -334,7 +336,9 @@ class Experiment:
         history, ``reports``, the progress bar and ``on_round``. Run whole (:func:`to_completion`): the
         average moves the aggregator to the next round (Scaffold's control variates), so a cancellation
         between it and the checkpoint or the report would leave a state that no run, resumed or not,
-        can continue exactly."""
+        can continue exactly. A checkpoint that cannot be written does not undo the round either: the round
+        is recorded and reported like any other, then the write's error is raised (``params`` holds x⁺, which
+        the next round's checkpoint saves; ``resume()`` would go on from the previous checkpoint)."""
         round_index = collected.round
         try:
             report = await finish_round(self.aggregator, collected)
@@ -345,15 +349,21 @@ class Experiment:
         self.params = report.params
         self.known_nodes = known
         self.completed_round = round_index
-        store = self.checkpoints
+        store, unsaved = self.checkpoints, None
         if store is not None:
             state = (self.aggregator.state(), self._state())
-            # in a worker thread: GBs of arrays, fsynced; the loop serves nodes meanwhile
-            await run_off_loop(lambda: store.save(round_index, report.params, self.aggregator.name,
-                                                  self.aggregator.config(), *state))
-            self._params_saved_as = round_index
+            try:  # in a worker thread: GBs of arrays, fsynced; the loop serves nodes meanwhile
+                await run_off_loop(lambda: store.save(round_index, report.params, self.aggregator.name,
+                                                      self.aggregator.config(), *state))
+            except Exception as exc:  # noqa: BLE001 - raised below, once the round is recorded
+                unsaved = exc
+                log.error("round=%d: its checkpoint could not be written (%s: %s); the round is recorded, then the "
+                          "run stops with that error", round_index, type(exc).__name__, exc)
+            else:
+                self._params_saved_as = round_index
         if history is not None and self.history_id is not None:
-            history.finish_round(self.history_id, round_index, "completed", metrics=report.metrics)
+            history.finish_round(self.history_id, round_index, "completed", metrics=report.metrics,
+                                 error=None if unsaved is None else f"checkpoint not written: {unsaved}")
         log.info("round=%d completed nodes=%s metrics=%s seconds=%.2f", round_index, report.succeeded,
                  report.metrics, report.duration_s)
         if not self.keep_round_params and self.reports:
@@ -363,6 +373,8 @@ class Experiment:
         bar.set_postfix({k: f"{v:.4g}" for k, v in report.metrics.items() if k.endswith(("loss", "accuracy"))})
         if self.on_round is not None:
             self.on_round(report)
+        if unsaved is not None:
+            raise unsaved
 
     # -- low memory: x lives in the round's RoundModel only ------------------------------------------
     def _check_params_checkpointable(self) -> None:

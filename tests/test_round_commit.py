@@ -7,21 +7,26 @@ exactly as an uninterrupted one. Real gRPC on loopback; the nodes answer with ha
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from low_memory_support import ARGS, DATASET, fresh_x
 from plans_lsq import LinearPlan
 from server_testkit import WireNode, running_server
 
 from fedcore.aggregators import Scaffold
+from fedcore.errors import CheckpointError
 from fedcore.serialization import Serializer
 from fedcore.strategies import ByIds
 from fedcore.tasks import TrainResult
 from fedserver.checkpoints import CheckpointStore
 from fedserver.experiment import Experiment
+from fedserver.history import HistoryStore
+from fedserver.round_model import RoundModel
 
 
 class GatedScaffold(Scaffold):
@@ -135,3 +140,80 @@ def test_a_cancellation_during_the_checkpoint_still_reports_the_round(tmp_path: 
 
     rounds, seen, completed = asyncio.run(asyncio.wait_for(main(), 60))
     assert rounds == [1, 2] and seen == [1, 2] and completed == 2
+
+
+class FailingOnceStore(CheckpointStore):
+    """A checkpoint store whose first save fails as a full disk would."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failed = False
+
+    def save(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise CheckpointError("disk full (test)")
+        return super().save(*args, **kwargs)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_after_recording_the_round(tmp_path: Path) -> None:
+    async def main() -> tuple[Any, ...]:
+        async with running_server(tmp_path) as kit:
+            node = kit.node("wire-0")
+            await node.register("wire-0", datasets=(DATASET,))
+            seen: list[Any] = []
+            exp = experiment(kit, "unsaved", tmp_path / "c", on_round=seen.append, history_db=tmp_path / "h.db")
+            store = exp.checkpoints = FailingOnceStore(tmp_path / "c")
+            run = asyncio.create_task(exp.run_async())
+            await serve(node)
+            with pytest.raises(CheckpointError, match="disk full"):
+                await asyncio.wait_for(run, 30)
+            first = (exp.completed_round, [r.round for r in exp.reports], [r.round for r in seen], store.rounds())
+            run = asyncio.create_task(exp.run_async())  # goes on with round 2 from x_1, held in memory
+            await serve(node)
+            await asyncio.wait_for(run, 30)
+            with HistoryStore(tmp_path / "h.db") as history:
+                rounds = [(r.round, r.status, r.error) for r in history.rounds(exp.history_id)]
+            return first, [r.round for r in exp.reports], store.rounds(), rounds
+
+    first, reported, checkpointed, rounds = asyncio.run(asyncio.wait_for(main(), 60))
+    assert first == (1, [1], [1], [])  # recorded and reported everywhere but in a checkpoint
+    assert reported == [1, 2] and 2 in checkpointed
+    assert [(r, status) for r, status, _ in rounds] == [(1, "completed"), (2, "completed")]
+    assert "checkpoint not written: disk full" in (rounds[0][2] or "")
+
+
+class ModelProbingStore(CheckpointStore):
+    """Records the bytes of x still held by live RoundModels whenever a round's checkpoint is written."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: list[int] = []
+
+    def save(self, round: int, *args: Any, **kwargs: Any) -> Any:
+        if round >= 1:
+            gc.collect()
+            models = [o for o in gc.get_objects() if isinstance(o, RoundModel)]
+            self.held.append(sum(v.nbytes for m in models if not m.released for v in m.params().values()))
+        return super().save(round, *args, **kwargs)
+
+
+def test_low_memory_frees_the_round_model_before_the_checkpoint(tmp_path: Path) -> None:
+    """A round that never released x (a selected node never downloaded its task) drops it once averaged: the
+    checkpoint of x⁺ is written with x gone (one model less at the save's peak)."""
+    async def main() -> list[int]:
+        async with running_server(tmp_path) as kit:
+            node = kit.node("wire-0")
+            await node.register("wire-0", datasets=(DATASET,))
+            await kit.node("wire-1").register("wire-1", datasets=(DATASET,))  # selected, never polls
+            exp = Experiment(LinearPlan, ARGS, rounds=1, dataset_tags=["lsq"], min_nodes=1,
+                             selection=ByIds(["wire-0", "wire-1"]), round_timeout=2, node_wait_timeout=10,
+                             server=kit.server, progress=False, checkpoint_dir=tmp_path / "c", low_memory=True)
+            exp.params = fresh_x()
+            store = exp.checkpoints = ModelProbingStore(tmp_path / "c")
+            run = asyncio.create_task(exp.run_async())
+            await serve(node)
+            await asyncio.wait_for(run, 30)
+            return store.held
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == [0]
