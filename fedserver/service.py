@@ -84,12 +84,14 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                             record.last_seen + record.liveness_timeout)
 
     def _identify(self, context: grpc.aio.ServicerContext, version: common_pb2.ProtocolVersion, *,
-                  registering: str | None = None) -> str:
+                  registering: str | None = None, poll_sequence: int = 0) -> str:
         """The caller's node id, once its identity, protocol version and process are accepted. The call's
         instance id (metadata) must be the one the node registered last (NodeSupersededError otherwise),
         except on a Register (``registering``: its RegisterRequest.instance_id), where it must equal the
         request's field: that call is what makes the process the node's current one, unless a later
-        process replaced it already (NodeSupersededError)."""
+        process replaced it already (NodeSupersededError). A PollTask's ``poll_sequence`` must be newer than
+        any of its process's (StalePollError): a late poll of an abandoned connection is refused before it
+        counts as a sign of life (it says nothing about the node now)."""
         node_id = self.auth.identify(context)
         check_version(version, side="server")
         instance = call_instance_id(context)
@@ -102,6 +104,8 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                                    f"RegisterRequest.instance_id is {registering[:80]!r}: they must be equal")
             if registering:
                 self.registry.check_instance(node_id, registering, registering=True)
+        if poll_sequence:
+            self.registry.check_poll_sequence(node_id, instance, poll_sequence)
         self.registry.touch(node_id)
         return node_id
 
@@ -127,11 +131,10 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
     @translate_stream
     async def PollTask(self, request: pb.PollTaskRequest,
                        context: Any) -> AsyncIterator[pb.PollTaskResponse | bytes]:
-        node_id = self._identify(context, request.version)
-        instance = call_instance_id(context)
         # a late poll of a connection the process abandoned (a newer poll of it came first) is refused before
         # anything else: its held_task_ids are older than that poll's, it must take no task nor end others
-        self.registry.check_poll_sequence(node_id, instance, request.poll_sequence)
+        node_id = self._identify(context, request.version, poll_sequence=request.poll_sequence)
+        instance = call_instance_id(context)
         held = _held_tasks(request)
         if self.is_stopping():
             yield self._shutdown_message()

@@ -110,11 +110,13 @@ async def test_a_late_poll_of_an_abandoned_connection_is_refused_and_changes_not
         sent, generation = t.bytes_sent, kit.server.board.poll_generation("n")
         waiting = asyncio.create_task(_poll(second, 4, held=[t.task_id], wait=10))
         await asyncio.sleep(0.2)  # poll 4 is open and waiting
+        last_seen = kit.server.registry.get("n").last_seen
         with caplog.at_level(logging.WARNING, logger="fedserver.task_board"):
             code, reason, details = await _refused(first, 2, held=[])  # the late poll, older than 3 and 4
             assert (code, reason) == STALE
             assert "its poll_sequence 2 is not greater than 4" in details and f"instance {X}" in details
             assert await _refused(second, 4, held=[]) == (*STALE, details.replace("sequence 2", "sequence 4"))
+        assert kit.server.registry.get("n").last_seen == last_seen  # no sign of life: it says nothing of now
         assert t.state is TaskState.RUNNING and t.bytes_sent == sent and t.delivered_to == X  # not queued again
         assert LOST not in caplog.text
         assert kit.server.board.poll_generation("n") == generation and not waiting.done()  # no poll ended
