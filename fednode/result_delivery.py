@@ -9,8 +9,13 @@ its inactivity timeout (the server never sends such a task again: docs/protocol.
 Busy is time-bound, not count-bound: a busy server's buffers may be held by *parked* uploads (interrupted,
 kept for their resume) that free only when their task ends, up to the server's reconnect grace after their
 node went away. A fixed number of jittered attempts can end well before that and lose a good result; the
-window outlasts it (see the field's docstring in :class:`fednode.config.NodeConfig`). While it waits, the
-node says the task is alive (a ``Heartbeat`` naming it), so the wait is not taken for inactivity.
+window outlasts it (see the field's docstring in :class:`fednode.config.NodeConfig`). A busy refusal is no
+activity on the server, so while it waits the node says the task is alive: a ``Heartbeat`` naming it when the
+wait starts and then at least every heartbeat interval the server announced (docs/protocol.md §4 step 3), the
+wait cut into slices of that interval; otherwise a wait longer than the task's inactivity timeout (a backoff
+ceiling is 30 s) would lose a good result although the node is alive and retrying. A heartbeat that fails is
+no reason to stop waiting, unless its refusal says the task is gone: then the result is dropped, as for a
+refused upload of a closed task.
 
 Every wait goes through the client's ``stoppable`` (its stop() ends it); connection failures propagate to
 the client, which reconnects and delivers again in its next session.
@@ -27,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from fedcore.errors import ConnectionLostError, ServerRefusedError
+from fedcore.errors import ConnectionLostError, NodeError, ServerRefusedError
 from fedcore.wire import ServerSettings
 from fednode.config import NodeConfig
 from fednode.transfers import PendingUpload
@@ -81,11 +86,53 @@ class ResultDelivery:
                 delay = min(cfg.backoff.delay(attempts - 1, self._rng), left)
                 log.info("%s: server busy with other uploads (%s); retrying task %s in %.2f s (%.0f s left to "
                          "wait)", cfg.node_name, exc.details, upload.task_id, delay, left)
-                await self._stoppable(conn.heartbeat(upload.task_id))  # waiting for room is not inactivity
-                await self._stoppable(asyncio.sleep(delay))
+                gone = await self._wait_busy(conn, upload.task_id, delay, self._heartbeat_interval(settings))
+                if gone is not None:
+                    return self._after_refusal(upload, gone)
                 continue
             self.delivered += 1
             return None
+
+    def _heartbeat_interval(self, settings: ServerSettings | None) -> float:
+        """The server's announced heartbeat interval (RegisterResponse), else the config's."""
+        if settings is not None and settings.heartbeat_interval_seconds > 0:
+            return settings.heartbeat_interval_seconds
+        return self.config.heartbeat_interval_seconds
+
+    async def _wait_busy(self, conn: NodeConnection, task_id: str, delay: float,
+                         interval: float) -> ServerRefusedError | None:
+        """Wait ``delay`` seconds before the next attempt of a busy upload, in slices of at most ``interval``
+        seconds with a Heartbeat naming the task before each: waiting for room is not inactivity. Each slice
+        goes through ``stoppable`` (stop() ends the wait at once). Returns the heartbeat's refusal when it says
+        the task is gone (:func:`fednode.transport.task_refusal`), else None once the delay is over."""
+        left = delay
+        while True:
+            gone = await self._heartbeat(conn, task_id)
+            if gone is not None or left <= 0:
+                return gone
+            step = min(interval, left)
+            await self._stoppable(asyncio.sleep(step))
+            left -= step
+            if left <= 0:
+                return None  # the upload attempt follows at once; the next wait starts with a heartbeat
+
+    async def _heartbeat(self, conn: NodeConnection, task_id: str) -> ServerRefusedError | None:
+        """One Heartbeat naming ``task_id`` during a busy wait; the refusal if it says the task is gone. A
+        refusal of the node (:func:`fednode.transport.fatal_refusal`) propagates; any other failure is logged
+        and the wait goes on (the next upload attempt meets a broken connection and reconnects)."""
+        try:
+            await self._stoppable(conn.heartbeat(task_id))
+        except ServerRefusedError as exc:
+            if fatal_refusal(exc):
+                raise
+            if task_refusal(exc):
+                return exc
+            log.info("%s: heartbeat for task %s refused (%s); still waiting for upload room", self.config.node_name,
+                     task_id, exc)
+        except NodeError as exc:
+            log.info("%s: heartbeat for task %s failed (%s); still waiting for upload room", self.config.node_name,
+                     task_id, exc)
+        return None
 
     def _after_refusal(self, upload: PendingUpload, exc: ServerRefusedError,
                        busy: tuple[int, float] | None = None) -> PendingUpload | None:
