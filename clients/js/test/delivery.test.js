@@ -54,7 +54,7 @@ test("UPLOADS_BUSY is tried again for busyUploadRetryMs, however many attempts, 
     assert.ok(over >= 0.6 && over * 1000 <= elapsed + 50, `${over} s of ${elapsed} ms`);
     assert.ok(sent.length - 1 >= 2);
     const beats = fake.calls.filter((x) => x.method === "Heartbeat").length;
-    assert.equal(beats, fake.uploadHeaders.length - 3, "a Heartbeat naming the task before each busy wait");
+    assert.equal(beats, fake.uploadHeaders.length - 3, "one Heartbeat naming the task per busy wait: each is shorter than the announced 1 s");
     assert.ok(fake.uploads.get("t2").complete, "the FAILED report was accepted");
     assert.deepEqual([...c.held], []);
   } finally {

@@ -24,8 +24,9 @@ function fail(code, details, reason = null) {
  * A NodeService whose PollTask answers come from `script.polls` (functions (call, fake) run in turn)
  * and whose uploads keep their bytes per task, like fedserver's. Script hooks: `register(call, cb)`;
  * `refuseUpload` (every upload) or `refuseUploads` (one per upload, in turn; null accepts); `onUploadHeader
- * (header)` returning a refusal or nothing; `breakUploadAfter` chunks; `dataLossOnce`; `answerDelayMs` (the
- * answer to a complete upload waits this long). `polls` records each PollTaskRequest's held-task fields.
+ * (header)` and `onHeartbeat(request)` returning a refusal or nothing; `breakUploadAfter` chunks;
+ * `dataLossOnce`; `heartbeatIntervalSeconds` (announced at Register, 1 by default); `answerDelayMs` (the answer to a complete upload waits this long). `polls` records each
+ * PollTaskRequest's held-task fields, `heartbeats` each Heartbeat's task id and time.
  */
 class FakeServer {
   constructor(script = {}) {
@@ -36,6 +37,7 @@ class FakeServer {
     this.uploads = new Map();
     this.uploadHeaders = [];
     this.reports = [];
+    this.heartbeats = []; // per Heartbeat: {taskId, at (Date.now())}
     this.polls = []; // per PollTask: {reports, held, resume, sequence}
   }
 
@@ -54,7 +56,7 @@ class FakeServer {
         this.instanceIds.push(call.request.instance_id);
         if (this.script.register) return this.script.register(call, cb);
         cb(null, { node_id: "js-1", server_version: { major: 1, minor: 0 }, max_poll_wait_seconds: 2,
-          max_chunk_size: 4096, max_payload_size: 1 << 20, heartbeat_interval_seconds: 1 });
+          max_chunk_size: 4096, max_payload_size: 1 << 20, heartbeat_interval_seconds: this.script.heartbeatIntervalSeconds ?? 1 });
       },
       PollTask: (call) => {
         this.seen("PollTask", call);
@@ -78,6 +80,9 @@ class FakeServer {
       },
       Heartbeat: (call, cb) => {
         this.seen("Heartbeat", call);
+        this.heartbeats.push({ taskId: call.request.task_id, at: Date.now() });
+        const refused = this.script.onHeartbeat && this.script.onHeartbeat(call.request, this);
+        if (refused) return cb(refused);
         cb(null, { shutting_down: false });
       },
     });

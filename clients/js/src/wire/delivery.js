@@ -12,9 +12,14 @@
  * Attempts: a broken upload is tried again in place up to `maxUploadAttempts` times (backoff with jitter,
  * resuming from the acknowledged offset; after DATA_LOSS from 0), then left to run()'s reconnect. An upload
  * refused ERROR_REASON_UPLOADS_BUSY (no upload buffer free on the server) is tried again in place for
- * `busyUploadRetryMs` from its first busy refusal, however many attempts that takes, with a Heartbeat naming
- * the task before each wait (waiting for room is not inactivity), as fednode. A result the server
- * refuses for itself (too large, malformed, misframed, or still busy after that time) is replaced by a
+ * `busyUploadRetryMs` from its first busy refusal, however many attempts that takes, as fednode. A busy
+ * refusal is no activity on the server, so each wait says the task is alive: a Heartbeat naming it when the
+ * wait starts, then at least every heartbeat interval the server announced (RegisterResponse
+ * .heartbeat_interval_seconds; `heartbeatIntervalMs` before it announced one), the wait slept in slices of
+ * that interval that stop() cuts short (docs/protocol.md §4 step 3); otherwise a wait longer than the task's
+ * inactivity timeout (a backoff ceiling is 15 s) would lose the result. A failed heartbeat leaves the wait
+ * going, unless it says the task is gone (the result is dropped) or refuses the node (fatal). A result the
+ * server refuses for itself (too large, malformed, misframed, or still busy after that time) is replaced by a
  * FAILED report naming the refusal (refusedResultMessage), delivered the same way; a refusal that ends the
  * task (closed, unknown, not ours, a result document that does not decode) drops it.
  *
@@ -30,6 +35,9 @@ const { PROTOCOL_VERSION } = require("./proto.js");
 const { payloadHeader, chunksOf, sha256, MiB } = require("./chunks.js");
 const { backoffMs, classify, errorReason, isBusy, refusedResultMessage } = require("./refusals.js");
 const { PayloadError } = require("../errors.js");
+
+/** Heartbeat interval of a busy wait while the server announced none (fednode's heartbeat_interval_seconds). */
+const DEFAULT_HEARTBEAT_INTERVAL_MS = 10_000;
 
 /** A task's result waiting to be delivered. `doc` is the encoded document (SUCCEEDED) or null. */
 class PendingResult {
@@ -66,6 +74,8 @@ class ResultDelivery {
    * @param {number} o.uploadChunkSize chunk size of uploads (≤ the server's max_chunk_size)
    * @param {number} o.maxUploadAttempts attempts in place of a broken upload before run() reconnects
    * @param {number} o.busyUploadRetryMs how long an upload refused UPLOADS_BUSY is tried again in place
+   * @param {number} [o.heartbeatIntervalMs=10000] heartbeat interval of busy waits while the server announced
+   *   none (fednode's default heartbeat_interval_seconds)
    * @param {number} o.stopGraceMs how long an upload in flight may finish after stop()
    * @param {number} o.streamAllowanceSeconds deadline of an upload stream beyond the call timeout
    */
@@ -79,6 +89,7 @@ class ResultDelivery {
     this.uploadChunkSize = o.uploadChunkSize ?? MiB;
     this.maxUploadAttempts = o.maxUploadAttempts;
     this.busyUploadRetryMs = o.busyUploadRetryMs;
+    this.heartbeatIntervalMs = o.heartbeatIntervalMs ?? DEFAULT_HEARTBEAT_INTERVAL_MS;
     this.stopGraceMs = o.stopGraceMs;
     this.streamAllowanceSeconds = o.streamAllowanceSeconds;
     this.pending = new Map(); // task id -> PendingResult, in the order they came
@@ -172,7 +183,6 @@ class ResultDelivery {
         return await this.uploadOnce(result, start);
       } catch (err) {
         if (classify(err) !== "retry" || this.stopping()) throw err;
-        let delay;
         if (isBusy(err)) {
           busy += 1;
           busySince ??= Date.now();
@@ -181,11 +191,12 @@ class ResultDelivery {
             err.busy = { attempts: busy, ms: waited }; // for refusedResultMessage: "after N attempts over S s"
             throw err;
           }
-          delay = Math.min(backoffMs(busy), this.busyUploadRetryMs - waited);
+          const delay = Math.min(backoffMs(busy), this.busyUploadRetryMs - waited);
           this.log("INFO", `server busy with other uploads (${err.details || err.message}); retrying task `
             + `${result.taskId} in ${(delay / 1000).toFixed(2)} s (${((this.busyUploadRetryMs - waited) / 1000).toFixed(0)} s left to wait)`);
-          // waiting for room is not inactivity: a Heartbeat naming the task keeps it alive on the server
-          await this.calls.unary("Heartbeat", { version: PROTOCOL_VERSION, task_id: result.taskId });
+          // waiting for room is not inactivity: Heartbeats naming the task keep it alive on the server
+          const gone = await this.waitBusy(result.taskId, delay);
+          if (gone) throw gone; // the task is gone: deliver() drops the result
         } else {
           broken += 1;
           if (broken >= this.maxUploadAttempts) throw err;
@@ -194,12 +205,53 @@ class ResultDelivery {
             start = 0; // the server discarded the bytes: from 0, at once
             continue;
           }
-          delay = backoffMs(broken);
+          await this.sleep(backoffMs(broken));
         }
-        await this.sleep(delay);
         if (this.stopping()) throw err;
         start = await this.resumePoint(result);
       }
+    }
+  }
+
+  /** The heartbeat interval of a busy wait, ms: the server's announced one, else heartbeatIntervalMs. */
+  busyHeartbeatMs() {
+    const registration = this.registration();
+    const announced = registration ? Number(registration.heartbeat_interval_seconds) : 0;
+    return announced > 0 ? announced * 1000 : this.heartbeatIntervalMs;
+  }
+
+  /**
+   * Wait `ms` before the next attempt of a busy upload, in slices of at most busyHeartbeatMs() with a
+   * Heartbeat naming the task before each (none after the last: the attempt follows). stop() ends the wait
+   * (the slice's sleep resolves at once, no further heartbeat). Resolves to null, or to the heartbeat's
+   * refusal when it says the task is gone ("task"); rejects on a refusal of the node ("fatal").
+   */
+  async waitBusy(taskId, ms) {
+    const sliceMs = this.busyHeartbeatMs();
+    let left = ms;
+    for (;;) {
+      const gone = await this.keepAlive(taskId);
+      if (gone || left <= 0 || this.stopping()) return gone;
+      const step = Math.min(sliceMs, left);
+      await this.sleep(step);
+      left -= step;
+      if (left <= 0 || this.stopping()) return null;
+    }
+  }
+
+  /** One Heartbeat naming `taskId` during a busy wait: null, or its refusal when the task is gone. A refusal
+   * of the node rejects; any other failure is logged and the wait goes on (a broken connection shows at the
+   * next attempt, which reconnects). */
+  async keepAlive(taskId) {
+    try {
+      await this.calls.unary("Heartbeat", { version: PROTOCOL_VERSION, task_id: taskId });
+      return null;
+    } catch (err) {
+      const kind = classify(err);
+      if (kind === "fatal") throw err;
+      if (kind === "task") return err;
+      this.log("INFO", `heartbeat for task ${taskId} failed (${err.details || err.message}); still waiting for upload room`);
+      return null;
     }
   }
 
@@ -275,4 +327,4 @@ class ResultDelivery {
   }
 }
 
-module.exports = { ResultDelivery, PendingResult };
+module.exports = { ResultDelivery, PendingResult, DEFAULT_HEARTBEAT_INTERVAL_MS };

@@ -52,6 +52,8 @@ class NodeClient {
    * @param {number} [o.maxUploadAttempts=8] attempts in place of a broken upload before reconnecting
    * @param {number} [o.busyUploadRetryMs] how long an upload refused UPLOADS_BUSY is tried again in place
    *   before the result is given up and the task reported FAILED (default: fednode's)
+   * @param {number} [o.heartbeatIntervalMs=10000] how often a busy upload's wait sends a Heartbeat naming its
+   *   task while the server announced no heartbeat_interval_seconds (fednode's default)
    * @param {number} [o.stopGraceMs=10000] how long stop() lets an upload in flight finish
    * @param {object} [o.channelOptions] extra grpc channel options (e.g. grpc.ssl_target_name_override)
    * @param {string} [o.instanceId] RegisterRequest.instance_id (default: 128 random bits in hex, drawn once
@@ -81,8 +83,8 @@ class NodeClient {
     this.delivery = new ResultDelivery(this.calls, { held: this.held, registration: () => this.registration,
       sleep: (ms) => this.sleep(ms), stopping: () => this.stopped, log: this.log,
       uploadChunkSize: o.uploadChunkSize ?? MiB, maxUploadAttempts: o.maxUploadAttempts ?? 8,
-      busyUploadRetryMs: o.busyUploadRetryMs ?? BUSY_UPLOAD_RETRY_MS, stopGraceMs: o.stopGraceMs ?? 10_000,
-      streamAllowanceSeconds });
+      busyUploadRetryMs: o.busyUploadRetryMs ?? BUSY_UPLOAD_RETRY_MS, heartbeatIntervalMs: o.heartbeatIntervalMs,
+      stopGraceMs: o.stopGraceMs ?? 10_000, streamAllowanceSeconds });
     this.registration = null; // RegisterResponse once registered
     this.freshChannel = false; // the next Register first opens a fresh channel (the old one may be dead)
     this.stopped = false;
