@@ -17,7 +17,7 @@ const { loadFedstream } = require("../src/wire/proto.js");
 const { sha256 } = require("../src/wire/chunks.js");
 const { LinearTrainer } = require("../src/training/train_task.js");
 const { encode, decode, NDArray, Float64 } = require("../src/codec");
-const { PayloadError } = require("../src/errors.js");
+const { ConfigError, PayloadError } = require("../src/errors.js");
 const { FakeServer, fail, sendTask, client, checkIdentity } = require("./fake_server.js");
 
 test("a download cut mid-payload resumes from the kept offset; an upload cut resumes from GetUploadStatus", async () => {
@@ -163,6 +163,14 @@ test("run(): ServerShutdown makes the node register again; a task is trained, re
   } finally {
     c.close();
     await fake.stop();
+  }
+});
+
+test("an instance id cannot be set: each client draws its own (its polls are numbered from 1)", () => {
+  const fake = { address: "127.0.0.1:1" }; // never called: the constructor refuses first
+  for (const instanceId of ["0123456789abcdef0123456789abcdef", ""]) {
+    assert.throws(() => client(fake, { instanceId }), (err) => err instanceof ConfigError
+      && /^NodeClient: the instanceId option was removed: every client draws its own instance id, because its poll_sequence starts again at 1 .*ERROR_REASON_STALE_POLL/.test(err.message));
   }
 });
 

@@ -23,6 +23,7 @@ const { MiB } = require("./chunks.js");
 const { NodeCalls } = require("./calls.js");
 const { TaskPoller } = require("./poller.js");
 const { ResultDelivery, PendingResult } = require("./delivery.js");
+const { ConfigError } = require("../errors.js");
 const {
   REASON_METADATA_KEY, STALE_POLL_REASON, backoffMs, classify, errorReason, isFatal, refusedResultMessage,
 } = require("./refusals.js");
@@ -56,9 +57,6 @@ class NodeClient {
    *   task while the server announced no heartbeat_interval_seconds (fednode's default)
    * @param {number} [o.stopGraceMs=10000] how long stop() lets an upload in flight finish
    * @param {object} [o.channelOptions] extra grpc channel options (e.g. grpc.ssl_target_name_override)
-   * @param {string} [o.instanceId] RegisterRequest.instance_id (default: 128 random bits in hex, drawn once
-   *   per client and sent on every Register and as `fedstream-instance-id` metadata on every call, so the
-   *   server tells a reconnect from a restarted node and refuses this client once a newer one registered)
    * @param {(level: string, msg: string) => void} [o.log]
    */
   constructor(o) {
@@ -67,7 +65,16 @@ class NodeClient {
     this.datasets = o.datasets || [];
     this.capabilities = o.capabilities || [];
     this.clientVersion = o.clientVersion || "fedstream-js/0.1.0";
-    this.instanceId = o.instanceId || crypto.randomBytes(16).toString("hex");
+    if (o.instanceId !== undefined) {
+      throw new ConfigError("NodeClient: the instanceId option was removed: every client draws its own instance id, "
+        + "because its poll_sequence starts again at 1 and the server refuses the polls of a known instance numbered "
+        + "no higher than its last (ERROR_REASON_STALE_POLL); a new client is a new process of the node");
+    }
+    /** RegisterRequest.instance_id: 128 random bits in hex, drawn once per client (never set, never reused: a
+     * client numbers its polls from 1, docs/protocol.md §5 "Stale polls"), sent on every Register and as
+     * `fedstream-instance-id` on every call, so the server tells a reconnect (same id) from a restarted node and
+     * refuses this client once a newer one registered. */
+    this.instanceId = crypto.randomBytes(16).toString("hex");
     this.callTimeoutSeconds = o.callTimeoutSeconds ?? 30;
     const streamAllowanceSeconds = o.streamAllowanceSeconds ?? 600;
     this.limits = { maxPayloadSize: o.maxPayloadSize ?? 4 * 1024 * MiB, maxChunkSize: o.maxChunkSize ?? 16 * MiB };
