@@ -193,7 +193,7 @@ class ModelProbingStore(CheckpointStore):
     def save(self, round: int, *args: Any, **kwargs: Any) -> Any:
         if round >= 1:
             gc.collect()
-            models = [o for o in gc.get_objects() if isinstance(o, RoundModel)]
+            models = [o for o in gc.get_objects() if type(o) is RoundModel]  # type(): no attribute lookup on odd objects
             self.held.append(sum(v.nbytes for m in models if not m.released for v in m.params().values()))
         return super().save(round, *args, **kwargs)
 
