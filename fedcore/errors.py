@@ -28,7 +28,8 @@
     │   ├── TaskClosedError                     the task's round is over (cancelled, timed out, done): refused
     │   ├── UnknownNodeError (also LookupError) no node with this id (not enrolled, not registered)
     │   ├── LimitExceededError                  over a configured limit: payload, chunk, concurrent uploads
-    │   │   └── UploadsBusyError                no upload buffer free now and none running to free one: retry later
+    │   │   ├── UploadsBusyError                no upload buffer free now and none running to free one: retry later
+    │   │   └── UploadQueuedError               waited the longest in a moving upload line: place kept, call again now
     │   ├── UploadConflictError                 a second upload stream for a task whose upload is running
     │   ├── NodeSupersededError                 a call of a node process that a newer process of the node replaced
     │   ├── StalePollError                      a PollTask of a node process older than one of its polls seen already
@@ -173,6 +174,11 @@ class LimitExceededError(ServerError):
 class UploadsBusyError(LimitExceededError):
     """No upload buffer is free and no running upload could free one (too many concurrent uploads, or their
     bytes over the budget): the upload is refused now and may be retried later, unlike a payload over a limit."""
+
+
+class UploadQueuedError(LimitExceededError):
+    """An upload waited in line for a buffer the longest a call may wait while the line moved (an upload began
+    or finished, or a running one received bytes): its place is kept; unlike busy, call again at once."""
 
 
 class UploadConflictError(ServerError):

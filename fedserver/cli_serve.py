@@ -122,6 +122,15 @@ def add_server_options(parser: argparse._ActionsContainer) -> None:
                              "on long links but ~10-30 MB per waiting reply); a fixed size (>= 64KiB; best >= one "
                              "chunk message, e.g. 1088KiB for 1 MiB chunks) bounds that memory but caps an upload "
                              "at SIZE per network round trip")
+    parser.add_argument("--upload-line-wait", type=float, default=d["upload_line_wait_seconds"].default,
+                        metavar="SECONDS",
+                        help="longest an upload waits in line for a buffer; then it is refused, UPLOAD_QUEUED (the "
+                             "line moved: the node calls again at once, keeping its place) or UPLOADS_BUSY "
+                             "(nothing moved). Below 120, a node's idle stream timeout (default: %(default)s)")
+    parser.add_argument("--upload-place-kept", type=float, default=d["upload_place_kept_seconds"].default,
+                        metavar="SECONDS",
+                        help="how long the place in line of a refused upload is kept for its task's next "
+                             "upload (default: %(default)s)")
     parser.add_argument("--max-poll-wait", type=float, default=d["max_poll_wait_seconds"].default,
                         help="longest long poll, seconds (default: %(default)s)")
     parser.add_argument("--reconnect-grace", type=parse_grace, default=d["reconnect_grace_seconds"].default,
@@ -143,7 +152,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_payload_size=args.max_payload_size, max_chunk_size=args.max_chunk_size, chunk_size=args.chunk_size,
         max_concurrent_uploads=args.max_concurrent_uploads, max_upload_buffer_bytes=args.max_upload_buffer,
         receive_window_bytes=args.receive_window, max_poll_wait_seconds=args.max_poll_wait,
-        reconnect_grace_seconds=args.reconnect_grace)
+        reconnect_grace_seconds=args.reconnect_grace, upload_line_wait_seconds=args.upload_line_wait,
+        upload_place_kept_seconds=args.upload_place_kept)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from fedcore.wire.flow_control import (
     chunk_message_window,
     valid_receive_window,
 )
+from fedserver.uploads import LINE_WAIT_SECONDS, PLACE_KEPT_SECONDS
 
 TlsMode = Literal["insecure", "tls", "mtls"]
 TLS_MODES: tuple[str, ...] = ("insecure", "tls", "mtls")
@@ -39,6 +40,10 @@ def is_loopback(address: str) -> bool:
 
 GiB = 1 << 30
 MiB = 1 << 20
+#: The idle stream timeout of a node by default, seconds (fednode's NodeConfig.idle_stream_timeout_seconds, the
+#: JS node's idleStreamTimeoutSeconds): a node gives up an upload call silent this long. A wait in the upload
+#: line is such a silence, so ``upload_line_wait_seconds`` must stay below it (the server answers first).
+NODE_IDLE_STREAM_TIMEOUT_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,12 @@ class ServerConfig:
     # no idle block sits beside the sum and the new model (the first reply of each round allocates afresh)
     upload_pool_bytes: int = 1 * GiB
     max_send_buffer_bytes: int = 64 * MiB  # task chunk bytes handed to gRPC and not yet sent, all streams
+    # longest an upload waits in line for a buffer; then it is refused ERROR_REASON_UPLOAD_QUEUED (the line
+    # moved meanwhile: its node calls again at once) or ERROR_REASON_UPLOADS_BUSY (nothing moved). Below a
+    # node's idle stream timeout (NODE_IDLE_STREAM_TIMEOUT_SECONDS), which gives up the silent call
+    upload_line_wait_seconds: float = LINE_WAIT_SECONDS
+    # how long the place in line of an upload refused after its wait is kept for its task's next upload
+    upload_place_kept_seconds: float = PLACE_KEPT_SECONDS
     # HTTP/2 receive window for uploads: how much a node may send ahead of what the server has read. None:
     # gRPC's bandwidth-delay probing (fast on long links, but it grows to 16-33 MB on a fast near one, and
     # each reply waiting for upload room may sit that deep in gRPC); bytes: fixed, probing off - caps an
@@ -124,11 +135,17 @@ class ServerConfig:
         if self.max_chunk_size > (1 << 31) - 1 - MESSAGE_OVERHEAD:
             raise ServerConfigError(f"max_chunk_size {self.max_chunk_size} must be below 2 GiB (gRPC message limit)")
         for name in ("max_poll_wait_seconds", "heartbeat_interval_seconds", "keepalive_time_seconds",
-                     "keepalive_timeout_seconds", "min_client_ping_interval_seconds"):
+                     "keepalive_timeout_seconds", "min_client_ping_interval_seconds", "upload_line_wait_seconds",
+                     "upload_place_kept_seconds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value <= 0:
                 raise ServerConfigError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+        if self.upload_line_wait_seconds >= NODE_IDLE_STREAM_TIMEOUT_SECONDS:
+            raise ServerConfigError(
+                f"upload_line_wait_seconds must be below {NODE_IDLE_STREAM_TIMEOUT_SECONDS:g} s, a node's idle "
+                f"stream timeout by default (the node would give up the silent call first), got "
+                f"{self.upload_line_wait_seconds!r}")
         grace = self.reconnect_grace_seconds
         if grace is not None and (isinstance(grace, bool) or not isinstance(grace, (int, float))
                                   or not math.isfinite(grace) or grace < 0):

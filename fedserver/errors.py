@@ -34,6 +34,7 @@ from fedcore.errors import (
     UnknownTaskError,
     UploadConflictError,
     UploadIncompleteError,
+    UploadQueuedError,
     UploadsBusyError,
     VersionMismatchError,
 )
@@ -55,6 +56,9 @@ STATUS_OF_ERROR: tuple[tuple[type[BaseException], grpc.StatusCode, int], ...] = 
     (UnknownTaskError, _Code.NOT_FOUND, _R.ERROR_REASON_UNKNOWN_TASK),
     (UnknownNodeError, _Code.NOT_FOUND, _R.ERROR_REASON_UNKNOWN_NODE),
     (UploadsBusyError, _Code.RESOURCE_EXHAUSTED, _R.ERROR_REASON_UPLOADS_BUSY),  # before its base class
+    # RESOURCE_EXHAUSTED, not UNAVAILABLE: a node that does not know the reason takes it for busy (a payload
+    # within the limits) and retries in place keeping its place; UNAVAILABLE would make fednode reconnect
+    (UploadQueuedError, _Code.RESOURCE_EXHAUSTED, _R.ERROR_REASON_UPLOAD_QUEUED),  # before its base class
     (LimitExceededError, _Code.RESOURCE_EXHAUSTED, _R.ERROR_REASON_PAYLOAD_TOO_LARGE),
     (UploadConflictError, _Code.ABORTED, _R.ERROR_REASON_UPLOAD_IN_PROGRESS),
     (StalePollError, _Code.ABORTED, _R.ERROR_REASON_STALE_POLL),  # a late poll of an abandoned connection

@@ -74,7 +74,9 @@ class FedServer:
                                       max_chunk_size=config.max_chunk_size,
                                       max_sessions=config.max_concurrent_uploads,
                                       max_buffered_bytes=config.max_upload_buffer_bytes,
-                                      pool_bytes=config.upload_pool_bytes)
+                                      pool_bytes=config.upload_pool_bytes,
+                                      line_wait_seconds=config.upload_line_wait_seconds,
+                                      place_kept_seconds=config.upload_place_kept_seconds)
         self.board = TaskBoard(on_close=self._task_closed, reconnect_grace=config.reconnect_grace_seconds)
         self._auth = Authenticator(config.tls, node_store)
         self._decode_limits = decode_limits

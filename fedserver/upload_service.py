@@ -6,8 +6,9 @@ calling process) as callbacks; the rules live in the task board and the upload s
 
 An UploadResult is a header, then chunks written into one preallocated buffer (:mod:`fedserver.uploads`):
 a header over a limit is refused at once, a fresh one (offset 0) waits in line while running uploads hold
-every buffer (at most :data:`fedserver.uploads.LINE_WAIT_SECONDS`, its task counted active meanwhile: its
-node has nothing to send), and a stream that ends before its last byte leaves its session parked for a
+every buffer (at most ServerConfig.upload_line_wait_seconds, its task counted active meanwhile: its node has
+nothing to send; then refused ERROR_REASON_UPLOAD_QUEUED if the line moved meanwhile, its node calling again
+at once, else ERROR_REASON_UPLOADS_BUSY), and a stream that ends before its last byte leaves its session parked for a
 resume at the offset GetUploadStatus acknowledges. The header first marks its task as offered by the calling process
 (:meth:`fedserver.task_board.TaskBoard.result_offered`), so a task whose result was refused is never sent
 to that process again. A refusal of the header for the result itself (:data:`RESULT_REFUSALS`) is kept on
@@ -45,9 +46,9 @@ from fedstream.v1 import common_pb2
 from fedstream.v1 import node_service_pb2 as pb
 
 #: The refusals of an UploadResult header that refuse the result itself and leave its task open (the node
-#: reports the task FAILED, or retries when busy); GetUploadStatus tells the last one (refused_reason).
-RESULT_REFUSALS = frozenset({"ERROR_REASON_PAYLOAD_TOO_LARGE", "ERROR_REASON_UPLOADS_BUSY", "ERROR_REASON_FRAMING",
-                             "ERROR_REASON_MALFORMED_MESSAGE"})
+#: reports the task FAILED, or retries when busy or queued); GetUploadStatus tells the last one (refused_reason).
+RESULT_REFUSALS = frozenset({"ERROR_REASON_PAYLOAD_TOO_LARGE", "ERROR_REASON_UPLOADS_BUSY", "ERROR_REASON_UPLOAD_QUEUED",
+                             "ERROR_REASON_FRAMING", "ERROR_REASON_MALFORMED_MESSAGE"})
 
 #: The caller's node id from the call's credentials alone (before anything is read from an unknown caller).
 Authenticate = Callable[[Any], str]
@@ -132,7 +133,7 @@ class UploadService:
                     async with self.uploads.line(desc.task_id, info.total_size) as turn:
                         if handle.done():  # ended while in line (a round gave up on it, the node restarted)
                             raise handle.closed_error()
-                        session = turn.begin(node_id, info)  # UploadsBusyError: no buffer free now
+                        session = turn.begin(node_id, info)  # UploadQueuedError / UploadsBusyError: no room
             else:
                 session = self.uploads.begin(desc.task_id, node_id, info)
         except Exception as exc:

@@ -26,9 +26,14 @@ running upload may free some, instead of being refused: a thousand nodes replyin
 Room that frees is handed to one waiter at a time, and only :meth:`UploadSessions.begin` hands it on to
 the next; an upload let through that does not begin (its task closed while it waited, any error) passes
 its turn on, which :meth:`UploadSessions.line` does by construction (:class:`LineTurn`). A wait lasts at
-most :data:`LINE_WAIT_SECONDS` (then the upload is refused busy, before its node's own idle timeout gives
-up the call); an upload that left the line without its turn keeps its place for the next upload of its
-task (:data:`PLACE_KEPT_SECONDS`), so the line stays oldest first across a node's busy retries.
+most ``line_wait_seconds`` (:data:`LINE_WAIT_SECONDS` by default; ServerConfig.upload_line_wait_seconds),
+so the server answers before its node's own idle timeout gives up the silent call; an upload that left the
+line without its turn keeps its place for the next upload of its task (``place_kept_seconds``,
+:data:`PLACE_KEPT_SECONDS`), so the line stays oldest first across a node's retries. How a wait that ran
+out is refused depends on whether the line moved meanwhile (:meth:`UploadSessions.progress`: an upload
+began or resumed, one ended for good, or a running one received bytes): it did, UploadQueuedError (call
+again now, the place is kept: a long line that moves is no reason to give up a result); it did not,
+UploadsBusyError (nothing running got nearer to freeing room: the node's busy window counts).
 """
 
 from __future__ import annotations
@@ -42,17 +47,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Self
 
-from fedcore.errors import ChunkOrderError, LimitExceededError, UploadConflictError, UploadsBusyError
+from fedcore.errors import (
+    ChunkOrderError,
+    LimitExceededError,
+    UploadConflictError,
+    UploadQueuedError,
+    UploadsBusyError,
+)
 from fedcore.framing import BufferPool, ChunkAssembler, PayloadInfo
 
-#: Longest an upload waits in line, seconds (:meth:`UploadSessions.line`; then it is refused busy). A node's
+#: Longest an upload waits in line by default, seconds (:meth:`UploadSessions.line`; then it is refused, queued
+#: or busy; ServerConfig.upload_line_wait_seconds). A node's
 #: UploadResult call makes no progress while it waits (the server reads nothing more), and fednode gives up a
 #: call silent for ``NodeConfig.idle_stream_timeout_seconds`` (120 s by default) and rejoins at the back: the
 #: server answers well before that, and keeps the upload's place for its retry (:data:`PLACE_KEPT_SECONDS`).
 LINE_WAIT_SECONDS = 60.0
 #: How long the place of an upload that left the line without its turn (its wait ran out, nothing running
-#: could free room, its call ended) is kept for the next upload of its task, seconds: more than a busy retry's
-#: backoff (fednode: at most 30 s by default) plus its Heartbeat.
+#: could free room, its call ended) is kept for the next upload of its task by default, seconds
+#: (ServerConfig.upload_place_kept_seconds): more than a busy retry's backoff (fednode: at most 30 s by
+#: default) plus its Heartbeat.
 PLACE_KEPT_SECONDS = 120.0
 
 
@@ -81,7 +94,8 @@ class UploadSessions:
     """Open upload sessions and the limits that bound them."""
 
     def __init__(self, *, max_payload_size: int, max_chunk_size: int, max_sessions: int,
-                 max_buffered_bytes: int | None = None, pool_bytes: int = 0) -> None:
+                 max_buffered_bytes: int | None = None, pool_bytes: int = 0,
+                 line_wait_seconds: float = LINE_WAIT_SECONDS, place_kept_seconds: float = PLACE_KEPT_SECONDS) -> None:
         self.max_payload_size = max_payload_size
         self.max_chunk_size = max_chunk_size
         self.max_sessions = max_sessions
@@ -91,7 +105,9 @@ class UploadSessions:
         self._sessions: dict[str, UploadSession] = {}
         self._buffered = 0  # bytes of the open sessions' buffers, and of finished ones not yet freed
         self._unfreed = 0  # finished uploads whose buffers are still alive (their result being aggregated)
-        self.line_wait_seconds = LINE_WAIT_SECONDS  # longest wait in line() by default
+        self.line_wait_seconds = line_wait_seconds  # longest wait in line() by default
+        self.place_kept_seconds = place_kept_seconds  # how long a place in line outlives the wait that left it
+        self._moves = 0  # uploads begun or resumed, sessions ended for good, buffers freed: see progress()
         self._line: list[_Waiter] = []  # a heap: the oldest ticket first
         self._tickets = itertools.count()
         self._places: dict[str, tuple[int, float]] = {}  # task id -> (ticket, kept until: time.monotonic())
@@ -143,16 +159,29 @@ class UploadSessions:
         """
         return await self._wait(task_id, size, timeout) == "admitted"
 
+    def progress(self) -> tuple[int, int]:
+        """Where the uploads stand, compared before and after a wait in line: it changes when an upload begins
+        or resumes (:meth:`begin`), a session ends for good (:meth:`discard`), a finished buffer is freed, or a
+        session receives bytes. Equal values mean the line did not move in between: nothing running got
+        nearer to freeing room."""
+        return self._moves, sum(s.received for s in self._sessions.values())
+
     async def _wait(self, task_id: str, size: int, timeout: float) -> str:
-        """:meth:`wait_for_room`, saying how it ended: "admitted", "timed out" or "hopeless" (nothing running)."""
+        """:meth:`wait_for_room`, saying how it ended: "admitted", "hopeless" (nothing running), or its time
+        ran out: "queued" when the line moved meanwhile (:meth:`progress`), else "timed out"."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         ticket = self._place_of(task_id)
+        start = self.progress()
+
+        def ran_out() -> str:
+            return "queued" if self.progress() != start else "timed out"
+
         while not self._room_for(task_id, size):
             remaining = deadline - loop.time()
             if not self._running() or remaining <= 0:
                 self._keep_place(task_id, ticket)
-                return "hopeless" if remaining > 0 else "timed out"
+                return "hopeless" if remaining > 0 else ran_out()
             waiter = _Waiter(ticket, loop.create_future())
             heapq.heappush(self._line, waiter)  # woken but beaten to the room: back at our place
             try:
@@ -163,7 +192,7 @@ class UploadSessions:
                     return "admitted"  # its turn came as the clock ran out
                 self._leave_line(waiter.future)
                 self._keep_place(task_id, ticket)
-                return "timed out"
+                return ran_out()
             except BaseException:  # the call ended while it waited (cancelled)
                 self._leave_line(waiter.future)
                 self._keep_place(task_id, ticket)
@@ -183,7 +212,7 @@ class UploadSessions:
                 break
             del self._places[oldest]
         self._places.pop(task_id, None)
-        self._places[task_id] = (ticket, now + PLACE_KEPT_SECONDS)
+        self._places[task_id] = (ticket, now + self.place_kept_seconds)
 
     def _leave_line(self, waiter: asyncio.Future[None]) -> None:
         """``waiter`` leaves the line without its turn: a turn it was handed as it left goes to the next one."""
@@ -225,6 +254,7 @@ class UploadSessions:
                     "holds no bytes of it (GetUploadStatus says 0); start again at offset 0")
             existing.assembler.resume(info)
             existing.active = True
+            self._moves += 1
             return existing
         if existing is not None:
             existing = None  # no reference of ours keeps the parked buffer alive: discard frees it, its block is reused
@@ -242,6 +272,7 @@ class UploadSessions:
                                    max_chunk_size=self.max_chunk_size, pool=self.pool, pool_room=room)
         session = self._sessions[task_id] = UploadSession(task_id, node_id, assembler)
         self._buffered += assembler.held_bytes
+        self._moves += 1
         self._places.pop(task_id, None)
         if self._line:
             self._wake()  # the next in line may fit too (a byte budget can hold several small uploads)
@@ -272,6 +303,7 @@ class UploadSessions:
         session = self._sessions.pop(task_id, None)
         if session is None:
             return
+        self._moves += 1
         size = session.assembler.held_bytes
         holder = weakref.ref(session.assembler.buffer if held_until_freed is None else held_until_freed)
         session.assembler.close()
@@ -285,6 +317,7 @@ class UploadSessions:
         self._wake()  # its session slot is free already
 
     def _freed(self, size: int, finished: bool = True) -> None:
+        self._moves += 1
         self._buffered -= size
         self._unfreed -= finished
         self._wake()
@@ -325,7 +358,8 @@ class LineTurn:
             session = turn.begin(node_id, info)
 
     ``admitted`` says whether room was there when the wait ended (False: its ``timeout`` ran out, or nothing
-    running could free room; :meth:`begin` then refuses busy, unless room appeared meanwhile). A block that
+    running could free room; :meth:`begin` then refuses, queued or busy, unless room appeared meanwhile). A
+    block that
     ends without a successful :meth:`begin` passes the turn on (:meth:`UploadSessions.pass_turn`): an upload
     that leaves the line never stalls the uploads behind it.
     """
@@ -350,15 +384,22 @@ class LineTurn:
 
     def begin(self, node_id: str, info: PayloadInfo) -> UploadSession:
         """:meth:`UploadSessions.begin` for this upload; the turn is taken once it returns. Still no room after
-        the longest wait: UploadsBusyError saying so."""
+        the longest wait: UploadQueuedError when the line moved during the wait (call again now), else
+        UploadsBusyError, each saying so."""
         try:
             session = self._sessions.begin(self.task_id, node_id, info)
         except UploadsBusyError as exc:
+            kept = self._sessions.place_kept_seconds
+            if self._ending == "queued":
+                raise UploadQueuedError(
+                    f"upload queued: waited {self.timeout:g} s in line, the longest an upload waits, while the line "
+                    f"moved ({str(exc).removesuffix('; retry later')}); its place is kept for {kept:g} s: "
+                    "upload again now") from None
             if self._ending != "timed out":
                 raise
             raise UploadsBusyError(
                 f"{exc} (waited {self.timeout:g} s in line, the longest an upload waits; an upload of this task "
-                f"within {PLACE_KEPT_SECONDS:g} s keeps its place)") from None
+                f"within {kept:g} s keeps its place)") from None
         self._taken = True
         return session
 

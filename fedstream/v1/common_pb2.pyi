@@ -41,6 +41,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_SERVER_STOPPING: _ClassVar[ErrorReason]
     ERROR_REASON_INTERNAL: _ClassVar[ErrorReason]
     ERROR_REASON_STALE_POLL: _ClassVar[ErrorReason]
+    ERROR_REASON_UPLOAD_QUEUED: _ClassVar[ErrorReason]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_TRAIN: TaskKind
 TASK_KIND_EVALUATE: TaskKind
@@ -67,6 +68,7 @@ ERROR_REASON_UPLOAD_IN_PROGRESS: ErrorReason
 ERROR_REASON_SERVER_STOPPING: ErrorReason
 ERROR_REASON_INTERNAL: ErrorReason
 ERROR_REASON_STALE_POLL: ErrorReason
+ERROR_REASON_UPLOAD_QUEUED: ErrorReason
 
 class ProtocolVersion(_message.Message):
     __slots__ = ("major", "minor")
