@@ -6,6 +6,14 @@ and replace a result the server refuses for itself (too large, malformed, misfra
 window) by a FAILED report naming the refusal, so the round counts the task at once instead of waiting for
 its inactivity timeout (the server never sends such a task again: docs/protocol.md §4 step 4, §5).
 
+A result refused ERROR_REASON_UPLOAD_QUEUED (it waited the server's longest in an upload line that moved
+meanwhile; its place is kept) is uploaded again at once, after a jitter of at most
+:data:`QUEUED_JITTER_SECONDS`: no backoff, no heartbeat (the server counts the task active while it waits in
+line), and it does not count toward the busy window; it ends a run of busy refusals instead (the line moved,
+so the window starts afresh at the next busy one). There is no bound on those refusals but the task's life:
+the line is oldest first and keeps the place, so each wait brings the turn nearer, and once the task ends the
+next upload is refused for the task (TASK_CLOSED, ...), which drops the result; stop() ends the retries too.
+
 Busy is time-bound, not count-bound: a busy server's buffers may be held by *parked* uploads (interrupted,
 kept for their resume) that free only when their task ends, up to the server's reconnect grace after their
 node went away. A fixed number of jittered attempts can end well before that and lose a good result; the
@@ -36,11 +44,22 @@ from fedcore.errors import ConnectionLostError, NodeError, ServerRefusedError
 from fedcore.wire import ServerSettings
 from fednode.config import NodeConfig
 from fednode.transfers import PendingUpload
-from fednode.transport import BAD_RESULT_REASON, BUSY_REASON, NodeConnection, fatal_refusal, task_refusal
+from fednode.transport import (
+    BAD_RESULT_REASON,
+    BUSY_REASON,
+    QUEUED_REASON,
+    NodeConnection,
+    fatal_refusal,
+    task_refusal,
+)
 
 #: A child of the client's logger: delivering results is part of the node's loop, and a level or filter set on
 #: ``fednode.client`` (an operator's, a test's) covers it too.
 log = logging.getLogger("fednode.client.delivery")
+
+#: Longest pause before uploading again a result refused ERROR_REASON_UPLOAD_QUEUED, seconds (uniform jitter
+#: from 0: the nodes refused together do not call back in the same instant).
+QUEUED_JITTER_SECONDS = 0.1
 
 #: Awaits an awaitable unless the client is asked to stop first (then allows ``grace`` more seconds).
 Stoppable = Callable[..., Awaitable[Any]]
@@ -66,15 +85,25 @@ class ResultDelivery:
         """Deliver ``upload``, retrying in place while the server is busy; what is left to deliver: None, or
         the FAILED report that replaces a refused result. Busy refusals are retried with the client's backoff
         (each wait cut to what is left of the window) while they have lasted less than
-        ``busy_upload_retry_seconds`` since the first; then the result is given up."""
+        ``busy_upload_retry_seconds`` since the first of a run; then the result is given up. A queued refusal
+        is uploaded again at once (a jitter) and ends a run of busy refusals."""
         cfg = self.config
-        attempts, busy_since = 0, None
+        attempts, busy_since, queued = 0, None, 0
         while True:
             try:
                 await self._stoppable(self._send(conn, upload), grace=cfg.stop_grace_seconds)
             except ServerRefusedError as exc:
                 if fatal_refusal(exc):  # e.g. a newer process of this node registered: it serves the node now
                     raise
+                if exc.reason == QUEUED_REASON:  # waited its longest in a moving line: the place is kept
+                    queued += 1
+                    attempts, busy_since = 0, None  # the line moved: not busy, a busy run starts afresh
+                    delay = self._rng.uniform(0.0, QUEUED_JITTER_SECONDS)
+                    log.info("%s: result of task %s still queued on the server after %d wait%s in line (%s); "
+                             "uploading again in %.2f s", cfg.node_name, upload.task_id, queued,
+                             "s" if queued != 1 else "", exc.details, delay)
+                    await self._stoppable(asyncio.sleep(delay))
+                    continue
                 attempts += 1
                 if not self._server_busy(exc, upload, settings):
                     return self._after_refusal(upload, exc)

@@ -78,6 +78,10 @@ RETRYABLE_REASONS = frozenset({"ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REASON_D
                                "ERROR_REASON_INTERNAL", "ERROR_REASON_UNKNOWN_NODE", STALE_POLL_REASON})
 #: The refusal of an upload while no buffer is free on the server: retried in place, with backoff.
 BUSY_REASON = "ERROR_REASON_UPLOADS_BUSY"
+#: The refusal of an upload that waited its longest in a line that moved meanwhile: its place is kept; uploaded
+#: again at once, outside the busy window (docs/protocol.md §4 step 4). Without this reason (an older node):
+#: RESOURCE_EXHAUSTED, i.e. busy.
+QUEUED_REASON = "ERROR_REASON_UPLOAD_QUEUED"
 #: The refusal of a result document that does not decode: the server ended the task FAILED already.
 BAD_RESULT_REASON = "ERROR_REASON_BAD_RESULT_DOCUMENT"
 
