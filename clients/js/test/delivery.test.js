@@ -146,3 +146,36 @@ test("the command line on SIGTERM delivers the FAILED report that replaces a ref
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("UPLOAD_QUEUED is sent again at once, outside busyUploadRetryMs, and ends a run of busy refusals", async () => {
+  const queued = () => fail(grpc.status.RESOURCE_EXHAUSTED, "upload queued: waited 0.5 s in line, the longest an upload "
+    + "waits, while the line moved (too many concurrent uploads (16, limit 16)); its place is kept for 120 s: upload "
+    + "again now", "ERROR_REASON_UPLOAD_QUEUED");
+  // busy for 0.2 s (within the 0.4 s window), queued for 1 s (2.5 windows: the window would have run out),
+  // busy again for 0.2 s (a fresh window: it started afresh after the queued refusals), then accepted
+  const t0 = Date.now();
+  const refusal = () => {
+    const ms = Date.now() - t0;
+    if (ms < 200) return busy();
+    if (ms < 1200) return queued();
+    return ms < 1400 ? busy() : null;
+  };
+  const fake = await new FakeServer({ onUploadHeader: (h) => (h.payload ? refusal() : null) }).start();
+  const lines = [];
+  const c = client(fake, { maxUploadAttempts: 1, busyUploadRetryMs: 400, log: (level, msg) => lines.push(msg) });
+  const result = crypto.randomBytes(3000);
+  try {
+    await c.register();
+    assert.equal((await c.handleTask(task("t1"), succeeding(result))).received_bytes, 3000);
+    const attempts = headers(fake, "t1");
+    assert.ok(attempts.every((h) => h[0] === "TASK_OUTCOME_SUCCEEDED"), JSON.stringify(attempts));
+    assert.ok(fake.uploads.get("t1").complete);
+    const queuedLines = lines.filter((l) => l.includes("still queued on the server"));
+    // at once: a jitter under 0.1 s between queued attempts, so many more than backoffs would allow
+    assert.ok(queuedLines.length >= 4, `${queuedLines.length} queued attempts in 1 s`);
+    assert.match(queuedLines[0], /^result of task t1 still queued on the server after 1 wait in line \(upload queued: .*\); uploading again in 0\.0\d s$/);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});

@@ -23,6 +23,14 @@
  * FAILED report naming the refusal (refusedResultMessage), delivered the same way; a refusal that ends the
  * task (closed, unknown, not ours, a result document that does not decode) drops it.
  *
+ * An upload refused ERROR_REASON_UPLOAD_QUEUED (it waited the server's longest in an upload line that moved
+ * meanwhile; its place is kept) is sent again at once, after a jitter of at most QUEUED_JITTER_MS: no backoff,
+ * no heartbeat (the server counts the task active while it waits in line), not counted toward
+ * busyUploadRetryMs; it ends a run of busy refusals instead (the line moved: the busy window starts afresh at
+ * the next one), as fednode. No bound but the task's life: the line is oldest first and keeps the place, so
+ * each wait brings the turn nearer, and once the task ends the upload is refused for the task ("task"), which
+ * drops the result; stop() ends the retries too.
+ *
  * Stopping: once stop() is called, an upload in flight, and the FAILED report that replaces a result refused
  * meanwhile, get `stopGraceMs` from stop() (or from the start of a later delivery) to finish; no new attempt
  * is made after a failure. What is still pending is then cancelled and logged as not delivered (the server
@@ -33,9 +41,11 @@ const { once } = require("node:events");
 const grpc = require("@grpc/grpc-js");
 const { PROTOCOL_VERSION } = require("./proto.js");
 const { payloadHeader, chunksOf, sha256, MiB } = require("./chunks.js");
-const { backoffMs, classify, errorReason, isBusy, refusedResultMessage } = require("./refusals.js");
+const { backoffMs, classify, errorReason, isBusy, isQueued, refusedResultMessage } = require("./refusals.js");
 const { PayloadError } = require("../errors.js");
 
+/** Longest pause before sending again an upload refused UPLOAD_QUEUED, ms (uniform jitter from 0, as fednode). */
+const QUEUED_JITTER_MS = 100;
 /** Heartbeat interval of a busy wait while the server announced none (fednode's heartbeat_interval_seconds). */
 const DEFAULT_HEARTBEAT_INTERVAL_MS = 10_000;
 
@@ -175,6 +185,7 @@ class ResultDelivery {
     let start = result.attempted ? await this.resumePoint(result) : 0;
     let busySince = null;
     let busy = 0;
+    let queued = 0;
     let broken = 0;
     for (let attempt = 1; ; attempt++) {
       if (start === null) return { task_id: result.taskId, received_bytes: result.size }; // the server has it
@@ -183,7 +194,15 @@ class ResultDelivery {
         return await this.uploadOnce(result, start);
       } catch (err) {
         if (classify(err) !== "retry" || this.stopping()) throw err;
-        if (isBusy(err)) {
+        if (isQueued(err)) {
+          queued += 1;
+          busy = 0; // the line moved: not busy, a busy run starts afresh
+          busySince = null;
+          const delay = Math.random() * QUEUED_JITTER_MS;
+          this.log("INFO", `result of task ${result.taskId} still queued on the server after ${queued} wait`
+            + `${queued === 1 ? "" : "s"} in line (${err.details || err.message}); uploading again in ${(delay / 1000).toFixed(2)} s`);
+          await this.sleep(delay);
+        } else if (isBusy(err)) {
           busy += 1;
           busySince ??= Date.now();
           const waited = Date.now() - busySince;
@@ -327,4 +346,4 @@ class ResultDelivery {
   }
 }
 
-module.exports = { ResultDelivery, PendingResult, DEFAULT_HEARTBEAT_INTERVAL_MS };
+module.exports = { ResultDelivery, PendingResult, DEFAULT_HEARTBEAT_INTERVAL_MS, QUEUED_JITTER_MS };

@@ -29,10 +29,14 @@ const STALE_POLL_REASON = "ERROR_REASON_STALE_POLL";
  * ERROR_REASON_UNKNOWN_NODE (reserved: not sent by this server version) means "register again": run()
  * forgets its registration and registers before its next poll. */
 const RETRYABLE_REASONS = new Set(["ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REASON_DIGEST_MISMATCH",
-  "ERROR_REASON_UPLOADS_BUSY", "ERROR_REASON_UPLOAD_IN_PROGRESS", "ERROR_REASON_SERVER_STOPPING",
-  "ERROR_REASON_INTERNAL", "ERROR_REASON_UNKNOWN_NODE", STALE_POLL_REASON]);
+  "ERROR_REASON_UPLOADS_BUSY", "ERROR_REASON_UPLOAD_QUEUED", "ERROR_REASON_UPLOAD_IN_PROGRESS",
+  "ERROR_REASON_SERVER_STOPPING", "ERROR_REASON_INTERNAL", "ERROR_REASON_UNKNOWN_NODE", STALE_POLL_REASON]);
 /** The refusal of an upload while the server has no upload buffer free: retried in place for a while. */
 const BUSY_REASON = "ERROR_REASON_UPLOADS_BUSY";
+/** The refusal of an upload that waited the server's longest in a line that moved meanwhile: its place is
+ * kept; uploaded again at once, outside the busy window (docs/protocol.md §4 step 4). Its code is
+ * RESOURCE_EXHAUSTED: a client that does not know the reason takes it for busy and retries too. */
+const QUEUED_REASON = "ERROR_REASON_UPLOAD_QUEUED";
 /** The refusal of a result document that does not decode: the server ended the task FAILED already. */
 const BAD_RESULT_REASON = "ERROR_REASON_BAD_RESULT_DOCUMENT";
 /** Without a known reason (gRPC's own statuses, older servers): codes a new attempt may cure... */
@@ -80,6 +84,11 @@ function isFatal(err, options) {
   return classify(err, options) === "fatal";
 }
 
+/** Whether an upload was refused UPLOAD_QUEUED: it waited its longest in a moving line, its place is kept. */
+function isQueued(err) {
+  return errorReason(err) === QUEUED_REASON;
+}
+
 /** Whether an upload was refused for "no upload buffer free now" (UPLOADS_BUSY; from a server without reasons,
  * RESOURCE_EXHAUSTED, which a result over the announced max_payload_size never gets here: it is not sent). */
 function isBusy(err) {
@@ -109,5 +118,6 @@ function refusedResultMessage(err, size) {
 }
 
 module.exports = {
-  REASON_METADATA_KEY, BUSY_REASON, STALE_POLL_REASON, backoffMs, errorReason, classify, isFatal, isBusy, refusedResultMessage,
+  REASON_METADATA_KEY, BUSY_REASON, QUEUED_REASON, STALE_POLL_REASON, backoffMs, errorReason, classify, isFatal, isBusy,
+  isQueued, refusedResultMessage,
 };
