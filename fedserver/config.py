@@ -22,7 +22,7 @@ from fedcore.wire.flow_control import (
     chunk_message_window,
     valid_receive_window,
 )
-from fedserver.uploads import LINE_WAIT_SECONDS, PLACE_KEPT_SECONDS
+from fedserver.upload_line import LINE_WAIT_SECONDS, PLACE_KEPT_SECONDS
 
 TlsMode = Literal["insecure", "tls", "mtls"]
 TLS_MODES: tuple[str, ...] = ("insecure", "tls", "mtls")

@@ -1,4 +1,4 @@
-"""The upload line's turns (:class:`fedserver.uploads.LineTurn`), on UploadSessions and over real grpc.aio on
+"""The upload line's turns (:class:`fedserver.upload_line.LineTurn`), on UploadSessions and over real grpc.aio on
 loopback with one upload slot (``max_concurrent_uploads=1``).
 
 Room that frees is handed to one waiter at a time; a waiter that does not take it (its task closed while it
