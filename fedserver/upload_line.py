@@ -2,22 +2,27 @@
 
 :class:`~fedserver.uploads.UploadSessions` owns one :class:`UploadLine` and delegates to it.
 
-An upload that finds no room waits in line (:meth:`UploadLine.wait`, oldest first) while a running upload
-may free some, instead of being refused: a thousand nodes replying at once queue behind ``max_sessions``
-buffers, and two 2.4 GB replies are received one after the other when ``max_buffered_bytes`` holds only
-one. Only when nothing running can free room is the upload refused. Room that frees is handed to one
-waiter at a time, and only :meth:`UploadSessions.begin <fedserver.uploads.UploadSessions.begin>` hands it
-on to the next (:meth:`UploadLine.began`); an upload let through that does not begin (its task closed while
-it waited, any error) passes its turn on, which :meth:`UploadSessions.line
-<fedserver.uploads.UploadSessions.line>` does by construction (:class:`LineTurn`). A wait lasts at most
-``wait_seconds`` (:data:`LINE_WAIT_SECONDS` by default; ServerConfig.upload_line_wait_seconds), so the
-server answers before its node's own idle timeout gives up the silent call; an upload that left the line
-without its turn keeps its place for the next upload of its task (``place_kept_seconds``,
-:data:`PLACE_KEPT_SECONDS`), so the line stays oldest first across a node's retries. How a wait that ran
-out is refused depends on whether the line moved meanwhile (:meth:`UploadSessions.progress
-<fedserver.uploads.UploadSessions.progress>`: an upload began or resumed, one ended for good, or a running
-one received bytes): it did, UploadQueuedError (call again now, the place is kept: a long line that moves
-is no reason to give up a result); it did not, UploadsBusyError (nothing running got nearer to freeing
+An upload that finds no room waits in line (:meth:`UploadLine.wait`) while a running upload may free some,
+instead of being refused: a thousand nodes replying at once queue behind ``max_sessions`` buffers, and two
+2.4 GB replies are received one after the other when ``max_buffered_bytes`` holds only one. Only when nothing
+running can free room is the upload refused. The line is strictly oldest first: an upload is admitted only
+when it fits and no upload in line holds an older ticket, so younger small uploads that would fit never
+overtake a big one at the head (review R3: they did, and the big one was refused queued without end). Room
+that frees wakes the head, which stays in line (its claim stands) until it begins or leaves, so a newcomer
+cannot slip in between the wake and the head's look at the room; only :meth:`UploadSessions.begin
+<fedserver.uploads.UploadSessions.begin>` wakes the next one (:meth:`UploadLine.began`), and an upload let
+through that does not begin (its task closed while it waited, any error) passes its turn on, which
+:meth:`UploadSessions.line <fedserver.uploads.UploadSessions.line>` does by construction (:class:`LineTurn`).
+No deadlock: the head fits once every running upload drained (room is there on an empty buffer), and when
+nothing running can free room every waiter is woken and refused. A wait lasts at most ``wait_seconds``
+(:data:`LINE_WAIT_SECONDS` by default; ServerConfig.upload_line_wait_seconds), so the server answers before
+its node's own idle timeout gives up the silent call; an upload that left the line without its turn keeps its
+place (its ticket) for the next upload of its task (``place_kept_seconds``, :data:`PLACE_KEPT_SECONDS`), so
+the line stays oldest first across a node's retries. How a wait that ran out is refused depends on whether
+the line moved meanwhile (:meth:`UploadSessions.progress <fedserver.uploads.UploadSessions.progress>`: real
+progress only, a running upload received bytes, one ended for good, a buffer was freed; an upload that began
+or resumed is none by itself): it did, UploadQueuedError (call again now, the place is kept: a long line that
+moves is no reason to give up a result); it did not, UploadsBusyError (nothing running got nearer to freeing
 room: the node's busy window counts).
 
 The line knows the sessions only through three callables (is there room, is anything running, where the
@@ -27,7 +32,7 @@ uploads stand), so the room's rules stay in :mod:`fedserver.uploads`.
 from __future__ import annotations
 
 import asyncio
-import heapq
+import bisect
 import itertools
 import time
 from collections.abc import Callable
@@ -54,20 +59,29 @@ LINE_WAIT_SECONDS = 60.0
 PLACE_KEPT_SECONDS = 120.0
 
 
-@dataclass(order=True)
+@dataclass(eq=False)
 class _Waiter:
-    """An upload waiting in line; the line is ordered by ``ticket`` (its task's first arrival): oldest first."""
+    """An upload waiting in line; the line is ordered by ``ticket`` (its task's first arrival): oldest first.
+
+    It stays in line from its arrival until it is admitted or leaves: a woken waiter keeps its claim while it
+    looks for room, so no upload that arrived after it can take the room handed to it. ``future`` is the
+    current wake-up (a new one each time it waits again)."""
 
     ticket: int
     future: asyncio.Future[None] = field(compare=False)
 
 
 class UploadLine:
-    """Fresh uploads waiting for room, oldest first, one turn handed out at a time.
+    """Fresh uploads waiting for room, strictly oldest first.
 
     ``room_for(task_id, size)`` says whether a fresh upload fits now, ``running()`` whether room will free
     itself (a stream is writing, a finished buffer is about to be freed), and ``progress()`` where the
     uploads stand (equal before and after a wait: the line did not move).
+
+    An upload is admitted only when it fits **and** no upload in line holds an older ticket: a big upload at
+    the head is never overtaken by younger small ones that would fit, and a newcomer never takes room freed
+    for the head. This cannot deadlock: the head fits once every running upload drained (``room_for`` is
+    true on an empty buffer), and when nothing running can free room every waiter is woken and refused.
     """
 
     def __init__(self, *, room_for: Callable[[str, int], bool], running: Callable[[], bool],
@@ -78,27 +92,24 @@ class UploadLine:
         self._room_for = room_for
         self._running = running
         self._progress = progress
-        self._line: list[_Waiter] = []  # a heap: the oldest ticket first
+        self._line: list[_Waiter] = []  # the waiters in line, sorted by ticket: the oldest first
         self._tickets = itertools.count()
         self._places: dict[str, tuple[int, float]] = {}  # task id -> (ticket, kept until: time.monotonic())
 
     def __bool__(self) -> bool:
-        """Whether anyone may be in line (woken or departed waiters not yet popped included)."""
+        """Whether anyone is in line."""
         return bool(self._line)
 
     @property
     def waiting(self) -> int:
         """Uploads waiting in line for room now."""
-        return sum(not waiter.future.done() for waiter in self._line)
+        return len(self._line)
 
     def wake(self, everyone: bool = False) -> None:
-        """Let the oldest waiter (or all of them) look for room again."""
-        while self._line:
-            waiter = heapq.heappop(self._line).future
-            if not waiter.done():
-                waiter.set_result(None)
-                if not everyone:
-                    return
+        """Let the oldest waiter (or all of them) look for room again; they stay in line meanwhile."""
+        for waiter in self._line if everyone else self._line[:1]:
+            if not waiter.future.done():
+                waiter.future.set_result(None)
 
     def wake_if_hopeless(self) -> None:
         """Wake everyone when nothing running can free room (only parked sessions are left)."""
@@ -109,53 +120,60 @@ class UploadLine:
         """``task_id``'s upload began (its turn taken): its kept place goes, and the next in line looks for
         room too (a byte budget can hold several small uploads)."""
         self._places.pop(task_id, None)
-        if self._line:
-            self.wake()
+        self.wake()
 
     def pass_turn(self) -> None:
-        """Hand the turn on to the next upload in line.
-
-        A turn is handed to one waiter at a time (:meth:`wake`), and only :meth:`began` hands on the next
-        one. An upload let through by :meth:`wait` that does not begin (its task closed while it waited, any
-        error before) calls this instead; otherwise the next waiter would sit until some other upload frees
-        room, or its wait runs out."""
-        if self._line:
-            self.wake()
+        """Let the head of the line look for room again: an upload admitted by :meth:`wait` that does not
+        begin (its task closed while it waited, any error before) calls this instead of :meth:`began`;
+        otherwise the head would sit until some other upload frees room, or its wait runs out."""
+        self.wake()
 
     async def wait(self, task_id: str, size: int, timeout: float) -> str:
-        """Wait in line until a fresh upload of ``size`` bytes fits, saying how it ended: "admitted",
-        "hopeless" (nothing running), or its time ran out: "queued" when the line moved meanwhile
-        (``progress()``), else "timed out". A wait that ends otherwise (its timeout, a cancellation) passes
-        on a turn it was handed meanwhile itself."""
+        """Wait in line until a fresh upload of ``size`` bytes fits and no older upload waits, saying how it
+        ended: "admitted", "hopeless" (no room and nothing running), or its time ran out: "queued" when the
+        line moved meanwhile (``progress()``), else "timed out". An upload not admitted keeps its place for
+        its task's next upload (``place_kept_seconds``)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        ticket = self._place_of(task_id)
+        waiter = _Waiter(self._place_of(task_id), loop.create_future())
+        bisect.insort(self._line, waiter, key=_ticket)  # its claim stands from now on: nobody younger goes first
         start = self._progress()
+        try:
+            while True:
+                if self._line[0] is waiter and self._room_for(task_id, size):
+                    self._leave(waiter)
+                    return "admitted"  # the caller begins at once (no await in between): the room is its own
+                remaining = deadline - loop.time()
+                fits = self._room_for(task_id, size)  # room taken only by older uploads: wait for them
+                if (not fits and not self._running()) or remaining <= 0:
+                    self._leave(waiter, task_id)
+                    if remaining > 0:
+                        return "hopeless"
+                    return "queued" if self._progress() != start else "timed out"
+                if waiter.future.done():
+                    waiter.future = loop.create_future()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await waiter.future
+                except TimeoutError:
+                    pass  # looked at once more above: its turn may have come as the clock ran out
+        except BaseException:  # the call ended while it waited (cancelled)
+            if waiter in self._line:
+                self._leave(waiter, task_id)
+            raise
 
-        def ran_out() -> str:
-            return "queued" if self._progress() != start else "timed out"
-
-        while not self._room_for(task_id, size):
-            remaining = deadline - loop.time()
-            if not self._running() or remaining <= 0:
-                self._keep_place(task_id, ticket)
-                return "hopeless" if remaining > 0 else ran_out()
-            waiter = _Waiter(ticket, loop.create_future())
-            heapq.heappush(self._line, waiter)  # woken but beaten to the room: back at our place
-            try:
-                async with asyncio.timeout(remaining):
-                    await waiter.future
-            except TimeoutError:
-                if _handed(waiter.future) and self._room_for(task_id, size):
-                    return "admitted"  # its turn came as the clock ran out
-                self._leave_line(waiter.future)
-                self._keep_place(task_id, ticket)
-                return ran_out()
-            except BaseException:  # the call ended while it waited (cancelled)
-                self._leave_line(waiter.future)
-                self._keep_place(task_id, ticket)
-                raise
-        return "admitted"
+    def _leave(self, waiter: _Waiter, task_id: str | None = None) -> None:
+        """``waiter`` leaves the line: admitted (``task_id`` None: its :meth:`began` or :meth:`pass_turn` wakes
+        the next one), or not, then ``task_id`` keeps its place and, when it was the head, the next one looks
+        for room (room it could not use, or left after it)."""
+        head = self._line[0] is waiter
+        self._line.remove(waiter)
+        if not waiter.future.done():
+            waiter.future.cancel()
+        if task_id is not None:
+            self._keep_place(task_id, waiter.ticket)
+            if head:
+                self.wake()
 
     def _place_of(self, task_id: str) -> int:
         """The ticket of ``task_id``'s upload in line: the one kept from its last wait, else a new one at the back."""
@@ -172,13 +190,6 @@ class UploadLine:
         self._places.pop(task_id, None)
         self._places[task_id] = (ticket, now + self.place_kept_seconds)
 
-    def _leave_line(self, waiter: asyncio.Future[None]) -> None:
-        """``waiter`` leaves the line without its turn: a turn it was handed as it left goes to the next one."""
-        if _handed(waiter):
-            self.pass_turn()
-        else:
-            waiter.cancel()  # skipped by wake, not counted as waiting
-
 
 class LineTurn:
     """One fresh upload's wait in line and the turn it gets (:meth:`UploadSessions.line
@@ -188,20 +199,22 @@ class LineTurn:
             ...  # checks that may raise
             session = turn.begin(node_id, info)
 
-    ``admitted`` says whether room was there when the wait ended (False: its ``timeout`` ran out, or nothing
-    running could free room; :meth:`begin` then refuses, queued or busy, unless room appeared meanwhile). A
-    block that ends without a successful :meth:`begin` passes the turn on (:meth:`UploadLine.pass_turn`): an
-    upload that leaves the line never stalls the uploads behind it.
+    ``admitted`` says whether the upload got its turn (room, and nobody older in line) when the wait ended
+    (False: its ``timeout`` ran out, or nothing running could free room; :meth:`begin` then refuses, queued or
+    busy, even if room is there: it belongs to an older upload in line). A block that ends without a
+    successful :meth:`begin` passes the turn on (:meth:`UploadLine.pass_turn`): an upload that leaves the
+    line never stalls the uploads behind it.
     """
 
-    def __init__(self, line: UploadLine, begin: Callable[[str, str, PayloadInfo], UploadSession], task_id: str,
-                 size: int, timeout: float) -> None:
+    def __init__(self, line: UploadLine, begin: Callable[[str, str, PayloadInfo], UploadSession],
+                 busy: Callable[[str, int], UploadsBusyError], task_id: str, size: int, timeout: float) -> None:
         self.task_id = task_id
         self.size = size
         self.timeout = timeout
         self.admitted = False
         self._line = line
         self._begin = begin  # UploadSessions.begin(task_id, node_id, info)
+        self._busy = busy  # UploadSessions.busy_error(task_id, size): why there is no room for it now
         self._ending = ""
         self._taken = False
 
@@ -216,9 +229,12 @@ class LineTurn:
 
     def begin(self, node_id: str, info: PayloadInfo) -> UploadSession:
         """:meth:`UploadSessions.begin <fedserver.uploads.UploadSessions.begin>` for this upload; the turn is
-        taken once it returns. Still no room after the longest wait: UploadQueuedError when the line moved
-        during the wait (call again now), else UploadsBusyError, each saying so."""
+        taken once it returns. Not admitted after the longest wait (no room, or older uploads in line ahead):
+        UploadQueuedError when the line moved during the wait (call again now), else UploadsBusyError, each
+        saying so."""
         try:
+            if not self.admitted:
+                raise self._busy(self.task_id, self.size)
             session = self._begin(self.task_id, node_id, info)
         except UploadsBusyError as exc:
             kept = self._line.place_kept_seconds
@@ -236,6 +252,5 @@ class LineTurn:
         return session
 
 
-def _handed(waiter: asyncio.Future[None]) -> bool:
-    """Whether a waiter was handed a turn (woken, not cancelled)."""
-    return waiter.done() and not waiter.cancelled()
+def _ticket(waiter: _Waiter) -> int:
+    return waiter.ticket

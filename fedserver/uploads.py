@@ -72,7 +72,8 @@ class UploadSessions:
         self._sessions: dict[str, UploadSession] = {}
         self._buffered = 0  # bytes of the open sessions' buffers, and of finished ones not yet freed
         self._unfreed = 0  # finished uploads whose buffers are still alive (their result being aggregated)
-        self._moves = 0  # uploads begun or resumed, sessions ended for good, buffers freed: see progress()
+        self._moves = 0  # sessions ended for good, buffers freed: see progress()
+        self._received_before = 0  # bytes the forgotten sessions had received: progress() never counts back
         self._line = UploadLine(room_for=self._room_for, running=self._running, progress=self.progress,
                                 wait_seconds=line_wait_seconds, place_kept_seconds=place_kept_seconds)
 
@@ -133,11 +134,12 @@ class UploadSessions:
         return await self._line.wait(task_id, size, timeout) == "admitted"
 
     def progress(self) -> tuple[int, int]:
-        """Where the uploads stand, compared before and after a wait in line: it changes when an upload begins
-        or resumes (:meth:`begin`), a session ends for good (:meth:`discard`), a finished buffer is freed, or a
-        session receives bytes. Equal values mean the line did not move in between: nothing running got
-        nearer to freeing room."""
-        return self._moves, sum(s.received for s in self._sessions.values())
+        """Where the uploads stand, compared before and after a wait in line: it changes only with real
+        progress towards room: a session receives bytes, ends for good (:meth:`discard`; not one replaced by a
+        fresh start of its own task) or a finished buffer is freed. An upload that begins or resumes is no
+        progress by itself (a parked upload that resumes and breaks at once frees nothing). Equal values mean
+        the line did not move in between: nothing running got nearer to freeing room."""
+        return self._moves, self._received_before + sum(s.received for s in self._sessions.values())
 
     def pass_turn(self) -> None:
         """Hand the turn on to the next upload in line (:meth:`UploadLine.pass_turn
@@ -151,7 +153,7 @@ class UploadSessions:
         <fedserver.upload_line.LineTurn.begin>`; when it ends without (an exception, or no call), the turn
         passes on."""
         wait = self.line_wait_seconds if timeout is None else timeout
-        return LineTurn(self._line, self.begin, task_id, size, wait)
+        return LineTurn(self._line, self.begin, self.busy_error, task_id, size, wait)
 
     def begin(self, task_id: str, node_id: str, info: PayloadInfo) -> UploadSession:
         """Start (``start_offset`` 0) or resume (``start_offset`` = acknowledged offset) an upload.
@@ -169,28 +171,35 @@ class UploadSessions:
                     f"cannot resume the upload of task {task_id} at offset {info.start_offset}: the server "
                     "holds no bytes of it (GetUploadStatus says 0); start again at offset 0")
             existing.assembler.resume(info)
-            existing.active = True
-            self._moves += 1
+            existing.active = True  # no progress by itself (a resume that breaks at once frees nothing)
             return existing
         if existing is not None:
             existing = None  # no reference of ours keeps the parked buffer alive: discard frees it, its block is reused
+            moves = self._moves
             self.discard(task_id)  # a fresh start replaces the parked bytes
-        if len(self._sessions) >= self.max_sessions:
-            raise UploadsBusyError(
-                f"too many concurrent uploads ({len(self._sessions)}, limit {self.max_sessions}); "
-                "retry later")
+            self._moves = moves  # the same task takes its room again at once: no progress of the line
         if not self._room_for(task_id, info.total_size):
-            raise UploadsBusyError(
-                f"uploads in progress hold {self._buffered} bytes; {info.total_size} more exceed this server's "
-                f"upload buffer limit of {self.max_buffered_bytes} bytes; retry later")
+            raise self.busy_error(task_id, info.total_size)
         room = None if self.max_buffered_bytes is None else self.max_buffered_bytes - self._buffered
         assembler = ChunkAssembler(info, max_payload_size=self.max_payload_size,
                                    max_chunk_size=self.max_chunk_size, pool=self.pool, pool_room=room)
         session = self._sessions[task_id] = UploadSession(task_id, node_id, assembler)
-        self._buffered += assembler.held_bytes
-        self._moves += 1
+        self._buffered += assembler.held_bytes  # a begin alone is no progress: it takes room, frees none
         self._line.began(task_id)  # the next in line may fit too (a byte budget can hold several small uploads)
         return session
+
+    def busy_error(self, task_id: str, size: int) -> UploadsBusyError:
+        """Why a fresh upload of ``size`` bytes for ``task_id`` cannot begin now: no session slot, no room in
+        the byte budget, or (room there) older uploads waiting in line, whose room it is."""
+        if not self._room_for(task_id, size):
+            if len(self._sessions) - (task_id in self._sessions) >= self.max_sessions:
+                return UploadsBusyError(
+                    f"too many concurrent uploads ({len(self._sessions)}, limit {self.max_sessions}); retry later")
+            return UploadsBusyError(
+                f"uploads in progress hold {self._buffered} bytes; {size} more exceed this server's upload buffer "
+                f"limit of {self.max_buffered_bytes} bytes; retry later")
+        ahead = self._line.waiting
+        return UploadsBusyError(f"{ahead} older upload{'s' if ahead != 1 else ''} wait in line ahead of it; retry later")
 
     def end(self, session: UploadSession) -> None:
         """The stream writing into ``session`` ended (the session stays for a resume)."""
@@ -214,6 +223,7 @@ class UploadSessions:
         if session is None:
             return
         self._moves += 1
+        self._received_before += session.received
         size = session.assembler.held_bytes
         holder = weakref.ref(session.assembler.buffer if held_until_freed is None else held_until_freed)
         session.assembler.close()
