@@ -52,7 +52,8 @@ test("heartbeats come at the announced interval all through each busy wait", asy
       const during = [refused, ...beats.filter((at) => at >= refused && at < next)];
       const gaps = during.slice(1).map((at, k) => at - during[k]);
       assert.ok(gaps.length >= 2, `wait ${i}: ${gaps}`);
-      assert.ok(Math.max(...gaps) < intervalMs + 150, `wait ${i}: gaps ${gaps} ms`);
+      // a slack for a loaded machine; once per wait would leave gaps of the whole wait (up to 2000 ms)
+      assert.ok(Math.max(...gaps) < intervalMs + 400, `wait ${i}: gaps ${gaps} ms`);
     }
   } finally {
     c.close();
