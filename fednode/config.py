@@ -108,6 +108,13 @@ class NodeConfig:
     #: rule, eight attempts, gave up after ~31 s on average, 61.5 s at most, and lost a good result).
     #: Meanwhile a Heartbeat naming the task keeps it from counting as inactive.
     busy_upload_retry_seconds: float = 120.0
+    #: How long a result refused ERROR_REASON_UPLOAD_QUEUED is uploaded again (at once each time: its place in
+    #: the server's line is kept, the line is oldest first and moving) before the node gives it up and reports
+    #: its task FAILED naming the refusal, counted from the first queued refusal, seconds. Queued refusals do
+    #: not count toward ``busy_upload_retry_seconds``; this bound is a defence against a server whose line
+    #: never lets the result in. 1800 s is a generous multiple of a long line's clearing time (100 nodes x
+    #: 1 GB through 16 slots: minutes) and of the server's line wait (60 s).
+    queued_upload_retry_seconds: float = 1800.0
     #: HTTP/2 receive window for task downloads, bytes: how much the server may send ahead of what the node
     #: has read. "auto" (default): measured after every Register (fednode.receive_window) - one chunk
     #: message fixed when the round-trip time is short enough for it to move >= 1 GB/s, else gRPC's
@@ -139,7 +146,8 @@ class NodeConfig:
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
             raise NodeConfigError(f"receive_pool_bytes must be an int >= 0 bytes (0: off), got {pool!r}")
         for name in ("poll_wait_seconds", "call_timeout_seconds", "idle_stream_timeout_seconds",
-                     "report_interval_seconds", "heartbeat_interval_seconds", "busy_upload_retry_seconds"):
+                     "report_interval_seconds", "heartbeat_interval_seconds", "busy_upload_retry_seconds",
+                     "queued_upload_retry_seconds"):
             if not getattr(self, name) > 0:
                 raise NodeConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not valid_receive_window(self.receive_window_bytes):

@@ -10,9 +10,12 @@ A result refused ERROR_REASON_UPLOAD_QUEUED (it waited the server's longest in a
 meanwhile; its place is kept) is uploaded again at once, after a jitter of at most
 :data:`QUEUED_JITTER_SECONDS`: no backoff, no heartbeat (the server counts the task active while it waits in
 line), and it does not count toward the busy window; it ends a run of busy refusals instead (the line moved,
-so the window starts afresh at the next busy one). There is no bound on those refusals but the task's life:
-the line is oldest first and keeps the place, so each wait brings the turn nearer, and once the task ends the
-next upload is refused for the task (TASK_CLOSED, ...), which drops the result; stop() ends the retries too.
+so the window starts afresh at the next busy one). The line is oldest first and keeps the place, so each wait
+brings the turn nearer; once the task ends the next upload is refused for the task (TASK_CLOSED, ...), which
+drops the result, and stop() ends the retries too. As a defence against a server whose line never lets the
+result in, queued retries are bounded by ``NodeConfig.queued_upload_retry_seconds`` (1800 s by default, from
+the first queued refusal): past it the result is given up and reported FAILED naming the refusal, as after
+the busy window.
 
 Busy is time-bound, not count-bound: a busy server's buffers may be held by *parked* uploads (interrupted,
 kept for their resume) that free only when their task ends, up to the server's reconnect grace after their
@@ -22,8 +25,10 @@ activity on the server, so while it waits the node says the task is alive: a ``H
 wait starts and then at least every heartbeat interval the server announced (docs/protocol.md §4 step 3), the
 wait cut into slices of that interval; otherwise a wait longer than the task's inactivity timeout (a backoff
 ceiling is 30 s) would lose a good result although the node is alive and retrying. A heartbeat that fails is
-no reason to stop waiting, unless its refusal says the task is gone: then the result is dropped, as for a
-refused upload of a closed task.
+no reason to stop waiting. fedserver answers a Heartbeat naming a closed or unknown task like any other (it is
+liveness only): the wait then runs to its end, and the next upload is refused for the task (TASK_CLOSED, ...),
+which drops the result. A server that does refuse the heartbeat for its task (the protocol allows it) ends the
+wait at once the same way: the result is dropped.
 
 Every wait goes through the client's ``stoppable`` (its stop() ends it); connection failures propagate to
 the client, which reconnects and delivers again in its next session.
@@ -86,9 +91,10 @@ class ResultDelivery:
         the FAILED report that replaces a refused result. Busy refusals are retried with the client's backoff
         (each wait cut to what is left of the window) while they have lasted less than
         ``busy_upload_retry_seconds`` since the first of a run; then the result is given up. A queued refusal
-        is uploaded again at once (a jitter) and ends a run of busy refusals."""
+        is uploaded again at once (a jitter) and ends a run of busy refusals, while the queued refusals have
+        lasted less than ``queued_upload_retry_seconds`` since the first; then the result is given up too."""
         cfg = self.config
-        attempts, busy_since, queued = 0, None, 0
+        attempts, busy_since, queued, queued_since = 0, None, 0, None
         while True:
             try:
                 await self._stoppable(self._send(conn, upload), grace=cfg.stop_grace_seconds)
@@ -98,6 +104,10 @@ class ResultDelivery:
                 if exc.reason == QUEUED_REASON:  # waited its longest in a moving line: the place is kept
                     queued += 1
                     attempts, busy_since = 0, None  # the line moved: not busy, a busy run starts afresh
+                    now = self._clock()
+                    queued_since = now if queued_since is None else queued_since
+                    if now - queued_since >= cfg.queued_upload_retry_seconds:  # a line that never lets it in
+                        return self._after_refusal(upload, exc, busy=(queued, now - queued_since))
                     delay = self._rng.uniform(0.0, QUEUED_JITTER_SECONDS)
                     log.info("%s: result of task %s still queued on the server after %d wait%s in line (%s); "
                              "uploading again in %.2f s", cfg.node_name, upload.task_id, queued,
@@ -167,7 +177,7 @@ class ResultDelivery:
                        busy: tuple[int, float] | None = None) -> PendingUpload | None:
         """Drop a refused result; return the FAILED report to send in its place when the refusal leaves the
         task open on the server: a result refused for itself (too large, malformed, misframed, or the server
-        still busy, ``busy`` = (attempts, seconds) spent retrying), as opposed to a task the refusal ends
+        still busy or queued, ``busy`` = (attempts, seconds) spent retrying), as opposed to a task the refusal ends
         (closed, unknown, not ours: :func:`fednode.transport.task_refusal`; a result document that does not
         decode, which ends it FAILED). Left open, the task would wait for its inactivity timeout, since the
         server never sends it again. A refused FAILED or REFUSED report is only dropped (nothing smaller)."""

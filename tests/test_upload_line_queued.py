@@ -3,9 +3,10 @@
 In a long line that moves (a hundred nodes replying 1 GB each to 16 upload slots: minutes to clear) every node
 at the back waited the line's longest (``upload_line_wait_seconds``) and was refused UPLOADS_BUSY; its retries
 counted toward its busy window (``busy_upload_retry_seconds``), and after it the node gave up a good result
-although the line was progressing. Now the wait ends UPLOAD_QUEUED when the line moved during it (an upload
-began or resumed, one ended for good, a running one received bytes: :meth:`UploadSessions.progress`); the node
-uploads again at once, keeping its place, outside its busy window. A line that does not move still ends busy.
+although the line was progressing. Now the wait ends UPLOAD_QUEUED when the line moved during it (a running
+upload received bytes, one ended for good, a buffer was freed: :meth:`UploadSessions.progress`); the node
+uploads again at once, keeping its place, outside its busy window, for at most its
+``queued_upload_retry_seconds``. A line that does not move still ends busy.
 
 Over real grpc.aio on loopback with one upload slot, a line wait of 0.5 s and a busy window of 1 s; the slot is
 held for about 3 s by an upload that trickles its chunks (moving) or sends none (not moving).
@@ -27,7 +28,7 @@ from server_testkit import ServerKit, WireNode, async_test, encoded, running_ser
 from test_error_reasons import reason_of
 from test_upload_line_turns import _running_task
 
-from fedcore.errors import ServerConfigError, UploadQueuedError, UploadsBusyError
+from fedcore.errors import NodeConfigError, ServerConfigError, UploadQueuedError, UploadsBusyError
 from fedcore.framing import PayloadInfo
 from fedcore.wire import ResultDescriptor, TaskKind, TaskOutcome, convert
 from fednode.client import NodeClient
@@ -188,12 +189,14 @@ async def test_the_queued_refusal_over_grpc(tmp_path: Path) -> None:
         await asyncio.wait_for(holder_call, 10)
 
 
-async def _fednode_result_behind(tmp_path: Path, trickle: bool) -> tuple[TaskHandle, NodeClient, float]:
+async def _fednode_result_behind(tmp_path: Path, trickle: bool,
+                                 queued_upload_retry_seconds: float = 1800.0) -> tuple[TaskHandle, NodeClient, float]:
     """A fednode result arriving behind the holder: line wait 0.5 s, busy window 1 s, task timeout 2 s."""
     async with running_server(tmp_path, max_concurrent_uploads=1, upload_line_wait_seconds=0.5,
                               max_poll_wait_seconds=2.0, heartbeat_interval_seconds=0.5) as kit:
         config = node_config(kit.server.port, token=kit.store.enroll("n"), busy_upload_retry_seconds=1.0,
-                             backoff=BackoffPolicy(initial=0.05, maximum=0.2))
+                             backoff=BackoffPolicy(initial=0.05, maximum=0.2),
+                             queued_upload_retry_seconds=queued_upload_retry_seconds)
         client = NodeClient(config, EchoHandler())
         async with running(client):
             await eventually(lambda: "n" in kit.server.registry, 10, "the node registered")
@@ -227,3 +230,23 @@ async def test_a_fednode_result_behind_a_line_that_does_not_move_ends_busy(tmp_p
     assert "(ERROR_REASON_UPLOADS_BUSY): too many concurrent uploads (1, limit 1); retry later (waited 0.5 s in " \
            "line" in result.error_message, result.error_message
     assert took < HOLD_CHUNKS * TRICKLE, took  # given up while the holder still held the slot
+
+
+@async_test
+async def test_a_fednode_result_queued_past_its_bound_ends_failed(tmp_path: Path) -> None:
+    """Queued retries are bounded (defence in depth against a line that never lets the result in): with
+    queued_upload_retry_seconds 0.9 the node gives the result up after its second queued refusal (~1 s after
+    the first), while the line still moves, and reports the task FAILED naming the refusal."""
+    handle, client, took = await _fednode_result_behind(tmp_path, trickle=True, queued_upload_retry_seconds=0.9)
+    result = await handle.result(timeout=1)
+    assert result.outcome is TaskState.FAILED, result
+    assert "attempts over" in result.error_message and "(ERROR_REASON_UPLOAD_QUEUED): upload queued: waited 0.5 s" \
+           in result.error_message, result.error_message
+    assert client.results_delivered == 1  # the FAILED report
+    assert took < HOLD_CHUNKS * TRICKLE, took  # given up while the holder still held the slot
+
+
+def test_the_queued_bound_is_a_validated_node_config_field() -> None:
+    assert NodeConfig("h:1", tls="insecure", token="t").queued_upload_retry_seconds == 1800.0
+    with pytest.raises(NodeConfigError, match="queued_upload_retry_seconds must be > 0 seconds, got 0"):
+        NodeConfig("h:1", tls="insecure", token="t", queued_upload_retry_seconds=0)

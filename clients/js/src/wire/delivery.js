@@ -18,7 +18,9 @@
  * .heartbeat_interval_seconds; `heartbeatIntervalMs` before it announced one), the wait slept in slices of
  * that interval that stop() cuts short (docs/protocol.md §4 step 3); otherwise a wait longer than the task's
  * inactivity timeout (a backoff ceiling is 15 s) would lose the result. A failed heartbeat leaves the wait
- * going, unless it says the task is gone (the result is dropped) or refuses the node (fatal). A result the
+ * going, unless it says the task is gone (the result is dropped) or refuses the node (fatal); fedserver
+ * answers a Heartbeat naming a closed task like any other (liveness only), so there the wait runs to its end
+ * and the next upload is refused for the task, which drops the result. A result the
  * server refuses for itself (too large, malformed, misframed, or still busy after that time) is replaced by a
  * FAILED report naming the refusal (refusedResultMessage), delivered the same way; a refusal that ends the
  * task (closed, unknown, not ours, a result document that does not decode) drops it.
@@ -27,9 +29,12 @@
  * meanwhile; its place is kept) is sent again at once, after a jitter of at most QUEUED_JITTER_MS: no backoff,
  * no heartbeat (the server counts the task active while it waits in line), not counted toward
  * busyUploadRetryMs; it ends a run of busy refusals instead (the line moved: the busy window starts afresh at
- * the next one), as fednode. No bound but the task's life: the line is oldest first and keeps the place, so
- * each wait brings the turn nearer, and once the task ends the upload is refused for the task ("task"), which
- * drops the result; stop() ends the retries too.
+ * the next one), as fednode. The line is oldest first and keeps the place, so each wait brings the turn
+ * nearer; once the task ends the upload is refused for the task ("task"), which drops the result, and stop()
+ * ends the retries too. As a defence against a server whose line never lets the result in, queued retries are
+ * bounded by `queuedUploadRetryMs` from the first queued refusal (QUEUED_UPLOAD_RETRY_MS, 1800 s, by default,
+ * as fednode's queued_upload_retry_seconds): past it the result is replaced by a FAILED report naming the
+ * refusal, as after busyUploadRetryMs.
  *
  * Stopping: once stop() is called, an upload in flight, and the FAILED report that replaces a result refused
  * meanwhile, get `stopGraceMs` from stop() (or from the start of a later delivery) to finish; no new attempt
@@ -46,6 +51,9 @@ const { PayloadError } = require("../errors.js");
 
 /** Longest pause before sending again an upload refused UPLOAD_QUEUED, ms (uniform jitter from 0, as fednode). */
 const QUEUED_JITTER_MS = 100;
+/** How long an upload refused UPLOAD_QUEUED is sent again by default, ms, from its first queued refusal (as
+ * fednode's NodeConfig.queued_upload_retry_seconds): a generous multiple of a long line's clearing time. */
+const QUEUED_UPLOAD_RETRY_MS = 1_800_000;
 /** Heartbeat interval of a busy wait while the server announced none (fednode's heartbeat_interval_seconds). */
 const DEFAULT_HEARTBEAT_INTERVAL_MS = 10_000;
 
@@ -84,6 +92,8 @@ class ResultDelivery {
    * @param {number} o.uploadChunkSize chunk size of uploads (≤ the server's max_chunk_size)
    * @param {number} o.maxUploadAttempts attempts in place of a broken upload before run() reconnects
    * @param {number} o.busyUploadRetryMs how long an upload refused UPLOADS_BUSY is tried again in place
+   * @param {number} [o.queuedUploadRetryMs=1800000] how long an upload refused UPLOAD_QUEUED is sent again
+   *   (at once each time) before the result is reported FAILED, from the first queued refusal
    * @param {number} [o.heartbeatIntervalMs=10000] heartbeat interval of busy waits while the server announced
    *   none (fednode's default heartbeat_interval_seconds)
    * @param {number} o.stopGraceMs how long an upload in flight may finish after stop()
@@ -99,6 +109,7 @@ class ResultDelivery {
     this.uploadChunkSize = o.uploadChunkSize ?? MiB;
     this.maxUploadAttempts = o.maxUploadAttempts;
     this.busyUploadRetryMs = o.busyUploadRetryMs;
+    this.queuedUploadRetryMs = o.queuedUploadRetryMs ?? QUEUED_UPLOAD_RETRY_MS;
     this.heartbeatIntervalMs = o.heartbeatIntervalMs ?? DEFAULT_HEARTBEAT_INTERVAL_MS;
     this.stopGraceMs = o.stopGraceMs;
     this.streamAllowanceSeconds = o.streamAllowanceSeconds;
@@ -149,7 +160,7 @@ class ResultDelivery {
           const kind = classify(err);
           const busy = isBusy(err);
           if (kind === "fatal" || this.stopping() && busy) throw err;
-          const report = result.doc ? refusedResultMessage(err, result.size) : null;
+          const report = result.doc ? (queuedOutMessage(err, result.size) ?? refusedResultMessage(err, result.size)) : null;
           if (kind === "retry" && !report) throw err; // run() reconnects and delivers it again
           this.log("WARNING", `task ${result.taskId}: result not accepted (${err.details || err.message})`
             + (report ? "; reporting the task FAILED" : "; dropped"));
@@ -186,6 +197,7 @@ class ResultDelivery {
     let busySince = null;
     let busy = 0;
     let queued = 0;
+    let queuedSince = null;
     let broken = 0;
     for (let attempt = 1; ; attempt++) {
       if (start === null) return { task_id: result.taskId, received_bytes: result.size }; // the server has it
@@ -198,6 +210,12 @@ class ResultDelivery {
           queued += 1;
           busy = 0; // the line moved: not busy, a busy run starts afresh
           busySince = null;
+          queuedSince ??= Date.now();
+          const waited = Date.now() - queuedSince;
+          if (waited >= this.queuedUploadRetryMs) { // a line that never lets it in: give the result up
+            err.queuedOut = { attempts: queued, ms: waited }; // for queuedOutMessage: "after N attempts over S s"
+            throw err;
+          }
           const delay = Math.random() * QUEUED_JITTER_MS;
           this.log("INFO", `result of task ${result.taskId} still queued on the server after ${queued} wait`
             + `${queued === 1 ? "" : "s"} in line (${err.details || err.message}); uploading again in ${(delay / 1000).toFixed(2)} s`);
@@ -346,4 +364,12 @@ class ResultDelivery {
   }
 }
 
-module.exports = { ResultDelivery, PendingResult, DEFAULT_HEARTBEAT_INTERVAL_MS, QUEUED_JITTER_MS };
+/** The FAILED report of a result whose queued retries ran past queuedUploadRetryMs (`err.queuedOut`), else null. */
+function queuedOutMessage(err, size) {
+  if (!err.queuedOut || !isQueued(err)) return null;
+  const { attempts: n, ms } = err.queuedOut;
+  return `the server refused the result of ${size} bytes after ${n} attempt${n === 1 ? "" : "s"} over `
+    + `${(ms / 1000).toFixed(1)} s (ERROR_REASON_UPLOAD_QUEUED): ${err.details || err.message}`;
+}
+
+module.exports = { ResultDelivery, PendingResult, DEFAULT_HEARTBEAT_INTERVAL_MS, QUEUED_JITTER_MS, QUEUED_UPLOAD_RETRY_MS };
