@@ -123,7 +123,6 @@ class NodeClient:
                  capabilities: Iterable[str] = (), *, executor: Executor | None = None,
                  rng: random.Random | None = None) -> None:
         self.config = config
-        self.handler = handler
         self.registration = NodeRegistration(config.node_name, tuple(datasets), tuple(capabilities),
                                              CLIENT_VERSION, instance_id=secrets.token_hex(16))
         self._token = config.resolve_token()  # a missing token file fails now, not at the first call

@@ -15,7 +15,8 @@ parameters, the aggregator's full state and the experiment's own state are check
 a run resumed from round k's checkpoint produces the same parameters as an uninterrupted run. A round's
 last step — the average, the checkpoint, the history and the report — is done whole: a Ctrl-C or a cancelled
 ``run_async`` that arrives during it waits for it (seconds at GB scale), so a round is either applied
-everywhere or not at all, and ``run()`` again goes on exactly.
+everywhere or not at all, and ``run()`` again goes on exactly (a checkpoint that cannot be written is the
+exception: the round is recorded and reported, then the write's error stops the run).
 
 ``low_memory=True`` (FedAvg; needs ``checkpoint_dir``) keeps the global model x out of memory for most of
 a round: x is released once every selected node has downloaded its task, and reloaded from the checkpoint

@@ -1,4 +1,6 @@
-"""Model-sized work of the server's rounds, run in a worker thread so the event loop keeps serving nodes.
+"""Model-sized work of the server's rounds, run in a worker thread so the event loop keeps serving nodes
+(:func:`run_off_loop`), and steps that must run whole whatever cancellations arrive (:func:`to_completion`:
+a round's average, checkpoint and report).
 
 The final average of a round, a checkpoint of the new model (GBs written and fsynced): on the event loop
 each would hold up every other node's poll, heartbeat and stream for as long. numpy and file writes release

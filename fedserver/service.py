@@ -57,9 +57,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         self.auth = auth
         self.registry = registry
         self.board = board
-        self.uploads = uploads
         self.is_stopping = is_stopping
-        self.decode_limits = decode_limits
         self.send_budget = SendBudget(config.max_send_buffer_bytes)
         self.upload_service = UploadService(config, registry, board, uploads, auth.identify, self._identify,
                                             decode_limits)
@@ -104,8 +102,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
                                    f"RegisterRequest.instance_id is {registering[:80]!r}: they must be equal")
             if registering:
                 self.registry.check_instance(node_id, registering, registering=True)
-        if poll_sequence:
-            self.registry.check_poll_sequence(node_id, instance, poll_sequence)
+        self.registry.check_poll_sequence(node_id, instance, poll_sequence)  # nothing to check for 0
         self.registry.touch(node_id)
         return node_id
 

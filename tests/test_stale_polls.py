@@ -27,6 +27,7 @@ from test_lost_delivery import LOST
 from fedcore.errors import ConnectionLostError, StalePollError
 from fedcore.framing import OutgoingPayload
 from fedcore.wire import DatasetInfo, NodeRegistration, TaskKind, convert
+from fedcore.wire.metadata_keys import REASON_METADATA_KEY
 from fednode.client import NodeClient
 from fednode.handler import EchoHandler
 from fednode.transport import RETRYABLE_REASONS, translate
@@ -76,7 +77,7 @@ async def _poll(node: WireNode, sequence: int, held: list[str] | None, wait: flo
 async def _refused(node: WireNode, sequence: int, held: list[str] | None) -> tuple[grpc.StatusCode, str, str]:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _poll(node, sequence, held)
-    reason = dict(err.value.trailing_metadata() or ()).get("fedstream-error-reason", "")
+    reason = dict(err.value.trailing_metadata() or ()).get(REASON_METADATA_KEY, "")
     return err.value.code(), reason, err.value.details() or ""
 
 
@@ -159,7 +160,7 @@ async def test_without_a_sequence_a_late_poll_still_sends_the_task_again(tmp_pat
 
 # -- fednode ---------------------------------------------------------------------------------------------------
 def test_the_node_takes_a_stale_poll_for_a_dead_call() -> None:
-    trailer = grpc.aio.Metadata(("fedstream-error-reason", "ERROR_REASON_STALE_POLL"))
+    trailer = grpc.aio.Metadata((REASON_METADATA_KEY, "ERROR_REASON_STALE_POLL"))
     error = translate(grpc.aio.AioRpcError(grpc.StatusCode.ABORTED, grpc.aio.Metadata(), trailer, details="x"),
                       "PollTask")
     assert type(error) is ConnectionLostError and error.reason == "ERROR_REASON_STALE_POLL"
