@@ -107,6 +107,7 @@ class UploadService:
         that the process got the task, so a poll of it that no longer names the task does not get it again.
         """
         self.board.result_offered(first.header.task_id, node_id, instance)
+        self._forget_refused_header(first.header.task_id, node_id, instance)
         try:
             desc = convert.result_descriptor_from_pb(first.header)
         except Exception as exc:
@@ -139,7 +140,6 @@ class UploadService:
         except Exception as exc:
             self._note_refused_header(desc.task_id, node_id, instance, exc)
             raise
-        handle.refused_header = None  # this header passed: an earlier refusal no longer stands
         handle.mark_uploading()
         max_chunk = self.config.max_chunk_size
         try:
@@ -199,6 +199,21 @@ class UploadService:
             return
         if handle.delivered_to == instance:
             handle.refused_header = (reason, str(exc))
+
+    def _forget_refused_header(self, task_id: str, node_id: str, instance: str) -> None:
+        """A new header for the task was read from the process the task was delivered to: the refusal of an
+        earlier one no longer stands, whatever becomes of this one (accepted, refused anew, or its call
+        cancelled while it waits in line). Kept, an old UPLOAD_QUEUED would make that process take a later
+        broken stream (a bare INTERNAL, grpc/grpc#36066) for a queued refusal and upload again at once instead
+        of reconnecting with backoff."""
+        if not instance:
+            return
+        try:
+            handle = self.board.lookup(task_id, node_id)
+        except (UnknownTaskError, PermissionDeniedError, TaskClosedError):  # refused below, as it should be
+            return
+        if handle.delivered_to == instance:
+            handle.refused_header = None
 
     # -- GetUploadStatus ---------------------------------------------------------------------------------
     async def upload_status(self, request: pb.GetUploadStatusRequest, context: Any) -> pb.GetUploadStatusResponse:
