@@ -7,6 +7,7 @@
 const os = require("node:os");
 const { parseArgs } = require("node:util");
 const { NodeClient, BUSY_UPLOAD_RETRY_MS } = require("./wire/node_client.js");
+const { QUEUED_UPLOAD_RETRY_MS } = require("./wire/delivery.js");
 const { channelCredentials, readToken, TLS_MODES } = require("./wire/connection.js");
 const { loadDataset } = require("./training/dataset.js");
 const { LinearTrainer } = require("./training/train_task.js");
@@ -48,6 +49,9 @@ OPTIONS
     --busy-upload-retry SECONDS
                             how long a result the server refuses as busy (no upload buffer free) is
                             tried again before the task is reported FAILED (default ${BUSY_UPLOAD_RETRY_MS / 1000}, as fednode)
+    --queued-upload-retry SECONDS
+                            how long a result whose upload waits its turn in a moving line is sent again
+                            before the task is reported FAILED (default ${QUEUED_UPLOAD_RETRY_MS / 1000}, as fednode)
     --max-tasks N           exit after N tasks (default 0: run until SIGINT/SIGTERM)
     --protos DIR            directory holding fedstream/v1/*.proto (default: the repository's protos/)
     -h, --help              this text
@@ -81,6 +85,7 @@ const OPTIONS = {
   "chunk-size": { type: "string", default: String(1024 * 1024) },
   "stop-grace": { type: "string", default: "10" },
   "busy-upload-retry": { type: "string", default: String(BUSY_UPLOAD_RETRY_MS / 1000) },
+  "queued-upload-retry": { type: "string", default: String(QUEUED_UPLOAD_RETRY_MS / 1000) },
   "max-tasks": { type: "string", default: "0" },
   protos: { type: "string" },
   help: { type: "boolean", short: "h", default: false },
@@ -122,6 +127,7 @@ function setup(v) {
     uploadChunkSize: positiveNumber(v["chunk-size"], "--chunk-size", true) || 1024 * 1024,
     stopGraceMs: positiveNumber(v["stop-grace"], "--stop-grace") * 1000,
     busyUploadRetryMs: positiveNumber(v["busy-upload-retry"], "--busy-upload-retry") * 1000,
+    queuedUploadRetryMs: positiveNumber(v["queued-upload-retry"], "--queued-upload-retry") * 1000,
     channelOptions: v["tls-server-name"] ? { "grpc.ssl_target_name_override": v["tls-server-name"] } : {},
     protosDir: v.protos,
     log,

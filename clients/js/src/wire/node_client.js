@@ -53,6 +53,8 @@ class NodeClient {
    * @param {number} [o.maxUploadAttempts=8] attempts in place of a broken upload before reconnecting
    * @param {number} [o.busyUploadRetryMs] how long an upload refused UPLOADS_BUSY is tried again in place
    *   before the result is given up and the task reported FAILED (default: fednode's)
+   * @param {number} [o.queuedUploadRetryMs=1800000] how long an upload refused UPLOAD_QUEUED (its place in a moving
+   *   line kept) is sent again at once before the result is given up and the task reported FAILED (fednode's)
    * @param {number} [o.heartbeatIntervalMs=10000] how often a busy upload's wait sends a Heartbeat naming its
    *   task while the server announced no heartbeat_interval_seconds (fednode's default)
    * @param {number} [o.stopGraceMs=10000] how long stop() lets an upload in flight finish
@@ -91,6 +93,7 @@ class NodeClient {
       sleep: (ms) => this.sleep(ms), stopping: () => this.stopped, log: this.log,
       uploadChunkSize: o.uploadChunkSize ?? MiB, maxUploadAttempts: o.maxUploadAttempts ?? 8,
       busyUploadRetryMs: o.busyUploadRetryMs ?? BUSY_UPLOAD_RETRY_MS, heartbeatIntervalMs: o.heartbeatIntervalMs,
+      queuedUploadRetryMs: o.queuedUploadRetryMs,
       stopGraceMs: o.stopGraceMs ?? 10_000, streamAllowanceSeconds });
     this.registration = null; // RegisterResponse once registered
     this.freshChannel = false; // the next Register first opens a fresh channel (the old one may be dead)
