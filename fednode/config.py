@@ -13,6 +13,7 @@ from typing import Literal
 
 from fedcore.errors import NodeConfigError
 from fedcore.framing import DEFAULT_CHUNK_SIZE
+from fedcore.wire import ServerSettings
 from fedcore.wire.flow_control import MESSAGE_OVERHEAD, RECEIVE_WINDOW_CHOICES, valid_receive_window
 
 TlsMode = Literal["insecure", "tls", "mtls"]
@@ -155,6 +156,12 @@ class NodeConfig:
                 f"receive_window_bytes must be {RECEIVE_WINDOW_CHOICES}, got {self.receive_window_bytes!r}")
         if self.stop_grace_seconds < 0:
             raise NodeConfigError(f"stop_grace_seconds must be >= 0, got {self.stop_grace_seconds}")
+
+    def heartbeat_interval(self, settings: ServerSettings | None) -> float:
+        """Seconds between Heartbeats while holding a task: the server's (RegisterResponse), else ours."""
+        if settings is not None and settings.heartbeat_interval_seconds > 0:
+            return settings.heartbeat_interval_seconds
+        return self.heartbeat_interval_seconds
 
     def resolve_token(self) -> str | None:
         """The bearer token, read from ``token_file`` (stripped) when given; None under mTLS without one."""

@@ -125,18 +125,12 @@ class ResultDelivery:
                 delay = min(cfg.backoff.delay(attempts - 1, self._rng), left)
                 log.info("%s: server busy with other uploads (%s); retrying task %s in %.2f s (%.0f s left to "
                          "wait)", cfg.node_name, exc.details, upload.task_id, delay, left)
-                gone = await self._wait_busy(conn, upload.task_id, delay, self._heartbeat_interval(settings))
+                gone = await self._wait_busy(conn, upload.task_id, delay, self.config.heartbeat_interval(settings))
                 if gone is not None:
                     return self._after_refusal(upload, gone)
                 continue
             self.delivered += 1
             return None
-
-    def _heartbeat_interval(self, settings: ServerSettings | None) -> float:
-        """The server's announced heartbeat interval (RegisterResponse), else the config's."""
-        if settings is not None and settings.heartbeat_interval_seconds > 0:
-            return settings.heartbeat_interval_seconds
-        return self.config.heartbeat_interval_seconds
 
     async def _wait_busy(self, conn: NodeConnection, task_id: str, delay: float,
                          interval: float) -> ServerRefusedError | None:

@@ -64,8 +64,7 @@ class TaskExecution:
         self._reporter = reporter
         if self._stopping():
             reporter.request_stop()
-        heartbeat = settings.heartbeat_interval_seconds if settings and settings.heartbeat_interval_seconds > 0 \
-            else self.config.heartbeat_interval_seconds
+        heartbeat = self.config.heartbeat_interval(settings)
 
         async def send_heartbeat(task_id: str) -> None:
             if await conn.heartbeat(task_id):
