@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
 import grpc
 import pytest
+from js_node_support import JS, NODE, needs_node
 from server_testkit import running_server
 
 from fedcore.wire import TaskKind
 
-ROOT = Path(__file__).resolve().parents[1]
-JS = ROOT / "clients" / "js"
-NODE = shutil.which("node")
-pytestmark = pytest.mark.skipif(NODE is None, reason="node (Node.js) is not on PATH: the JavaScript node cannot run")
+pytestmark = needs_node
 
 SCRIPT = r"""
 const grpc = require("@grpc/grpc-js");

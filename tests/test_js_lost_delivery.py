@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from e2e_support import eventually
+from js_node_support import JS, NODE, echo_script, js_node, need_npm_deps, needs_node
 from server_testkit import async_test, running_server
 from tcp_proxy import FreezingProxy
 
@@ -30,82 +29,48 @@ from fedcore.wire import TaskKind
 from fednode.config import NodeConfig
 from fedserver.tasks import TaskState
 
-ROOT = Path(__file__).resolve().parents[1]
-JS = ROOT / "clients" / "js"
-NODE = shutil.which("node")
-pytestmark = pytest.mark.skipif(NODE is None, reason="node (Node.js) is not on PATH: the JavaScript node cannot run")
+pytestmark = needs_node
 LOST = "sending it again from offset 0"  # words of the server's log line (fedserver.task_board)
 
 #: A JS node that answers one task with {format, sha256, size} of the payload it received, then prints what
 #: its client did and exits.
-SCRIPT = r"""
-const grpc = require("@grpc/grpc-js");
-const { NodeClient } = require("./src/wire/node_client.js");
-const { encode } = require("./src/codec");
-const { sha256 } = require("./src/wire/chunks.js");
-const args = JSON.parse(process.argv[1]);
-const log = (level, msg) => process.stderr.write(`${level} ${msg}\n`);
-const c = new NodeClient({ server: args.server, credentials: grpc.credentials.createInsecure(), token: args.token,
-  nodeName: "js", pollWaitSeconds: 2, callTimeoutSeconds: 1, log });
-const echo = { run: async (header, payload) => ({ outcome: "TASK_OUTCOME_SUCCEEDED", errorMessage: "",
-  payload: encode({ format: 1, sha256: sha256(payload).toString("hex"), size: payload.length }) }) };
-c.run(echo, { maxTasks: 1 }).then(() => {
-  console.log(JSON.stringify({ channels: c.calls.channels, polls: c.poller.pollsSent }));
-  c.close();
-}, (e) => { console.error(e); process.exit(1); });
-"""
-
-
-def need_npm_deps() -> None:
-    if not (JS / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.fail("clients/js/node_modules is missing: run (cd clients/js && npm ci)")
+SCRIPT = echo_script("pollWaitSeconds: 2, callTimeoutSeconds: 1",
+                     "{ channels: c.calls.channels, polls: c.poller.pollsSent }",
+                     reply='{ format: 1, sha256: sha256(payload).toString("hex"), size: payload.length }',
+                     requires='const { sha256 } = require("./src/wire/chunks.js");')
 
 
 @async_test
 async def test_the_javascript_node_gets_a_task_lost_in_its_dead_connection_again(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    need_npm_deps()
     data = bytes(range(256)) * 160  # 40 KiB in 3 chunks: fits the buffers of the frozen connection
-    stderr_path = tmp_path / "js-node.log"
     async with running_server(tmp_path, max_poll_wait_seconds=2.0, heartbeat_interval_seconds=0.5) as kit:
         token = kit.store.enroll("js-1")
         proxy = FreezingProxy(kit.server.port)
-        args = json.dumps({"server": f"127.0.0.1:{await proxy.start()}", "token": token})
-        with stderr_path.open("wb") as stderr:
-            proc = await asyncio.create_subprocess_exec(NODE, "-e", SCRIPT, args, cwd=JS,
-                                                        stdout=asyncio.subprocess.PIPE, stderr=stderr)
-
-        def js_log() -> str:
-            return stderr_path.read_text(errors="replace")
-
         try:
-            registry = kit.server.registry
-            record = None
-            while record is None or not (record.open_polls == 1 and time.monotonic() - record.last_seen < 0.2):
-                await asyncio.sleep(0.005)  # until a poll opened just now: it waits 2 s for a task
-                assert proc.returncode is None, js_log()
-                record = registry.get("js-1") if "js-1" in registry else None
-            proxy.freeze()
-            with caplog.at_level(logging.WARNING, logger="fedserver.task_board"):
-                handle = kit.server.dispatch("js-1", TaskKind.TRAIN, OutgoingPayload.from_bytes(data, 16 << 10),
-                                             experiment_id="e", round=1, inactivity_timeout=120)
-                await eventually(lambda: handle.state is TaskState.RUNNING, 1.5, "the task counted delivered")
-                sent = handle.bytes_sent
-                assert sent == len(data)
-                await eventually(lambda: "PollTask: no message from the server for 3 s" in js_log(), 10,
-                                 "the JS node giving up its silent poll", js_log)
-                proxy.thaw()
-                result = await handle.result(timeout=20)
-            out, _ = await asyncio.wait_for(proc.communicate(), 20)
+            async with js_node(SCRIPT, f"127.0.0.1:{await proxy.start()}", token, tmp_path / "js-node.log") as node:
+                registry = kit.server.registry
+                record = None
+                while record is None or not (record.open_polls == 1 and time.monotonic() - record.last_seen < 0.2):
+                    await asyncio.sleep(0.005)  # until a poll opened just now: it waits 2 s for a task
+                    assert node.proc.returncode is None, node.log()
+                    record = registry.get("js-1") if "js-1" in registry else None
+                proxy.freeze()
+                with caplog.at_level(logging.WARNING, logger="fedserver.task_board"):
+                    handle = kit.server.dispatch("js-1", TaskKind.TRAIN, OutgoingPayload.from_bytes(data, 16 << 10),
+                                                 experiment_id="e", round=1, inactivity_timeout=120)
+                    await eventually(lambda: handle.state is TaskState.RUNNING, 1.5, "the task counted delivered")
+                    sent = handle.bytes_sent
+                    assert sent == len(data)
+                    await eventually(lambda: "PollTask: no message from the server for 3 s" in node.log(), 10,
+                                     "the JS node giving up its silent poll", node.log)
+                    proxy.thaw()
+                    result = await handle.result(timeout=20)
+                summary = await node.summary()
         finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
             await proxy.stop()
-        assert proc.returncode == 0, js_log()
-        summary = json.loads(out.decode().strip().splitlines()[-1])
         assert registry.get("js-1").poll_sequence == summary["polls"] >= 2  # the server took the JS numbering
-    assert result.outcome is TaskState.SUCCEEDED, (result.error_message, js_log())
+    assert result.outcome is TaskState.SUCCEEDED, (result.error_message, node.log())
     assert result.payload == {"format": 1, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     assert result.bytes_sent == 2 * sent
     assert summary["channels"] >= 2, "it came back on a fresh channel"

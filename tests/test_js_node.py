@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from experiment_harness import federation, least_squares_sites
+from js_node_support import JS, NODE, ROOT, need_npm_deps, needs_node
 from plans_lsq import LinearPlan
 
 from fedcore.aggregators import FedAverage, Scaffold
@@ -33,10 +33,7 @@ from fedserver.experiment import Experiment
 from fedserver.history import HistoryStore
 from fedserver.server import FedServer
 
-ROOT = Path(__file__).resolve().parents[1]
-JS = ROOT / "clients" / "js"
-NODE = shutil.which("node")
-pytestmark = pytest.mark.skipif(NODE is None, reason="node (Node.js) is not on PATH: the JavaScript node cannot run")
+pytestmark = needs_node
 
 N_PER_SITE = 80
 ARGS = {"num_updates": 20, "lr": 0.01, "batch_size": N_PER_SITE, "shuffle": False}
@@ -45,11 +42,6 @@ PLAN_SHA = PlanSource.from_class(LinearPlan).sha256
 
 def run(coro, timeout: float = 150):
     return asyncio.run(asyncio.wait_for(coro, timeout=timeout))
-
-
-def need_npm_deps() -> None:
-    if not (JS / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.fail("clients/js/node_modules is missing: run (cd clients/js && npm ci)")
 
 
 def write_csv(path: Path, X: np.ndarray, y: np.ndarray) -> Path:
