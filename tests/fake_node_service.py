@@ -300,11 +300,12 @@ def arun(coro: Any, timeout: float = 60.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def run_until_refused(service: FakeNodeService, payload: OutgoingPayload) -> ServerRefusedError:
-    """An EchoHandler node against ``service``, with task t1 (carrying ``payload``) queued: the refusal that
-    ends its run()."""
+async def run_until_refused(service: FakeNodeService, payload: OutgoingPayload, *, rng: Any = None,
+                            **config: Any) -> ServerRefusedError:
+    """An EchoHandler node (``config`` overrides :func:`node_config`; ``rng`` drives its backoff) against
+    ``service``, with task t1 (carrying ``payload``) queued: the refusal that ends its run()."""
     server, port = await start_server(service)
-    client = NodeClient(node_config(port), EchoHandler())
+    client = NodeClient(node_config(port, **config), EchoHandler(), rng=rng)
     service.add_task(FakeTask("t1", payload))
     try:
         with pytest.raises(ServerRefusedError) as err:

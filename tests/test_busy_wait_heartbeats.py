@@ -17,11 +17,21 @@ import itertools
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from e2e_support import eventually
-from fake_node_service import FakeTask, Status, arun, node_config, refuse, running, start_server
+from fake_node_service import (
+    FakeTask,
+    Status,
+    arun,
+    node_config,
+    refuse,
+    run_until_refused,
+    running,
+    start_server,
+)
 from server_testkit import async_test, running_server
 from test_busy_upload_window import _parked_upload
 from test_node_upload_refusals import BusyService, _payload
@@ -75,12 +85,16 @@ class BusyHeartbeatService(BusyService):
         return await super().Heartbeat(request, context)
 
 
-async def _node_against(service: BusyHeartbeatService, backoff: float, **config) -> tuple[grpc.aio.Server, NodeClient]:
-    server, port = await start_server(service)
+def _settings(backoff: float, **config: Any) -> dict[str, Any]:
+    """NodeConfig values of these tests: a fixed backoff, a long busy window, ``config`` over them."""
     values = {"backoff": BackoffPolicy(initial=backoff, maximum=backoff), "busy_upload_retry_seconds": 60.0,
               "heartbeat_interval_seconds": 30.0}  # the announced interval must win over this one
-    values.update(config)
-    return server, NodeClient(node_config(port, **values), EchoHandler(), rng=CeilingRandom(0))
+    return {**values, **config}
+
+
+async def _node_against(service: BusyHeartbeatService, backoff: float, **config) -> tuple[grpc.aio.Server, NodeClient]:
+    server, port = await start_server(service)
+    return server, NodeClient(node_config(port, **_settings(backoff, **config)), EchoHandler(), rng=CeilingRandom(0))
 
 
 # -- a real server ---------------------------------------------------------------------------------------------
@@ -190,14 +204,7 @@ def test_a_heartbeat_refused_for_the_node_ends_run() -> None:
         service = BusyHeartbeatService(10**6, heartbeat_interval=0.1)
         service.refuse_heartbeats = [None, (grpc.StatusCode.FAILED_PRECONDITION, "a newer process registered",
                                             "ERROR_REASON_NODE_SUPERSEDED")]
-        server, client = await _node_against(service, 5.0)
-        service.add_task(FakeTask("t1", _payload()))
-        try:
-            with pytest.raises(ServerRefusedError) as err:
-                await asyncio.wait_for(client.run(), 10)
-        finally:
-            await server.stop(None)
-        return err.value
+        return await run_until_refused(service, _payload(), rng=CeilingRandom(0), **_settings(5.0))
 
     assert arun(scenario()).reason == "ERROR_REASON_NODE_SUPERSEDED"
 

@@ -7,7 +7,15 @@ import threading
 
 import numpy as np
 import pytest
-from fake_node_service import FakeNodeService, FakeTask, arun, node_config, running, start_server
+from fake_node_service import (
+    FakeNodeService,
+    FakeTask,
+    arun,
+    node_config,
+    run_until_t1_done,
+    running,
+    start_server,
+)
 
 from fedcore.errors import ServerRefusedError
 from fedcore.framing import OutgoingPayload
@@ -86,18 +94,11 @@ def test_round_trip_register_poll_task_upload():
 def test_broken_download_resumes_from_received_offset():
     async def scenario():
         service = FakeNodeService()
-        server, port = await start_server(service)
         handler = RecordingHandler()
-        client = NodeClient(node_config(port), handler)
         sent = params(300_000)  # ~1.2 MB: 19 chunks of 64 KiB
         payload = OutgoingPayload.from_object(sent, CHUNK)
         service.break_download_after = 5
-        try:
-            async with running(client):
-                service.add_task(FakeTask("t1", payload))
-                await service.wait_results(1)
-        finally:
-            await server.stop(None)
+        await run_until_t1_done(service, payload, handler)
         resumed = [p for p in service.polls if p.resume_task_id]
         assert [(p.resume_task_id, p.resume_offset) for p in resumed] == [("t1", 5 * CHUNK)]
         assert service.download_bytes_sent == payload.total_size  # no byte sent twice

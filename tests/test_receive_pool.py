@@ -8,7 +8,13 @@ import hashlib
 
 import numpy as np
 import pytest
-from fake_node_service import FakeNodeService, FakeTask, arun, node_config, running, start_server
+from fake_node_service import (
+    FakeNodeService,
+    arun,
+    node_config,
+    run_until_t1_done,
+    running,
+)
 
 from fedcore.errors import NodeConfigError, ServerConfigError
 from fedcore.framing import OutgoingPayload, PayloadInfo
@@ -224,16 +230,9 @@ class _RestartingService(FakeNodeService):
 def test_a_download_restarted_from_zero_reuses_the_abandoned_partial_buffer():
     async def scenario() -> NodeClient:
         service = _RestartingService()
-        server, port = await start_server(service)
-        client = NodeClient(node_config(port), Keeper(keep=False))
         payload = OutgoingPayload.from_object({"params": {"w": np.full(N, 1.0, np.float32)}}, 64 * 1024)
         service.break_download_after = 5  # 320 KiB of 4 MB received, then the call is cut
-        try:
-            async with running(client):
-                service.add_task(FakeTask("t1", payload))
-                await service.wait_results(1)
-        finally:
-            await server.stop(None)
+        client = await run_until_t1_done(service, payload, Keeper(keep=False))
         assert service.resume_offsets == [5 * 64 * 1024]
         return client
 
