@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -35,6 +36,17 @@ def parse_size(text: str) -> int:
     if match is None or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 1048576, 512KiB, 4MiB or 4GiB")
     return int(match.group(1)) * _UNITS[unit]
+
+
+def parse_seconds(text: str) -> float:
+    """A duration option: finite seconds > 0 (``"1.5"``). An argparse ``type``, like :func:`parse_size`."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be seconds > 0, e.g. 120") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be finite seconds > 0, e.g. 120")
+    return seconds
 
 
 def parse_receive_window(text: str) -> int | str | None:

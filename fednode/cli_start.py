@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcore.command_line import EXIT_REFUSED, parse_receive_window, parse_size
+from fedcore.command_line import EXIT_REFUSED, parse_receive_window, parse_seconds, parse_size
 from fedcore.errors import NodeConfigError, ServerRefusedError
 from fedcore.wire import DatasetInfo
 from fednode.config import NodeConfig
@@ -136,6 +136,7 @@ def register(subparsers: Any) -> None:
                            "Python code that runs on this machine); the default requires `fednode plans approve`")
     add_home_options(parser)
     tuning = parser.add_argument_group("tuning")
+    defaults = NodeConfig.__dataclass_fields__
     tuning.add_argument("--poll-wait", type=float, default=30.0, metavar="SECONDS",
                         help="long-poll duration asked of the server (default: 30)")
     tuning.add_argument("--chunk-size", type=parse_size, default=1 << 20, metavar="BYTES",
@@ -152,6 +153,16 @@ def register(subparsers: Any) -> None:
                              "round trip lets it move >= 1 GB/s (a LAN), else bandwidth-delay probing; bdp: always "
                              "probing (on a fast near link it grows to 16-33 MB held in memory); a size (>= 64KiB, "
                              "best >= one chunk message, e.g. 1088KiB) caps a download at SIZE per round trip")
+    tuning.add_argument("--busy-upload-retry", type=parse_seconds, default=defaults["busy_upload_retry_seconds"].default,
+                        metavar="SECONDS",
+                        help="how long a result the server refuses as busy (its upload buffers all taken) is retried "
+                             "before its task is reported FAILED; keep it above the server's parked-upload lifetime "
+                             "(80 s with fedserver's defaults) (default: %(default)s)")
+    tuning.add_argument("--queued-upload-retry", type=parse_seconds,
+                        default=defaults["queued_upload_retry_seconds"].default, metavar="SECONDS",
+                        help="how long a result waiting in the server's upload line (UPLOAD_QUEUED: the line moves, "
+                             "the node keeps its place) is sent again before its task is reported FAILED "
+                             "(default: %(default)s)")
     tuning.add_argument("--stop-grace", type=float, default=10.0, metavar="SECONDS",
                         help="time an upload in flight gets to finish after a stop signal (default: 10)")
     parser.set_defaults(func=_start)
@@ -172,7 +183,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         token_file=token_file, node_name=args.name, server_name_override=args.server_name,
         poll_wait_seconds=args.poll_wait, upload_chunk_size=args.chunk_size, max_payload_size=args.max_payload,
         stop_grace_seconds=args.stop_grace, receive_pool_bytes=args.receive_pool,
-        receive_window_bytes=args.receive_window)
+        receive_window_bytes=args.receive_window, busy_upload_retry_seconds=args.busy_upload_retry,
+        queued_upload_retry_seconds=args.queued_upload_retry)
 
 
 def _start(args: argparse.Namespace) -> int:

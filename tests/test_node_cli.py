@@ -56,6 +56,31 @@ def test_options_map_to_node_config(tmp_path):
     assert cfg.tls == "mtls" and cfg.client_cert == Path("n.crt") and cfg.resolve_token() is None
 
 
+def test_upload_retry_windows_map_to_node_config(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    default = config_from_args(parse("--insecure", "--token-file", str(token)))
+    assert (default.busy_upload_retry_seconds, default.queued_upload_retry_seconds) == (120.0, 1800.0)
+    cfg = config_from_args(parse("--insecure", "--token-file", str(token), "--busy-upload-retry", "300",
+                                 "--queued-upload-retry", "7200.5"))
+    assert (cfg.busy_upload_retry_seconds, cfg.queued_upload_retry_seconds) == (300.0, 7200.5)
+
+
+@pytest.mark.parametrize("flag, value, reason", [
+    ("--busy-upload-retry", "0", "must be finite seconds > 0"),
+    ("--busy-upload-retry", "two minutes", "must be seconds > 0"),
+    ("--queued-upload-retry", "inf", "must be finite seconds > 0"),
+    ("--queued-upload-retry", "nan", "must be finite seconds > 0"),
+    ("--queued-upload-retry", "-5", "must be finite seconds > 0"),
+])
+def test_bad_duration_is_a_usage_error(flag, value, reason, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse("--insecure", f"{flag}={value}")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: invalid duration {value!r}: {reason}" in err, err
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (("--insecure", "--cert", "a", "--key", "b"), "--cert/--key need TLS"),
     (("--ca-cert", "ca", "--cert", "a"), "needs both --cert and --key"),
