@@ -20,6 +20,8 @@ import numpy as np
 from fedcore.errors import TaskPayloadError
 
 PAYLOAD_FORMAT = 1
+VALIDATION_KEYS = ("before", "after")  # metrics on the global model received / on the trained model
+MAX_COUNT = 2**63 - 1  # counts and rounds must fit a signed 64-bit integer (SQLite, other languages)
 
 
 @dataclass(frozen=True)
@@ -149,8 +151,8 @@ class TrainResult:
             num_steps=_int(m, "num_steps", "result"),
             lr=None if lr is None else float(lr),
             metrics=_metrics(m.get("metrics", {}), "metrics"),
-            validation={_check_str(k, "validation key"): _metrics(v, f"validation[{k!r}]") for k, v in validation.items()},
-            duration_s=float(m["duration_s"]) if _is_number(m.get("duration_s")) else 0.0,
+            validation={_when(k): _metrics(v, f"validation[{k!r}]") for k, v in validation.items()},
+            duration_s=_seconds(m, "duration_s", "result"),
         )
 
 
@@ -181,9 +183,25 @@ def _str(m: Mapping[str, Any], key: str, what: str) -> str:
 
 def _int(m: Mapping[str, Any], key: str, what: str) -> int:
     value = m.get(key)
-    if type(value) is not int or value < 0:
-        raise TaskPayloadError(f"{what}.{key} must be a non-negative integer, got {value!r}")
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise TaskPayloadError(f"{what}.{key} must be an integer from 0 to 2**63-1, got {value!r}")
     return value
+
+
+def _when(key: Any) -> str:
+    if key not in VALIDATION_KEYS:  # anything else would become a round metric named after it
+        raise TaskPayloadError(f"validation key {key!r} is not one of {list(VALIDATION_KEYS)}")
+    return key
+
+
+def _seconds(m: Mapping[str, Any], key: str, what: str) -> float:
+    """An optional duration: absent is 0.0; present, it must be a finite number >= 0."""
+    if key not in m:
+        return 0.0
+    value = m[key]
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise TaskPayloadError(f"{what}.{key} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def _is_number(value: Any) -> bool:
@@ -191,8 +209,9 @@ def _is_number(value: Any) -> bool:
 
 
 def _format(m: Mapping[str, Any]) -> None:
-    if m.get("format") != PAYLOAD_FORMAT:
-        raise TaskPayloadError(f"payload format {m.get('format')!r} is not supported (expected {PAYLOAD_FORMAT})")
+    value = m.get("format")
+    if type(value) is not int or value != PAYLOAD_FORMAT:  # type first: an array or a bool is not a format
+        raise TaskPayloadError(f"payload format {value!r} is not supported (expected {PAYLOAD_FORMAT})")
 
 
 def _arrays(obj: Any, what: str) -> dict[str, np.ndarray]:
@@ -212,6 +231,6 @@ def _metrics(obj: Any, what: str) -> dict[str, float]:
         if not isinstance(name, str) or not _is_number(value):
             raise TaskPayloadError(f"{what}[{name!r}] must be a number, got {type(value).__name__}")
         out[name] = float(value)
-        if math.isnan(out[name]):
-            raise TaskPayloadError(f"{what}[{name!r}] is NaN")
+        if not math.isfinite(out[name]):
+            raise TaskPayloadError(f"{what}[{name!r}] is {out[name]}; metrics must be finite")
     return out

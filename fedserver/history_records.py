@@ -28,12 +28,16 @@ ROUND_STATUSES = ("running", "completed", "failed")
 EXPERIMENT_STATUSES = ("running", "completed", "failed", "stopped")
 #: Which metrics of a node result a series is read from.
 METRIC_SOURCES = ("training", "validation_before", "validation_after")
+#: SQLite stores a signed 64-bit INTEGER; a larger Python int raises a bare OverflowError on insert.
+MAX_INTEGER = 2**63 - 1
 
 
 def check_count(value: Any, what: str) -> int:
-    """``value`` as an int >= 0, or HistoryError naming ``what``."""
+    """``value`` as an int from 0 to 2**63-1 (SQLite's INTEGER), or HistoryError naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise HistoryError(f"{what} must be an int >= 0, got {value!r}")
+    if value > MAX_INTEGER:
+        raise HistoryError(f"{what} must be at most 2**63-1 (SQLite INTEGER), got {value!r}")
     return int(value)
 
 

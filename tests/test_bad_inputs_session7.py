@@ -1,0 +1,141 @@
+"""Bad inputs found in session 7 that fedstream did not yet answer with a clear error (or that lost data).
+
+Grouped by area: result and task payloads, the wire, stored state, the command lines. Real parts only
+(real gRPC on loopback, real SQLite files, real processes for the CLIs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from experiment_harness import federation, least_squares_sites
+from plans_lsq import LinearPlan
+
+from fedcore.aggregators import FedAverage
+from fedcore.errors import HistoryError, TaskPayloadError
+from fedcore.tasks import PlanSource, TrainResult, TrainTask
+from fednode.approvals import PlanApprovals
+from fednode.client import NodeClient
+from fednode.config import NodeConfig
+from fednode.datasets import DatasetRegistry
+from fednode.handler import ReceivedTask, TaskReply
+from fednode.reporter import Reporter
+from fednode.runner import TrainingTaskHandler
+from fedserver.experiment import Experiment
+from fedserver.history import HistoryStore
+from fedserver.history_records import NodeResultRecord
+
+# -- 1. result and task payloads ---------------------------------------------------------------------------
+
+GOOD_RESULT: dict[str, Any] = {
+    "format": 1, "params": {"w": np.zeros(3, np.float32)}, "num_samples": 5, "num_steps": 3, "lr": 0.1,
+    "metrics": {"loss": 1.0}, "validation": {"after": {"acc": 0.5}}, "duration_s": 1.0,
+}
+
+
+@pytest.mark.parametrize(("field", "value", "names"), [
+    ("format", np.zeros(2), "payload format"),  # was a bare ValueError (array truth value)
+    ("format", True, "payload format"),  # True == 1 passed the format check
+    ("num_samples", 2**63, "result.num_samples"),  # crashed the history insert with OverflowError
+    ("num_steps", 2**64 - 1, "result.num_steps"),
+    ("metrics", {"loss": float("inf")}, "metrics['loss']"),
+    ("metrics", {"loss": -float("inf")}, "metrics['loss']"),
+    ("validation", {"after": {"acc": float("inf")}}, "validation['after']['acc']"),
+    ("validation", {"during": {"acc": 0.5}}, "validation key 'during'"),  # became a round metric val_during_acc
+    ("duration_s", float("nan"), "result.duration_s"),  # NaN, negative and non-numbers became 0.0 silently
+    ("duration_s", -1.0, "result.duration_s"),
+    ("duration_s", float("inf"), "result.duration_s"),
+    ("duration_s", "1.5", "result.duration_s"),
+    ("duration_s", None, "result.duration_s"),
+])
+def test_result_payload_field_out_of_range_is_a_task_payload_error(field: str, value: Any, names: str) -> None:
+    payload = {**GOOD_RESULT, field: value}
+    with pytest.raises(TaskPayloadError) as info:
+        TrainResult.from_payload(payload)
+    assert names in str(info.value)
+
+
+def test_result_payload_without_duration_is_still_accepted() -> None:
+    payload = {k: v for k, v in GOOD_RESULT.items() if k != "duration_s"}
+    assert TrainResult.from_payload(payload).duration_s == 0.0
+
+
+@pytest.mark.parametrize(("field", "value", "names"), [
+    ("format", np.zeros(2), "payload format"),
+    ("round", 2**64 - 1, "task.round"),
+])
+def test_task_payload_field_out_of_range_is_a_task_payload_error(field: str, value: Any, names: str) -> None:
+    task = TrainTask("exp", 1, PlanSource.from_source("P", "x = 1"), {"num_updates": 1}, {"w": np.zeros(2)})
+    with pytest.raises(TaskPayloadError, match=names.replace(".", r"\.")):
+        TrainTask.from_payload({**task.to_payload(), field: value})
+
+
+def test_history_refuses_counts_beyond_sqlite_integer_with_a_history_error(tmp_path: Path) -> None:
+    with HistoryStore(tmp_path / "history.db") as history:
+        exp = history.start_experiment("e", {})
+        history.start_round(exp, 1, ["a"])
+        with pytest.raises(HistoryError, match="num_samples must be at most 2\\*\\*63-1"):
+            history.record_node_result(NodeResultRecord(exp, 1, "a", "succeeded", num_samples=2**63))
+        assert history.node_results(exp) == []
+
+
+class TamperingHandler:
+    """The real training handler, whose successful reply is then edited (a buggy or hostile node)."""
+
+    def __init__(self, inner: TrainingTaskHandler, edit: Callable[[dict[str, Any]], None]) -> None:
+        self.inner = inner
+        self.edit = edit
+
+    def handle(self, task: ReceivedTask, reporter: Reporter) -> TaskReply:
+        reply = self.inner.handle(task, reporter)
+        payload = dict(reply.payload)
+        self.edit(payload)
+        return TaskReply.succeeded(payload)
+
+
+@pytest.mark.parametrize(("edit", "names"), [
+    (lambda p: p.update(num_samples=2**63), "result.num_samples"),
+    (lambda p: p.update(format=np.zeros(2)), "payload format"),
+], ids=["num_samples_2**63", "format_array"])
+def test_one_hostile_reply_fails_that_node_not_the_experiment(tmp_path: Path, edit: Callable, names: str) -> None:
+    """Before: the first aborted the run with OverflowError (history insert), the second with ValueError."""
+    sites = least_squares_sites(2)
+
+    async def main() -> tuple[list, list]:
+        async with federation(tmp_path, sites) as (server, _nodes, _):
+            home = tmp_path / "hostile"
+            home.mkdir()
+            np.savez(home / "data.npz", X=sites[0][0], y=sites[0][1])
+            registry = DatasetRegistry(home / "node.db")
+            registry.add(name="data", path=home / "data.npz", tags=["lsq"])
+            approvals = PlanApprovals(home / "node.db", auto_approve=True)
+            config = NodeConfig(server=f"127.0.0.1:{server.port}", tls="insecure",
+                                token=server.node_store.enroll("hostile"), node_name="hostile",
+                                poll_wait_seconds=1.0)
+            handler = TamperingHandler(TrainingTaskHandler(registry, approvals), edit)
+            client = NodeClient(config, handler, registry.metadata(), ["numpy"])
+            task = asyncio.get_running_loop().create_task(client.run())
+            try:
+                await server.wait_for_nodes(3, timeout=30)
+                exp = Experiment(LinearPlan, {"num_updates": 2, "lr": 0.02, "batch_size": 16, "seed": 7},
+                                 aggregator=FedAverage(), rounds=1, dataset_tags=["lsq"], min_nodes=2,
+                                 round_timeout=30, history_db=tmp_path / "h.db", server=server, progress=False)
+                reports = await exp.run_async()
+            finally:
+                client.stop()
+                await asyncio.wait([task], timeout=15)
+            with HistoryStore(tmp_path / "h.db") as history:
+                stored = history.node_results(exp.history_id)
+            return reports[0].outcomes, stored
+
+    outcomes, stored = asyncio.run(asyncio.wait_for(main(), timeout=120))
+    by_node = {o.node_id: o for o in outcomes}
+    assert {n: o.outcome for n, o in by_node.items()} == {
+        "hostile": "failed", "site-0": "succeeded", "site-1": "succeeded"}
+    assert "unusable reply" in by_node["hostile"].error and names in by_node["hostile"].error
+    assert {r.node_id: r.outcome for r in stored}["hostile"] == "failed"
