@@ -7,6 +7,10 @@ calling process (metadata ``fedstream-instance-id``: INVALID_ARGUMENT if malform
 a newer process of the node registered since, on a Register if a newer process replaced this one), on a
 PollTask its ``poll_sequence`` (ABORTED if the process sent a later poll already), then the request itself.
 
+A Heartbeat naming a task is more than a sign of life: its answer says whether the task is still open
+(``task_state``: ACTIVE, CLOSED, UNKNOWN), so a node stops training for, or waiting to upload, a result the
+server would refuse.
+
 The bodies of UploadResult and GetUploadStatus live in :mod:`fedserver.upload_service`
 (:class:`~fedserver.upload_service.UploadService`, which this service owns and hands its caller checks);
 the gRPC methods stay here, under their names.
@@ -22,10 +26,18 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 
-from fedcore.errors import CheckpointError, MessageError, TaskClosedError, UnknownTaskError
+from fedcore.errors import (
+    CheckpointError,
+    MessageError,
+    PermissionDeniedError,
+    TaskClosedError,
+    UnknownTaskError,
+)
 from fedcore.serialization import DEFAULT_LIMITS, SerializerLimits
 from fedcore.wire import (
     PROTOCOL_VERSION,
+    HeartbeatAnswer,
+    HeartbeatTaskState,
     LogLine,
     ServerSettings,
     ShutdownNotice,
@@ -276,13 +288,20 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
 
     @translate_unary
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
+        """A node's sign of life; for a named task also where it stands (HeartbeatResponse.task_state), so a
+        node stops working on a task whose result would be refused. A task sent to another node reads as
+        UNKNOWN, like one never issued: the answer does not tell a node which ids exist."""
         node_id = self._identify(context, request.version)
+        state = HeartbeatTaskState.UNSPECIFIED
         if request.task_id:
             try:
                 self.board.lookup(request.task_id, node_id).touch()
-            except (UnknownTaskError, TaskClosedError):
-                pass  # liveness only: the node learns about closed tasks from Report or UploadResult
-        return pb.HeartbeatResponse(shutting_down=self.is_stopping())
+                state = HeartbeatTaskState.ACTIVE
+            except (UnknownTaskError, PermissionDeniedError):
+                state = HeartbeatTaskState.UNKNOWN
+            except TaskClosedError:
+                state = HeartbeatTaskState.CLOSED
+        return convert.heartbeat_response_to_pb(HeartbeatAnswer(self.is_stopping(), state))
 
 
 #: Most ids a PollTaskRequest.held_task_ids may carry (a process holds a few tasks; the list is read on the

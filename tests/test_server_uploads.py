@@ -12,6 +12,7 @@ from server_testkit import async_test, encoded, running_server, sha256
 
 from fedcore.framing import OutgoingPayload, PayloadInfo
 from fedserver.tasks import TaskState
+from fedstream.v1 import node_service_pb2 as pb
 
 RESULT = {"params": {"w": np.arange(5000, dtype=np.float64)}, "num_samples": 3}  # ~40 kB
 
@@ -209,7 +210,8 @@ async def test_node_cannot_touch_a_task_sent_to_another_node(tmp_path: Path) -> 
         await _expect(grpc.StatusCode.PERMISSION_DENIED, intruder.status(handle.task_id))
         await _expect(grpc.StatusCode.PERMISSION_DENIED, intruder.report(handle.task_id, []))
         await _expect(grpc.StatusCode.PERMISSION_DENIED, intruder.poll(resume_task_id=handle.task_id))
-        await _expect(grpc.StatusCode.PERMISSION_DENIED, intruder.heartbeat(handle.task_id))
+        # a heartbeat is no refusal: its task_state says UNKNOWN, as for an id never issued (test_heartbeat_task_state)
+        assert (await intruder.heartbeat(handle.task_id)).task_state == pb.TASK_STATE_UNKNOWN
         assert not handle.done() and handle.late_uploads == []
         handle.cancel()
         await _expect(grpc.StatusCode.PERMISSION_DENIED, intruder.upload(handle.task_id, doc))

@@ -13,6 +13,8 @@ from fedcore.framing import PayloadInfo
 from fedcore.wire import (
     PROTOCOL_VERSION,
     DatasetInfo,
+    HeartbeatAnswer,
+    HeartbeatTaskState,
     LogLine,
     NodeRegistration,
     ReportEvent,
@@ -176,6 +178,25 @@ def test_report_event_nan_loss_round_trips_and_bad_events_are_refused() -> None:
 def test_shutdown_round_trip() -> None:
     notice = ShutdownNotice("maintenance", 5.0)
     assert convert.shutdown_from_pb(_through_bytes(convert.shutdown_to_pb(notice))) == notice
+
+
+@pytest.mark.parametrize("state", list(HeartbeatTaskState))
+@pytest.mark.parametrize("stopping", [False, True])
+def test_heartbeat_answer_round_trip(state: HeartbeatTaskState, stopping: bool) -> None:
+    answer = HeartbeatAnswer(stopping, state)
+    assert convert.heartbeat_response_from_pb(_through_bytes(convert.heartbeat_response_to_pb(answer))) == answer
+    assert state.gone is (state in (HeartbeatTaskState.CLOSED, HeartbeatTaskState.UNKNOWN))
+
+
+def test_heartbeat_answer_of_an_older_or_newer_server_asks_nothing() -> None:
+    """An older server sends no task_state (0), a newer one may send a value this side does not know (here 9, as
+    raw bytes: field 2, varint): both read as UNSPECIFIED, i.e. carry on."""
+    older = node_service_pb2.HeartbeatResponse(shutting_down=True)
+    assert convert.heartbeat_response_from_pb(_through_bytes(older)) == HeartbeatAnswer(True)
+    newer = node_service_pb2.HeartbeatResponse.FromString(b"\x10\x09")
+    assert convert.heartbeat_response_from_pb(newer).task_state is HeartbeatTaskState.UNSPECIFIED
+    with pytest.raises(MessageError, match="task_state must be a HeartbeatTaskState, got 'closed'"):
+        HeartbeatAnswer(False, "closed")
 
 
 def test_chunk_to_pb_copies_a_memoryview() -> None:

@@ -8,6 +8,8 @@ protobuf messages; everything else works with the dataclasses of ``fedcore.wire.
 from fedcore.wire.messages import (
     LOG_LEVELS,
     DatasetInfo,
+    HeartbeatAnswer,
+    HeartbeatTaskState,
     LogLine,
     NodeRegistration,
     ReportEvent,
@@ -28,6 +30,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REASON_METADATA_KEY",
     "DatasetInfo",
+    "HeartbeatAnswer",
+    "HeartbeatTaskState",
     "LogLine",
     "NodeRegistration",
     "ReportEvent",

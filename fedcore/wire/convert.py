@@ -16,6 +16,8 @@ from fedcore.errors import FramingError, MessageError
 from fedcore.framing import PayloadInfo
 from fedcore.wire.messages import (
     DatasetInfo,
+    HeartbeatAnswer,
+    HeartbeatTaskState,
     LogLine,
     NodeRegistration,
     ReportEvent,
@@ -38,6 +40,13 @@ _OUTCOME_TO_PB = {
     TaskOutcome.REFUSED: common_pb2.TASK_OUTCOME_REFUSED,
 }
 _OUTCOME_FROM_PB = {v: k for k, v in _OUTCOME_TO_PB.items()}
+_TASK_STATE_TO_PB = {
+    HeartbeatTaskState.UNSPECIFIED: node_service_pb2.TASK_STATE_UNSPECIFIED,
+    HeartbeatTaskState.ACTIVE: node_service_pb2.TASK_STATE_ACTIVE,
+    HeartbeatTaskState.CLOSED: node_service_pb2.TASK_STATE_CLOSED,
+    HeartbeatTaskState.UNKNOWN: node_service_pb2.TASK_STATE_UNKNOWN,
+}
+_TASK_STATE_FROM_PB = {v: k for k, v in _TASK_STATE_TO_PB.items()}
 _UINT32_MAX = (1 << 32) - 1
 #: RegisterRequest.instance_id: at most this many characters of :data:`_INSTANCE_ID_CHARS` (fednode and the JS
 #: node send 32 hex digits); the server keeps one per node and puts it in error messages.
@@ -414,3 +423,14 @@ def report_request_to_pb(task_id: str, events: list[ReportEvent],
 def heartbeat_request_to_pb(task_id: str = "",
                             version: tuple[int, int] = PROTOCOL_VERSION) -> node_service_pb2.HeartbeatRequest:
     return node_service_pb2.HeartbeatRequest(version=version_to_pb(version), task_id=task_id)
+
+
+def heartbeat_response_to_pb(answer: HeartbeatAnswer) -> node_service_pb2.HeartbeatResponse:
+    return node_service_pb2.HeartbeatResponse(shutting_down=answer.shutting_down,
+                                              task_state=_TASK_STATE_TO_PB[answer.task_state])
+
+
+def heartbeat_response_from_pb(pb: node_service_pb2.HeartbeatResponse) -> HeartbeatAnswer:
+    """A value this side does not know (a newer server's) reads as UNSPECIFIED: nothing to do."""
+    state = _TASK_STATE_FROM_PB.get(pb.task_state, HeartbeatTaskState.UNSPECIFIED)
+    return HeartbeatAnswer(shutting_down=bool(pb.shutting_down), task_state=state)

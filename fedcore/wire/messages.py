@@ -191,6 +191,33 @@ class ReportEvent:
             raise MessageError(f"report event must be TrainingProgress or LogLine, got {type(self.event).__name__}")
 
 
+class HeartbeatTaskState(str, enum.Enum):
+    """Where the task a Heartbeat names stands on the server (``TaskState`` in node_service.proto; the name
+    says "heartbeat" to keep it apart from the server's own ``fedserver.tasks.TaskState``)."""
+
+    UNSPECIFIED = "unspecified"  # no task named, or a server older than the field: nothing to do
+    ACTIVE = "active"  # open, sent to this node; the heartbeat reset its inactivity timeout
+    CLOSED = "closed"  # no longer accepts a result (round over, timed out, cancelled)
+    UNKNOWN = "unknown"  # no such task for this node (never issued, another node's, forgotten)
+
+    @property
+    def gone(self) -> bool:
+        """True for CLOSED and UNKNOWN: stop working on the task and drop its result."""
+        return self in (HeartbeatTaskState.CLOSED, HeartbeatTaskState.UNKNOWN)
+
+
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    """The server's answer to ``Heartbeat``: whether it is stopping, and where the named task stands."""
+
+    shutting_down: bool = False
+    task_state: HeartbeatTaskState = HeartbeatTaskState.UNSPECIFIED
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task_state, HeartbeatTaskState):
+            raise MessageError(f"task_state must be a HeartbeatTaskState, got {self.task_state!r}")
+
+
 @dataclass(frozen=True)
 class ShutdownNotice:
     """The server is stopping; reconnect after ``retry_after_seconds``."""

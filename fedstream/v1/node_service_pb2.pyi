@@ -1,11 +1,23 @@
 from fedstream.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_STATE_UNSPECIFIED: _ClassVar[TaskState]
+    TASK_STATE_ACTIVE: _ClassVar[TaskState]
+    TASK_STATE_CLOSED: _ClassVar[TaskState]
+    TASK_STATE_UNKNOWN: _ClassVar[TaskState]
+TASK_STATE_UNSPECIFIED: TaskState
+TASK_STATE_ACTIVE: TaskState
+TASK_STATE_CLOSED: TaskState
+TASK_STATE_UNKNOWN: TaskState
 
 class RegisterRequest(_message.Message):
     __slots__ = ("version", "node_name", "datasets", "capabilities", "client_version", "instance_id")
@@ -206,7 +218,9 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, version: _Optional[_Union[_common_pb2.ProtocolVersion, _Mapping]] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("shutting_down",)
+    __slots__ = ("shutting_down", "task_state")
     SHUTTING_DOWN_FIELD_NUMBER: _ClassVar[int]
+    TASK_STATE_FIELD_NUMBER: _ClassVar[int]
     shutting_down: bool
-    def __init__(self, shutting_down: _Optional[bool] = ...) -> None: ...
+    task_state: TaskState
+    def __init__(self, shutting_down: _Optional[bool] = ..., task_state: _Optional[_Union[TaskState, str]] = ...) -> None: ...

@@ -111,6 +111,8 @@ class NodeServiceServicer:
 
     def Heartbeat(self, request, context):
         """Liveness while the node is busy outside a poll (e.g. training for longer than the poll interval).
+        When it names a task, the answer also says whether the server still accepts that task's result
+        (HeartbeatResponse.task_state): a node stops working on a task the server has closed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
