@@ -8,6 +8,7 @@
     ├── ModelError
     │   └── WeightsMismatchError (also ValueError)  set_weights with unknown/missing names, bad shape/dtype
     ├── PlanError                               a training plan misbehaves (bad loss, missing data loader)
+    │   └── TrainingStoppedError                train(should_stop=...) was told to stop; names the steps done
     ├── DatasetError (also ValueError)          arrays that do not form a dataset (length mismatch, bad split)
     ├── AggregationError (also ValueError)      a reply an aggregator cannot use (missing Scaffold fields, shapes)
     ├── StrategyError (also ValueError)         node selection impossible (no eligible node, bad fraction)
@@ -92,6 +93,15 @@ class WeightsMismatchError(ModelError, ValueError):
 
 class PlanError(FedstreamError):
     """A training plan is misconfigured or produced an unusable result (e.g. a NaN loss)."""
+
+
+class TrainingStoppedError(PlanError):
+    """``TrainingPlan.train`` stopped before a batch because ``should_stop()`` said so (e.g. the server closed
+    the task); the message names the steps done and why. ``steps_done``: optimizer steps taken before it."""
+
+    def __init__(self, message: str, steps_done: int = 0) -> None:
+        super().__init__(message)
+        self.steps_done = steps_done
 
 
 class DatasetError(FedstreamError, ValueError):

@@ -7,7 +7,7 @@ and writes hooks: ``init_model`` (required), ``training_step`` (required for tor
     plan.post_init(training_args)        # seeds, builds model and optimizer
     plan.set_dataset(train, validation)  # builds the training data loader
     plan.set_model_params(global_params)
-    result = plan.train(progress=report, correction=delta_i)
+    result = plan.train(progress=report, correction=delta_i, should_stop=task_closed)
     reply = plan.after_training_params()
 
 The loop in :meth:`TrainingPlan.train` is the accountant-driven loop of the num_updates design, once for
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.accountant import MiniBatchTrainingIterationsAccountant
-from fedcore.errors import DatasetError, PlanError
+from fedcore.errors import DatasetError, PlanError, TrainingStoppedError
 from fedcore.models._api import Model
 from fedcore.plans.data import ArrayDataset
 from fedcore.training_args import TrainingArgs
@@ -235,6 +235,7 @@ class TrainingPlan(ABC):
         progress: Callable[[TrainingProgress], None] | None = None,
         correction: Mapping[str, Any] | None = None,
         global_params: Mapping[str, Any] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> TrainingResult:
         """Run the local training loop of the module docstring; return what was done.
 
@@ -242,10 +243,14 @@ class TrainingPlan(ABC):
             progress: called with a :class:`TrainingProgress` whenever the accountant says to log.
             correction: Scaffold's δ_i = c_i − c, by trainable parameter name (a subset is allowed).
             global_params: FedProx anchor w_global (every trainable parameter); default: the weights now.
+            should_stop: asked before each batch (from this thread: keep it cheap and thread-safe); True
+                ends the run there, e.g. when the server closed the task and the result would be refused.
 
         Raises:
             PlanError: not set up, a bad correction / anchor, a non-scalar or non-finite loss (the
                 update of that step is not applied), or a loader shorter than its ``len()``.
+            TrainingStoppedError: ``should_stop()`` returned True; names the steps done (the model keeps
+                their updates).
         """
         args = self.training_args
         if self._loader is None:
@@ -270,6 +275,11 @@ class TrainingPlan(ABC):
         for epoch in accountant.iterate_epochs():
             batches = iter(self._loader)
             for batch in accountant.iterate_batches():
+                if should_stop is not None and should_stop():
+                    done = accountant.num_steps_done - 1  # counted as it was yielded: this batch is not done
+                    raise TrainingStoppedError(
+                        f"training stopped after {done} of {accountant.num_iterations_total} steps, before batch "
+                        f"{batch} of epoch {epoch}: should_stop() returned True", done)
                 try:
                     data, target = next(batches)
                 except StopIteration:
