@@ -86,9 +86,25 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
         log.exception("%s failed unexpectedly", method, exc_info=exc)
         details = f"internal server error in {method}: {type(exc).__name__}"
     else:
-        log.info("%s refused with %s (%s): %s", method, code.name, reason, exc)
-        details = str(exc)
+        details = bounded_details(str(exc))
+        log.info("%s refused with %s (%s): %s", method, code.name, reason, details)
     await context.abort(code, details, trailing_metadata=((REASON_METADATA_KEY, reason),))
+
+
+#: Longest status message sent, in UTF-8 bytes. gRPC sends it percent-encoded in the trailers (up to 3 bytes
+#: per byte), and a client refuses trailers over its metadata limit (8 KiB by default; between the soft and
+#: the hard limit at random) with RESOURCE_EXHAUSTED in place of the real status: a message that quotes a
+#: long value the node sent (a 10 KB task id, every dataset name) must not lose the status it explains.
+MAX_DETAILS_BYTES = 2000
+
+
+def bounded_details(details: str) -> str:
+    """``details`` cut to at most :data:`MAX_DETAILS_BYTES` UTF-8 bytes, saying how long it was."""
+    raw = details.encode("utf-8")
+    if len(raw) <= MAX_DETAILS_BYTES:
+        return details
+    head = raw[: MAX_DETAILS_BYTES - 64].decode("utf-8", "ignore")
+    return f"{head}... (message cut: {len(details)} characters)"
 
 
 T = TypeVar("T")

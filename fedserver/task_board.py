@@ -49,13 +49,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from fedcore.errors import NodeSupersededError, PermissionDeniedError, TaskClosedError, UnknownTaskError
+from fedcore.errors import (
+    MessageError,
+    NodeSupersededError,
+    PermissionDeniedError,
+    TaskClosedError,
+    UnknownTaskError,
+)
 from fedcore.wire import TaskOutcome
 from fedserver.tasks import TaskHandle, TaskState
 
@@ -313,8 +320,11 @@ class TaskBoard:
         registers, and returns None as soon as the same process registers again (:meth:`check_poll`). The
         caller must :meth:`release` the handle, with the same ``generation``, when its stream ends, whether
         or not the payload went through. A task named in ``held`` (the poll's process has it, see
-        :meth:`requeue_lost`) is not taken.
+        :meth:`requeue_lost`) is not taken. A NaN ``wait_seconds`` raises MessageError: it would never pass
+        the deadline, and its NaN timers fire at once (the poll would spin the event loop until cancelled).
         """
+        if math.isnan(wait_seconds):
+            raise MessageError(f"poll wait_seconds must be a number of seconds, got {wait_seconds!r}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         event = self._wakeup(node_id)
