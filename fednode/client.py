@@ -12,9 +12,11 @@ and starts a new one on a fresh channel. Transfers survive: a broken download re
 already assembled, a broken upload from the offset ``GetUploadStatus`` acknowledges (0 after a server
 restart: start over). A ServerShutdown waits ``retry_after`` instead; a poll the server ends with ABORTED is
 made again at once (once in a row; then as a lost connection). A refusal of one task (closed, unknown,
-not ours: a round cancelled it while it downloads) drops that task and polls again; a result refused for
-itself (too large, malformed, the server still busy after retries) is replaced by a FAILED report naming
-the refusal, so the round counts the task at once (also when grpc.aio hid the refusal behind a local
+not ours: a round cancelled it while it downloads) drops that task and polls again, and so does a task the
+server closes while it runs or while its result waits for upload room (a heartbeat answers ``task_state``
+CLOSED or UNKNOWN, or a Report is refused for it: training stops at its next batch, nothing is uploaded);
+a result refused for itself (too large, malformed, the server still busy after retries) is replaced by a
+FAILED report naming the refusal, so the round counts the task at once (also when grpc.aio hid the refusal behind a local
 INTERNAL, grpc/grpc#36066: ``GetUploadStatus`` names it). A refusal that ends the node
 (:func:`fednode.transport.fatal_refusal`: bad token, another protocol major version, a newer process of
 this node registered) ends :meth:`NodeClient.run` with the error. Refusals are told apart by the server's
@@ -349,9 +351,10 @@ class NodeClient:
         return True
 
     # -- running a task -----------------------------------------------------------------------
-    async def _execute(self, conn: NodeConnection, polled: PolledTask) -> PendingUpload:
+    async def _execute(self, conn: NodeConnection, polled: PolledTask) -> PendingUpload | None:
         """Run a downloaded task (:class:`fednode.task_execution.TaskExecution`: the handler in a worker thread,
-        its reports and heartbeats sent meanwhile); the result to deliver."""
+        its reports and heartbeats sent meanwhile); the result to deliver, or None when the server closed the
+        task meanwhile (nothing is uploaded, the task is no longer held: the next poll does not name it)."""
         self.state = ClientState.RUNNING
         assert polled.buffer is not None  # a PolledTask without an early reply holds the verified payload
         return await self._execution.run(conn, polled.descriptor, polled.buffer, self.settings)

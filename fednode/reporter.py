@@ -5,6 +5,11 @@ blocks on the network). :class:`ReportPump`, a coroutine on the client's event l
 at most every ``interval`` seconds into one Report call, sends a Heartbeat when nothing was sent for
 ``heartbeat_interval`` seconds, and flushes once more when the task ends. A failed send is logged and
 dropped: losing a progress line must never fail the training it describes.
+
+The pump also learns when the server has closed the task: a Heartbeat answering ``task_state`` CLOSED or
+UNKNOWN, or a Report refused for its task (:func:`fednode.transport.task_refusal`: closed, unknown, not
+ours). It then cancels the reporter (:meth:`Reporter.cancel`): the handler sees ``cancelled`` (training stops
+at its next batch) and the node uploads nothing for the task. From then on it sends nothing more for it.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fedcore.errors import NodeError
-from fedcore.wire import LogLine, ReportEvent, TrainingProgress
+from fedcore.errors import NodeError, ServerRefusedError
+from fedcore.wire import HeartbeatAnswer, LogLine, ReportEvent, TrainingProgress
+from fednode.transport import fatal_refusal, task_refusal
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ class Reporter:
         self._lock = threading.Lock()
         self._items: deque[ReportEvent] = deque(maxlen=max_pending)
         self._stop = threading.Event()
+        self._cancel_reason: str | None = None  # set once, under the lock, by cancel()
         self.dropped = 0  # events lost because the buffer was full
 
     def progress(self, progress: Any) -> None:
@@ -54,11 +61,30 @@ class Reporter:
 
     @property
     def stop_requested(self) -> bool:
-        """True once the node is stopping: a long handler may return early (its reply is still sent)."""
+        """True once the node is stopping (a long handler may return early: its reply is still sent), or once
+        the task was cancelled (:attr:`cancelled`: its reply is dropped)."""
         return self._stop.is_set()
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def cancel(self, reason: str) -> None:
+        """The server no longer accepts this task's result (``reason`` says why): the handler should give up,
+        and whatever it returns is not uploaded. Safe from any thread; the first reason is kept."""
+        with self._lock:
+            if self._cancel_reason is None:
+                self._cancel_reason = str(reason) or "no reason given"
+        self._stop.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called: the task is closed on the server."""
+        return self._cancel_reason is not None
+
+    @property
+    def cancel_reason(self) -> str:
+        """Why the task was cancelled ("" while it is not)."""
+        return self._cancel_reason or ""
 
     def drain(self) -> list[ReportEvent]:
         """Take every pending event, oldest first."""
@@ -78,12 +104,14 @@ class ReportPump:
     """Sends a reporter's events while its task runs; :meth:`run` returns after the final flush.
 
     ``send_report(task_id, items)`` and ``send_heartbeat(task_id)`` are the transport's coroutines;
-    they raise :class:`fedcore.errors.NodeError` on failure.
+    they raise :class:`fedcore.errors.NodeError` on failure. ``send_heartbeat`` returns the server's
+    :class:`~fedcore.wire.HeartbeatAnswer` (None: nothing known about the task). Either one telling that the
+    task is gone cancels the reporter (module docstring).
     """
 
     def __init__(self, reporter: Reporter, *,
                  send_report: Callable[[str, list[ReportEvent]], Awaitable[None]],
-                 send_heartbeat: Callable[[str], Awaitable[None]],
+                 send_heartbeat: Callable[[str], Awaitable[HeartbeatAnswer | None]],
                  interval: float, heartbeat_interval: float) -> None:
         self.reporter = reporter
         self._send_report = send_report
@@ -108,12 +136,25 @@ class ReportPump:
             except asyncio.TimeoutError:
                 pass
             items = self.reporter.drain()
+            if self.reporter.cancelled:
+                continue  # the server closed the task: nothing more to tell it (the events are dropped)
             try:
                 if items:
                     await self._send_report(task_id, items)
                     last_contact = loop.time()
                 elif not finished and loop.time() - last_contact >= self.heartbeat_interval:
-                    await self._send_heartbeat(task_id)
+                    answer = await self._send_heartbeat(task_id)
                     last_contact = loop.time()
+                    if answer is not None and answer.task_state.gone:
+                        self._cancel(f"a heartbeat answered task_state {answer.task_state.name}")
+            except ServerRefusedError as exc:
+                if task_refusal(exc) and not fatal_refusal(exc):
+                    self._cancel(f"Report refused: {exc.details or exc}")
+                else:
+                    log.debug("task %s: report not delivered (%s); %d events dropped", task_id, exc, len(items))
             except NodeError as exc:
                 log.debug("task %s: report not delivered (%s); %d events dropped", task_id, exc, len(items))
+
+    def _cancel(self, reason: str) -> None:
+        log.info("task %s closed by the server (%s): asking its handler to stop", self.reporter.task_id, reason)
+        self.reporter.cancel(reason)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from fedcore.errors import FedstreamError, PlanNotApprovedError
+from fedcore.errors import FedstreamError, PlanNotApprovedError, TrainingStoppedError
 from fedcore.tasks import TrainTask
 from fednode.approvals import PlanApprovals
 from fednode.datasets import DatasetRegistry
@@ -50,7 +50,11 @@ class TrainingTaskHandler:
             dataset = self.datasets.load(record.name)
             reporter.log("INFO", f"round {train.round}: training {train.plan.name} on dataset {record.name!r} "
                                  f"({len(dataset)} samples)")
-            result = run_training(train, dataset, progress=reporter.progress)
+            # only a task the server closed stops training early: a node being stopped lets it finish
+            result = run_training(train, dataset, progress=reporter.progress, should_stop=lambda: reporter.cancelled)
+        except TrainingStoppedError as exc:  # the server closed the task: the reply is dropped, not uploaded
+            log.info("task %s: %s (%s)", task.task_id, exc, reporter.cancel_reason)
+            return TaskReply.failed(f"{type(exc).__name__}: {exc} ({reporter.cancel_reason})")
         except Exception as exc:  # noqa: BLE001 - a plan's bug must never kill the node: it becomes the reply
             log.warning("task %s failed: %s: %s", task.task_id, type(exc).__name__, exc)
             return TaskReply.failed(f"{type(exc).__name__}: {exc}")

@@ -10,6 +10,11 @@ a plan's bug never kills the node.
 
 The client says whether it is stopping (``stopping``) and forwards its stop() to :meth:`request_stop`, which
 a running handler sees as ``reporter.stop_requested``.
+
+When the server closes the task meanwhile (a heartbeat answers CLOSED or UNKNOWN, or a Report is refused for
+its task: the pump cancels the reporter), the handler sees ``reporter.cancelled`` (the training handler stops
+at the next batch) and, whatever it then returns or raises, nothing is uploaded: :meth:`TaskExecution.run`
+returns None and the client polls for its next task (the task is no longer held).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from fedcore.errors import EncodeError, SerializationError
 from fedcore.framing import OutgoingPayload
 from fedcore.framing.memory import compute_memory
 from fedcore.serialization import Serializer
-from fedcore.wire import ServerSettings, TaskDescriptor, TaskOutcome
+from fedcore.wire import HeartbeatAnswer, ServerSettings, TaskDescriptor, TaskOutcome
 from fednode.config import NodeConfig
 from fednode.handler import ReceivedTask, TaskHandler, TaskReply
 from fednode.reporter import Reporter, ReportPump
@@ -58,28 +63,37 @@ class TaskExecution:
             reporter.request_stop()
 
     async def run(self, conn: NodeConnection, descriptor: TaskDescriptor, buffer: np.ndarray,
-                  settings: ServerSettings | None) -> PendingUpload:
-        """Run the handler in a worker thread while a pump sends its reports and heartbeats."""
+                  settings: ServerSettings | None) -> PendingUpload | None:
+        """Run the handler in a worker thread while a pump sends its reports and heartbeats; the result to
+        deliver, or None when the server closed the task meanwhile (nothing to upload)."""
         reporter = Reporter(descriptor.task_id)
         self._reporter = reporter
         if self._stopping():
             reporter.request_stop()
         heartbeat = self.config.heartbeat_interval(settings)
 
-        async def send_heartbeat(task_id: str) -> None:
-            if await conn.heartbeat(task_id):
+        async def send_heartbeat(task_id: str) -> HeartbeatAnswer:
+            answer = await conn.heartbeat(task_id)
+            if answer.shutting_down:
                 log.info("%s: server is shutting down; finishing task %s", self.config.node_name, task_id)
+            return answer
 
         pump = ReportPump(reporter, send_report=conn.report, send_heartbeat=send_heartbeat,
                           interval=self.config.report_interval_seconds, heartbeat_interval=heartbeat)
         pump_task = asyncio.create_task(pump.run())
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._work, descriptor, buffer, reporter, settings)
+            result = await loop.run_in_executor(self._executor, self._work, descriptor, buffer, reporter, settings)
         finally:
             pump.finish()
-            await asyncio.gather(pump_task, return_exceptions=True)
+            await asyncio.gather(pump_task, return_exceptions=True)  # its final flush may learn of the closing
             self._reporter = None
+        if reporter.cancelled:
+            outcome = result.outcome.name + (f", {result.total_size} bytes" if result.payload is not None else "")
+            log.info("%s: task %s closed by the server (%s): its result (%s) is dropped, nothing uploaded",
+                     self.config.node_name, descriptor.task_id, reporter.cancel_reason, outcome)
+            return None
+        return result
 
     def _work(self, d: TaskDescriptor, buffer: np.ndarray, reporter: Reporter,
               settings: ServerSettings | None) -> PendingUpload:

@@ -24,10 +24,15 @@ from fedcore.training_args import TrainingArgs
 ProgressCallback = Callable[[TrainingProgress], None]
 
 
-def run_training(task: TrainTask, dataset: ArrayDataset, progress: ProgressCallback | None = None) -> TrainResult:
+def run_training(task: TrainTask, dataset: ArrayDataset, progress: ProgressCallback | None = None, *,
+                 should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train ``task.plan`` on ``dataset`` from ``task.params`` and return the result payload.
 
+    ``should_stop`` is handed to ``TrainingPlan.train``, which asks it before each batch (the node: "has the
+    server closed this task?").
+
     Raises:
+        TrainingStoppedError: ``should_stop()`` returned True (a PlanError: the steps done are named).
         PlanError: the plan fails to load or train (NaN loss, bad shapes, ...), or Scaffold is asked
             for with an optimizer its maths does not describe.
         WeightsMismatchError: the global parameters do not fit the plan's model.
@@ -52,7 +57,7 @@ def run_training(task: TrainTask, dataset: ArrayDataset, progress: ProgressCallb
     if evaluate and args["test_on_global_updates"]:
         validation["before"] = _finite(plan.evaluate(), "validation of the global model")
     result = plan.train(progress=progress, correction=correction,
-                        global_params=task.params if args["fedprox_mu"] > 0 else None)
+                        global_params=task.params if args["fedprox_mu"] > 0 else None, should_stop=should_stop)
     if evaluate and args["test_on_local_updates"]:
         validation["after"] = _finite(plan.evaluate(), "validation of the local model")
     params = weights_to_numpy(plan.after_training_params())

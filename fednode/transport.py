@@ -30,6 +30,7 @@ from fedcore.errors import ConnectionLostError, MessageError, NodeConfigError, S
 from fedcore.wire import (
     INSTANCE_METADATA_KEY,
     REASON_METADATA_KEY,
+    HeartbeatAnswer,
     NodeRegistration,
     ReportEvent,
     ResultDescriptor,
@@ -213,10 +214,11 @@ class NodeConnection:
     async def report(self, task_id: str, events: list[ReportEvent]) -> None:
         await self._unary(self.stub.Report, convert.report_request_to_pb(task_id, events), "Report")
 
-    async def heartbeat(self, task_id: str = "") -> bool:
-        """Send a heartbeat; True when the server says it is shutting down."""
+    async def heartbeat(self, task_id: str = "") -> HeartbeatAnswer:
+        """Send a heartbeat (naming ``task_id``, if any); the server's answer: whether it is shutting down, and
+        where the task stands (``task_state``: CLOSED or UNKNOWN means stop working on it, drop its result)."""
         response = await self._unary(self.stub.Heartbeat, convert.heartbeat_request_to_pb(task_id), "Heartbeat")
-        return bool(response.shutting_down)
+        return convert.heartbeat_response_from_pb(response)
 
 
 @dataclass(frozen=True)

@@ -253,10 +253,12 @@ class GatedTrainer:
 
 async def _served_node(tmp_path: Path) -> tuple[FedServer, str, GatedTrainer, NodeClient]:
     """A started FedServer with node site-a enrolled (its token), and a NodeClient of site-a (not running)
-    whose handler is a :class:`GatedTrainer`."""
+    whose handler is a :class:`GatedTrainer`. The server announces a 30 s heartbeat interval: no heartbeat
+    goes out while the trainer is held, so the node learns that its task closed from its upload (the path
+    under test), never from a heartbeat answering CLOSED (tests/test_task_cancellation.py)."""
     store = NodeStore(tmp_path / "nodes.db")
     token = store.enroll("site-a")
-    server = FedServer(server_config(), store)
+    server = FedServer(server_config(heartbeat_interval_seconds=30.0), store)
     port = await server.start()
     trainer = GatedTrainer()
     return server, token, trainer, NodeClient(node_config(port, token=token, upload_chunk_size=CHUNK), trainer)
