@@ -25,10 +25,12 @@ activity on the server, so while it waits the node says the task is alive: a ``H
 wait starts and then at least every heartbeat interval the server announced (docs/protocol.md §4 step 3), the
 wait cut into slices of that interval; otherwise a wait longer than the task's inactivity timeout (a backoff
 ceiling is 30 s) would lose a good result although the node is alive and retrying. A heartbeat that fails is
-no reason to stop waiting. fedserver answers a Heartbeat naming a closed or unknown task like any other (it is
-liveness only): the wait then runs to its end, and the next upload is refused for the task (TASK_CLOSED, ...),
-which drops the result. A server that does refuse the heartbeat for its task (the protocol allows it) ends the
-wait at once the same way: the result is dropped.
+no reason to stop waiting. The heartbeat's answer also says where the task stands (``task_state``): CLOSED
+(its round is over, it timed out, it was cancelled) or UNKNOWN (the server knows no such task for this node)
+ends the wait at once and drops the result, exactly as an upload refused for its task (TASK_CLOSED, ...)
+does, instead of letting the wait run to its end for an upload the server would refuse. A server that
+refuses the heartbeat itself for its task (the protocol allows it) ends the wait the same way; a server
+older than ``task_state`` (UNSPECIFIED) leaves the wait going, and the next upload is refused for the task.
 
 Every wait goes through the client's ``stoppable`` (its stop() ends it); connection failures propagate to
 the client, which reconnects and delivers again in its next session.
@@ -126,18 +128,18 @@ class ResultDelivery:
                 log.info("%s: server busy with other uploads (%s); retrying task %s in %.2f s (%.0f s left to "
                          "wait)", cfg.node_name, exc.details, upload.task_id, delay, left)
                 gone = await self._wait_busy(conn, upload.task_id, delay, self.config.heartbeat_interval(settings))
-                if gone is not None:
-                    return self._after_refusal(upload, gone)
+                if gone is not None:  # the task is closed: its result would be refused, as after TASK_CLOSED
+                    log.warning("%s: result of task %s dropped: %s", cfg.node_name, upload.task_id, gone)
+                    return None
                 continue
             self.delivered += 1
             return None
 
-    async def _wait_busy(self, conn: NodeConnection, task_id: str, delay: float,
-                         interval: float) -> ServerRefusedError | None:
+    async def _wait_busy(self, conn: NodeConnection, task_id: str, delay: float, interval: float) -> str | None:
         """Wait ``delay`` seconds before the next attempt of a busy upload, in slices of at most ``interval``
         seconds with a Heartbeat naming the task before each: waiting for room is not inactivity. Each slice
-        goes through ``stoppable`` (stop() ends the wait at once). Returns the heartbeat's refusal when it says
-        the task is gone (:func:`fednode.transport.task_refusal`), else None once the delay is over."""
+        goes through ``stoppable`` (stop() ends the wait at once). Returns why the task is gone as soon as a
+        heartbeat says so (:meth:`_heartbeat`), else None once the delay is over."""
         left = delay
         while True:
             gone = await self._heartbeat(conn, task_id)
@@ -149,17 +151,21 @@ class ResultDelivery:
             if left <= 0:
                 return None  # the upload attempt follows at once; the next wait starts with a heartbeat
 
-    async def _heartbeat(self, conn: NodeConnection, task_id: str) -> ServerRefusedError | None:
-        """One Heartbeat naming ``task_id`` during a busy wait; the refusal if it says the task is gone. A
-        refusal of the node (:func:`fednode.transport.fatal_refusal`) propagates; any other failure is logged
-        and the wait goes on (the next upload attempt meets a broken connection and reconnects)."""
+    async def _heartbeat(self, conn: NodeConnection, task_id: str) -> str | None:
+        """One Heartbeat naming ``task_id`` during a busy wait; why the task is gone when the answer's
+        ``task_state`` is CLOSED or UNKNOWN, or the call was refused for the task
+        (:func:`fednode.transport.task_refusal`), else None. A refusal of the node
+        (:func:`fednode.transport.fatal_refusal`) propagates; any other failure is logged and the wait goes on
+        (the next upload attempt meets a broken connection and reconnects)."""
         try:
-            await self._stoppable(conn.heartbeat(task_id))
+            answer = await self._stoppable(conn.heartbeat(task_id))
+            if answer.task_state.gone:
+                return f"closed by the server (a heartbeat answered task_state {answer.task_state.name})"
         except ServerRefusedError as exc:
             if fatal_refusal(exc):
                 raise
             if task_refusal(exc):
-                return exc
+                return str(exc)
             log.info("%s: heartbeat for task %s refused (%s); still waiting for upload room", self.config.node_name,
                      task_id, exc)
         except NodeError as exc:
