@@ -169,6 +169,20 @@ class CheckpointStore:
                 f"experiment_state must be JSON-able (finite numbers, str, lists, dicts): {exc}"
             ) from None
 
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)  # removed since __init__: made again
+            self._write_round(round, params, aggregator_name, aggregator_config, aggregator_state, experiment_json)
+        except OSError as exc:  # unwritable, full, removed, or a directory where a file goes: nothing replaced
+            raise CheckpointError(
+                f"cannot write the checkpoint of round {round} under {str(self.directory)!r}: {exc}"
+            ) from None
+        self._prune(round)
+        return self.directory / folder_name(round)
+
+    def _write_round(self, round: int, params: Mapping[str, np.ndarray], aggregator_name: str,
+                     aggregator_config: Mapping[str, Any], aggregator_state: Mapping[str, Any],
+                     experiment_json: str) -> None:
+        """Write the round's folder, install it, then switch ``latest.json`` to it (OSError on a failed write)."""
         self._remove_incomplete()
         final = self.directory / folder_name(round)
         work = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{final.name}-", dir=self.directory))
@@ -204,8 +218,6 @@ class CheckpointStore:
         _write_json(
             self.directory / LATEST, {"format_version": FORMAT_VERSION, "round": round, "folder": final.name}
         )
-        self._prune(round)
-        return final
 
     def _install(self, work: Path, final: Path) -> None:
         """Rename the complete folder ``work`` to ``final``, replacing an older folder of that round."""
@@ -239,7 +251,13 @@ class CheckpointStore:
     def rounds(self) -> list[int]:
         """Rounds with a complete checkpoint folder (one holding a manifest), ascending."""
         found = []
-        for path in self.directory.iterdir():
+        try:
+            entries = list(self.directory.iterdir())
+        except FileNotFoundError:
+            return []  # the directory was removed since: no checkpoint left in it
+        except OSError as exc:
+            raise CheckpointError(f"cannot list checkpoint directory {str(self.directory)!r}: {exc}") from None
+        for path in entries:
             match = _FOLDER.fullmatch(path.name)
             if match and (path / MANIFEST).is_file():
                 found.append(int(match.group(1)))
@@ -398,6 +416,8 @@ class CheckpointStore:
             document = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise CheckpointError(f"{path}: invalid JSON: {exc}") from None
+        except RecursionError:
+            raise CheckpointError(f"{path}: invalid JSON: nested too deeply") from None
         if not isinstance(document, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(document).__name__}")
         return document

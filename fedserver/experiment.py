@@ -53,8 +53,9 @@ from fedcore.strategies import AllNodes, ByTags, NodeSelector
 from fedcore.tasks import PlanSource, TrainTask
 from fedcore.training_args import TrainingArgs
 from fedserver.auth import NodeStore
-from fedserver.checkpoints import CheckpointStore
+from fedserver.checkpoints import EXPERIMENT, CheckpointStore
 from fedserver.config import ServerConfig
+from fedserver.experiment_state import check_experiment_state
 from fedserver.history import HistoryStore
 from fedserver.history_records import NodeResultRecord
 from fedserver.off_loop import run_off_loop, to_completion
@@ -221,6 +222,7 @@ class Experiment:
         if state.get("format") != STATE_FORMAT:
             raise ExperimentError(f"checkpoint {checkpoint.folder} has experiment state format "
                                   f"{state.get('format')!r}, expected {STATE_FORMAT}")
+        check_experiment_state(state, checkpoint.folder / EXPERIMENT)
         aggregator = build_aggregator(checkpoint.aggregator_name, checkpoint.aggregator_config)
         aggregator.load_state(checkpoint.aggregator_state)
         kwargs: dict[str, Any] = {

@@ -7,6 +7,7 @@ Grouped by area: result and task payloads, the wire, stored state, the command l
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from plans_lsq import LinearPlan
 from server_testkit import async_test, running_server, version
 
 from fedcore.aggregators import FedAverage
-from fedcore.errors import HistoryError, TaskPayloadError
+from fedcore.errors import CheckpointError, HistoryError, TaskPayloadError
 from fedcore.tasks import PlanSource, TrainResult, TrainTask
 from fedcore.wire.metadata_keys import REASON_METADATA_KEY
 from fednode.approvals import PlanApprovals
@@ -30,6 +31,7 @@ from fednode.datasets import DatasetRegistry
 from fednode.handler import ReceivedTask, TaskReply
 from fednode.reporter import Reporter
 from fednode.runner import TrainingTaskHandler
+from fedserver.checkpoints import CheckpointStore
 from fedserver.errors import MAX_DETAILS_BYTES
 from fedserver.experiment import Experiment
 from fedserver.history import HistoryStore
@@ -208,3 +210,72 @@ async def test_register_with_an_absurd_node_name_is_malformed(tmp_path: Path, no
         code, reason, details = await refusal(node.stub.Register(request, metadata=node.metadata, timeout=10))
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_MALFORMED_MESSAGE")
         assert "node_name" in details
+
+
+# -- 3. stored state ---------------------------------------------------------------------------------------
+
+
+def saved_round(store: CheckpointStore, round: int = 1) -> Path:
+    return store.save(round, {"w": np.arange(3, dtype=np.float32)}, "fedavg", {}, {}, {"seed": 1})
+
+
+def test_latest_json_nested_too_deeply_is_a_checkpoint_error(tmp_path: Path) -> None:
+    """Before: json.loads raised a bare RecursionError."""
+    store = CheckpointStore(tmp_path / "ckpt")
+    saved_round(store)
+    (tmp_path / "ckpt" / "latest.json").write_text("[" * 100_000)
+    with pytest.raises(CheckpointError, match=r"latest\.json: invalid JSON: nested too deeply"):
+        store.load_latest()
+
+
+def test_save_that_cannot_write_is_a_checkpoint_error_and_keeps_the_earlier_round(tmp_path: Path) -> None:
+    """Before: a bare IsADirectoryError (any OSError: read-only, disk full) escaped save()."""
+    store = CheckpointStore(tmp_path / "ckpt")
+    saved_round(store, 1)
+    latest = tmp_path / "ckpt" / "latest.json"
+    latest.unlink()
+    latest.mkdir()  # a directory where latest.json goes
+    with pytest.raises(CheckpointError, match=r"cannot write the checkpoint of round 2 under .*latest\.json"):
+        saved_round(store, 2)
+    latest.rmdir()
+    assert store.load(1).params["w"].tolist() == [0.0, 1.0, 2.0]
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".")], "no temporary file left"
+
+
+def test_removed_checkpoint_directory_is_a_checkpoint_error_on_load_and_made_again_on_save(tmp_path: Path) -> None:
+    """Before: load_params raised a bare FileNotFoundError, which the low-memory reload path (it catches
+    CheckpointError to fail the task) let through as INTERNAL, leaving the task open; save failed too."""
+    store = CheckpointStore(tmp_path / "ckpt")
+    saved_round(store, 1)
+    shutil.rmtree(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="round-0001 is missing"):
+        store.load_params(1)
+    assert store.rounds() == []
+    saved_round(store, 2)
+    assert store.latest_round() == 2
+
+
+@pytest.mark.parametrize(("edit", "names"), [
+    (lambda s: s.pop("known_nodes"), "lacks ['known_nodes']"),
+    (lambda s: s.pop("plan"), "lacks ['plan']"),
+    (lambda s: s.update(plan="LinearPlan"), "'plan' must be a map"),
+    (lambda s: s.update(plan={"name": "P", "source": None}), "'plan' must be a map"),
+    (lambda s: s.update(known_nodes=5), "'known_nodes' must be a list of strings"),
+    (lambda s: s.update(model_args=[1]), "'model_args' must be a map"),
+], ids=["no_known_nodes", "no_plan", "plan_str", "plan_source_null", "known_nodes_int", "model_args_list"])
+def test_resume_from_an_experiment_state_of_the_wrong_shape_names_file_and_key(tmp_path: Path, edit: Callable,
+                                                                               names: str) -> None:
+    """A digest-consistent experiment.json (another version, a hand edit) that lacks a key or holds the wrong
+    type. Before: KeyError, TypeError or AttributeError from inside Experiment.resume."""
+    exp = Experiment(LinearPlan, {"num_updates": 1, "lr": 0.02}, rounds=2, checkpoint_dir=tmp_path / "ckpt",
+                     progress=False)
+    exp.params = exp.initial_params()
+    exp._checkpoint_params()  # round 0, as a run writes it before its first round
+    checkpoint = exp.checkpoints.load(0)
+    state = dict(checkpoint.experiment_state)
+    edit(state)
+    exp.checkpoints.save(0, checkpoint.params, checkpoint.aggregator_name, checkpoint.aggregator_config,
+                         checkpoint.aggregator_state, state)
+    with pytest.raises(CheckpointError) as info:
+        Experiment.resume(tmp_path / "ckpt", progress=False)
+    assert "experiment.json" in str(info.value) and names in str(info.value)
