@@ -115,7 +115,10 @@ def _decoded(row: sqlite3.Row) -> dict[str, Any]:
     """A row as a dict, JSON columns parsed."""
     out = dict(row)
     for key in _JSON_COLUMNS.intersection(out):
-        out[key] = None if out[key] is None else json.loads(out[key])
+        try:
+            out[key] = None if out[key] is None else json.loads(out[key])
+        except (TypeError, ValueError, RecursionError):
+            raise HistoryError(f"history column {key!r} does not hold JSON: {str(out[key])[:80]!r}") from None
     return out
 
 
@@ -193,9 +196,18 @@ class HistoryStore:
     # -- plumbing ---------------------------------------------------------------------------------
 
     @contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        """Turn a SQLite failure after opening (a page damaged since, disk full, locked past the busy
+        timeout) into a HistoryError naming the file."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise HistoryError(f"history database {str(self.path)!r}: {type(exc).__name__}: {exc}") from None
+
+    @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """Hold the lock and one write transaction; roll back on any exception."""
-        with self._lock:
+        with self._lock, self._sqlite_errors():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
@@ -206,7 +218,7 @@ class HistoryStore:
                 raise
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._sqlite_errors():
             return self._conn.execute(sql, params).fetchall()
 
     def _now(self) -> str:

@@ -7,7 +7,9 @@ Grouped by area: result and task payloads, the wire, stored state, the command l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -279,3 +281,36 @@ def test_resume_from_an_experiment_state_of_the_wrong_shape_names_file_and_key(t
     with pytest.raises(CheckpointError) as info:
         Experiment.resume(tmp_path / "ckpt", progress=False)
     assert "experiment.json" in str(info.value) and names in str(info.value)
+
+
+def filled_history(path: Path, rounds: int = 150) -> None:
+    with HistoryStore(path) as history:
+        exp = history.start_experiment("e", {})
+        for r in range(1, rounds + 1):
+            history.start_round(exp, r, ["a"])
+            history.record_node_result(NodeResultRecord(exp, r, "a", "succeeded",
+                                                        training_metrics={"loss": 1.0, "note": "x" * 500}))
+            history.finish_round(exp, r, "completed", metrics={"loss": 1.0})
+
+
+def test_history_with_a_damaged_page_is_a_history_error_naming_the_file(tmp_path: Path) -> None:
+    """Before: the header and schema pages were fine, so the store opened, then every read raised a bare
+    sqlite3.DatabaseError ("database disk image is malformed")."""
+    path = tmp_path / "history.db"
+    filled_history(path)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2 // 4096 * 4096
+    data[middle : middle + 4096] = b"\xff" * 4096
+    path.write_bytes(bytes(data))
+    with pytest.raises(HistoryError, match=r"history\.db.*malformed"), HistoryStore(path) as history:
+        history.node_results(1)
+
+
+def test_history_column_that_is_not_json_is_a_history_error(tmp_path: Path) -> None:
+    """Before: json.JSONDecodeError from reading a row edited by another tool."""
+    path = tmp_path / "history.db"
+    filled_history(path, rounds=2)
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE rounds SET metrics = '{not json' WHERE round = 2")
+    with HistoryStore(path) as history, pytest.raises(HistoryError, match="column 'metrics' does not hold JSON"):
+        history.rounds(1)
