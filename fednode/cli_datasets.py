@@ -172,7 +172,10 @@ def _show(args: argparse.Namespace) -> int:
 
 def _remove(args: argparse.Namespace) -> int:
     record = DatasetRegistry(db_path_from_args(args)).remove(args.name)
-    print(f"removed dataset {record.name!r} (the file {record.path} was left in place)")
+    if record is None:
+        print(f"removed dataset {args.name!r}, whose record was damaged (its file was left in place)")
+    else:
+        print(f"removed dataset {record.name!r} (the file {record.path} was left in place)")
     return 0
 
 

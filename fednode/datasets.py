@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedcore.errors import DatasetFileError, DatasetRegistryError
+from fedcore.errors import DatasetFileError, DatasetRegistryError, NodeStoreError
 from fedcore.plans.data import ArrayDataset
 from fedcore.wire import DatasetInfo
 from fednode import node_db
@@ -171,7 +171,7 @@ class DatasetRegistry:
         """Every registered dataset, by name."""
         with node_db.connect(self.db_path) as conn:
             rows = conn.execute(f"SELECT {_COLUMNS} FROM datasets ORDER BY name").fetchall()
-        return [_record(row) for row in rows]
+        return [_record(row, self.db_path) for row in rows]
 
     def get(self, name: str) -> DatasetRecord:
         """The dataset registered as ``name``.
@@ -181,17 +181,21 @@ class DatasetRegistry:
         """
         with node_db.connect(self.db_path) as conn:
             row = conn.execute(f"SELECT {_COLUMNS} FROM datasets WHERE name = ?", (name,)).fetchone()
+            known = [] if row else [r[0] for r in conn.execute("SELECT name FROM datasets ORDER BY name")]
         if row is None:
-            known = [record.name for record in self.list()]
             raise DatasetRegistryError(
                 f"no dataset named {name!r} on this node; registered: {known or 'none'} "
                 f"(register one with `fednode dataset add`)"
             )
-        return _record(row)
+        return _record(row, self.db_path)
 
-    def remove(self, name: str) -> DatasetRecord:
-        """Unregister ``name`` and return what it was; the file itself is left alone."""
-        record = self.get(name)
+    def remove(self, name: str) -> DatasetRecord | None:
+        """Unregister ``name`` and return what it was (None if its row in node.db was damaged: removing it is
+        the way out of that NodeStoreError); the file itself is left alone."""
+        try:
+            record: DatasetRecord | None = self.get(name)
+        except NodeStoreError:
+            record = None
         with node_db.connect(self.db_path) as conn:
             conn.execute("DELETE FROM datasets WHERE name = ?", (name,))
         return record
@@ -214,6 +218,12 @@ class DatasetRegistry:
             DatasetFormatError: the content no longer parses (only if it is unchanged, i.e. never expected).
         """
         record = self.get(name)
+        if record.path.is_dir():
+            raise DatasetFileError(
+                f"dataset {name!r}: its path {record.path} is now a directory, not the registered file. "
+                f"Put the file back, or register the new one: `fednode dataset remove {name}` then "
+                f"`{record.add_command()}` with its path"
+            )
         if not record.path.is_file():
             raise DatasetFileError(
                 f"dataset {name!r}: its file {record.path} no longer exists. If it moved, register it again: "
@@ -249,18 +259,41 @@ _COLUMNS = (
 )
 
 
-def _record(row: tuple) -> DatasetRecord:
+def _record(row: tuple, db_path: Path) -> DatasetRecord:
     (name, path, fmt, tags, target, dtype, shape, y_dtype, y_shape, n, sha, size, mtime_ns, added_at) = row
+
+    def damaged(column: str, value: object) -> NodeStoreError:
+        return NodeStoreError(
+            f"node database {db_path}: dataset {name!r} has a damaged {column!r} column ({str(value)[:80]!r}); "
+            f"`fednode dataset remove {name}` and add it again"
+        )
+
+    def json_list(column: str, value: object, item: type) -> tuple:
+        try:
+            items = json.loads(value) if isinstance(value, str) else None
+        except (ValueError, RecursionError):
+            items = None
+        if not isinstance(items, list) or not all(type(i) is item for i in items):
+            raise damaged(column, value)
+        return tuple(items)
+
+    for column, value in (("dtype", dtype), ("y_dtype", y_dtype)):
+        try:
+            np.dtype(value)
+        except (TypeError, ValueError):
+            raise damaged(column, value) from None
+    if not isinstance(path, str) or not path:
+        raise damaged("path", path)
     return DatasetRecord(
         name=name,
         path=Path(path),
         format=fmt,
-        tags=tuple(json.loads(tags)),
+        tags=json_list("tags", tags, str),
         target=target,
         dtype=dtype,
-        shape=tuple(json.loads(shape)),
+        shape=json_list("shape", shape, int),
         y_dtype=y_dtype,
-        y_shape=tuple(json.loads(y_shape)),
+        y_shape=json_list("y_shape", y_shape, int),
         num_samples=int(n),
         sha256=sha,
         size=int(size),

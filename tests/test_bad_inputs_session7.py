@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +26,7 @@ from plans_lsq import LinearPlan
 from server_testkit import async_test, running_server, version
 
 from fedcore.aggregators import FedAverage
-from fedcore.errors import CheckpointError, HistoryError, TaskPayloadError
+from fedcore.errors import CheckpointError, DatasetFileError, HistoryError, TaskPayloadError
 from fedcore.tasks import PlanSource, TrainResult, TrainTask
 from fedcore.wire.metadata_keys import REASON_METADATA_KEY
 from fednode.approvals import PlanApprovals
@@ -31,6 +34,7 @@ from fednode.client import NodeClient
 from fednode.config import NodeConfig
 from fednode.datasets import DatasetRegistry
 from fednode.handler import ReceivedTask, TaskReply
+from fednode.home import HOME_ENV_VAR, db_path
 from fednode.reporter import Reporter
 from fednode.runner import TrainingTaskHandler
 from fedserver.checkpoints import CheckpointStore
@@ -39,6 +43,8 @@ from fedserver.experiment import Experiment
 from fedserver.history import HistoryStore
 from fedserver.history_records import NodeResultRecord
 from fedstream.v1 import node_service_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # -- 1. result and task payloads ---------------------------------------------------------------------------
 
@@ -314,3 +320,39 @@ def test_history_column_that_is_not_json_is_a_history_error(tmp_path: Path) -> N
         conn.execute("UPDATE rounds SET metrics = '{not json' WHERE round = 2")
     with HistoryStore(path) as history, pytest.raises(HistoryError, match="column 'metrics' does not hold JSON"):
         history.rounds(1)
+
+
+def fednode_cli(home: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, HOME_ENV_VAR: str(home)}
+    return subprocess.run([sys.executable, "-m", "fednode", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize(("column", "value"), [("tags", "{"), ("shape", '["x"]'), ("dtype", "bogus")])
+def test_damaged_dataset_row_is_a_node_store_error_and_removing_it_works(tmp_path: Path, column: str,
+                                                                         value: str) -> None:
+    """A row of node.db edited or damaged by another tool. Before: JSONDecodeError / TypeError tracebacks
+    from `fednode dataset list` (and from node start, which announces the datasets), and `dataset remove`,
+    the way out, failed the same way."""
+    home = tmp_path / "home"
+    np.savez(tmp_path / "a.npz", X=np.ones((4, 2)), y=np.ones(4))
+    DatasetRegistry(db_path(home)).add("a", tmp_path / "a.npz", tags=["t"])
+    with contextlib.closing(sqlite3.connect(db_path(home))) as conn, conn:
+        conn.execute(f"UPDATE datasets SET {column} = ?", (value,))
+    listed = fednode_cli(home, "dataset", "list")
+    assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr
+    assert f"dataset 'a' has a damaged '{column}' column" in listed.stderr and "node.db" in listed.stderr
+    removed = fednode_cli(home, "dataset", "remove", "a")
+    assert removed.returncode == 0, removed.stderr
+    assert DatasetRegistry(db_path(home)).list() == []
+
+
+def test_dataset_file_replaced_by_a_directory_says_so(tmp_path: Path) -> None:
+    """Before: "its file ... no longer exists" for a path that exists (as a directory)."""
+    np.savez(tmp_path / "a.npz", X=np.ones((4, 2)), y=np.ones(4))
+    registry = DatasetRegistry(tmp_path / "node.db")
+    registry.add("a", tmp_path / "a.npz")
+    (tmp_path / "a.npz").unlink()
+    (tmp_path / "a.npz").mkdir()
+    with pytest.raises(DatasetFileError, match=r"a\.npz is now a directory"):
+        registry.load("a")
