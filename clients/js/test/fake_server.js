@@ -24,7 +24,8 @@ function fail(code, details, reason = null) {
  * A NodeService whose PollTask answers come from `script.polls` (functions (call, fake) run in turn)
  * and whose uploads keep their bytes per task, like fedserver's. Script hooks: `register(call, cb)`;
  * `refuseUpload` (every upload) or `refuseUploads` (one per upload, in turn; null accepts); `onUploadHeader
- * (header)` and `onHeartbeat(request)` returning a refusal or nothing; `breakUploadAfter` chunks;
+ * (header)`, `onHeartbeat(request)` and `onReport(request)` returning a refusal or nothing; `heartbeatState(request)`
+ * returning the HeartbeatResponse.task_state to answer (a TaskState name; nothing: UNSPECIFIED); `breakUploadAfter` chunks;
  * `dataLossOnce`; `heartbeatIntervalSeconds` (announced at Register, 1 by default); `answerDelayMs` (the answer to a complete upload waits this long). `polls` records each
  * PollTaskRequest's held-task fields, `heartbeats` each Heartbeat's task id and time.
  */
@@ -76,6 +77,8 @@ class FakeServer {
       Report: (call, cb) => {
         this.seen("Report", call);
         this.reports.push(...call.request.events);
+        const refused = this.script.onReport && this.script.onReport(call.request, this);
+        if (refused) return cb(refused);
         cb(null, {});
       },
       Heartbeat: (call, cb) => {
@@ -83,7 +86,8 @@ class FakeServer {
         this.heartbeats.push({ taskId: call.request.task_id, at: Date.now() });
         const refused = this.script.onHeartbeat && this.script.onHeartbeat(call.request, this);
         if (refused) return cb(refused);
-        cb(null, { shutting_down: false });
+        const state = this.script.heartbeatState && this.script.heartbeatState(call.request, this);
+        cb(null, { shutting_down: false, task_state: state || "TASK_STATE_UNSPECIFIED" });
       },
     });
     const port = await new Promise((resolve, reject) => {

@@ -79,13 +79,15 @@ class LinearTrainer {
 
   /**
    * Run one task. `report(events)` sends ReportEvents (awaited). Returns {outcome, errorMessage, payload}
-   * with payload the encoded result document (SUCCEEDED) or null.
+   * with payload the encoded result document (SUCCEEDED) or null. `signal` (an AbortSignal; NodeClient
+   * aborts it when the server closed the task) is checked after every report: once aborted, training stops
+   * there and the task ends FAILED naming the steps done (a reply the client drops).
    */
-  async run(header, payloadBytes, report = async () => {}) {
+  async run(header, payloadBytes, report = async () => {}, { signal = null } = {}) {
     try {
       if (header.kind !== "TASK_KIND_TRAIN") throw new Refusal(`this node runs TRAIN tasks only, got ${header.kind}`);
       const task = decode(payloadBytes);
-      const result = await this.train(task, header, report);
+      const result = await this.train(task, header, report, signal);
       return { outcome: "TASK_OUTCOME_SUCCEEDED", errorMessage: "", payload: encode(result) };
     } catch (err) {
       const outcome = err instanceof Refusal ? "TASK_OUTCOME_REFUSED" : "TASK_OUTCOME_FAILED";
@@ -114,7 +116,7 @@ class LinearTrainer {
     }
   }
 
-  async train(task, header, report) {
+  async train(task, header, report, signal = null) {
     if (!isMap(task)) throw new TaskError("the task payload must be a map");
     if (get(task, "format") !== PAYLOAD_FORMAT) throw new TaskError(`unsupported task format ${get(task, "format")}; this node reads format ${PAYLOAD_FORMAT}`);
     this.checkPlan(task);
@@ -167,6 +169,10 @@ class LinearTrainer {
       losses.push(...out.losses);
       done += slice;
       await report([progressEvent(done, steps, ds.n, out.losses[out.losses.length - 1])]);
+      if (signal && signal.aborted && done < steps) {
+        const why = signal.reason ? signal.reason.details || signal.reason.message || String(signal.reason) : "aborted";
+        throw new TaskError(`training stopped after ${done} of ${steps} steps: ${why}`);
+      }
     }
     const tail = losses.slice(-10);
     const asParam = (like, values) => new NDArray(like.spec.Typed.from(values), like.shape, like.dtype);

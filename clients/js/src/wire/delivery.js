@@ -17,10 +17,12 @@
  * wait starts, then at least every heartbeat interval the server announced (RegisterResponse
  * .heartbeat_interval_seconds; `heartbeatIntervalMs` before it announced one), the wait slept in slices of
  * that interval that stop() cuts short (docs/protocol.md §4 step 3); otherwise a wait longer than the task's
- * inactivity timeout (a backoff ceiling is 15 s) would lose the result. A failed heartbeat leaves the wait
- * going, unless it says the task is gone (the result is dropped) or refuses the node (fatal); fedserver
- * answers a Heartbeat naming a closed task like any other (liveness only), so there the wait runs to its end
- * and the next upload is refused for the task, which drops the result. A result the
+ * inactivity timeout (a backoff ceiling is 15 s) would lose the result. A heartbeat whose answer says the task
+ * is gone (task_state TASK_STATE_CLOSED or TASK_STATE_UNKNOWN: its round is over, it timed out, it was
+ * cancelled, or the server knows no such task for this node) ends the wait at once and drops the result, as
+ * an upload refused for its task does; so does a heartbeat refused for its task. A heartbeat refused for the
+ * node is fatal; any other failure leaves the wait going (a server older than task_state answers
+ * UNSPECIFIED: the wait runs to its end and the next upload is refused for the task). A result the
  * server refuses for itself (too large, malformed, misframed, or still busy after that time) is replaced by a
  * FAILED report naming the refusal (refusedResultMessage), delivered the same way; a refusal that ends the
  * task (closed, unknown, not ours, a result document that does not decode) drops it.
@@ -46,7 +48,7 @@ const { once } = require("node:events");
 const grpc = require("@grpc/grpc-js");
 const { PROTOCOL_VERSION } = require("./proto.js");
 const { payloadHeader, chunksOf, sha256, MiB } = require("./chunks.js");
-const { backoffMs, classify, errorReason, isBusy, isQueued, refusedResultMessage } = require("./refusals.js");
+const { backoffMs, classify, errorReason, isBusy, isQueued, refusedResultMessage, taskGone } = require("./refusals.js");
 const { PayloadError } = require("../errors.js");
 
 /** Longest pause before sending again an upload refused UPLOAD_QUEUED, ms (uniform jitter from 0, as fednode). */
@@ -276,13 +278,14 @@ class ResultDelivery {
     }
   }
 
-  /** One Heartbeat naming `taskId` during a busy wait: null, or its refusal when the task is gone. A refusal
+  /** One Heartbeat naming `taskId` during a busy wait: null, or, when the task is gone, the answer's
+   * task_state CLOSED / UNKNOWN as a task refusal (taskGone) or the call's own refusal for the task. A refusal
    * of the node rejects; any other failure is logged and the wait goes on (a broken connection shows at the
    * next attempt, which reconnects). */
   async keepAlive(taskId) {
     try {
-      await this.calls.unary("Heartbeat", { version: PROTOCOL_VERSION, task_id: taskId });
-      return null;
+      const response = await this.calls.unary("Heartbeat", { version: PROTOCOL_VERSION, task_id: taskId });
+      return taskGone(taskId, response);
     } catch (err) {
       const kind = classify(err);
       if (kind === "fatal") throw err;

@@ -176,7 +176,9 @@ class NodeClient {
    * Run one task with `trainer` (see training/train_task.js), reporting, then deliver its result (or the
    * reply poll() gave for a task this node cannot take). Resolves to the server's answer, or null when the
    * task is gone; rejects when the result stays pending (run() delivers it after reconnecting) or on a
-   * fatal refusal.
+   * fatal refusal. A Report refused for the task (closed, unknown, not ours) or for the node aborts the
+   * AbortSignal handed to `trainer.run(header, payload, report, { signal })`, so the trainer can stop early:
+   * whatever it then answers is dropped, never uploaded.
    */
   async handleTask(task, trainer) {
     const { header, payload } = task;
@@ -185,25 +187,28 @@ class NodeClient {
     if (!answer) {
       this.log("INFO", `task ${taskId}: round ${header.round}, ${header.kind}, ${payload.length} bytes`);
       let gone = null;
+      const abort = new AbortController();
       const report = async (events) => {
         if (gone) return;
         try {
           await this.report(taskId, events);
         } catch (err) {
           const kind = classify(err);
-          if (kind === "task" || kind === "fatal") gone = err;
-          else this.log("WARNING", `report for task ${taskId} failed: ${err.details || err.message}`);
+          if (kind === "task" || kind === "fatal") {
+            gone = err;
+            abort.abort(err);
+          } else this.log("WARNING", `report for task ${taskId} failed: ${err.details || err.message}`);
         }
       };
       try {
-        answer = await trainer.run(header, payload, report);
+        answer = await trainer.run(header, payload, report, { signal: abort.signal });
       } catch (err) { // a trainer's bug must never kill the node: it becomes the reply
         answer = { outcome: "TASK_OUTCOME_FAILED", errorMessage: `${err.name || "Error"}: ${err.message}`, payload: null };
       }
       if (gone) {
         if (isFatal(gone)) throw gone; // a newer process of this node registered: it serves the node now
         this.delivery.forget(taskId);
-        this.log("WARNING", `task ${taskId} is no longer accepted (${gone.details}); result dropped`);
+        this.log("WARNING", `task ${taskId} is no longer accepted (${gone.details}); result dropped, nothing uploaded`);
         return null;
       }
     }

@@ -96,6 +96,30 @@ function isBusy(err) {
   return reason ? reason === BUSY_REASON : err.code === Status.RESOURCE_EXHAUSTED;
 }
 
+/** HeartbeatResponse.task_state values that end the task (docs/protocol.md §8 "Closed tasks"): the server no
+ * longer accepts its result. Other values (UNSPECIFIED: no task named or an older server; ACTIVE; a value of a
+ * newer server) mean carry on. */
+const GONE_TASK_STATES = new Map([
+  ["TASK_STATE_CLOSED", { code: Status.FAILED_PRECONDITION, reason: "ERROR_REASON_TASK_CLOSED" }],
+  ["TASK_STATE_UNKNOWN", { code: Status.NOT_FOUND, reason: "ERROR_REASON_UNKNOWN_TASK" }],
+]);
+
+/**
+ * The error that stands for a task a Heartbeat answered CLOSED or UNKNOWN (`response.task_state`), shaped as
+ * the server's refusal of a call about that task (TASK_CLOSED / UNKNOWN_TASK, so classify() says "task" and
+ * whoever handles a task refusal drops what belongs to the task), or null when the answer says nothing of the
+ * kind. `heartbeat` is true on it.
+ */
+function taskGone(taskId, response) {
+  const state = response && response.task_state;
+  const gone = GONE_TASK_STATES.get(state);
+  if (!gone) return null;
+  const details = `task ${taskId} closed by the server (a heartbeat answered task_state ${state})`;
+  const metadata = new grpc.Metadata();
+  metadata.set(REASON_METADATA_KEY, gone.reason);
+  return Object.assign(new Error(details), { code: gone.code, details, metadata, heartbeat: true });
+}
+
 /**
  * The error_message of the FAILED report that replaces a result of `size` bytes refused by `err`, as
  * fednode words it ("the server refused the result of N bytes[ after K attempts over S s] (REASON): details"; the
@@ -119,5 +143,5 @@ function refusedResultMessage(err, size) {
 
 module.exports = {
   REASON_METADATA_KEY, BUSY_REASON, QUEUED_REASON, STALE_POLL_REASON, backoffMs, errorReason, classify, isFatal, isBusy,
-  isQueued, refusedResultMessage,
+  isQueued, refusedResultMessage, taskGone,
 };
