@@ -54,7 +54,9 @@ class TaskHandler(Protocol):
     """Runs one task. Called in a worker thread; may block for as long as training takes.
 
     ``reporter`` is thread-safe: call ``reporter.progress(...)`` and ``reporter.log(...)`` freely; check
-    ``reporter.stop_requested`` to give up early when the node is asked to stop.
+    ``reporter.stop_requested`` to give up early when the node is asked to stop, or when the server closed the
+    task (then ``reporter.cancelled`` is True too, with ``reporter.cancel_reason``, and whatever the handler
+    returns is dropped, never uploaded: docs/protocol.md §8 "Closed tasks").
     """
 
     def handle(self, task: ReceivedTask, reporter: Reporter) -> TaskReply: ...
