@@ -49,6 +49,17 @@ def parse_seconds(text: str) -> float:
     return seconds
 
 
+def parse_grace_seconds(text: str) -> float:
+    """A grace period: finite seconds >= 0 (0: none). An argparse ``type``, like :func:`parse_seconds`."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be seconds >= 0, e.g. 10") from None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be finite seconds >= 0, e.g. 10")
+    return seconds
+
+
 def parse_receive_window(text: str) -> int | str | None:
     """A ``--receive-window``: ``auto`` (each side's own choice, fedcore.wire.flow_control), ``bdp`` -> None
     (gRPC's bandwidth-delay probing), else a :func:`parse_size` of at least 65535 bytes."""

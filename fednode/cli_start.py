@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcore.command_line import EXIT_REFUSED, parse_receive_window, parse_seconds, parse_size
+from fedcore.command_line import (
+    EXIT_REFUSED,
+    parse_grace_seconds,
+    parse_receive_window,
+    parse_seconds,
+    parse_size,
+)
 from fedcore.errors import NodeConfigError, ServerRefusedError
 from fedcore.wire import DatasetInfo
 from fednode.config import NodeConfig
@@ -137,7 +143,7 @@ def register(subparsers: Any) -> None:
     add_home_options(parser)
     tuning = parser.add_argument_group("tuning")
     defaults = NodeConfig.__dataclass_fields__
-    tuning.add_argument("--poll-wait", type=float, default=30.0, metavar="SECONDS",
+    tuning.add_argument("--poll-wait", type=parse_seconds, default=30.0, metavar="SECONDS",
                         help="long-poll duration asked of the server (default: 30)")
     tuning.add_argument("--chunk-size", type=parse_size, default=1 << 20, metavar="BYTES",
                         help="upload chunk size, e.g. 1MiB (default: 1MiB; the server may lower it)")
@@ -163,7 +169,7 @@ def register(subparsers: Any) -> None:
                         help="how long a result waiting in the server's upload line (UPLOAD_QUEUED: the line moves, "
                              "the node keeps its place) is sent again before its task is reported FAILED "
                              "(default: %(default)s)")
-    tuning.add_argument("--stop-grace", type=float, default=10.0, metavar="SECONDS",
+    tuning.add_argument("--stop-grace", type=parse_grace_seconds, default=10.0, metavar="SECONDS",
                         help="time an upload in flight gets to finish after a stop signal (default: 10)")
     parser.set_defaults(func=_start)
 

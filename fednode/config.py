@@ -6,6 +6,7 @@ at start with a :class:`fedcore.errors.NodeConfigError` naming the field, not mi
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,9 @@ class NodeConfig:
         for name in ("upload_chunk_size", "max_payload_size", "max_chunk_size"):
             if getattr(self, name) <= 0:
                 raise NodeConfigError(f"{name} must be > 0 bytes, got {getattr(self, name)}")
+        for name in ("upload_chunk_size", "max_chunk_size"):  # one chunk is one gRPC message (an int channel arg)
+            if getattr(self, name) > (1 << 31) - 1 - MESSAGE_OVERHEAD:
+                raise NodeConfigError(f"{name} must be below 2 GiB (gRPC message limit), got {getattr(self, name)}")
         pool = self.receive_pool_bytes
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
             raise NodeConfigError(f"receive_pool_bytes must be an int >= 0 bytes (0: off), got {pool!r}")
@@ -151,11 +155,13 @@ class NodeConfig:
                      "queued_upload_retry_seconds"):
             if not getattr(self, name) > 0:
                 raise NodeConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+            if getattr(self, name) == math.inf:  # every wait is finite
+                raise NodeConfigError(f"{name} must be a finite number of seconds, got inf")
         if not valid_receive_window(self.receive_window_bytes):
             raise NodeConfigError(
                 f"receive_window_bytes must be {RECEIVE_WINDOW_CHOICES}, got {self.receive_window_bytes!r}")
-        if self.stop_grace_seconds < 0:
-            raise NodeConfigError(f"stop_grace_seconds must be >= 0, got {self.stop_grace_seconds}")
+        if not 0 <= self.stop_grace_seconds < math.inf:
+            raise NodeConfigError(f"stop_grace_seconds must be finite and >= 0, got {self.stop_grace_seconds}")
 
     def heartbeat_interval(self, settings: ServerSettings | None) -> float:
         """Seconds between Heartbeats while holding a task: the server's (RegisterResponse), else ours."""

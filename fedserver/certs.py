@@ -99,6 +99,10 @@ def _builder(subject: str, issuer: x509.Name | None, public_key: ec.EllipticCurv
     if days <= 0:
         raise ServerConfigError(f"certificate validity must be > 0 days, got {days}")
     now = dt.datetime.now(dt.timezone.utc)
+    last = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)  # X.509 dates end with year 9999
+    if days > (last - now).days:
+        raise ServerConfigError(f"certificate validity of {days} days ends after the year 9999, where X.509 "
+                                f"dates end; use at most {(last - now).days}")
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     return (x509.CertificateBuilder()
             .subject_name(name).issuer_name(issuer or name).public_key(public_key)

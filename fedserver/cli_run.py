@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from fedcore.aggregators import AGGREGATORS, Aggregator, build_aggregator
+from fedcore.command_line import parse_seconds
 from fedcore.errors import (
     ExperimentError,
     LowMemoryAggregatorError,
@@ -142,9 +143,9 @@ def register(subparsers: Any) -> None:
                        help="select nodes with a dataset carrying all these tags; comma separated, repeatable")
     nodes.add_argument("--min-nodes", type=int, default=1, metavar="K",
                        help="quorum: replies a round needs to complete (default: %(default)s)")
-    nodes.add_argument("--round-timeout", type=float, metavar="SECONDS",
+    nodes.add_argument("--round-timeout", type=parse_seconds, metavar="SECONDS",
                        help="give a node up after this long without any activity (default: 300)")
-    nodes.add_argument("--node-wait", type=float, metavar="SECONDS",
+    nodes.add_argument("--node-wait", type=parse_seconds, metavar="SECONDS",
                        help="wait this long before each round for --min-nodes nodes (default: 120)")
     out = run.add_argument_group("outputs")
     out.add_argument("--checkpoint-dir", type=Path, metavar="DIR",

@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from fedcore.command_line import parse_receive_window, parse_size
+from fedcore.command_line import parse_grace_seconds, parse_receive_window, parse_seconds, parse_size
 from fedcore.errors import ServerConfigError
 from fedserver.auth import NodeStore
 from fedserver.config import TLS_MODES, ServerConfig
@@ -85,7 +85,7 @@ def register(subparsers: Any) -> None:
                                   description=DESCRIPTION, epilog=FILES_HELP, formatter_class=_RAW)
     add_home_option(serve)
     add_server_options(serve)
-    serve.add_argument("--grace", type=float, default=5.0, help="seconds given to transfers on stop (default: %(default)s)")
+    serve.add_argument("--grace", type=parse_grace_seconds, default=5.0, help="seconds given to transfers on stop (default: %(default)s)")
     serve.set_defaults(func=_serve)
 
 
@@ -122,16 +122,16 @@ def add_server_options(parser: argparse._ActionsContainer) -> None:
                              "on long links but ~10-30 MB per waiting reply); a fixed size (>= 64KiB; best >= one "
                              "chunk message, e.g. 1088KiB for 1 MiB chunks) bounds that memory but caps an upload "
                              "at SIZE per network round trip")
-    parser.add_argument("--upload-line-wait", type=float, default=d["upload_line_wait_seconds"].default,
+    parser.add_argument("--upload-line-wait", type=parse_seconds, default=d["upload_line_wait_seconds"].default,
                         metavar="SECONDS",
                         help="longest an upload waits in line for a buffer; then it is refused, UPLOAD_QUEUED (the "
                              "line moved: the node calls again at once, keeping its place) or UPLOADS_BUSY "
                              "(nothing moved). Below 120, a node's idle stream timeout (default: %(default)s)")
-    parser.add_argument("--upload-place-kept", type=float, default=d["upload_place_kept_seconds"].default,
+    parser.add_argument("--upload-place-kept", type=parse_seconds, default=d["upload_place_kept_seconds"].default,
                         metavar="SECONDS",
                         help="how long the place in line of a refused upload is kept for its task's next "
                              "upload (default: %(default)s)")
-    parser.add_argument("--max-poll-wait", type=float, default=d["max_poll_wait_seconds"].default,
+    parser.add_argument("--max-poll-wait", type=parse_seconds, default=d["max_poll_wait_seconds"].default,
                         help="longest long poll, seconds (default: %(default)s)")
     parser.add_argument("--reconnect-grace", type=parse_grace, default=d["reconnect_grace_seconds"].default,
                         metavar="SECONDS|none",

@@ -40,6 +40,8 @@ def is_loopback(address: str) -> bool:
 
 GiB = 1 << 30
 MiB = 1 << 20
+#: Largest size a node is told (RegisterResponse.max_payload_size is a uint64; int64 for other languages).
+MAX_WIRE_SIZE = 2**63 - 1
 #: The idle stream timeout of a node by default, seconds (fednode's NodeConfig.idle_stream_timeout_seconds, the
 #: JS node's idleStreamTimeoutSeconds): a node gives up an upload call silent this long. A wait in the upload
 #: line is such a silence, so ``upload_line_wait_seconds`` must stay below it (the server answers first).
@@ -123,6 +125,8 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ServerConfigError(f"{name} must be an int > 0, got {value!r}")
+        if self.max_payload_size > MAX_WIRE_SIZE:  # RegisterResponse.max_payload_size: every Register would fail
+            raise ServerConfigError(f"max_payload_size must be at most 2**63-1 bytes, got {self.max_payload_size}")
         pool = self.upload_pool_bytes
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
             raise ServerConfigError(f"upload_pool_bytes must be an int >= 0 (0: off), got {pool!r}")

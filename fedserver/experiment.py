@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -127,8 +128,8 @@ class Experiment:
         if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 1:
             raise ExperimentError(f"min_nodes must be an int >= 1, got {min_nodes!r}")
         for label, value in (("round_timeout", round_timeout), ("node_wait_timeout", node_wait_timeout)):
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ExperimentError(f"{label} must be a number of seconds > 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ExperimentError(f"{label} must be a finite number of seconds > 0, got {value!r}")
         if server is not None and server_config is not None:
             raise ExperimentError("give either a running server or a server_config, not both")
         if low_memory:

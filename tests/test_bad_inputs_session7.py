@@ -26,10 +26,19 @@ from plans_lsq import LinearPlan
 from server_testkit import async_test, running_server, version
 
 from fedcore.aggregators import FedAverage
-from fedcore.errors import CheckpointError, DatasetFileError, HistoryError, TaskPayloadError
+from fedcore.errors import (
+    CheckpointError,
+    DatasetFileError,
+    ExperimentError,
+    HistoryError,
+    NodeConfigError,
+    ServerConfigError,
+    TaskPayloadError,
+)
 from fedcore.tasks import PlanSource, TrainResult, TrainTask
 from fedcore.wire.metadata_keys import REASON_METADATA_KEY
 from fednode.approvals import PlanApprovals
+from fednode.cli import build_parser as fednode_parser
 from fednode.client import NodeClient
 from fednode.config import NodeConfig
 from fednode.datasets import DatasetRegistry
@@ -38,6 +47,8 @@ from fednode.home import HOME_ENV_VAR, db_path
 from fednode.reporter import Reporter
 from fednode.runner import TrainingTaskHandler
 from fedserver.checkpoints import CheckpointStore
+from fedserver.cli import build_parser as fedserver_parser
+from fedserver.config import ServerConfig
 from fedserver.errors import MAX_DETAILS_BYTES
 from fedserver.experiment import Experiment
 from fedserver.history import HistoryStore
@@ -356,3 +367,65 @@ def test_dataset_file_replaced_by_a_directory_says_so(tmp_path: Path) -> None:
     (tmp_path / "a.npz").mkdir()
     with pytest.raises(DatasetFileError, match=r"a\.npz is now a directory"):
         registry.load("a")
+
+
+# -- 4. command lines --------------------------------------------------------------------------------------
+
+
+def cli(program: str, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", program, *argv], cwd=ROOT, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("days", ["3000000", "99999999999999999999999"])
+def test_certificate_validity_past_year_9999_is_an_error_not_a_traceback(tmp_path: Path, days: str) -> None:
+    """Before: OverflowError tracebacks (datetime out of range, or too large for a C int)."""
+    done = cli("fedserver", "--home", str(tmp_path / "home"), "certs", "init", "--days", days)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"certificate validity of {days} days ends after the year 9999" in done.stderr
+    assert not (tmp_path / "home" / "certs" / "ca.key").exists()
+
+
+@pytest.mark.parametrize("size", ["3GiB", "99999999999999999999999"])
+def test_node_chunk_size_over_the_grpc_message_limit_is_an_error_not_a_traceback(tmp_path: Path, size: str) -> None:
+    """Before: the node started, then died with an OverflowError from gRPC's channel arguments."""
+    (tmp_path / "token").write_text("abc")
+    done = cli("fednode", "start", "--insecure", "--server", "127.0.0.1:1", "--token-file", str(tmp_path / "token"),
+               "--chunk-size", size, env={HOME_ENV_VAR: str(tmp_path / "home")})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "upload_chunk_size must be below 2 GiB" in done.stderr
+
+
+def test_server_max_payload_size_beyond_the_wire_is_refused_at_configuration(tmp_path: Path) -> None:
+    """Before: the server started, then every Register failed INTERNAL ("Value out of range")."""
+    with pytest.raises(ServerConfigError, match=r"max_payload_size must be at most 2\*\*63-1"):
+        ServerConfig(port=0, tls="insecure", max_payload_size=2**64)
+
+
+@pytest.mark.parametrize(("program", "argv", "option"), [
+    ("fedserver", ["serve", "--grace", "nan"], "--grace"),  # accepted: NaN, inf and -1 graces
+    ("fedserver", ["serve", "--grace", "-1"], "--grace"),
+    ("fedserver", ["serve", "--max-poll-wait", "inf"], "--max-poll-wait"),  # exit 1 naming max_poll_wait_seconds
+    ("fedserver", ["serve", "--upload-place-kept", "0"], "--upload-place-kept"),
+    ("fedserver", ["run", "--node-wait", "inf"], "--node-wait"),  # accepted: waited for nodes forever
+    ("fedserver", ["run", "--round-timeout", "inf"], "--round-timeout"),  # accepted: a round never timed out
+    ("fednode", ["start", "--stop-grace", "nan"], "--stop-grace"),  # accepted
+    ("fednode", ["start", "--poll-wait", "inf"], "--poll-wait"),  # accepted: a poll call without a deadline
+], ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_bad_duration_options_are_usage_errors_naming_the_option(program: str, argv: list[str], option: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    parser = (fedserver_parser if program == "fedserver" else fednode_parser)()
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(argv)
+    assert info.value.code == 2
+    assert f"argument {option}: invalid duration" in capsys.readouterr().err
+
+
+def test_experiment_and_node_refuse_infinite_waits() -> None:
+    """The library behind the options: every wait is finite (NaN and inf got through these two)."""
+    with pytest.raises(ExperimentError, match="node_wait_timeout must be a finite number of seconds > 0, got inf"):
+        Experiment(LinearPlan, {"num_updates": 1}, rounds=1, node_wait_timeout=float("inf"), progress=False)
+    with pytest.raises(NodeConfigError, match="stop_grace_seconds must be finite and >= 0, got nan"):
+        NodeConfig(server="h:1", tls="insecure", token="t", stop_grace_seconds=float("nan"))
+    with pytest.raises(NodeConfigError, match="poll_wait_seconds must be a finite number of seconds, got inf"):
+        NodeConfig(server="h:1", tls="insecure", token="t", poll_wait_seconds=float("inf"))
