@@ -122,8 +122,15 @@ def test_js_test_suite_passes() -> None:
     assert len(files) >= 5, files
     proc = subprocess.run([NODE, "--test", *files], check=False, cwd=ROOT, capture_output=True, text=True,
                           timeout=240)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert "# fail 0" in proc.stdout
+    assert proc.returncode == 0 and "# fail 0" in proc.stdout, _failures(proc.stdout) + proc.stderr[-3000:]
+
+
+def _failures(tap: str, context: int = 40) -> str:
+    """The ``not ok`` entries of a ``node --test`` TAP report with the lines after each (the YAML block with
+    the error and its stack), then the summary: a failure deep in a long report is not cut off."""
+    lines = tap.splitlines()
+    parts = ["\n".join(lines[i:i + context]) for i, line in enumerate(lines) if line.lstrip().startswith("not ok")]
+    return "\n---\n".join(parts[:10]) + "\n---\n" + "\n".join(lines[-12:]) + "\n"
 
 
 async def _federated(tmp: Path, sites, rounds: int, with_js: bool, aggregator=None) -> tuple[list, dict, Experiment]:
