@@ -131,6 +131,9 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if not self.server or ":" not in self.server:
             raise NodeConfigError(f"server must be HOST:PORT, got {self.server!r}")
+        port = self.server.rsplit(":", 1)[1]
+        if port.lstrip("-").isdigit() and not 1 <= int(port) <= 65535:  # other forms (unix:PATH) are gRPC's
+            raise NodeConfigError(f"server port must be 1..65535, got {port} in {self.server!r}")
         if self.tls not in TLS_MODES:
             raise NodeConfigError(f"tls must be one of {', '.join(TLS_MODES)}; got {self.tls!r}")
         if self.tls != "insecure" and self.ca_cert is None:

@@ -93,9 +93,13 @@ class NodeStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ServerConfigError(f"cannot create the folder of the node store {self.path}: {exc}") from None
         with self._connect() as conn:
             conn.executescript(_SCHEMA)
+            conn.execute("SELECT node_id, token_sha256, enrolled_at, revoked_at FROM nodes LIMIT 0")  # ours?
         self._lock = threading.Lock()
         self._reader: sqlite3.Connection | None = None
         self._seen_version: int | None = None
@@ -123,12 +127,22 @@ class NodeStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=10.0)
+        with self._sqlite_errors():
+            conn = sqlite3.connect(self.path, timeout=10.0)
+            try:
+                with conn:  # one transaction, committed on success
+                    yield conn
+            finally:
+                conn.close()
+
+    @contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        """A node store that is not one (a directory, another SQLite file, damaged) as a ServerConfigError."""
         try:
-            with conn:  # one transaction, committed on success
-                yield conn
-        finally:
-            conn.close()
+            yield
+        except sqlite3.Error as exc:
+            raise ServerConfigError(f"node store {self.path} is unusable ({type(exc).__name__}: {exc}); "
+                                    "expected the nodes.db `fedserver nodes enroll` writes") from None
 
     def enroll(self, node_id: str) -> str:
         """Issue a new token for ``node_id`` and return it (shown once, never stored in clear).
@@ -162,7 +176,7 @@ class NodeStore:
     def lookup(self, token: str) -> str | None:
         """The id of the active node holding ``token``, or None."""
         digest = token_digest(token)
-        with self._lock:
+        with self._lock, self._sqlite_errors():
             reader = self._cached_reader()
             node_id = self._active.get(digest)
             if node_id is None:
@@ -181,7 +195,7 @@ class NodeStore:
 
     def is_revoked(self, node_id: str) -> bool:
         """Whether ``node_id`` is enrolled and revoked (an unknown node is not revoked)."""
-        with self._lock:
+        with self._lock, self._sqlite_errors():
             reader = self._cached_reader()
             revoked = self._revoked.get(node_id)
             if revoked is None:

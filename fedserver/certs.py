@@ -52,7 +52,10 @@ class CertificateBundle:
     def write(self, directory: str | Path, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
         """Write ``<name>.crt`` (0644) and ``<name>.key`` (0600) into ``directory``; return both paths."""
         folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ServerConfigError(f"cannot create the certificate folder {folder}: {exc}") from None
         cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
         if not overwrite:
             for path in (cert_path, key_path):

@@ -22,13 +22,14 @@ from __future__ import annotations
 import enum
 import logging
 import uuid
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fedcore.errors import LimitExceededError, ServerStateError
+from fedcore.errors import LimitExceededError, ServerConfigError, ServerStateError
 from fedcore.framing import OutgoingPayload
 from fedcore.framing.memory import keep_chunk_memory
 from fedcore.serialization import DEFAULT_LIMITS, SerializerLimits
@@ -117,14 +118,19 @@ class FedServer:
             log.warning("serving WITHOUT TLS on %s (tls='insecure'): tokens travel in clear text", cfg.target)
             return server.add_insecure_port(cfg.target)
         assert cfg.cert_file is not None and cfg.key_file is not None
-        key, cert = cfg.key_file.read_bytes(), cfg.cert_file.read_bytes()
+        key, cert = _read_pem(cfg.key_file, "key_file"), _read_pem(cfg.cert_file, "cert_file")
         if cfg.tls == "mtls":
             assert cfg.ca_file is not None
-            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=cfg.ca_file.read_bytes(),
+            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=_read_pem(cfg.ca_file, "ca_file"),
                                                 require_client_auth=True)
         else:
             creds = grpc.ssl_server_credentials([(key, cert)])
-        return server.add_secure_port(cfg.target, creds)
+        try:
+            return server.add_secure_port(cfg.target, creds)
+        except RuntimeError as exc:  # gRPC says only "Failed to bind": a key that does not match, or the address
+            raise ServerStateError(f"could not bind {cfg.target} with TLS ({exc}); check that key_file "
+                                   f"{cfg.key_file} is the key of cert_file {cfg.cert_file}, and that the "
+                                   "address is free and local") from None
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop gracefully: health NOT_SERVING, ServerShutdown to every waiting poll, ``grace`` seconds for
@@ -196,3 +202,15 @@ class FedServer:
         self.uploads.discard(handle.task_id)
         if handle.node_id in self.registry:
             self.registry.get(handle.node_id).in_flight.discard(handle.task_id)
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    """The bytes of a PEM file of the TLS configuration; ServerConfigError naming ``what`` if it is not one
+    (gRPC would only fail to bind, without saying which file)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ServerConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise ServerConfigError(f"{what} {path} is not a PEM file (no -----BEGIN line)")
+    return data

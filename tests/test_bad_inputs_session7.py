@@ -33,6 +33,7 @@ from fedcore.errors import (
     HistoryError,
     NodeConfigError,
     ServerConfigError,
+    ServerStateError,
     TaskPayloadError,
 )
 from fedcore.tasks import PlanSource, TrainResult, TrainTask
@@ -46,6 +47,8 @@ from fednode.handler import ReceivedTask, TaskReply
 from fednode.home import HOME_ENV_VAR, db_path
 from fednode.reporter import Reporter
 from fednode.runner import TrainingTaskHandler
+from fedserver.auth import NodeStore
+from fedserver.certs import create_ca, create_server_certificate
 from fedserver.checkpoints import CheckpointStore
 from fedserver.cli import build_parser as fedserver_parser
 from fedserver.config import ServerConfig
@@ -53,6 +56,7 @@ from fedserver.errors import MAX_DETAILS_BYTES
 from fedserver.experiment import Experiment
 from fedserver.history import HistoryStore
 from fedserver.history_records import NodeResultRecord
+from fedserver.server import FedServer
 from fedstream.v1 import node_service_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -429,3 +433,59 @@ def test_experiment_and_node_refuse_infinite_waits() -> None:
         NodeConfig(server="h:1", tls="insecure", token="t", stop_grace_seconds=float("nan"))
     with pytest.raises(NodeConfigError, match="poll_wait_seconds must be a finite number of seconds, got inf"):
         NodeConfig(server="h:1", tls="insecure", token="t", poll_wait_seconds=float("inf"))
+
+
+@pytest.mark.parametrize("argv", [["nodes", "enroll", "site-a"], ["certs", "init"]], ids=["nodes", "certs"])
+def test_a_home_that_is_a_file_is_an_error_not_a_traceback(tmp_path: Path, argv: list[str]) -> None:
+    """Before: FileExistsError tracebacks from the node store's and the certificates' mkdir."""
+    home = tmp_path / "home"
+    home.write_text("not a directory")
+    done = cli("fedserver", "--home", str(home), *argv)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("fedserver: error: cannot create the") and str(home) in done.stderr
+    assert home.read_text() == "not a directory"
+
+
+def test_node_store_of_another_schema_or_not_sqlite_is_a_server_config_error(tmp_path: Path) -> None:
+    """Before: sqlite3.OperationalError ("table nodes has no column named node_id") on the first enroll, and
+    DatabaseError for a file that is not SQLite."""
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as conn, conn:
+        conn.execute("CREATE TABLE nodes (x)")
+    with pytest.raises(ServerConfigError, match=r"node store .*other\.db is unusable .*no such column: node_id"):
+        NodeStore(other)
+    text = tmp_path / "text.db"
+    text.write_text("not sqlite" * 100)
+    with pytest.raises(ServerConfigError, match=r"text\.db is unusable .*file is not a database"):
+        NodeStore(text)
+
+
+def test_serve_with_a_certificate_that_is_not_pem_names_the_file(tmp_path: Path) -> None:
+    """Before: RuntimeError "Failed to bind to address" traceback, naming no file."""
+    home = tmp_path / "home"
+    assert cli("fedserver", "--home", str(home), "nodes", "enroll", "site-a").returncode == 0
+    junk = tmp_path / "server.crt"
+    junk.write_text("not a certificate")
+    done = cli("fedserver", "--home", str(home), "serve", "--port", "0", "--cert", str(junk), "--key", str(junk))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"key_file {junk} is not a PEM file" in done.stderr
+
+
+@async_test
+async def test_serve_with_a_key_of_another_certificate_is_a_clear_bind_error(tmp_path: Path) -> None:
+    """A PEM certificate with the CA's key: gRPC only says "Failed to bind" (RuntimeError)."""
+    ca = create_ca()
+    server_cert = create_server_certificate(ca, ["localhost"])
+    cert, _key = server_cert.write(tmp_path, "server")
+    _ca_cert, ca_key = ca.write(tmp_path, "ca")
+    server = FedServer(ServerConfig(port=0, tls="tls", cert_file=cert, key_file=ca_key), NodeStore(tmp_path / "n.db"))
+    with pytest.raises(ServerStateError, match=r"could not bind .* check that key_file .*ca\.key is the key of"):
+        await server.start()
+    await server.stop(grace=0)
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:99999", "fed.example.org:-5", "fed.example.org:0"])
+def test_node_server_port_out_of_range_is_a_config_error(target: str) -> None:
+    """Before: accepted; the node retried connecting forever."""
+    with pytest.raises(NodeConfigError, match="server port must be 1..65535"):
+        NodeConfig(server=target, tls="insecure", token="t")
