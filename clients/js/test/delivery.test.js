@@ -16,6 +16,7 @@ const { spawn } = require("node:child_process");
 const grpc = require("@grpc/grpc-js");
 const { encode, NDArray, Float64 } = require("../src/codec");
 const { FakeServer, fail, sendTask, client } = require("./fake_server.js");
+const { QUEUED_JITTER_MS } = require("../src/wire/delivery.js");
 
 const busy = () => fail(grpc.status.RESOURCE_EXHAUSTED, "too many concurrent uploads (16, limit 16)", "ERROR_REASON_UPLOADS_BUSY");
 const tooLarge = () => fail(grpc.status.RESOURCE_EXHAUSTED, "announced payload of 3000 bytes exceeds this server's "
@@ -173,7 +174,12 @@ test("UPLOAD_QUEUED is sent again at once, outside busyUploadRetryMs, and ends a
     const queuedLines = lines.filter((l) => l.includes("still queued on the server"));
     // at once: a jitter under 0.1 s between queued attempts, so many more than backoffs would allow
     assert.ok(queuedLines.length >= 4, `${queuedLines.length} queued attempts in 1 s`);
-    assert.match(queuedLines[0], /^result of task t1 still queued on the server after 1 wait in line \(upload queued: .*\); uploading again in 0\.0\d s$/);
+    assert.match(queuedLines[0], /^result of task t1 still queued on the server after 1 wait in line \(upload queued: .*\); uploading again in \d\.\d\d s$/);
+    // a jitter drawn in [0, QUEUED_JITTER_MS), printed to 10 ms: 0.10 s when it rounds up from 0.0995 s
+    for (const line of queuedLines) {
+      const delay = Number(line.match(/uploading again in (\d\.\d\d) s$/)[1]);
+      assert.ok(delay <= QUEUED_JITTER_MS / 1000, line);
+    }
   } finally {
     c.close();
     await fake.stop();
