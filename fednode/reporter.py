@@ -138,6 +138,7 @@ class ReportPump:
             items = self.reporter.drain()
             if self.reporter.cancelled:
                 continue  # the server closed the task: nothing more to tell it (the events are dropped)
+            call = "Report" if items else "Heartbeat"
             try:
                 if items:
                     await self._send_report(task_id, items)
@@ -148,13 +149,17 @@ class ReportPump:
                     if answer is not None and answer.task_state.gone:
                         self._cancel(f"a heartbeat answered task_state {answer.task_state.name}")
             except ServerRefusedError as exc:
-                if task_refusal(exc) and not fatal_refusal(exc):
-                    self._cancel(f"Report refused: {exc.details or exc}")
+                if fatal_refusal(exc):
+                    # this process was replaced (NODE_SUPERSEDED) or cannot talk to the server: whatever it
+                    # computes would be refused, and the client stops at its next call
+                    self._cancel(f"{call} refused, the node cannot go on: {exc.details or exc}")
+                elif task_refusal(exc):
+                    self._cancel(f"{call} refused for the task: {exc.details or exc}")
                 else:
                     log.debug("task %s: report not delivered (%s); %d events dropped", task_id, exc, len(items))
             except NodeError as exc:
                 log.debug("task %s: report not delivered (%s); %d events dropped", task_id, exc, len(items))
 
     def _cancel(self, reason: str) -> None:
-        log.info("task %s closed by the server (%s): asking its handler to stop", self.reporter.task_id, reason)
+        log.info("task %s is over on the server (%s): asking its handler to stop", self.reporter.task_id, reason)
         self.reporter.cancel(reason)

@@ -28,9 +28,10 @@ ceiling is 30 s) would lose a good result although the node is alive and retryin
 no reason to stop waiting. The heartbeat's answer also says where the task stands (``task_state``): CLOSED
 (its round is over, it timed out, it was cancelled) or UNKNOWN (the server knows no such task for this node)
 ends the wait at once and drops the result, exactly as an upload refused for its task (TASK_CLOSED, ...)
-does, instead of letting the wait run to its end for an upload the server would refuse. A server that
-refuses the heartbeat itself for its task (the protocol allows it) ends the wait the same way; a server
-older than ``task_state`` (UNSPECIFIED) leaves the wait going, and the next upload is refused for the task.
+does, instead of letting the wait run to its end for an upload the server would refuse. A heartbeat refused
+for its task (no server of this protocol does: a heartbeat is never refused for its task; kept for servers
+that did) ends the wait the same way; a server older than ``task_state`` (UNSPECIFIED) leaves the wait going,
+and the next upload is refused for the task.
 
 Every wait goes through the client's ``stoppable`` (its stop() ends it); connection failures propagate to
 the client, which reconnects and delivers again in its next session.

@@ -90,7 +90,7 @@ class TaskExecution:
             self._reporter = None
         if reporter.cancelled:
             outcome = result.outcome.name + (f", {result.total_size} bytes" if result.payload is not None else "")
-            log.info("%s: task %s closed by the server (%s): its result (%s) is dropped, nothing uploaded",
+            log.info("%s: task %s is over on the server (%s): its result (%s) is dropped, nothing uploaded",
                      self.config.node_name, descriptor.task_id, reporter.cancel_reason, outcome)
             return None
         return result

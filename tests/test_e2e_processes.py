@@ -198,7 +198,7 @@ def test_a_node_held_past_its_round_drops_its_reply_which_is_never_applied(tmp_p
     exp, reports, log2 = run(scenario())
     assert outcomes(reports[0]) == {"site-0": "succeeded", "site-1": "succeeded", "site-2": "timeout"}
     assert reports[1].succeeded == ["site-0", "site-1", "site-2"], "the late node serves the next round"
-    assert "closed by the server (Report refused: " in log2 and "no longer accepted" in log2, log2[-2000:]
+    assert "is over on the server (Report refused for the task: " in log2 and "no longer accepted" in log2, log2[-2000:]
     assert "nothing uploaded" in log2, log2[-2000:]
     table = history_outcomes(tmp_path / "h.db", exp.history_id)
     assert table[1] == {"site-0": ["succeeded"], "site-1": ["succeeded"], "site-2": ["timeout"]}  # no late upload

@@ -65,5 +65,5 @@ def test_a_task_closed_mid_training_stops_at_the_next_batch_and_the_node_takes_t
     assert took < 1.0 + STEP_SECONDS + 2.0, (took, log[-3000:])
     stopped = re.search(rf"task {first_id}: training stopped after (\d+) of 200 steps", log)
     assert stopped and 10 <= int(stopped.group(1)) < 200, log[-3000:]
-    assert f"task {first_id} closed by the server (" in log and "nothing uploaded" in log, log[-3000:]
+    assert f"task {first_id} is over on the server (" in log and "nothing uploaded" in log, log[-3000:]
     assert late_uploads == 0  # the node never tried to upload the closed task's result

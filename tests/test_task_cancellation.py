@@ -119,16 +119,20 @@ def test_other_heartbeat_answers_leave_the_task_running(answer) -> None:
     (ServerRefusedError("Report refused", grpc.StatusCode.PERMISSION_DENIED, "not sent to node n1",
                         "ERROR_REASON_TASK_NOT_SENT_TO_NODE"), True),
     (ServerRefusedError("Report refused", FP, "task t1 is no longer accepted"), True),  # older server: the code
-    (ServerRefusedError("Report refused", FP, "a newer process", "ERROR_REASON_NODE_SUPERSEDED"), False),
+    (ServerRefusedError("Report refused", FP, "a newer process", "ERROR_REASON_NODE_SUPERSEDED"), True),
     (ServerRefusedError("Report refused", grpc.StatusCode.INVALID_ARGUMENT, "bad", "ERROR_REASON_MALFORMED_MESSAGE"),
      False),
     (ConnectionLostError("Report failed with UNAVAILABLE", grpc.StatusCode.UNAVAILABLE), False),
 ])
-def test_a_report_refused_for_its_task_cancels(error: Exception, cancelled: bool) -> None:
+def test_a_report_refused_for_its_task_or_the_node_cancels(error: Exception, cancelled: bool) -> None:
+    """Refused for the task (closed, not ours) or for the node (replaced by a newer process of it): whatever the
+    handler computes would be refused, so it is asked to stop; a malformed report or a lost connection is not."""
     reporter, _ = arun(_pump_with(report_error=error))
     assert reporter.cancelled is cancelled
     if cancelled:
-        assert reporter.cancel_reason == f"Report refused: {error.details}"
+        superseded = error.reason == "ERROR_REASON_NODE_SUPERSEDED"
+        refused = "Report refused, the node cannot go on" if superseded else "Report refused for the task"
+        assert reporter.cancel_reason == f"{refused}: {error.details}"
 
 
 # -- a running handler, against the real FedServer --------------------------------------------------------------
@@ -210,7 +214,7 @@ def test_a_task_closed_while_its_handler_runs_is_abandoned_and_the_next_task_run
     assert handler.saw_cancel_at - closed_at < 0.5 + 1.0, handler.saw_cancel_at - closed_at  # interval + slack
     assert board.closed_record(first.task_id).late_uploads == 0  # no upload attempt at all
     assert client.results_delivered == 1 and client.sessions == 1
-    assert (f"n1: task {first.task_id} closed by the server (a heartbeat answered task_state CLOSED): its result "
+    assert (f"n1: task {first.task_id} is over on the server (a heartbeat answered task_state CLOSED): its result "
             "(SUCCEEDED, ") in caplog.text and "nothing uploaded" in caplog.text
 
 
@@ -245,7 +249,7 @@ def test_a_report_refused_for_its_task_cancels_it_without_any_heartbeat(tmp_path
     first, second, closed_at = arun(scenario())
     assert second.outcome is TaskState.SUCCEEDED
     assert handler.saw_cancel_at is not None and handler.saw_cancel_at - closed_at < 1.0
-    assert handler.cancel_reason == f"Report refused: task {first.task_id} is no longer accepted (round cancelled by the test)"
+    assert handler.cancel_reason == f"Report refused for the task: task {first.task_id} is no longer accepted (round cancelled by the test)"
 
 
 def test_the_next_poll_does_not_report_the_dropped_task_as_held() -> None:
