@@ -22,6 +22,9 @@ import grpc
 import numpy as np
 import pytest
 from experiment_harness import federation, least_squares_sites
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from plans_lsq import LinearPlan
 from server_testkit import async_test, running_server, version
 
@@ -104,6 +107,37 @@ def test_task_payload_field_out_of_range_is_a_task_payload_error(field: str, val
     task = TrainTask("exp", 1, PlanSource.from_source("P", "x = 1"), {"num_updates": 1}, {"w": np.zeros(2)})
     with pytest.raises(TaskPayloadError, match=names.replace(".", r"\.")):
         TrainTask.from_payload({**task.to_payload(), field: value})
+
+
+# what a decoded document can hold (fedcore.serialization): every scalar msgpack carries, arrays, containers
+_LEAVES = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+           | st.binary(max_size=8) | hnp.arrays(st.sampled_from(["<f4", "<i8", "|b1"]), hnp.array_shapes(max_dims=2,
+                                                                                                   max_side=3)))
+_VALUES = _LEAVES | st.recursive(_LEAVES, lambda inner: st.lists(inner, max_size=3) | st.tuples(inner)
+                                 | st.dictionaries(st.text(max_size=4) | st.integers(-3, 3), inner, max_size=3),
+                                 max_leaves=8)  # leaves on their own too: recursive() favours containers
+
+
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(field=st.sampled_from([*GOOD_RESULT, "metrics.loss", "validation.after", "params.w"]), value=_VALUES)
+def test_any_decoded_value_in_any_result_field_is_accepted_or_a_task_payload_error(field: str, value: Any) -> None:
+    """The server decodes results from any node: whatever a field holds, from_payload answers with a
+    TrainResult or a TaskPayloadError (before: an array as 'format' raised a bare ValueError, which
+    escaped the round's error handling and aborted the experiment)."""
+    payload = {**GOOD_RESULT, "metrics": dict(GOOD_RESULT["metrics"]), "validation": dict(GOOD_RESULT["validation"]),
+               "params": dict(GOOD_RESULT["params"])}
+    outer, _, inner = field.partition(".")
+    if inner:
+        payload[outer][inner] = value
+    else:
+        payload[outer] = value
+    try:
+        result = TrainResult.from_payload(payload)
+    except TaskPayloadError:
+        return
+    assert all(np.isfinite(v) for v in result.metrics.values())
+    assert 0 <= result.num_samples <= 2**63 - 1 and 0 <= result.num_steps <= 2**63 - 1
+    assert np.isfinite(result.duration_s) and result.duration_s >= 0
 
 
 def test_history_refuses_counts_beyond_sqlite_integer_with_a_history_error(tmp_path: Path) -> None:
