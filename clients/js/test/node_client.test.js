@@ -195,11 +195,29 @@ test("stop() ends a long poll and a backoff promptly", async () => {
   const c = client(fake, { pollWaitSeconds: 30 });
   try {
     const running = c.run({ run: async () => assert.fail("no task expected") });
-    await new Promise((r) => setTimeout(r, 200));
+    while (fake.polls.length === 0) await new Promise((r) => setTimeout(r, 5)); // the long poll is open
     const t0 = Date.now();
     c.stop();
     await running;
     assert.ok(Date.now() - t0 < 1000);
+  } finally {
+    c.close();
+    await fake.stop();
+  }
+});
+
+test("stop() during the Register: run() ends without starting a poll", async () => {
+  const fake = await new FakeServer({
+    register: (call, cb) => {
+      c.stop(); // SIGTERM while the node registers: no poll is running for stop() to cancel
+      cb(null, { node_id: "js-1", server_version: { major: 1, minor: 0 }, max_poll_wait_seconds: 30 });
+    },
+  }).start();
+  fake.script.polls.push(() => {}); // a poll would wait its 30 s
+  const c = client(fake, { pollWaitSeconds: 30 });
+  try {
+    await c.run({ run: async () => assert.fail("no task expected") });
+    assert.deepEqual(fake.calls.map((x) => x.method), ["Register"]);
   } finally {
     c.close();
     await fake.stop();

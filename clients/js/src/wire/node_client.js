@@ -242,6 +242,8 @@ class NodeClient {
           }
           await this.delivery.deliverAll(); // a result left by a broken connection goes before any poll
           if (maxTasks && handled >= maxTasks) break;
+          // stop() during the Register or a delivery above found no poll to cancel: none may start now
+          if (this.stopped) break;
           const event = await this.poll();
           failures = 0;
           stale = false;
