@@ -161,14 +161,25 @@ test("UPLOAD_QUEUED is sent again at once, outside busyUploadRetryMs, and ends a
   const queued = () => fail(grpc.status.RESOURCE_EXHAUSTED, "upload queued: waited 0.5 s in line, the longest an upload "
     + "waits, while the line moved (too many concurrent uploads (16, limit 16)); its place is kept for 120 s: upload "
     + "again now", "ERROR_REASON_UPLOAD_QUEUED");
-  // busy for 0.2 s (within the 0.4 s window), queued for 1 s (2.5 windows: the window would have run out),
-  // busy again for 0.2 s (a fresh window: it started afresh after the queued refusals), then accepted
-  const t0 = Date.now();
+  // busy once (within the 0.4 s window), then queued at least 4 times and for at least 1 s (2.5 windows: the
+  // window would have run out), busy once more (a fresh window: it started afresh after the queued refusals),
+  // then accepted. The phases follow the refusals, not a clock started with the test: a slow start shortens none.
+  let phase = "busy";
+  let queuedSince = null;
+  let queuedCount = 0;
   const refusal = () => {
-    const ms = Date.now() - t0;
-    if (ms < 200) return busy();
-    if (ms < 1200) return queued();
-    return ms < 1400 ? busy() : null;
+    if (phase === "busy") {
+      phase = "queued";
+      return busy();
+    }
+    if (phase === "queued") {
+      queuedSince ??= Date.now();
+      queuedCount += 1;
+      if (queuedCount <= 4 || Date.now() - queuedSince < 1000) return queued();
+      phase = "busy again";
+      return busy();
+    }
+    return null;
   };
   const fake = await new FakeServer({ onUploadHeader: (h) => (h.payload ? refusal() : null) }).start();
   const lines = [];
