@@ -37,10 +37,10 @@ for (const state of ["TASK_STATE_CLOSED", "TASK_STATE_UNKNOWN"]) {
     const c = client(fake, { log: (level, msg) => lines.push(`${level} ${msg}`) });
     try {
       await c.register();
-      const t0 = Date.now();
       assert.equal(await c.handleTask(task("t1"), succeeding(crypto.randomBytes(3000))), null);
-      assert.ok(Date.now() - t0 < 2000, `${Date.now() - t0} ms: not the whole backoff wait`);
       assert.deepEqual(outcomes(fake, "t1"), ["TASK_OUTCOME_SUCCEEDED"]); // no second attempt, no FAILED report
+      // at once: the third heartbeat's answer ended the wait (its slices would have gone on to 250-500 ms);
+      // counted, not timed (a 2 s bound only measured the machine's load)
       assert.equal(beatsOf(fake, "t1").length, 3);
       assert.deepEqual([...c.held], []);
       assert.deepEqual([...c.delivery.pending.keys()], []);
