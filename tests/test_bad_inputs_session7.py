@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -34,12 +35,14 @@ from fedcore.errors import (
     DatasetFileError,
     ExperimentError,
     HistoryError,
+    MessageError,
     NodeConfigError,
     ServerConfigError,
     ServerStateError,
     TaskPayloadError,
 )
 from fedcore.tasks import PlanSource, TrainResult, TrainTask
+from fedcore.wire import DatasetInfo, NodeRegistration
 from fedcore.wire.metadata_keys import REASON_METADATA_KEY
 from fednode.approvals import PlanApprovals
 from fednode.cli import build_parser as fednode_parser
@@ -255,9 +258,26 @@ async def test_refusals_quoting_a_20kb_task_id_keep_their_status(tmp_path: Path)
         await node.heartbeat()  # the server is fine
 
 
-@pytest.mark.xfail(strict=True, reason="fedcore/wire/messages.py NodeRegistration/DatasetInfo bound no string: "
-                                      "node_name, dataset names and tags up to the 4 MiB message limit, control "
-                                      "characters included, are stored, listed and logged")
+@pytest.mark.parametrize(("build", "field"), [
+    (lambda: DatasetInfo(name="d" * 257), "DatasetInfo.name has 257 characters: at most 256"),
+    (lambda: DatasetInfo(name="d\tx"), "DatasetInfo.name must be printable text"),
+    (lambda: DatasetInfo(name="d", tags=("ok", "t\n")), "a tag of dataset 'd' must be printable"),
+    (lambda: DatasetInfo(name="d", tags=tuple(f"t{i}" for i in range(1025))),
+     "the tags of dataset 'd' has 1025 entries: at most 1024"),
+    (lambda: DatasetInfo(name="d", dtype="<f4\x1b[0m"), "dtype of dataset 'd' must be printable"),
+    (lambda: NodeRegistration(capabilities=("torch", "x" * 300)), "a capability has 300 characters"),
+    (lambda: NodeRegistration(client_version="v\r\n"), "client_version must be printable"),
+    (lambda: NodeRegistration(datasets=tuple(DatasetInfo(name=f"d{i}") for i in range(1025))),
+     "datasets has 1025 entries: at most 1024"),
+])
+def test_registration_labels_are_bounded_printable_text(build: Callable[[], object], field: str) -> None:
+    """What a node announces is stored, listed and logged by the server: no unbounded or control text."""
+    with pytest.raises(MessageError, match=re.escape(field)):
+        build()
+    assert NodeRegistration(node_name="n" * 256, capabilities=("numpy",), client_version="fednode/0.1",
+                            datasets=(DatasetInfo(name="é" * 10, tags=("a b",), dtype="<f4", format="csv"),))
+
+
 @pytest.mark.parametrize("node_name", ["n" * 100_000, "site\n\x1b[31mfake log line"], ids=["100kB", "control"])
 @async_test
 async def test_register_with_an_absurd_node_name_is_malformed(tmp_path: Path, node_name: str) -> None:

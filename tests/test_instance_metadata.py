@@ -175,8 +175,10 @@ class HeldTrainer(Trainer):
 @pytest.mark.parametrize("second", ["NodeClient", "raw"])
 def test_a_node_process_replaced_while_its_handler_runs_stops_at_its_next_call(tmp_path: Path, second: str) -> None:
     """Process A (fednode) trains a task when process B of the same node registers. A's task fails at that
-    Register; when A's handler returns, its upload is refused "superseded" and run() ends with that error
-    (fatal), having taken no other task. B completes the node's next task."""
+    Register; A's next call is refused "superseded" and run() ends with that error (fatal), having taken no
+    other task: its upload once the handler returns or, when a Report or Heartbeat of the running task was
+    refused first (its handler is then asked to stop and the result dropped), its next poll. B completes the
+    node's next task."""
 
     async def scenario():
         store = NodeStore(tmp_path / "nodes.db")
@@ -232,8 +234,10 @@ def test_a_node_process_replaced_while_its_handler_runs_stops_at_its_next_call(t
     assert failed.outcome is TaskState.FAILED and "restarted" in failed.error_message
     assert fatal_refusal(error) and superseded(error), error
     # its upload is refused, or (when grpc.aio hides that status behind INTERNAL) the GetUploadStatus it then
-    # asks on the same connection: never a reconnect (which would Register and be refused there)
-    assert re.match(r"(UploadResult|GetUploadStatus) refused", str(error)) and a_instance in error.details, error
+    # asks on the same connection, or its poll after the dropped result: never a reconnect (which would
+    # Register and be refused there)
+    assert re.match(r"(UploadResult|GetUploadStatus|PollTask) refused", str(error)), error
+    assert a_instance in error.details, error
     assert error.reason == "ERROR_REASON_NODE_SUPERSEDED"
     assert tasks == [first_id]  # A never took another task
     assert done.outcome is TaskState.SUCCEEDED, done.error_message

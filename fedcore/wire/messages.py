@@ -40,6 +40,30 @@ def _need_str(value: object, what: str, *, allow_empty: bool = False) -> None:
         raise MessageError(f"{what} must not be empty")
 
 
+#: Longest text label a node announces (node name, dataset names and tags, capabilities, versions, dtype,
+#: format), and most labels in one list (datasets, tags of a dataset, capabilities). They are stored, listed
+#: and logged by the server: unbounded or control characters (a newline, a terminal escape) would let a node
+#: fill its memory or forge log lines.
+MAX_LABEL_CHARS = 256
+MAX_LABELS = 1024
+
+
+def _need_label(value: object, what: str, *, allow_empty: bool = False) -> None:
+    """A str of at most :data:`MAX_LABEL_CHARS` printable characters (no newline, tab or other control)."""
+    _need_str(value, what, allow_empty=allow_empty)
+    text = str(value)
+    if len(text) > MAX_LABEL_CHARS:
+        raise MessageError(f"{what} has {len(text)} characters: at most {MAX_LABEL_CHARS} are accepted")
+    if not text.isprintable():
+        raise MessageError(f"{what} must be printable text (no newline, tab or other control character), "
+                           f"got {text[:60]!r}")
+
+
+def _need_count(items: tuple[object, ...], what: str) -> None:
+    if len(items) > MAX_LABELS:
+        raise MessageError(f"{what} has {len(items)} entries: at most {MAX_LABELS} are accepted")
+
+
 def _need_int(value: object, what: str, minimum: int = 0) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise MessageError(f"{what} must be an int >= {minimum}, got {value!r}")
@@ -62,11 +86,15 @@ class DatasetInfo:
     format: str = ""
 
     def __post_init__(self) -> None:
-        _need_str(self.name, "DatasetInfo.name")
+        _need_label(self.name, "DatasetInfo.name")
         object.__setattr__(self, "tags", tuple(self.tags))
         object.__setattr__(self, "shape", tuple(self.shape))
+        _need_count(self.tags, f"the tags of dataset {self.name!r}")
         for tag in self.tags:
-            _need_str(tag, f"a tag of dataset {self.name!r}")
+            _need_label(tag, f"a tag of dataset {self.name!r}")
+        _need_label(self.dtype, f"dtype of dataset {self.name!r}", allow_empty=True)
+        _need_label(self.format, f"format of dataset {self.name!r}", allow_empty=True)
+        _need_count(self.shape, f"the shape of dataset {self.name!r}")
         _need_int(self.num_samples, f"num_samples of dataset {self.name!r}")
         for dim in self.shape:
             _need_int(dim, f"a dimension of dataset {self.name!r}")
@@ -89,6 +117,12 @@ class NodeRegistration:
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(self.datasets))
         object.__setattr__(self, "capabilities", tuple(self.capabilities))
+        _need_label(self.node_name, "node_name", allow_empty=True)
+        _need_label(self.client_version, "client_version", allow_empty=True)
+        _need_count(self.datasets, "datasets")
+        _need_count(self.capabilities, "capabilities")
+        for capability in self.capabilities:
+            _need_label(capability, "a capability")
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise MessageError(f"dataset names must be unique on a node, got {names}")
