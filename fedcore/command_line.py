@@ -40,23 +40,22 @@ def parse_size(text: str) -> int:
 
 def parse_seconds(text: str) -> float:
     """A duration option: finite seconds > 0 (``"1.5"``). An argparse ``type``, like :func:`parse_size`."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be seconds > 0, e.g. 120") from None
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be finite seconds > 0, e.g. 120")
-    return seconds
+    return _parse_duration(text, zero_ok=False, example="120")
 
 
 def parse_grace_seconds(text: str) -> float:
     """A grace period: finite seconds >= 0 (0: none). An argparse ``type``, like :func:`parse_seconds`."""
+    return _parse_duration(text, zero_ok=True, example="10")
+
+
+def _parse_duration(text: str, *, zero_ok: bool, example: str) -> float:
+    bound = ">= 0" if zero_ok else "> 0"
     try:
         seconds = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be seconds >= 0, e.g. 10") from None
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be finite seconds >= 0, e.g. 10")
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be seconds {bound}, e.g. {example}") from None
+    if not (math.isfinite(seconds) and (seconds >= 0 if zero_ok else seconds > 0)):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be finite seconds {bound}, e.g. {example}")
     return seconds
 
 

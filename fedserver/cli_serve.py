@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import signal
 from pathlib import Path
 from typing import Any
@@ -62,12 +61,9 @@ def parse_grace(text: str) -> float | None:
     if text.strip().lower() == "none":
         return None
     try:
-        seconds = float(text)
-    except ValueError:
+        return parse_grace_seconds(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"invalid grace {text!r}: must be seconds >= 0, or none") from None
-    if not math.isfinite(seconds) or seconds < 0:
-        raise argparse.ArgumentTypeError(f"invalid grace {text!r}: must be seconds >= 0, or none")
-    return seconds
 
 
 def parse_positive_int(text: str) -> int:
