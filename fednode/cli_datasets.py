@@ -16,7 +16,7 @@ import numpy as np
 
 from fedcore.text_output import format_bytes, format_time, key_values, text_table
 from fednode.datasets import DatasetRecord, DatasetRegistry
-from fednode.home import FILES_HELP, add_home_options, db_path_from_args
+from fednode.home import FILES_HELP, add_home_options, db_path_from_args, existing_db_path_from_args
 
 __all__ = ["register"]
 
@@ -83,7 +83,7 @@ def register(subparsers: Any) -> None:
         help="only datasets carrying all these tags",
     )
     listing.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
-    add_home_options(listing)
+    add_home_options(listing, existing=True)
     listing.set_defaults(func=_list)
 
     show = commands.add_parser(
@@ -96,7 +96,7 @@ def register(subparsers: Any) -> None:
         help="also read the file and check it is unchanged and valid (exit status 1 if not)",
     )
     show.add_argument("--json", action="store_true", help="print a JSON object")
-    add_home_options(show)
+    add_home_options(show, existing=True)
     show.set_defaults(func=_show)
 
     remove = commands.add_parser(
@@ -104,7 +104,7 @@ def register(subparsers: Any) -> None:
         description="Unregister dataset NAME. The file itself is not touched.", epilog=FILES_HELP,
     )
     remove.add_argument("name", metavar="NAME")
-    add_home_options(remove)
+    add_home_options(remove, existing=True)
     remove.set_defaults(func=_remove)
 
 
@@ -127,7 +127,7 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    registry = DatasetRegistry(db_path_from_args(args))
+    registry = DatasetRegistry(existing_db_path_from_args(args))
     records = registry.find_by_tags(_split_tags(args.tags))
     if args.json:
         print(json.dumps([_as_json(record) for record in records], indent=2))
@@ -146,7 +146,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    registry = DatasetRegistry(db_path_from_args(args))
+    registry = DatasetRegistry(existing_db_path_from_args(args))
     record = registry.get(args.name)
     if args.json:
         print(json.dumps(_as_json(record), indent=2))
@@ -171,7 +171,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _remove(args: argparse.Namespace) -> int:
-    record = DatasetRegistry(db_path_from_args(args)).remove(args.name)
+    record = DatasetRegistry(existing_db_path_from_args(args)).remove(args.name)
     if record is None:
         print(f"removed dataset {args.name!r}, whose record was damaged (its file was left in place)")
     else:

@@ -14,7 +14,7 @@ from typing import Any
 
 from fedcore.text_output import format_time, key_values, text_table
 from fednode.approvals import MIN_PREFIX, STATUSES, PlanApprovals, PlanRecord
-from fednode.home import FILES_HELP, add_home_options, db_path_from_args
+from fednode.home import FILES_HELP, add_home_options, existing_db_path_from_args
 
 __all__ = ["register"]
 
@@ -56,7 +56,7 @@ def register(subparsers: Any) -> None:
     )
     listing.add_argument("--status", choices=STATUSES, default=None, help="only plans with this status")
     listing.add_argument("--json", action="store_true", help="print a JSON array (without sources)")
-    add_home_options(listing)
+    add_home_options(listing, existing=True)
     listing.set_defaults(func=_list)
 
     show = commands.add_parser(
@@ -65,7 +65,7 @@ def register(subparsers: Any) -> None:
     )
     show.add_argument("plan_id", metavar="ID", help="SHA-256 or a unique prefix (>= 8 hex digits)")
     show.add_argument("--json", action="store_true", help="print a JSON object, source included")
-    add_home_options(show)
+    add_home_options(show, existing=True)
     show.set_defaults(func=_show)
 
     for verb, status, summary in (
@@ -78,12 +78,12 @@ def register(subparsers: Any) -> None:
         )
         decide.add_argument("plan_id", metavar="ID", help="SHA-256 or a unique prefix (>= 8 hex digits)")
         decide.add_argument("--note", default="", help="why; kept with the decision and shown by list/show")
-        add_home_options(decide)
+        add_home_options(decide, existing=True)
         decide.set_defaults(func=_decide, decision=verb)
 
 
 def _list(args: argparse.Namespace) -> int:
-    records = PlanApprovals(db_path_from_args(args)).list(args.status)
+    records = PlanApprovals(existing_db_path_from_args(args)).list(args.status)
     if args.json:
         print(json.dumps([_as_json(record, source=False) for record in records], indent=2))
         return 0
@@ -100,7 +100,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    record = PlanApprovals(db_path_from_args(args)).get(args.plan_id)
+    record = PlanApprovals(existing_db_path_from_args(args)).get(args.plan_id)
     if args.json:
         print(json.dumps(_as_json(record, source=True), indent=2))
         return 0
@@ -128,7 +128,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _decide(args: argparse.Namespace) -> int:
-    approvals = PlanApprovals(db_path_from_args(args))
+    approvals = PlanApprovals(existing_db_path_from_args(args))
     decide = approvals.approve if args.decision == "approve" else approvals.reject
     record = decide(args.plan_id, args.note)
     print(f"plan {record.short_id} ({_shown_text(record.name)}) is now {record.status}")

@@ -2,21 +2,28 @@
 
 The home is, in order: the path given (``--home``), else ``$FEDNODE_HOME``, else ``./fednode-home``.
 It holds ``node.db``, the SQLite database of the dataset registry and the plan approvals (one file, one
-schema version, see :mod:`fednode.node_db`). The directory is created when the database is first opened.
-Commands that touch node state take ``--home DIR`` or ``--db FILE`` (:func:`add_home_options`).
+schema version, see :mod:`fednode.node_db`). The directory is created when the database is first opened,
+by the commands that put something in it (``fednode dataset add``, ``fednode start``). Commands that touch
+node state take ``--home DIR`` or ``--db FILE`` (:func:`add_home_options`); those that only read or change
+what is there (list, show, remove, approve, reject) take :func:`existing_db_path_from_args`: a mistyped
+``--home`` is bad usage naming the directory, not a fresh empty home that answers "no datasets registered".
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from fedcore.errors import NodeStoreError
 
 __all__ = [
     "DB_FILENAME", "DEFAULT_HOME", "FILES_HELP", "HOME_ENV_VAR",
-    "add_home_options", "db_path", "db_path_from_args", "node_home",
+    "add_home_options", "db_path", "db_path_from_args", "existing_db_path_from_args", "missing_db_message",
+    "node_home",
 ]
 
 HOME_ENV_VAR = "FEDNODE_HOME"
@@ -69,12 +76,16 @@ def db_path(home: str | os.PathLike[str]) -> Path:
     return Path(home) / DB_FILENAME
 
 
-def add_home_options(parser: argparse.ArgumentParser) -> None:
+def add_home_options(parser: argparse.ArgumentParser, *, existing: bool = False) -> None:
     """Add ``--home`` and ``--db`` to a (sub)command parser.
 
     Defaults are suppressed so that a ``--home`` given to the top-level ``fednode`` parser is not
     overwritten by a subcommand's default (argparse copies subparser defaults over the namespace).
+    ``existing``: the command needs a node database that exists (:func:`existing_db_path_from_args`); the
+    parser's ``error`` is kept as ``args.usage_error`` to refuse a missing one (exit 2).
     """
+    if existing:
+        parser.set_defaults(usage_error=parser.error)
     group = parser.add_argument_group("node state")
     group.add_argument(
         "--home", metavar="DIR", default=argparse.SUPPRESS, type=_path_option,
@@ -92,3 +103,42 @@ def db_path_from_args(args: argparse.Namespace) -> Path:
     if db:
         return _expanded(db, "node database")
     return db_path(node_home(getattr(args, "home", None)))
+
+
+def existing_db_path_from_args(args: argparse.Namespace) -> Path:
+    """:func:`db_path_from_args` for a command that reads or changes what the node database holds: it must
+    exist. Otherwise nothing is created and ``args.usage_error`` (the subcommand parser's ``error``, set by
+    ``add_home_options(parser, existing=True)``) exits 2 with :func:`missing_db_message`.
+    """
+    path = db_path_from_args(args)
+    if not path.exists():
+        _usage_error(args, missing_db_message(args, path))
+    return path
+
+
+def missing_db_message(args: argparse.Namespace, path: Path) -> str:
+    """Why ``path`` (the node database chosen by ``args``, which does not exist) is refused, naming where the
+    path came from and the commands that create a node home there."""
+    if getattr(args, "db", None):
+        return (f"argument --db: no node database at {path}: check the path (`fednode dataset add NAME FILE "
+                f"--db {shlex.quote(str(path))}` or `fednode start --db ...` creates one)")
+    home = path.parent
+    if getattr(args, "home", None):
+        source, option = "argument --home: ", f" --home {shlex.quote(str(home))}"
+    elif os.environ.get(HOME_ENV_VAR):
+        source, option = f"${HOME_ENV_VAR}: ", ""
+    else:
+        source, option = f"no --home given and ${HOME_ENV_VAR} unset: ", ""
+    where = (f"no node home at {home} (no such directory)" if not home.exists()
+             else f"{home} holds no {DB_FILENAME}, so it is no node home")
+    return (f"{source}{where}: check the path, or create the home by registering a dataset "
+            f"(`fednode dataset add NAME FILE{option}`) or starting the node (`fednode start{option} ...`)")
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
+    error = getattr(args, "usage_error", None)
+    if error is None:  # a parser without add_home_options(existing=True): still refuse, still exit 2
+        print(f"fednode: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    error(message)
+    raise AssertionError("ArgumentParser.error returned")  # pragma: no cover - it exits

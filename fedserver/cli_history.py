@@ -73,7 +73,7 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="show the node results and evaluations of round N (needs --experiment)",
     )
-    history.set_defaults(func=_history)
+    history.set_defaults(func=_history, usage_error=history.error)
 
     plot = subparsers.add_parser(
         "plot",
@@ -106,7 +106,7 @@ def register(subparsers: Any) -> None:
         default="training",
         help="node metrics to plot (default: training)",
     )
-    plot.set_defaults(func=_plot)
+    plot.set_defaults(func=_plot, usage_error=plot.error)
 
 
 def _add_db_option(parser: argparse.ArgumentParser) -> None:
@@ -120,10 +120,15 @@ def _add_db_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace) -> HistoryStore:
-    """The store at --db; a missing file is an error here (reading must not create an empty database)."""
+    """The store at --db. A missing file (a mistyped --db or $FEDSERVER_HISTORY_DB) is bad usage, exit 2, naming
+    it: reading must not create an empty database."""
     path = args.db or Path(os.environ.get(DB_ENV_VAR) or DEFAULT_DB)
     if not path.is_file():
-        raise HistoryError(f"no history database at {str(path)!r}; pass --db PATH or set ${DB_ENV_VAR}")
+        source = ("argument --db: " if args.db else f"${DB_ENV_VAR}: " if os.environ.get(DB_ENV_VAR)
+                  else f"no --db given and ${DB_ENV_VAR} unset: ")
+        what = f"{str(path)!r} is a directory" if path.is_dir() else f"no history database at {str(path)!r}"
+        args.usage_error(f"{source}{what}: check the path (`fedserver run` writes the database, at --history-db "
+                         "FILE)")
     return HistoryStore(path)
 
 

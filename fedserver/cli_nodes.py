@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
+import shlex
+from pathlib import Path
 from typing import Any
 
+from fedcore.errors import UnknownNodeError
 from fedserver.auth import NodeStore
-from fedserver.home import FILES_HELP, add_home_option, home_from_args, nodes_db
+from fedserver.home import FILES_HELP, HOME_ENV_VAR, add_home_option, home_from_args, nodes_db
 
 _RAW = argparse.RawDescriptionHelpFormatter
 
@@ -43,6 +47,7 @@ def register(subparsers: Any) -> None:
     revoke.set_defaults(func=_revoke)
     for parser in (enroll, listing, revoke):
         add_home_option(parser)
+        parser.set_defaults(usage_error=parser.error)
 
 
 def _store(args: argparse.Namespace) -> NodeStore:
@@ -66,9 +71,26 @@ def _when(timestamp: float | None) -> str:
     return dt.datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
 
 
+def _existing_home(args: argparse.Namespace) -> Path:
+    """The server home of a command that only reads or changes enrolments (list, revoke): a home that does not
+    exist (a mistyped --home or $FEDSERVER_HOME) is bad usage, exit 2, naming it; nothing is created."""
+    home = home_from_args(args)
+    if not home.is_dir():
+        if getattr(args, "home", None):
+            source, option = "argument --home: ", f" --home {shlex.quote(str(home))}"
+        elif os.environ.get(HOME_ENV_VAR):
+            source, option = f"${HOME_ENV_VAR}: ", ""
+        else:
+            source, option = f"no --home given and ${HOME_ENV_VAR} unset: ", ""
+        args.usage_error(f"{source}no server home at {home} (no such directory): check the path, or create the "
+                         f"home by enrolling a node (`fedserver{option} nodes enroll ID`) or making the project CA "
+                         f"(`fedserver{option} certs init`)")
+    return home
+
+
 def _list(args: argparse.Namespace) -> int:
-    path = nodes_db(home_from_args(args))
-    if not path.exists():  # listing reads: it never creates a home or a database
+    path = nodes_db(_existing_home(args))
+    if not path.exists():  # listing reads: it never creates a database (a home with certificates only: mTLS)
         print(f"no nodes enrolled: no node database at {path} (see `fedserver nodes enroll --help`)")
         return 0
     nodes = NodeStore(path).list()
@@ -84,6 +106,10 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    _store(args).revoke(args.node_id)
+    path = nodes_db(_existing_home(args))
+    if not path.exists():  # no enrolment to revoke: say so without creating the database
+        raise UnknownNodeError(f"node {args.node_id!r} is not enrolled: no node database at {path} (see "
+                               "`fedserver nodes enroll --help`)")
+    NodeStore(path).revoke(args.node_id)
     print(f"node {args.node_id} revoked")
     return 0

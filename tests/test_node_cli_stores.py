@@ -115,6 +115,7 @@ def test_dataset_add_list_show_remove(home, tmp_path, csv_file, capsys):
 
 
 def test_dataset_list_when_empty(home, capsys):
+    DatasetRegistry(db_path(home))  # a home whose datasets were all removed (a missing one: test_cli_missing_home)
     assert run("dataset", "list", "--home", str(home)) == 0
     assert "no datasets registered" in capsys.readouterr().out
 
