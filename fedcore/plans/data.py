@@ -15,7 +15,29 @@ import numpy as np
 
 from fedcore.errors import DatasetError
 
-__all__ = ["ArrayDataset", "NumpyDataLoader"]
+__all__ = ["ArrayDataset", "NumpyDataLoader", "held_out_count"]
+
+#: Relative tolerance of :func:`held_out_count`: far above float64's rounding (2⁻⁵³ per operation), far below
+#: the gap between a product n · ratio and the next integer for ratios written with a few decimals.
+HELD_OUT_TOLERANCE = 1e-12
+
+
+def held_out_count(n: int, ratio: float) -> int:
+    """``floor(n · ratio)``, where a float product just below an integer k counts as k.
+
+    ``ratio`` is a decimal the user wrote (0.29) stored as the nearest binary float (0.28999999999999998),
+    and ``n * ratio`` rounds again: 100 × 0.29 gives 28.999999999999996 where the user means 29. With
+    x = n · ratio (float) and k its nearest integer, the count is k when x < k ≤ x + 10⁻¹² · x, else floor(x).
+    Why 10⁻¹²: the two roundings err by at most about 2 · 2⁻⁵³ · x ≈ 2.2·10⁻¹⁶ · x, which the tolerance covers
+    with room. For a ratio of d decimals, a / 10^d, the exact product n · a / 10^d is an integer or at least
+    10^-d below the next one, more than 10⁻¹² · x whenever n · a < 10¹² (0.29: any n below 3·10¹⁰): no other
+    count moves, and a seeded split whose count was already right stays the same split.
+    """
+    x = n * ratio
+    nearest = round(x)
+    if x < nearest <= x + HELD_OUT_TOLERANCE * x:
+        return nearest
+    return math.floor(x)
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,6 +74,8 @@ class ArrayDataset:
     def split(self, test_ratio: float, seed: int | None = None) -> tuple[ArrayDataset, ArrayDataset]:
         """Shuffle with ``seed`` and hold out ``floor(n · test_ratio)`` samples: ``(train, test)``.
 
+        The count is that of the ratio as written (:func:`held_out_count`): 0.29 of 100 samples holds out 29,
+        although the float product ``100 * 0.29`` is 28.999999999999996.
         ``test_ratio`` = 0 gives an empty test set; the train set must keep at least one sample.
 
         Raises:
@@ -60,7 +84,7 @@ class ArrayDataset:
         if isinstance(test_ratio, bool) or not isinstance(test_ratio, (int, float)) or not 0 <= test_ratio < 1:
             raise DatasetError(f"ArrayDataset.split: test_ratio must be a number in [0, 1), got {test_ratio!r}")
         n = len(self)
-        n_test = math.floor(n * test_ratio)
+        n_test = held_out_count(n, test_ratio)
         if n - n_test < 1:
             raise DatasetError(
                 f"ArrayDataset.split: test_ratio={test_ratio} of {n} samples leaves no training sample"
