@@ -23,11 +23,12 @@ from typing import Any
 from tqdm import tqdm
 
 from fedcore.aggregators import AGGREGATORS, Aggregator, build_aggregator
-from fedcore.command_line import parse_grace_seconds, parse_seconds
+from fedcore.command_line import EXIT_REFUSED, parse_grace_seconds, parse_seconds
 from fedcore.errors import (
     CheckpointError,
     ExperimentError,
     FedstreamError,
+    HistoryError,
     LowMemoryAggregatorError,
     RoundFailedError,
     ServerConfigError,
@@ -37,7 +38,7 @@ from fedcore.plans import TrainingPlan
 from fedcore.text_output import escape_unprintable
 from fedcore.training_args import TrainingArgs
 from fedserver.auth import NodeStore
-from fedserver.checkpoints import CheckpointStore
+from fedserver.checkpoints import CheckpointStore, folder_name
 from fedserver.cli_history import DB_ENV_VAR, DEFAULT_DB
 from fedserver.cli_serve import add_server_options, config_from_args
 from fedserver.config import ServerConfig
@@ -133,8 +134,10 @@ examples:
 
 exit status:
   0 every round completed; 1 a round failed below quorum, or bad input (plan file, class, JSON,
-  training arguments, server configuration), with the reason on stderr; 2 bad command-line usage
-  (also --resume with a --checkpoint-dir that does not exist or holds no checkpoint: nothing is created);
+  training arguments, server configuration), with the reason on stderr; 2 bad command-line usage,
+  or a --resume the checkpoint cannot serve: a --checkpoint-dir that does not exist or holds no
+  checkpoint, a damaged or foreign checkpoint, a history database whose experiment is not the
+  checkpoint's, options that contradict it (one line names the file or option; nothing is written);
   130 interrupted by SIGINT or SIGTERM (the last completed round's checkpoint stays usable)
 
 {FILES_HELP}
@@ -151,8 +154,8 @@ def register(subparsers: Any) -> None:
     given = what.add_mutually_exclusive_group()
     given.add_argument("--args", metavar="JSON", help=f"training arguments as a JSON object, e.g. '{_ARGS_EXAMPLE}'")
     given.add_argument("--args-file", type=Path, metavar="FILE", help="training arguments from a JSON file")
-    what.add_argument("--aggregator", choices=sorted(AGGREGATORS), default="fedavg",
-                      help="how replies are combined (default: %(default)s)")
+    what.add_argument("--aggregator", choices=sorted(AGGREGATORS),
+                      help="how replies are combined (default: fedavg)")
     what.add_argument("--server-lr", type=float, metavar="ETA",
                       help="Scaffold's global step size eta_g (default: 1.0; scaffold only)")
     what.add_argument("--rounds", type=int, metavar="N", help="total number of rounds (required unless --resume)")
@@ -160,8 +163,8 @@ def register(subparsers: Any) -> None:
     nodes = run.add_argument_group("nodes and timeouts")
     nodes.add_argument("--tags", metavar="TAG[,TAG...]", action="append", default=[],
                        help="select nodes with a dataset carrying all these tags; comma separated, repeatable")
-    nodes.add_argument("--min-nodes", type=int, default=1, metavar="K",
-                       help="quorum: replies a round needs to complete (default: %(default)s)")
+    nodes.add_argument("--min-nodes", type=int, metavar="K",
+                       help="quorum: replies a round needs to complete (default: 1)")
     nodes.add_argument("--round-timeout", type=parse_seconds, metavar="SECONDS",
                        help="give a node up after this long without any activity (default: 300)")
     nodes.add_argument("--wait-after-quorum", type=_parse_wait_after_quorum, metavar="SECONDS|none",
@@ -254,10 +257,11 @@ def load_training_args(text: str | None, path: Path | None) -> dict[str, Any]:
 
 
 def _aggregator(args: argparse.Namespace) -> Aggregator:
-    if args.server_lr is not None and args.aggregator != "scaffold":
-        raise ExperimentError(f"--server-lr applies to --aggregator scaffold only, not {args.aggregator!r}")
+    name = args.aggregator or "fedavg"
+    if args.server_lr is not None and name != "scaffold":
+        raise ExperimentError(f"--server-lr applies to --aggregator scaffold only, not {name!r}")
     config = {"server_lr": args.server_lr} if args.server_lr is not None else {}
-    return build_aggregator(args.aggregator, config)
+    return build_aggregator(name, config)
 
 
 def _tags(values: list[str]) -> list[str]:
@@ -293,26 +297,27 @@ def _parse_wait_after_quorum(text: str) -> float | str:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    if args.low_memory and args.checkpoint_dir is None:
-        raise ExperimentError("--low-memory reloads the global model from the last checkpoint: it needs "
-                              "--checkpoint-dir DIR (and --aggregator fedavg)")
-    if args.low_memory and not args.resume and args.aggregator != "fedavg":
-        raise ExperimentError(f"--low-memory needs --aggregator fedavg, not {args.aggregator!r} (Scaffold keeps the "
-                              "global model in memory during a round)")
-    if args.resume:
+    if args.resume:  # a --resume mistake is bad usage (exit 2), refused before anything is created
         if args.checkpoint_dir is None:
-            raise ExperimentError("--resume needs --checkpoint-dir DIR (the checkpoints of the run to continue)")
+            args.usage_error("--resume needs --checkpoint-dir DIR (the checkpoints of the run to continue)")
         fixed = [flag for flag, value in (("--plan", args.plan), ("--args", args.args),
                                           ("--args-file", args.args_file), ("--name", args.name),
-                                          ("--tags", args.tags or None), ("--server-lr", args.server_lr))
+                                          ("--tags", args.tags or None), ("--server-lr", args.server_lr),
+                                          ("--aggregator", args.aggregator), ("--min-nodes", args.min_nodes))
                  if value is not None]
         if fixed:
-            raise ExperimentError(f"--resume continues with the checkpoint's own configuration; drop {', '.join(fixed)}")
-        try:  # a mistyped DIR is bad usage (exit 2), refused before anything is created (the DIR, the home)
+            args.usage_error(f"--resume continues with the checkpoint's own configuration; drop {', '.join(fixed)}")
+        try:  # a mistyped DIR: neither the DIR nor the home is created
             resumable_checkpoint_dir(args.checkpoint_dir)
         except CheckpointError as exc:
             args.usage_error(f"argument --checkpoint-dir: {exc}; check the path, or drop --resume to start a new run")
         return
+    if args.low_memory and args.checkpoint_dir is None:
+        raise ExperimentError("--low-memory reloads the global model from the last checkpoint: it needs "
+                              "--checkpoint-dir DIR (and --aggregator fedavg)")
+    if args.low_memory and (args.aggregator or "fedavg") != "fedavg":
+        raise ExperimentError(f"--low-memory needs --aggregator fedavg, not {args.aggregator!r} (Scaffold keeps the "
+                              "global model in memory during a round)")
     if args.plan is None or args.rounds is None:
         raise ExperimentError("a new run needs --plan FILE.py:CLASS and --rounds N (or --resume)")
     if args.checkpoint_dir is not None:
@@ -340,7 +345,7 @@ def _experiment(args: argparse.Namespace, server: FedServer, on_round) -> Experi
     plan = load_plan_class_from_file(args.plan)
     return Experiment(
         plan, load_training_args(args.args, args.args_file), aggregator=_aggregator(args), rounds=args.rounds,
-        dataset_tags=_tags(args.tags), min_nodes=args.min_nodes,
+        dataset_tags=_tags(args.tags), min_nodes=1 if args.min_nodes is None else args.min_nodes,
         round_timeout=300.0 if args.round_timeout is None else args.round_timeout,
         node_wait_timeout=120.0 if args.node_wait is None else args.node_wait, expected_nodes=args.expected_nodes,
         wait_after_quorum=None if args.wait_after_quorum in (None, WAIT_OFF) else args.wait_after_quorum,
@@ -349,7 +354,14 @@ def _experiment(args: argparse.Namespace, server: FedServer, on_round) -> Experi
 
 def _run(args: argparse.Namespace) -> int:
     _check_options(args)
-    if not args.resume:  # refuse bad input before a port is bound
+    resumed = None
+    if args.resume:  # the checkpoint read and checked before a port is bound or a file written
+        try:
+            resumed = _resumed_experiment(args)
+        except (CheckpointError, ExperimentError, HistoryError) as exc:  # the user's checkpoint or options
+            print(f"fedserver run: error: cannot resume: {escape_unprintable(str(exc))}", file=sys.stderr)
+            return EXIT_REFUSED
+    else:  # refuse bad input before a port is bound
         load_plan_class_from_file(args.plan)
         training_args = load_training_args(args.args, args.args_file)
         _aggregator(args)
@@ -359,10 +371,29 @@ def _run(args: argparse.Namespace) -> int:
     store = NodeStore(nodes_db(home_from_args(args)))
     if config.tls != "mtls" and not store.list():
         raise ServerConfigError("no node is enrolled, so no node could connect: run `fedserver nodes enroll ID`")
-    return asyncio.run(_serve_and_run(args, config, store))
+    return asyncio.run(_serve_and_run(args, config, store, resumed))
 
 
-async def _serve_and_run(args: argparse.Namespace, config: ServerConfig, store: NodeStore) -> int:
+def _resumed_experiment(args: argparse.Namespace) -> Experiment:
+    """The experiment of ``--checkpoint-dir`` with the options applied, once nothing contradicts the checkpoint:
+    CheckpointError/ExperimentError/HistoryError name what does (the file, or the option and the value the
+    checkpoint holds). Reads only; the server is attached later."""
+    exp = _experiment(args, None, None)
+    where = exp.checkpoints.directory / folder_name(exp.completed_round) if exp.checkpoints else args.checkpoint_dir
+    if args.rounds is not None and args.rounds < exp.completed_round:
+        raise ExperimentError(f"--rounds {args.rounds} is below the round the checkpoint holds ({exp.completed_round}, "
+                              f"{str(where)!r}): give --rounds N > {exp.completed_round} to train more rounds, or "
+                              "drop --rounds to finish the run as configured")
+    if args.evaluate:  # a resumed run's arguments: before its rounds, not after
+        try:
+            check_evaluable(exp.training_args)
+        except ExperimentError as exc:
+            raise ExperimentError(f"--evaluate: the checkpoint's training arguments ({str(where)!r}): {exc}") from None
+    return exp
+
+
+async def _serve_and_run(args: argparse.Namespace, config: ServerConfig, store: NodeStore,
+                         resumed: Experiment | None = None) -> int:
     server = FedServer(config, store)
     port = await server.start()
     loop = asyncio.get_running_loop()
@@ -371,13 +402,19 @@ async def _serve_and_run(args: argparse.Namespace, config: ServerConfig, store: 
     for sig in signals:
         loop.add_signal_handler(sig, current.cancel)
     exp: Experiment | None = None
+
+    def on_round(report: RoundReport) -> None:
+        tqdm.write(format_round(report, exp.rounds), file=sys.stdout)
+
     try:
-        exp = _experiment(args, server, lambda report: tqdm.write(format_round(report, exp.rounds), file=sys.stdout))
+        if resumed is None:
+            exp = _experiment(args, server, on_round)
+        else:
+            exp = resumed
+            exp.server, exp.on_round = server, on_round
         print(f"fedserver: serving on {config.address}:{port} ({config.tls}); experiment {exp.name!r}: plan "
               f"{exp.plan.name} ({exp.plan.sha256[:12]}), {exp.aggregator.name}, rounds {exp.completed_round + 1}.."
               f"{exp.rounds}, tags {exp.dataset_tags or 'any'}, quorum {exp.min_nodes}", flush=True)
-        if args.evaluate:
-            check_evaluable(exp.training_args)  # a resumed run's arguments: before its rounds, not after
         started = time.perf_counter()
         reports = await exp.run_async()
         seconds = time.perf_counter() - started

@@ -9,8 +9,10 @@ map the state (and the caller's overrides) to constructor arguments.
 The checkpoint store verifies sizes and digests, not meaning: a file written by another fedserver version or
 edited by hand (and its manifest rewritten) can match its digest and still lack a key or hold a value of
 the wrong type. :func:`check_experiment_state` refuses such a state with a CheckpointError naming the file
-and the key, instead of a KeyError or TypeError from inside ``Experiment.resume``. Values the Experiment
-constructor validates itself (rounds, min_nodes, timeouts, training arguments) are only required here.
+and the key, instead of a KeyError or TypeError from inside ``Experiment.resume`` or a constructor message
+that names no file (rounds, min_nodes, timeouts, training arguments and the plan's syntax are checked here
+too), and :func:`resume_arguments` an aggregator file it cannot load, or a history database whose experiment
+is not the checkpoint's (the resumed rounds would be written over another experiment's).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedcore.aggregators import build_aggregator
-from fedcore.errors import CheckpointError, ExperimentError
+from fedcore.errors import CheckpointError, ExperimentError, FedstreamError, HistoryError, TrainingArgsError
 from fedcore.tasks import PlanSource
-from fedserver.checkpoints import EXPERIMENT, LATEST, Checkpoint, CheckpointStore
+from fedcore.training_args import TrainingArgs
+from fedserver.checkpoints import AGGREGATOR, EXPERIMENT, LATEST, Checkpoint, CheckpointStore
+from fedserver.history import stored_experiment
 
 if TYPE_CHECKING:
     from fedserver.experiment import Experiment
@@ -95,6 +99,21 @@ def check_experiment_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
     history_id = state.get("history_id")
     if history_id is not None and (isinstance(history_id, bool) or not isinstance(history_id, int)):
         raise CheckpointError(f"{path}: 'history_id' must be an int or null, got {_short(history_id)}")
+    for key in ("rounds", "min_nodes"):
+        if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 1:
+            raise CheckpointError(f"{path}: {key!r} must be an int >= 1, got {_short(state[key])}")
+    for key in ("round_timeout", "node_wait_timeout"):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise CheckpointError(f"{path}: {key!r} must be a finite number of seconds > 0, got {_short(value)}")
+    try:
+        TrainingArgs.from_dict(state["training_args"])
+    except TrainingArgsError as exc:
+        raise CheckpointError(f"{path}: 'training_args': {exc}") from None
+    try:  # compiled, not run: a plan that cannot even compile would fail on every node
+        compile(plan["source"], plan["name"], "exec")
+    except (SyntaxError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the source of plan {plan['name']!r} does not compile: {exc}") from None
     return state
 
 
@@ -135,12 +154,20 @@ def resume_arguments(checkpoint_dir: str | Path, overrides: Mapping[str, Any]) -
         raise ExperimentError(f"resume() cannot override {unknown}; allowed: {sorted(RESUME_OVERRIDES)}")
     checkpoint = CheckpointStore(resumable_checkpoint_dir(checkpoint_dir)).load_latest()
     state = checkpoint.experiment_state
+    path = checkpoint.folder / EXPERIMENT
     if state.get("format") != STATE_FORMAT:
-        raise ExperimentError(f"checkpoint {checkpoint.folder} has experiment state format "
-                              f"{state.get('format')!r}, expected {STATE_FORMAT}")
-    check_experiment_state(state, checkpoint.folder / EXPERIMENT)
-    aggregator = build_aggregator(checkpoint.aggregator_name, checkpoint.aggregator_config)
-    aggregator.load_state(checkpoint.aggregator_state)
+        raise ExperimentError(f"{path}: experiment state format {_short(state.get('format'))}, expected "
+                              f"{STATE_FORMAT} (written by another fedserver version?)")
+    check_experiment_state(state, path)
+    if state.get("completed_round", checkpoint.round) != checkpoint.round:
+        raise CheckpointError(f"{path}: 'completed_round' is {_short(state['completed_round'])}, but the folder's "
+                              f"manifest is of round {checkpoint.round} (a file of another checkpoint?)")
+    try:
+        aggregator = build_aggregator(checkpoint.aggregator_name, checkpoint.aggregator_config)
+        aggregator.load_state(checkpoint.aggregator_state)
+    except (FedstreamError, KeyError, TypeError, ValueError) as exc:  # a file's content, whatever it holds
+        raise CheckpointError(f"{checkpoint.folder / AGGREGATOR}: cannot restore aggregator "
+                              f"{_short(checkpoint.aggregator_name)}: {exc}") from None
     kwargs: dict[str, Any] = {
         "aggregator": aggregator, "rounds": state["rounds"], "dataset_tags": state["dataset_tags"],
         "min_nodes": state["min_nodes"], "round_timeout": state["round_timeout"],
@@ -152,7 +179,34 @@ def resume_arguments(checkpoint_dir: str | Path, overrides: Mapping[str, Any]) -
     }
     kwargs.update(overrides)
     plan = PlanSource.from_source(state["plan"]["name"], state["plan"]["source"])
+    history_db = kwargs["history_db"]
+    if state.get("history_id") is not None and history_db and Path(history_db) == Path(state["history_db"] or ""):
+        _check_history_experiment(Path(history_db), state, plan, path)  # the experiment resume() reopens
     return ResumeArguments(checkpoint, plan, state["training_args"], kwargs)
+
+
+def _check_history_experiment(db: Path, state: Mapping[str, Any], plan: PlanSource, path: Path) -> None:
+    """CheckpointError unless history database ``db`` holds the checkpoint's experiment ``history_id`` (same
+    name and plan): a resume reopens it and replaces its rounds after the checkpoint's, so another experiment
+    of that id (a database deleted and started again, or another copy) would lose its rounds. Reads only."""
+    history_id = state["history_id"]
+    other_db = "resume with another history database (fedserver run --history-db NEW.db, or history_db=) to " \
+               "record the resumed rounds as a new experiment"
+    try:
+        record = stored_experiment(db, history_id)
+    except HistoryError as exc:
+        raise CheckpointError(f"{path}: the run is recorded in history database {str(db)!r}, which cannot be "
+                              f"read: {exc}; {other_db}") from None
+    if record is None:
+        missing = "has no experiment of that id" if db.is_file() else "does not exist"
+        raise CheckpointError(f"{path}: the run is recorded as experiment {history_id} of history database "
+                              f"{str(db)!r}, which {missing} (moved or deleted?); {other_db}")
+    recorded_sha = record.config.get("plan_sha256") if isinstance(record.config, dict) else None
+    if record.name != state["name"] or recorded_sha not in (None, plan.sha256):
+        raise CheckpointError(
+            f"{path}: history database {str(db)!r} holds experiment {history_id} as {_short(record.name)} (plan "
+            f"{str(recorded_sha)[:12]}), not this checkpoint's {_short(state['name'])} (plan {plan.sha256[:12]}): "
+            f"its rounds would be overwritten; {other_db}")
 
 
 def _short(value: Any) -> str:

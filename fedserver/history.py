@@ -52,6 +52,7 @@ __all__ = [
     "HistoryError",
     "HistoryStore",
     "NodeResultRecord",
+    "stored_experiment",
 ]
 
 _SCHEMA_1 = """
@@ -446,3 +447,26 @@ class HistoryStore(EvaluationHistory):
             if value is not None:
                 series.append((record.round, value))
         return series
+
+
+def stored_experiment(db_path: str | PathLike[str], experiment_id: int) -> ExperimentRecord | None:
+    """Experiment ``experiment_id`` of the history database at ``db_path``, read only: no file is created and
+    no schema migrated (what a resume checks before it writes anything). None when the file or the experiment
+    does not exist; HistoryError when the file is no readable history database. The ``experiments`` table
+    is the same in every schema version."""
+    path = Path(db_path)
+    check_count(experiment_id, "experiment_id")
+    if not path.is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise HistoryError(f"cannot open history database {str(path)!r}: {exc}") from None
+    try:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute("SELECT * FROM experiments WHERE id = ?", (experiment_id,)).fetchall()
+        return ExperimentRecord(**_decoded(rows[0])) if rows else None
+    except (sqlite3.Error, TypeError) as exc:
+        raise HistoryError(f"{str(path)!r} is not a readable history database: {exc}") from None
+    finally:
+        conn.close()

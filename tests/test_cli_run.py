@@ -50,21 +50,30 @@ def fedserver_main(argv: list[str], capsys) -> tuple[int, str]:
     (["--plan", PLAN, "--rounds", "1", "--server-lr", "0.5"], "--server-lr applies to --aggregator scaffold only"),
     (["--plan", PLAN, "--rounds", "1", "--aggregator", "scaffold", "--server-lr", "-1"], "server_lr must be"),
     (["--rounds", "1"], "a new run needs --plan FILE.py:CLASS and --rounds N"),
-    (["--resume"], "--resume needs --checkpoint-dir"),
-    (["--resume", "--checkpoint-dir", "ckpt", "--plan", PLAN, "--server-lr", "2"],
-     "--resume continues with the checkpoint's own configuration; drop --plan, --server-lr"),
     (["--plan", PLAN, "--rounds", "1", "--low-memory"],
      ("--low-memory reloads the global model from the last checkpoint: it needs --checkpoint-dir DIR (and "
      "--aggregator fedavg)")),
     (["--plan", PLAN, "--rounds", "1", "--low-memory", "--checkpoint-dir", "ckpt", "--aggregator", "scaffold"],
      "--low-memory needs --aggregator fedavg, not 'scaffold' (Scaffold keeps the global model"),
-    (["--resume", "--low-memory"], ("--low-memory reloads the global model from the last checkpoint: it needs "
-     "--checkpoint-dir DIR")),
 ])
 def test_bad_input_exits_1_naming_the_problem(argv, message, capsys, tmp_path) -> None:
     status, err = fedserver_main(["--home", str(tmp_path / "home"), "run", *argv], capsys)
     assert status == 1, err
     assert err.startswith("fedserver: error: ") and message in err, err
+    assert not (tmp_path / "home").exists(), "bad input is refused before anything is created"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume"], "--resume needs --checkpoint-dir"),
+    (["--resume", "--low-memory"], "--resume needs --checkpoint-dir"),
+    (["--resume", "--checkpoint-dir", "ckpt", "--plan", PLAN, "--server-lr", "2"],
+     "--resume continues with the checkpoint's own configuration; drop --plan, --server-lr"),
+])
+def test_resume_usage_mistakes_exit_2(argv, message, capsys, tmp_path) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--home", str(tmp_path / "home"), "run", *argv])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"fedserver run: error: {message}" in err, err
     assert not (tmp_path / "home").exists(), "bad input is refused before anything is created"
 
 
