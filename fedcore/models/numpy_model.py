@@ -94,12 +94,15 @@ class NumpyModel(Model):
     ) -> None:
         """Assign copies of ``weights`` (numpy arrays of the model's exact shapes and dtype).
 
+        The byte order is free (the wire keeps it, docs/serialization.md): a big-endian ``>f4`` array is a
+        float32 array, copied into the model's native order with the same values.
+
         Raises:
             WeightsMismatchError: unknown/missing names, wrong shapes, dtypes or value types.
         """
         check_weights(self._specs(), weights, _describe_ndarray)
-        for name in self._weights:
-            self._weights[name] = np.array(weights[name], copy=True)
+        for name, current in self._weights.items():
+            self._weights[name] = np.array(weights[name], dtype=current.dtype, copy=True)
 
     def num_parameters(self) -> int:
         return int(sum(w.size for w in self._weights.values()))
@@ -246,9 +249,10 @@ class NumpyModel(Model):
 
 
 def _describe_ndarray(name: str, value: Any) -> WeightSpec:
+    """Shape and dtype name in native byte order (``>f4`` is float32: the wire may carry either order)."""
     if not isinstance(value, np.ndarray):
         raise TypeError(f"expected a numpy.ndarray, got {type(value).__name__}")
-    return value.shape, str(value.dtype)
+    return value.shape, str(value.dtype.newbyteorder("="))
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

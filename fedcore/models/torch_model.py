@@ -68,7 +68,9 @@ class TorchModel(Model):
         carries bfloat16 weights as float32 (:func:`fedcore.models.weights_to_numpy`), and a bfloat16
         target also takes a float32 *numpy array*, narrowed by torch (``copy_``, as ``.to(torch.bfloat16)``: round to
         nearest, ties to even; exact for values that came from bfloat16, e.g. an unchanged round trip).
-        Any other dtype mismatch, a float32 torch tensor for a bfloat16 target included, is refused.
+        Any other dtype mismatch, a float32 torch tensor for a bfloat16 target included, is refused. The byte
+        order of a numpy array is free (the wire keeps it, docs/serialization.md): ``>f4`` is float32, converted
+        to native order (same values) before the copy.
 
         Raises:
             WeightsMismatchError: listing every unknown, missing, mis-shaped or mis-typed entry; no
@@ -127,7 +129,10 @@ class TorchModel(Model):
 
 
 def _readonly_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor view of ``array`` that will only be read (zero-copy decoded arrays are read-only)."""
+    """A tensor view of ``array`` that will only be read (zero-copy decoded arrays are read-only); a copy in
+    native byte order when it has the other one (torch.from_numpy refuses it)."""
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
     with warnings.catch_warnings():
         # torch warns that writing through a view of a read-only array is undefined; we only read.
         warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
@@ -140,15 +145,16 @@ def _describe_value(targets: Mapping[str, torch.Tensor]) -> Callable[[str, Any],
         if isinstance(value, torch.Tensor):
             return tuple(value.shape), dtype_name(value.dtype)
         if isinstance(value, np.ndarray):
+            native = value.dtype.newbyteorder("=")  # either byte order: converted in _readonly_tensor
             if targets[name].dtype == torch.bfloat16:
-                if value.dtype == np.float32:  # the wire form of bfloat16: narrowed in set_weights
+                if native == np.float32:  # the wire form of bfloat16: narrowed in set_weights
                     return value.shape, "bfloat16"
                 raise TypeError(
                     f"expected a bfloat16 torch tensor or a float32 numpy array (narrowed to bfloat16), got "
                     f"a numpy {value.dtype} array (numpy has no bfloat16; convert with "
                     "torch.from_numpy(a).to(torch.bfloat16))"
                 )
-            return value.shape, str(value.dtype)
+            return value.shape, str(native)
         raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
 
     return describe
