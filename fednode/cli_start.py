@@ -32,6 +32,7 @@ from fednode.config import NodeConfig
 from fednode.handler import EchoHandler, TaskHandler
 from fednode.home import FILES_HELP, add_home_options, db_path_from_args
 from fednode.launch import run_node
+from fednode.log_text import log_text
 from fednode.transport import superseded
 
 __all__ = ["HANDLERS", "NodeSetup", "register"]
@@ -205,6 +206,6 @@ def _start(args: argparse.Namespace) -> int:
             raise
         print(f"fednode: stopped: another process of this node registered with the server {config.server} "
               f"(same token or certificate) and serves the node now; this one stops rather than compete for "
-              f"its tasks. Run one fednode per node identity. Server: {exc.details}", file=sys.stderr)
+              f"its tasks. Run one fednode per node identity. Server: {log_text(exc.details)}", file=sys.stderr)
         return EXIT_REFUSED
     return 0

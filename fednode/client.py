@@ -69,6 +69,7 @@ from fedcore.wire import (
 from fedcore.wire.flow_control import AUTO_WINDOW
 from fednode.config import NodeConfig
 from fednode.handler import TaskHandler
+from fednode.log_text import log_text
 from fednode.receive_window import auto_window, measure_rtt
 from fednode.receive_window import describe as describe_window
 from fednode.result_delivery import ResultDelivery
@@ -210,11 +211,11 @@ class NodeClient:
                     return
                 except _Reconnect as notice:
                     delay = notice.delay
-                    log.info("%s: server shutting down (%s); reconnecting in %.2f s", name, notice, delay)
+                    log.info("%s: server shutting down (%s); reconnecting in %.2f s", name, log_text(notice), delay)
                 except (ConnectionLostError, MessageError, FramingError) as exc:
                     delay = self.config.backoff.delay(self._attempt, self._rng)
                     self._attempt += 1
-                    log.warning("%s: %s; reconnecting in %.2f s (attempt %d)", name, str(exc), delay, self._attempt)
+                    log.warning("%s: %s; reconnecting in %.2f s (attempt %d)", name, log_text(exc), delay, self._attempt)
                 self.state = ClientState.WAITING
                 try:
                     await self._stoppable(asyncio.sleep(delay))
@@ -313,7 +314,7 @@ class NodeClient:
                 self.state = ClientState.DOWNLOADING
                 polled = await self._reception.receive(stream, event)
             elif isinstance(event, UnknownKindTask):  # refused at once (not downloaded), never a reconnect loop
-                log.warning("%s: refusing task %s: %s", self.config.node_name, event.task_id, event.refusal)
+                log.warning("%s: refusing task %s: %s", self.config.node_name, event.task_id, log_text(event.refusal))
                 polled = PolledTask(None, early_reply=PendingUpload.refused(event.task_id, event.refusal))
             else:
                 what = "end of stream" if event is EOF else f"a chunk at offset {event[0]}"
@@ -329,7 +330,7 @@ class NodeClient:
             if exc.code != grpc.StatusCode.ABORTED or self._poll_aborted:
                 raise
             self._poll_aborted = True
-            log.info("%s: %s; polling again", self.config.node_name, exc)
+            log.info("%s: %s; polling again", self.config.node_name, log_text(exc))
             return None
         finally:
             stream.cancel()
@@ -361,7 +362,7 @@ class NodeClient:
             return False
         self._reception.drop()
         log.info("%s: task %s dropped, the server refused it: %s; polling again", self.config.node_name, task_id,
-                 exc.details or str(exc))
+                 log_text(exc.details or exc))
         return True
 
     # -- running a task -----------------------------------------------------------------------

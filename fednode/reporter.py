@@ -25,6 +25,7 @@ from typing import Any
 
 from fedcore.errors import MessageError, NodeError, ServerRefusedError
 from fedcore.wire import HeartbeatAnswer, LogLine, ReportEvent, TrainingProgress
+from fednode.log_text import log_text
 from fednode.transport import fatal_refusal, task_refusal
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,9 @@ class Reporter:
             first = self.refused == 1
         if first:
             log.warning("task %s: progress not reported, the server would refuse it (%s: %s); later ones like "
-                        "it are dropped quietly", self.task_id, type(exc).__name__, exc)
+                        "it are dropped quietly", self.task_id, type(exc).__name__, log_text(exc))
         else:
-            log.debug("task %s: progress %r not reported: %s", self.task_id, progress, exc)
+            log.debug("task %s: progress %r not reported: %s", self.task_id, progress, log_text(exc))
 
     def _append(self, item: ReportEvent) -> None:
         with self._lock:
@@ -179,10 +180,11 @@ class ReportPump:
                 else:  # refused for the events themselves (malformed, too large): this batch only
                     self.refusals += 1
                     log.log(logging.WARNING if self.refusals == 1 else logging.DEBUG,
-                            "task %s: %s; %d events dropped", task_id, exc, len(items))
+                            "task %s: %s; %d events dropped", task_id, log_text(exc), len(items))
             except NodeError as exc:
-                log.debug("task %s: report not delivered (%s); %d events dropped", task_id, exc, len(items))
+                log.debug("task %s: report not delivered (%s); %d events dropped", task_id, log_text(exc), len(items))
 
     def _cancel(self, reason: str) -> None:
-        log.info("task %s is over on the server (%s): asking its handler to stop", self.reporter.task_id, reason)
+        log.info("task %s is over on the server (%s): asking its handler to stop", self.reporter.task_id,
+                 log_text(reason))
         self.reporter.cancel(reason)

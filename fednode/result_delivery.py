@@ -51,6 +51,7 @@ import grpc
 from fedcore.errors import ConnectionLostError, NodeError, ServerRefusedError
 from fedcore.wire import ServerSettings
 from fednode.config import NodeConfig
+from fednode.log_text import log_text
 from fednode.transfers import PendingUpload
 from fednode.transport import (
     BAD_RESULT_REASON,
@@ -114,7 +115,7 @@ class ResultDelivery:
                     delay = self._rng.uniform(0.0, QUEUED_JITTER_SECONDS)
                     log.info("%s: result of task %s still queued on the server after %d wait%s in line (%s); "
                              "uploading again in %.2f s", cfg.node_name, upload.task_id, queued,
-                             "s" if queued != 1 else "", exc.details, delay)
+                             "s" if queued != 1 else "", log_text(exc.details), delay)
                     await self._stoppable(asyncio.sleep(delay))
                     continue
                 attempts += 1
@@ -127,10 +128,10 @@ class ResultDelivery:
                     return self._after_refusal(upload, exc, busy=(attempts, now - busy_since))
                 delay = min(cfg.backoff.delay(attempts - 1, self._rng), left)
                 log.info("%s: server busy with other uploads (%s); retrying task %s in %.2f s (%.0f s left to "
-                         "wait)", cfg.node_name, exc.details, upload.task_id, delay, left)
+                         "wait)", cfg.node_name, log_text(exc.details), upload.task_id, delay, left)
                 gone = await self._wait_busy(conn, upload.task_id, delay, self.config.heartbeat_interval(settings))
                 if gone is not None:  # the task is closed: its result would be refused, as after TASK_CLOSED
-                    log.warning("%s: result of task %s dropped: %s", cfg.node_name, upload.task_id, gone)
+                    log.warning("%s: result of task %s dropped: %s", cfg.node_name, upload.task_id, log_text(gone))
                     return None
                 continue
             self.delivered += 1
@@ -168,10 +169,10 @@ class ResultDelivery:
             if task_refusal(exc):
                 return str(exc)
             log.info("%s: heartbeat for task %s refused (%s); still waiting for upload room", self.config.node_name,
-                     task_id, exc)
+                     task_id, log_text(exc))
         except NodeError as exc:
             log.info("%s: heartbeat for task %s failed (%s); still waiting for upload room", self.config.node_name,
-                     task_id, exc)
+                     task_id, log_text(exc))
         return None
 
     def _after_refusal(self, upload: PendingUpload, exc: ServerRefusedError,
@@ -184,7 +185,7 @@ class ResultDelivery:
         server never sends it again. A refused FAILED or REFUSED report is only dropped (nothing smaller)."""
         name = self.config.node_name
         if upload.payload is None or task_refusal(exc) or exc.reason == BAD_RESULT_REASON:
-            log.warning("%s: result of task %s dropped: %s", name, upload.task_id, exc)
+            log.warning("%s: result of task %s dropped: %s", name, upload.task_id, log_text(exc))
             return None
         refusal = exc.reason or getattr(exc.code, "name", "no status code")
         after = ""
@@ -192,7 +193,7 @@ class ResultDelivery:
             attempts, seconds = busy
             after = f" after {attempts} attempt{'s' if attempts != 1 else ''} over {seconds:.1f} s"
         log.warning("%s: result of task %s dropped%s: %s; reporting the task FAILED", name, upload.task_id, after,
-                    exc)
+                    log_text(exc))
         return PendingUpload.failed(upload.task_id, f"the server refused the result of {upload.total_size} bytes"
                                                     f"{after} ({refusal}): {exc.details}")
 
@@ -232,7 +233,7 @@ class ResultDelivery:
             # malformed: GetUploadStatus names it in refused_reason, handled as if it came with its trailer)
             # and a broken stream (reconnect and resume, as before).
             log.info("%s: upload of task %s ended with %s; asking the server where it stands", name,
-                     upload.task_id, exc)
+                     upload.task_id, log_text(exc))
             status = await conn.upload_status(upload.task_id)
             if status.complete:
                 return

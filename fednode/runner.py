@@ -26,6 +26,7 @@ from fednode.approvals import PlanApprovals
 from fednode.datasets import DatasetRecord, DatasetRegistry
 from fednode.evaluation import run_evaluation
 from fednode.handler import ReceivedTask, TaskReply
+from fednode.log_text import log_text
 from fednode.reporter import Reporter
 from fednode.training import run_training
 
@@ -69,10 +70,10 @@ class TrainingTaskHandler:
                                  f"({len(dataset)} samples)")
             result = _run_once_more_on_interpreter_glitch(lambda: _run(work, dataset, reporter), task.task_id)
         except TrainingStoppedError as exc:  # the server closed the task: the reply is dropped, not uploaded
-            log.info("task %s: %s (%s)", task.task_id, exc, reporter.cancel_reason)
+            log.info("task %s: %s (%s)", task.task_id, exc, log_text(reporter.cancel_reason))
             return TaskReply.failed(f"{type(exc).__name__}: {exc} ({reporter.cancel_reason})")
         except Exception as exc:  # noqa: BLE001 - a plan's bug must never kill the node: it becomes the reply
-            log.warning("task %s failed: %s: %s", task.task_id, type(exc).__name__, exc)
+            log.warning("task %s failed: %s: %s", task.task_id, type(exc).__name__, log_text(exc))  # the plan's text
             return TaskReply.failed(f"{type(exc).__name__}: {exc}")
         return TaskReply.succeeded(result.to_payload())
 

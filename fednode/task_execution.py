@@ -33,6 +33,7 @@ from fedcore.serialization import Serializer
 from fedcore.wire import HeartbeatAnswer, ServerSettings, TaskDescriptor, TaskOutcome
 from fednode.config import NodeConfig
 from fednode.handler import ReceivedTask, TaskHandler, TaskReply
+from fednode.log_text import log_text
 from fednode.reporter import Reporter, ReportPump
 from fednode.transfers import PendingUpload
 from fednode.transport import NodeConnection
@@ -91,7 +92,7 @@ class TaskExecution:
         if reporter.cancelled:
             outcome = result.outcome.name + (f", {result.total_size} bytes" if result.payload is not None else "")
             log.info("%s: task %s is over on the server (%s): its result (%s) is dropped, nothing uploaded",
-                     self.config.node_name, descriptor.task_id, reporter.cancel_reason, outcome)
+                     self.config.node_name, descriptor.task_id, log_text(reporter.cancel_reason), outcome)
             return None
         return result
 
@@ -110,14 +111,15 @@ class TaskExecution:
                 raise TypeError(f"the handler returned {type(reply).__name__}, not a TaskReply")
             outcome = TaskOutcome(reply.outcome)  # ValueError for a value that is no outcome
         except Exception as exc:  # a plan's bug must never kill the node: it becomes the reply
-            log.warning("%s: task %s failed: %s: %s", self.config.node_name, d.task_id, type(exc).__name__, exc,
-                        exc_info=log.isEnabledFor(logging.DEBUG))
+            # the plan's text: capped and escaped (the reply carries up to MAX_ERROR_MESSAGE of it, unescaped)
+            log.warning("%s: task %s failed: %s: %s", self.config.node_name, d.task_id, type(exc).__name__,
+                        log_text(exc), exc_info=log.isEnabledFor(logging.DEBUG))
             return PendingUpload.failed(d.task_id, f"{type(exc).__name__}: {exc}")
         except BaseException as exc:  # noqa: BLE001 - sys.exit() in a plan (argparse, exit()) must not end the node
             # SystemExit (KeyboardInterrupt cannot reach a worker thread) would cross run_in_executor and end
             # asyncio.run: the node process would exit, with the plan's status (2: "refused by the server")
             log.warning("%s: task %s tried to exit the node process: %s(%s)", self.config.node_name, d.task_id,
-                        type(exc).__name__, exc)
+                        type(exc).__name__, log_text(exc))
             return PendingUpload.failed(d.task_id, f"{type(exc).__name__}: {exc} (the task tried to exit the node "
                                                    "process; a training plan must raise an exception instead)")
         if outcome is not TaskOutcome.SUCCEEDED:

@@ -21,6 +21,7 @@ from fedcore.errors import ConnectionLostError, FramingError, MessageError, Node
 from fedcore.framing import BufferPool
 from fedcore.wire import TaskDescriptor
 from fednode.config import NodeConfig
+from fednode.log_text import log_text
 from fednode.transfers import PendingUpload, TaskDownload
 from fednode.transport import EOF, PollStream
 
@@ -107,7 +108,7 @@ class TaskReception:
         try:
             tail = await stream.next(self.config.idle_stream_timeout_seconds)
         except (NodeError, MessageError) as exc:
-            log.info("%s: task %s stream did not end cleanly (%s)", self.config.node_name, task_id, exc)
+            log.info("%s: task %s stream did not end cleanly (%s)", self.config.node_name, task_id, log_text(exc))
             return
         if tail is not EOF:
             log.warning("%s: ignoring %s after the last chunk of task %s", self.config.node_name,
