@@ -2,9 +2,10 @@
 
 The plan is built exactly as for training (same training args, so ``test_ratio`` and ``seed`` hold out the
 same split); the model is evaluated on that held-out split, or on every local sample when ``test_ratio`` is 0
-(the result's ``split`` says which). Running statistics (BatchNorm's) are node-local buffers the task does
-not carry: they are recomputed from the training split first (``TrainingPlan.refresh_local_statistics``),
-else the model would normalise with their initial values.
+(the result's ``split`` says which). The sent model is evaluated as it is, persistent buffers included: a
+BatchNorm model normalises with the running statistics the rounds averaged (the model ``fedserver export``
+writes), not with statistics of this node's data (``TrainingPlan.refresh_local_statistics`` would recompute
+those; nodes did before the statistics travelled, when the task held only their initial values).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def run_evaluation(task: EvaluateTask, dataset: ArrayDataset) -> EvaluateResult:
 
     Raises:
         PlanError: the plan fails to load or evaluate, or its metrics are not finite.
-        WeightsMismatchError: the parameters do not fit the plan's model.
+        WeightsMismatchError: the parameters and buffers do not fit the plan's model.
         TrainingArgsError / DatasetError: invalid training arguments, or a split that leaves nothing.
     """
     started = time.perf_counter()
@@ -33,8 +34,7 @@ def run_evaluation(task: EvaluateTask, dataset: ArrayDataset) -> EvaluateResult:
     plan.model_args = dict(task.model_args)
     plan.post_init(args)
     plan.set_dataset(dataset)
-    plan.set_model_params(task.params)
-    plan.refresh_local_statistics()
+    plan.set_model_params(task.params)  # parameters and persistent buffers, strictly
     held_out = plan.validation_dataset
     if held_out is not None and len(held_out) > 0:
         target, split = held_out, "validation"

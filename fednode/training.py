@@ -1,9 +1,11 @@
 """Run one training task on local data: the node's side of a round, independent of the transport.
 
 Order of operations (docs/protocol.md, "TRAIN task"): load the approved plan, build it with the task's
-training args, load the global parameters (strictly: names, shapes, dtypes), optionally evaluate them,
-train through the accountant with the Scaffold correction or FedProx anchor the task asks for, optionally
-evaluate the local model, and return the parameters as numpy arrays with K, η_l and the metrics.
+training args, load the global model (strictly: names, shapes, dtypes; its parameters and persistent buffers,
+so BatchNorm's running statistics start from the averaged ones), optionally evaluate it, train through the
+accountant with the Scaffold correction or FedProx anchor the task asks for (the correction names parameters
+only), optionally evaluate the local model, and return parameters and buffers as numpy arrays with K, η_l and
+the metrics.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def run_training(task: TrainTask, dataset: ArrayDataset, progress: ProgressCallb
         TrainingStoppedError: ``should_stop()`` returned True (a PlanError: the steps done are named).
         PlanError: the plan fails to load or train (NaN loss, bad shapes, ...), or Scaffold is asked
             for with an optimizer its maths does not describe.
-        WeightsMismatchError: the global parameters do not fit the plan's model.
+        WeightsMismatchError: the global parameters and buffers do not fit the plan's model.
         TrainingArgsError: invalid training arguments.
     """
     started = time.perf_counter()

@@ -42,9 +42,7 @@ from tqdm import tqdm
 
 from fedcore.aggregators import Aggregator, FedAverage
 from fedcore.errors import ExperimentError, RoundFailedError
-from fedcore.models import weights_to_numpy
 from fedcore.plans import TrainingPlan
-from fedcore.plans.loader import load_plan_class
 from fedcore.strategies import AllNodes, NodeSelector
 from fedcore.tasks import EvaluateTask, PlanSource, TrainTask
 from fedcore.training_args import TrainingArgs
@@ -53,6 +51,7 @@ from fedserver.checkpoints import CheckpointStore
 from fedserver.config import ServerConfig
 from fedserver.eligible_nodes import eligible_nodes
 from fedserver.evaluation import EvaluationReport, check_evaluable, evaluate_model
+from fedserver.experiment_buffers import checkpoint_model_state, complete_with_buffers, initial_state
 from fedserver.experiment_state import (
     STATE_FORMAT,
     describe_experiment,
@@ -180,6 +179,8 @@ class Experiment(GlobalParams):
         self.completed_round = 0
         self._params: dict[str, np.ndarray] | None = None
         self._params_saved_as: int | None = None  # round of the checkpoint known to hold exactly ``params``
+        self._buffers_filled_round: int | None = None  # a checkpoint without buffers that ``params`` completes
+        self.buffer_names: list[str] | None = None  # the persistent buffers among x's entries, once known
         self.known_nodes: list[str] = []
         self.history_id: int | None = None
         self.reports: list[RoundReport] = []
@@ -269,7 +270,8 @@ class Experiment(GlobalParams):
         ``low_memory``).
 
         A ``checkpoint_dir`` that does not exist or holds no checkpoint raises CheckpointError naming it, and
-        nothing is created (:func:`resumable_checkpoint_dir`).
+        nothing is created (:func:`resumable_checkpoint_dir`). A checkpoint written before persistent buffers
+        were federated gets them from the plan's fresh model, logged (:mod:`fedserver.experiment_buffers`).
         """
         args = resume_arguments(checkpoint_dir, overrides)
         checkpoint, state = args.checkpoint, args.checkpoint.experiment_state
@@ -277,23 +279,40 @@ class Experiment(GlobalParams):
         exp.completed_round = checkpoint.round
         exp.params = checkpoint.params
         exp._params_saved_as = checkpoint.round
+        model = checkpoint_model_state(checkpoint, exp.plan, exp.training_args, exp.model_args)
+        exp.buffer_names = model.buffer_names
+        if model.filled:  # written before buffers travelled: x completed with the plan's initial buffers
+            exp.params = model.params  # no longer what the checkpoint holds
+            exp._buffers_filled_round = checkpoint.round
         exp.known_nodes = list(state["known_nodes"])
         exp.history_id = state.get("history_id") if exp.history_path == Path(state["history_db"] or "") else None
         log.info("resuming experiment %r after round %d from %s", exp.name, checkpoint.round, checkpoint.folder)
         return exp
 
     def initial_params(self) -> dict[str, np.ndarray]:
-        """x_0: the plan's freshly initialised weights (seeded by ``training_args['seed']``), as numpy."""
-        plan = load_plan_class(self.plan)()
-        plan.model_args = dict(self.model_args)
-        plan.post_init(self.training_args)
-        return weights_to_numpy(plan.get_model_params())
+        """x_0: the plan's freshly initialised weights (seeded by ``training_args['seed']``), as numpy: its
+        parameters and persistent buffers (BatchNorm statistics), whose names it sets in ``buffer_names``."""
+        state = initial_state(self.plan, self.training_args, self.model_args)
+        self.buffer_names = state.buffer_names
+        return state.params
+
+    def _learn_buffers(self) -> None:
+        """``buffer_names`` from the plan's model, for ``params`` set by hand (completed if it lacks buffers).
+        A method: no local of the round loop may keep x alive (low_memory releases it)."""
+        assert self.params is not None
+        completed = complete_with_buffers(self.params, self.plan, self.training_args, self.model_args,
+                                          "the params set by hand")
+        if completed.filled:
+            self.params = completed.params
+        self.buffer_names = completed.buffer_names
 
     # -- the loop ------------------------------------------------------------------------------
     async def _run_rounds(self, server: FedServer, history: HistoryStore | None) -> list[RoundReport]:
         await self._reload_released_params()  # low_memory, interrupted after the release
         if self.params is None:
             self.params = {k: np.array(v, copy=True) for k, v in self.initial_params().items()}
+        elif self.buffer_names is None:  # params set by hand: which are buffers (and any missing, filled)
+            self._learn_buffers()
         if self.low_memory and self.completed_round < self.rounds:
             self._check_params_checkpointable()
         if history is not None:
@@ -335,7 +354,8 @@ class Experiment(GlobalParams):
             self._checkpoint_params()
         task = TrainTask(key, round_index, self.plan, self.training_args.to_dict(), self.params,
                          self.aggregator.name, {}, self.dataset_tags, self.model_args)
-        model = await RoundModel.create(task, server.config.chunk_size, reload=self._reloader())
+        model = await RoundModel.create(task, server.config.chunk_size, reload=self._reloader(),
+                                        buffers=self.buffer_names or ())
         del task
         held = self._hand_over_params()
         handles: list[TaskHandle] = []

@@ -57,7 +57,8 @@ def experiment_state(exp: Experiment) -> dict[str, Any]:
             "round_timeout": exp.round_timeout, "node_wait_timeout": exp.node_wait_timeout,
             "wait_after_quorum": exp.wait_after_quorum, "expected_nodes": exp.expected_nodes,
             "low_memory": exp.low_memory, "known_nodes": exp.known_nodes,
-            "history_id": exp.history_id, "history_db": str(exp.history_path) if exp.history_path else None}
+            "history_id": exp.history_id, "history_db": str(exp.history_path) if exp.history_path else None,
+            "buffers": exp.buffer_names}  # persistent buffers among x's entries (fedserver.experiment_buffers)
 
 
 def describe_experiment(exp: Experiment) -> dict[str, Any]:

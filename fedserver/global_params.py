@@ -14,6 +14,10 @@ already has a checkpoint (``params`` set by hand on a resumed run), the run is r
 starts rather than overwrite that round's own checkpoint: its model is the record of a completed round,
 and saving the hand-set x under another name would leave ``resume()`` two candidates for "after round k".
 
+One exception: x resumed from a checkpoint written before buffers were federated is that checkpoint's model
+completed with the plan's initial buffers (:mod:`fedserver.experiment_buffers`); it is saved over that round's
+checkpoint, which it supersedes (``_buffers_filled_round``).
+
 The invariant: ``_params_saved_as`` is the round of a checkpoint that holds exactly ``params`` (None when
 none is known to: x was set by hand, or a round's average is not checkpointed yet). Setting ``params``
 clears it; saving a checkpoint of x sets it. While a low-memory round runs, ``params`` is None and the
@@ -75,6 +79,7 @@ class GlobalParams:
     reports: list[RoundReport]
     _params: dict[str, np.ndarray] | None
     _params_saved_as: int | None  # round of the checkpoint known to hold exactly ``params``
+    _buffers_filled_round: int | None  # round of a checkpoint without buffers that ``params`` completes
 
     @property
     def params(self) -> dict[str, np.ndarray] | None:
@@ -85,6 +90,7 @@ class GlobalParams:
     def params(self, value: dict[str, np.ndarray] | None) -> None:
         self._params = value
         self._params_saved_as = None  # no checkpoint is known to hold it
+        self._buffers_filled_round = None
 
     async def _reload_released_params(self) -> None:
         """x back in ``params`` from its checkpoint (in a worker thread) if a low-memory round was interrupted
@@ -96,8 +102,8 @@ class GlobalParams:
     def _check_params_checkpointable(self) -> None:
         """Refuse ``params`` that no checkpoint holds when round ``completed_round`` already has one (module
         docstring: it would be overwritten)."""
-        if self._params_saved_as is not None:
-            return
+        if self._params_saved_as is not None or self._buffers_filled_round == self.completed_round:
+            return  # the latter: round k's checkpoint predates buffers; x is it with them added, saved over it
         assert self.checkpoints is not None
         if self.completed_round in self.checkpoints.rounds():
             k = self.completed_round

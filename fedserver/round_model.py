@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -50,12 +50,15 @@ class RoundModel:
     """x of round ``task.round`` and the payloads built from it (see the module docstring).
 
     ``reload``: returns x again (e.g. ``CheckpointStore.load_params`` of the checkpoint holding it);
-    None makes the model non-releasable (x is held until the object goes).
+    None makes the model non-releasable (x is held until the object goes). ``buffers``: the names in x that
+    are persistent buffers (BatchNorm statistics), not parameters, for the aggregator's ``begin_round``.
     """
 
-    def __init__(self, task: TrainTask, chunk_size: int, *, reload: Callable[[], Params] | None = None) -> None:
+    def __init__(self, task: TrainTask, chunk_size: int, *, reload: Callable[[], Params] | None = None,
+                 buffers: Sequence[str] = ()) -> None:
         self._task = replace(task, params={})  # every field but x, to re-encode the shared entries
         self.chunk_size = chunk_size
+        self.buffers: tuple[str, ...] = tuple(buffers)
         self._reload = reload
         self._x: Params | None = task.params
         self._shared: SharedMapPayload | None = self._encode(task.params)
@@ -70,10 +73,10 @@ class RoundModel:
         self._reload_error: CheckpointError | None = None  # a failed reload: every later one fails the same
 
     @classmethod
-    async def create(cls, task: TrainTask, chunk_size: int, *,
-                     reload: Callable[[], Params] | None = None) -> RoundModel:
+    async def create(cls, task: TrainTask, chunk_size: int, *, reload: Callable[[], Params] | None = None,
+                     buffers: Sequence[str] = ()) -> RoundModel:
         """The constructor, run in a worker thread: encoding and hashing x stays off the event loop."""
-        return await asyncio.to_thread(cls, task, chunk_size, reload=reload)
+        return await asyncio.to_thread(cls, task, chunk_size, reload=reload, buffers=buffers)
 
     @property
     def round(self) -> int:

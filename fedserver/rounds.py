@@ -142,7 +142,7 @@ async def collect_round(
     started = time.perf_counter()
     model = task if isinstance(task, RoundModel) else await RoundModel.create(task, server.config.chunk_size)
     del task  # x lives in ``model`` only: releasing it there frees it
-    aggregator.begin_round(model.round, model.params(), list(selected), list(known_nodes))
+    aggregator.begin_round(model.round, model.params(), list(selected), list(known_nodes), buffers=model.buffers)
     try:
         handles: dict[str, TaskHandle] = {}
         for node_id in selected:

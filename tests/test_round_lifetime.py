@@ -64,10 +64,10 @@ class AliveAtBeginRound(FedAverage):
         self.earlier: list[tuple[int, weakref.ref]] = []  # (round that started from it, one of its arrays)
         self.alive: dict[int, list[int]] = {}  # round -> rounds whose x is alive as it begins
 
-    def begin_round(self, round_index, global_params, participants, known_nodes) -> None:
+    def begin_round(self, round_index, global_params, participants, known_nodes, **kwargs) -> None:
         self.alive[round_index] = [r for r, ref in self.earlier if ref() is not None]
         self.earlier.append((round_index, weakref.ref(next(iter(global_params.values())))))
-        super().begin_round(round_index, global_params, participants, known_nodes)
+        super().begin_round(round_index, global_params, participants, known_nodes, **kwargs)
 
 
 class IdleUploadBytesAtFinalize(FedAverage):

@@ -2,11 +2,17 @@
 
 A round on the server goes::
 
-    agg.begin_round(r, global_params, participants, known_nodes)
+    agg.begin_round(r, global_params, participants, known_nodes, buffers=names)
     for node in participants:  task payload += agg.node_task_state(node)
     for reply as it arrives:   agg.accumulate(reply)
     new_global = agg.finalize()
     checkpoint(agg.state())    # between rounds; agg.load_state(...) on a fresh object resumes
+
+``global_params`` is the whole federated state of the model: its parameters and its persistent buffers
+(a torch plan's BatchNorm ``running_mean``, ``running_var``, ``num_batches_tracked``), the latter named by
+``buffers``. Buffers are not SGD iterates: every member averages them by samples (``WeightedMean``: float
+buffers as FedAvg averages parameters, integer ones exactly, rounded half to even), whatever it does with
+the parameters; they may be integers where a member's parameters may not (Scaffold).
 
 Replies are folded into running float64 sums as they arrive, so server memory does not grow with the
 number of replies (FedAvg holds one float64 copy of the model, whatever the number of nodes).
@@ -25,7 +31,7 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -102,10 +108,12 @@ class NodeReply:
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """Shape and dtype of one global parameter; replies must match it exactly."""
+    """Shape and dtype of one global entry; replies must match it exactly. ``buffer``: a persistent buffer
+    (BatchNorm's running statistics), not a parameter."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
+    buffer: bool = False
 
     @classmethod
     def of(cls, array: np.ndarray) -> ParamSpec:
@@ -189,8 +197,10 @@ class Aggregator(ABC):
     """
 
     name: ClassVar[str]
-    #: dtype kinds a member can aggregate ("f" float, "i"/"u" integer).
+    #: dtype kinds a member can aggregate as parameters ("f" float, "i"/"u" integer).
     supported_kinds: ClassVar[str] = "fiu"
+    #: dtype kinds every member averages as buffers (module docstring).
+    buffer_kinds: ClassVar[str] = "fiu"
     #: Whether the member keeps the global params x from ``begin_round`` to ``finalize`` (Scaffold: x⁺ = x + …).
     #: False promises that it keeps only their names, shapes and dtypes, so the server may drop x once
     #: every node has it (``Experiment(low_memory=True)``). Members must say so; True is the safe default.
@@ -207,24 +217,36 @@ class Aggregator(ABC):
         global_params: Mapping[str, np.ndarray],
         participants: Sequence[str],
         known_nodes: Sequence[str],
+        *,
+        buffers: Collection[str] = (),
     ) -> None:
-        """Open round ``round_index`` from the current global params x, for ``participants`` ⊆ ``known_nodes``."""
+        """Open round ``round_index`` from the current global params x, for ``participants`` ⊆ ``known_nodes``.
+
+        ``buffers``: the names in x that are persistent buffers, not parameters (module docstring)."""
         if isinstance(round_index, bool) or not isinstance(round_index, numbers.Integral) or round_index < 0:
             raise AggregationError(f"round_index must be an int >= 0, got {round_index!r}")
         if not isinstance(global_params, Mapping) or not global_params:
             raise AggregationError("global_params must be a non-empty mapping of name -> numpy array")
+        if isinstance(buffers, (str, bytes)) or not isinstance(buffers, Collection):
+            raise AggregationError(f"buffers must be a collection of names, got {buffers!r}")
+        unknown = [name for name in buffers if name not in global_params]
+        buffers = frozenset(buffers)
+        if unknown:
+            raise AggregationError(f"buffers {unknown} are not among the global params {list(global_params)}")
         specs: dict[str, ParamSpec] = {}
         for key, value in global_params.items():
             if not isinstance(key, str) or not isinstance(value, np.ndarray):
                 raise AggregationError(
                     f"global parameter {key!r} must be a numpy array under a str name, got {type(value).__name__}"
                 )
-            if value.dtype.kind not in self.supported_kinds:
+            is_buffer = key in buffers
+            kinds = self.buffer_kinds if is_buffer else self.supported_kinds
+            if value.dtype.kind not in kinds:
                 raise AggregationError(
-                    f"{type(self).__name__} cannot aggregate global parameter {key!r} of dtype {value.dtype}"
-                    f" (supported dtype kinds: {self.supported_kinds!r})"
+                    f"{type(self).__name__} cannot aggregate global {'buffer' if is_buffer else 'parameter'} "
+                    f"{key!r} of dtype {value.dtype} (supported dtype kinds: {kinds!r})"
                 )
-            specs[key] = ParamSpec.of(value)
+            specs[key] = ParamSpec(tuple(value.shape), value.dtype, is_buffer)
         known = _check_ids(known_nodes, "known_nodes")
         chosen = _check_ids(participants, "participants")
         known_set = set(known)

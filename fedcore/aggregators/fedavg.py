@@ -7,7 +7,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedcore.aggregators._api import Aggregator, NodeReply, ParamSpec, add_scaled, cast_back
+from fedcore.aggregators._api import Aggregator, NodeReply, ParamSpec
+from fedcore.aggregators.weighted_mean import WeightedMean
 from fedcore.errors import AggregationError
 
 __all__ = ["FedAverage"]
@@ -23,8 +24,14 @@ class FedAverage(Aggregator):
     y_i are the params node i returns, n_i its ``num_samples``, S the nodes whose replies were
     accumulated. The server holds only the running sum Σ n_i y_i and the integer Σ n_i, so memory is
     one accumulator model whatever the number of replies. A reply with n_i = 0 is accepted and weighs
-    nothing; a round whose Σ n_i is 0 cannot be averaged. Integer parameters are rounded to nearest.
-    FedAvg keeps no state between rounds.
+    nothing; a round whose Σ n_i is 0 cannot be averaged. FedAvg keeps no state between rounds.
+
+    Parameters and persistent buffers (BatchNorm's running mean and variance) are averaged alike. Integer
+    entries (``num_batches_tracked``, int64) are averaged exactly, with integers only:
+    x⁺ = round_half_even(Σ n_i y_i / Σ n_i), i.e. q = ⌊S/N⌋, r = S − qN, x⁺ = q + 1 if 2r > N or
+    (2r = N and q odd), else q (S = Σ n_i y_i, N = Σ n_i; ``fedcore.aggregators.weighted_mean``): no float
+    rounding (float64 has 53 bits; counts beyond 2⁵³ stay exact), no overflow (int64 sums switch to Python
+    integers before they could), and the result lies between the nodes' values, so it fits the dtype.
 
     ``accumulator`` chooses where the sum lives:
 
@@ -36,8 +43,8 @@ class FedAverage(Aggregator):
       holding 3 models (global, sum, one upload) instead of 4. Each reply is added as
       s ← fl(s + n_i y_i) (the product exact in float64, one rounding per reply, one more for the
       division), so the result carries at most about (|S| + 1) float32 roundings of relative error and
-      its last bits depend on the reply order (float sums are not associative). Integer parameters
-      still use float64, and float16 parameters a float32 sum: a float16 sum overflows to inf as soon
+      its last bits depend on the reply order (float sums are not associative). Integer entries keep
+      their exact rule above, and float16 parameters get a float32 sum: a float16 sum overflows to inf as soon
       as Σ n_i |y_i| passes 65504 (70000 samples of weights near 1 do) and rounds to 2⁻¹¹ per reply.
     """
 
@@ -49,9 +56,7 @@ class FedAverage(Aggregator):
         if accumulator not in ACCUMULATORS:
             raise AggregationError(f"FedAverage accumulator must be one of {ACCUMULATORS}, got {accumulator!r}")
         self.accumulator = accumulator
-        self._specs: dict[str, ParamSpec] = {}
-        self._weighted_sum: dict[str, np.ndarray] = {}
-        self._total_samples = 0
+        self._mean: WeightedMean | None = None
 
     def config(self) -> dict[str, Any]:
         return {"accumulator": self.accumulator}
@@ -69,31 +74,17 @@ class FedAverage(Aggregator):
         participants: list[str],
         known_nodes: list[str],
     ) -> None:
-        self._specs = dict(specs)
-        self._weighted_sum = {key: np.zeros(spec.shape, dtype=self._sum_dtype(spec)) for key, spec in specs.items()}
-        self._total_samples = 0
+        self._mean = WeightedMean(specs, self._sum_dtype)
 
     def _add(self, reply: NodeReply) -> None:
-        if reply.num_samples == 0:
-            return
-        weight = np.float64(reply.num_samples)
-        for key, total in self._weighted_sum.items():
-            add_scaled(total, reply.params[key], weight)
-        self._total_samples += reply.num_samples
+        assert self._mean is not None
+        self._mean.add(reply.params, reply.num_samples)
 
     def _result(self) -> dict[str, np.ndarray]:
-        if self._total_samples == 0:
-            raise AggregationError(
-                "FedAverage: every reply reported num_samples=0, the weighted mean is undefined"
-            )
-        total = np.float64(self._total_samples)
-        result = {}
-        for key, acc in self._weighted_sum.items():
-            np.divide(acc, total, out=acc)  # in place: the sums are dropped below, no second model
-            result[key] = cast_back(acc, self._specs[key])
-        self._discard()
+        assert self._mean is not None
+        result = self._mean.result("FedAverage")  # each sum divided in place and dropped: no second model
+        self._mean = None
         return result
 
     def _discard(self) -> None:
-        self._weighted_sum = {}
-        self._total_samples = 0
+        self._mean = None

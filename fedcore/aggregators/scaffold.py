@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedcore.aggregators._api import Aggregator, NodeReply, ParamSpec, cast_back, frozen_view
+from fedcore.aggregators.weighted_mean import WeightedMean
 from fedcore.errors import AggregationError
 
 __all__ = ["Scaffold"]
@@ -39,10 +40,17 @@ class Scaffold(Aggregator):
     starting at 0 would bias c forever). Control variates are stored in the parameter dtype
     (floating dtypes only), all arithmetic is float64. A reply without η_l or with K = 0 is an error
     for that node, never a silent FedAvg.
+
+    Buffers (``begin_round(..., buffers=...)``: BatchNorm's running statistics) are no SGD iterates, so the
+    maths above does not describe them: x, c, c_i and δ_i cover the parameters only (a frozen parameter
+    keeps its control variates, which stay 0 since y_i = x there), and a buffer b gets FedAvg's
+    sample-weighted mean b⁺ = Σ_{i∈S} n_i b_i / Σ_{i∈S} n_i (n_i = ``num_samples``; integer buffers exactly,
+    rounded half to even: ``fedcore.aggregators.weighted_mean``), whatever η_g. The checkpointed state holds
+    no buffer, so a state saved before buffers were federated is the same state.
     """
 
     name: ClassVar[str] = "scaffold"
-    supported_kinds: ClassVar[str] = "f"
+    supported_kinds: ClassVar[str] = "f"  # parameters; buffers: any of Aggregator.buffer_kinds
     keeps_global_params: ClassVar[bool] = True  # x⁺ = x + η_g · mean(y_i − x) and c_i⁺ need x
 
     def __init__(self, server_lr: float = 1.0) -> None:
@@ -64,6 +72,8 @@ class Scaffold(Aggregator):
         self._sum_dx: dict[str, np.ndarray] = {}
         self._sum_dc: dict[str, np.ndarray] = {}
         self._pending: dict[str, dict[str, np.ndarray]] = {}
+        self._order: list[str] = []  # every name of x, parameters and buffers, in x's order
+        self._buffers: WeightedMean | None = None
 
     def config(self) -> dict[str, Any]:
         return {"server_lr": self.server_lr}
@@ -83,6 +93,8 @@ class Scaffold(Aggregator):
         participants: list[str],
         known_nodes: list[str],
     ) -> None:
+        buffers = {key: s for key, s in specs.items() if s.buffer}
+        specs = {key: s for key, s in specs.items() if not s.buffer}
         if self._server_control:
             held = {key: ParamSpec.of(value) for key, value in self._server_control.items()}
             if held != specs:
@@ -95,11 +107,13 @@ class Scaffold(Aggregator):
         for node_id in known_nodes:
             if node_id not in self._node_controls:
                 self._node_controls[node_id] = {k: v.copy() for k, v in self._server_control.items()}
-        self._specs = dict(specs)
-        self._x = {key: np.array(value, copy=True) for key, value in global_params.items()}
+        self._specs = specs
+        self._x = {key: np.array(global_params[key], copy=True) for key in specs}
         self._sum_dx = {key: np.zeros(s.shape, dtype=_F64) for key, s in specs.items()}
         self._sum_dc = {key: np.zeros(s.shape, dtype=_F64) for key, s in specs.items()}
         self._pending = {}
+        self._order = list(global_params)
+        self._buffers = WeightedMean(buffers) if buffers else None
 
     def _task_state(self, node_id: str) -> dict[str, Any]:
         c_i = self._node_controls[node_id]
@@ -127,8 +141,11 @@ class Scaffold(Aggregator):
             self._sum_dc[key] += new_stored.astype(_F64, copy=False) - old
             updated[key] = new_stored
         self._pending[reply.node_id] = updated
+        if self._buffers is not None:
+            self._buffers.add(reply.params, reply.num_samples)
 
     def _result(self) -> dict[str, np.ndarray]:
+        new_buffers = {} if self._buffers is None else self._buffers.result("Scaffold (buffers, averaged by samples)")
         n_s = _F64(len(self._pending))
         n_known = _F64(len(self._node_controls))
         eta_g = _F64(self.server_lr)
@@ -141,11 +158,13 @@ class Scaffold(Aggregator):
             new_c[key] = cast_back(c + (n_s / n_known) * (self._sum_dc[key] / n_s), spec)
         self._server_control = new_c
         self._node_controls.update(self._pending)
+        order = self._order
         self._discard()
-        return new_x
+        return {key: new_x[key] if key in new_x else new_buffers[key] for key in order}
 
     def _discard(self) -> None:
         self._x, self._sum_dx, self._sum_dc, self._pending = {}, {}, {}, {}
+        self._order, self._buffers = [], None
 
     # -- checkpoint -------------------------------------------------------------------------------
 

@@ -52,6 +52,11 @@ class Model(ABC):
                 nothing is assigned when it is raised.
         """
 
+    def buffer_names(self) -> list[str]:
+        """Names of the persistent buffers (BatchNorm's running statistics) among ``get_weights(exclude_buffers=
+        False)``, in its order; models without buffers (``NumpyModel``) have none."""
+        return []
+
     @abstractmethod
     def num_parameters(self) -> int:
         """Number of scalar parameters (trainable or not, buffers excluded)."""

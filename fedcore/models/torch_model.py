@@ -99,6 +99,11 @@ class TorchModel(Model):
                 # values; beyond bfloat16's range: ±inf; NaN stays NaN); widened bfloat16 comes back bit for bit
                 target.copy_(value)
 
+    def buffer_names(self) -> list[str]:
+        """The persistent buffers' ``state_dict`` names (non-persistent buffers are not in the state dict)."""
+        params = dict(self._module.named_parameters(remove_duplicate=False))
+        return [name for name in self._module.state_dict(keep_vars=True) if name not in params]
+
     def num_parameters(self) -> int:
         return int(sum(p.numel() for p in self._module.parameters()))
 

@@ -6,9 +6,9 @@ and writes hooks: ``init_model`` (required), ``training_step`` (required for tor
 
     plan.post_init(training_args)        # seeds, builds model and optimizer
     plan.set_dataset(train, validation)  # builds the training data loader
-    plan.set_model_params(global_params)
+    plan.set_model_params(global_params)  # parameters and persistent buffers (BatchNorm statistics)
     result = plan.train(progress=report, correction=delta_i, should_stop=task_closed)
-    reply = plan.after_training_params()
+    reply = plan.after_training_params()  # the same names: parameters and buffers
 
 The loop in :meth:`TrainingPlan.train` is the accountant-driven loop of the num_updates design, once for
 every framework; each step, with learning rate η, gradient g of the batch loss and weights w:
@@ -120,10 +120,11 @@ class TrainingPlan(ABC):
         """η_l, the learning rate the optimizer uses."""
 
     def refresh_local_statistics(self) -> bool:
-        """Recompute the model's running statistics (BatchNorm's running mean and variance: buffers, which
-        are node-local and never federated) from the training set; True if the model has any. A model built
-        for an evaluation task holds them as initialised, so its evaluation would normalise with them.
-        Plans without such buffers (numpy plans) have nothing to do."""
+        """Recompute the model's running statistics (BatchNorm's running mean and variance) from this node's
+        training set, replacing the federated ones; True if the model has any. Not part of a task: the global
+        model carries its averaged statistics and fednode evaluates it with them; this is for a node-adapted
+        variant (statistics of the local data, as FedBN keeps them). Plans without such buffers (numpy
+        plans) have nothing to do."""
         return False
 
     def _check_plain_sgd(self) -> None:
@@ -219,18 +220,22 @@ class TrainingPlan(ABC):
         return self._validation_set
 
     # ------------------------------------------------------------------ parameters
-    def get_model_params(self, only_trainable: bool = False, exclude_buffers: bool = True) -> dict[str, Any]:
-        """Interfaces ``model.get_weights``."""
+    def get_model_params(self, only_trainable: bool = False, exclude_buffers: bool = False) -> dict[str, Any]:
+        """Interfaces ``model.get_weights``; by default the model's federated state: every parameter and every
+        persistent buffer (BatchNorm's running statistics, ``model.buffer_names()``), as the global model and
+        each node's result hold it. Non-persistent buffers are never included."""
         return self.model.get_weights(only_trainable=only_trainable, exclude_buffers=exclude_buffers)
 
     def set_model_params(
-        self, params: Mapping[str, Any], *, only_trainable: bool = False, exclude_buffers: bool = True
+        self, params: Mapping[str, Any], *, only_trainable: bool = False, exclude_buffers: bool = False
     ) -> None:
-        """Interfaces ``model.set_weights`` (strict; raises WeightsMismatchError)."""
+        """Interfaces ``model.set_weights`` (strict: by default exactly the names of ``get_model_params()``,
+        buffers included; raises WeightsMismatchError)."""
         self.model.set_weights(params, only_trainable=only_trainable, exclude_buffers=exclude_buffers)
 
     def after_training_params(self) -> dict[str, Any]:
-        """The parameters a node sends back after training; ``get_model_params()`` unless extended."""
+        """What a node sends back after training (parameters and persistent buffers); ``get_model_params()``
+        unless extended."""
         return self.get_model_params()
 
     def export_model(self, path: str | Path) -> None:
