@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from fedcore.errors import PlanError
 from fedcore.plans import ArrayDataset
@@ -20,10 +21,15 @@ from fedcore.tasks import EvaluateResult, EvaluateTask
 from fedcore.training_args import TrainingArgs
 
 
-def run_evaluation(task: EvaluateTask, dataset: ArrayDataset) -> EvaluateResult:
+def run_evaluation(task: EvaluateTask, dataset: ArrayDataset, *,
+                   should_stop: Callable[[], bool] | None = None) -> EvaluateResult:
     """Evaluate ``task.params`` with ``task.plan`` on ``dataset`` (its held-out split when ``test_ratio`` > 0).
 
+    ``should_stop`` is handed to ``TrainingPlan.evaluate``, which asks it before each batch (the node: "has the
+    server closed this task?", as in training).
+
     Raises:
+        TrainingStoppedError: ``should_stop()`` returned True (a PlanError naming the batches done).
         PlanError: the plan fails to load or evaluate, or its metrics are not finite.
         WeightsMismatchError: the parameters and buffers do not fit the plan's model.
         TrainingArgsError / DatasetError: invalid training arguments, or a split that leaves nothing.
@@ -40,7 +46,7 @@ def run_evaluation(task: EvaluateTask, dataset: ArrayDataset) -> EvaluateResult:
         target, split = held_out, "validation"
     else:
         target, split = dataset, "all"
-    metrics = plan.evaluate(target)
+    metrics = plan.evaluate(target, should_stop=should_stop)
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     if bad:
         raise PlanError(f"evaluation of the sent model produced non-finite metrics: {bad}")

@@ -105,10 +105,10 @@ def _unusable(exc: FedstreamError) -> str:
 
 
 def _run(work: TrainTask | EvaluateTask, dataset, reporter: Reporter):  # -> TrainResult | EvaluateResult
+    # only a task the server closed stops early (its result would be refused): a node being stopped lets it finish
     if isinstance(work, TrainTask):
-        # only a task the server closed stops training early: a node being stopped lets it finish
         return run_training(work, dataset, progress=reporter.progress, should_stop=lambda: reporter.cancelled)
-    return run_evaluation(work, dataset)
+    return run_evaluation(work, dataset, should_stop=lambda: reporter.cancelled)
 
 
 #: CPython 3.11 (before the fix of python/cpython#106905) can raise this SystemError in one thread while

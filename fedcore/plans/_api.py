@@ -344,11 +344,17 @@ class TrainingPlan(ABC):
         parameters = self.model.get_weights(only_trainable=False)
         return {name: value for name, value in correction.items() if name in trainable or name not in parameters}
 
-    def evaluate(self, dataset: ArrayDataset | None = None) -> dict[str, float]:
+    def evaluate(
+        self, dataset: ArrayDataset | None = None, should_stop: Callable[[], bool] | None = None
+    ) -> dict[str, float]:
         """Run ``testing_step`` over ``dataset`` (default: the validation set); batch-size-weighted means.
+
+        ``should_stop`` is asked before each batch, as in :meth:`train` (the node: "has the server closed this
+        evaluation task?"); True ends the evaluation there, without metrics.
 
         Raises:
             PlanError: no validation data, an empty dataset, or ``testing_step`` returning bad metrics.
+            TrainingStoppedError: ``should_stop()`` returned True; names the batches and samples done.
         """
         if self._model is None:
             raise PlanError(f"{type(self).__name__}: call post_init(training_args) before evaluate()")
@@ -365,7 +371,11 @@ class TrainingPlan(ABC):
         totals: dict[str, float] = {}
         seen = 0
         with self._evaluation_mode():
-            for data, target in self._testing_batches(dataset):
+            for batch, (data, target) in enumerate(self._testing_batches(dataset)):
+                if should_stop is not None and should_stop():
+                    raise TrainingStoppedError(
+                        f"evaluation stopped after {batch} batches ({seen} of {len(dataset)} samples): "
+                        "should_stop() returned True")
                 metrics = self.testing_step(data, target)
                 size = _batch_size(data)
                 if not isinstance(metrics, Mapping) or not metrics:
