@@ -36,11 +36,11 @@ environment:
 _HISTORY_DESCRIPTION = """\
 Print what the history database holds. Without options: one line per experiment. With --experiment:
 its configuration, one line per round (status, nodes selected and replied, aggregated metrics), then
-one line per evaluated model (federated evaluation of the model after that round: nodes replied /
-selected, samples evaluated, the split they came from, each metric's mean weighted by the nodes'
-samples). With --round as well: one line per node result of that round (outcome, samples, steps,
-duration, bytes received from / sent to the node, metrics, error), then one line per node that
-evaluated the model of that round. Late replies are listed with outcome 'late': they arrived after
+one line per evaluation (federated evaluation of the model after a round, by its id: a model evaluated
+twice shows twice; nodes replied / selected, samples evaluated, the split they came from, each metric's
+mean weighted by the nodes' samples). With --round as well: one line per node result of that round
+(outcome, samples, steps, duration, bytes received from / sent to the node, metrics, error), then for
+each evaluation of the model of that round one line per node. Late replies are listed with outcome 'late': they arrived after
 their round closed and were not aggregated. A split 'all' means the node evaluated every local sample
 (it holds no validation split out), so its metrics include data the model was trained on."""
 
@@ -206,51 +206,53 @@ def _rounds_view(store: HistoryStore, experiment_id: int) -> str:
 
 
 def _evaluations_view(records: list[EvaluationRecord]) -> list[str]:
-    """The lines of the evaluations section (none without evaluations): one per evaluated round's model."""
+    """The lines of the evaluations section (none without evaluations): one per evaluation, by round."""
     if not records:
         return []
-    splits: dict[int, set[str]] = {}
+    splits: dict[tuple[int, int | None], set[str]] = {}
     for r in records:
         if r.split is not None:
-            splits.setdefault(r.round, set()).add(r.split)
+            splits.setdefault((r.round, r.evaluation_id), set()).add(r.split)
     rows = [
         (
+            s.evaluation,
             s.round,
             f"{s.replied}/{s.selected}",
             s.num_samples,
-            "+".join(sorted(splits.get(s.round, ()))) or None,
+            "+".join(sorted(splits.get((s.round, s.evaluation), ()))) or None,
             _metrics(s.metrics),
         )
         for s in summarize_evaluations(records)
     ]
-    table = text_table(("ROUND", "REPLIED", "SAMPLES", "SPLIT", "METRICS"), rows)
+    table = text_table(("EVALUATION", "ROUND", "REPLIED", "SAMPLES", "SPLIT", "METRICS"), rows)
     return ["", "evaluations of the model after each round (metrics weighted by samples):", table]
 
 
 def _node_evaluations_view(records: list[EvaluationRecord]) -> str:
-    """One round's evaluations: the summary line, then one line per node."""
-    (summary,) = summarize_evaluations(records)
-    title = (
-        f"evaluation of the model after round {summary.round}: {summary.replied}/{summary.selected} nodes "
-        f"replied, {summary.num_samples} samples, {_metrics(summary.metrics)}"
-    )
-    rows = [
-        (
-            r.node_id,
-            r.outcome,
-            r.num_samples,
-            r.split,
-            None if r.duration_s is None else f"{r.duration_s:.2f}s",
-            _metrics(r.metrics) if r.outcome == "succeeded" else None,
-            _printable(r.error),
+    """One round's evaluations, each as its summary line and one line per node, a blank line between."""
+    sections = []
+    for summary in summarize_evaluations(records):
+        title = (
+            f"evaluation {'-' if summary.evaluation is None else summary.evaluation} of the model after round "
+            f"{summary.round}: {summary.replied}/{summary.selected} nodes replied, {summary.num_samples} samples, "
+            f"{_metrics(summary.metrics)}"
         )
-        for r in records
-    ]
-    return (
-        title
-        + "\n"
-        + text_table(("NODE", "OUTCOME", "SAMPLES", "SPLIT", "DURATION", "METRICS", "ERROR"), rows)
-    )
+        rows = [
+            (
+                r.node_id,
+                r.outcome,
+                r.num_samples,
+                r.split,
+                None if r.duration_s is None else f"{r.duration_s:.2f}s",
+                _metrics(r.metrics) if r.outcome == "succeeded" else None,
+                _printable(r.error),
+            )
+            for r in records
+            if r.evaluation_id == summary.evaluation
+        ]
+        headers = ("NODE", "OUTCOME", "SAMPLES", "SPLIT", "DURATION", "METRICS", "ERROR")
+        sections.append(title + "\n" + text_table(headers, rows))
+    return "\n\n".join(sections)
 
 
 def _node_results_table(store: HistoryStore, experiment_id: int, round: int) -> str:

@@ -8,8 +8,8 @@ with outcome ``'late'``; whether it is applied is the orchestrator's business (i
 
 A real SQLite file in WAL mode with foreign keys on; the schema version sits in ``PRAGMA user_version``.
 An older file is migrated in place when opened (``MIGRATIONS``: version 2 adds the ``evaluations`` table
-of ``fedserver.history_evaluations``), in one transaction; a file written by a newer fedserver is refused
-rather than misread. Times are ISO 8601 UTC strings.
+of ``fedserver.history_evaluations``, version 3 gives each evaluation its own id), in one transaction; a file
+written by a newer fedserver is refused rather than misread. Times are ISO 8601 UTC strings.
 JSON columns hold configs and metrics (numpy scalars are stored as plain numbers).
 """
 
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedserver.history_evaluations import EVALUATIONS_SCHEMA, EvaluationHistory
+from fedserver.history_evaluations import EVALUATION_IDS_SCHEMA, EVALUATIONS_SCHEMA, EvaluationHistory
 from fedserver.history_records import (
     EXPERIMENT_STATUSES,
     METRIC_SOURCES,
@@ -98,10 +98,12 @@ CREATE TABLE node_results (
 CREATE INDEX node_results_by_round ON node_results (experiment_id, round)
 """
 
-#: Statements taking the schema from version ``v`` to ``v + 1`` (index 0 builds version 1 in a new file).
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
+#: Steps taking the schema from version ``v`` to ``v + 1`` (index 0 builds version 1 in a new file): SQL
+#: statements, or functions of the open transaction (a migration that moves rows).
+MIGRATIONS: tuple[tuple[str | Callable[[sqlite3.Connection], None], ...], ...] = (
     tuple(statement for statement in _SCHEMA_1.split(";") if statement.strip()),
     EVALUATIONS_SCHEMA,
+    EVALUATION_IDS_SCHEMA,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -159,6 +161,7 @@ class HistoryStore(EvaluationHistory):
         self.path = Path(db_path)
         self._clock = clock
         self._lock = threading.Lock()
+        self._open_evaluations: dict[tuple[int, int], int] = {}  # fedserver.history_evaluations
         try:
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
@@ -196,9 +199,12 @@ class HistoryStore(EvaluationHistory):
                     f"{str(self.path)!r} is not a fedserver history database (schema version {version}, "
                     f"{tables} tables); expected a new file or schema version 1 to {SCHEMA_VERSION}"
                 )
-            for statements in MIGRATIONS[version:]:  # a version-1 file gains the evaluations table
-                for statement in statements:
-                    tx.execute(statement)
+            for steps in MIGRATIONS[version:]:  # e.g. a version-1 file gains the evaluations table
+                for step in steps:
+                    if isinstance(step, str):
+                        tx.execute(step)
+                    else:
+                        step(tx)
             tx.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _schema_version(self) -> int:

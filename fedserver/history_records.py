@@ -141,7 +141,9 @@ class EvaluationRecord:
     A 'succeeded' record carries the node's reply: ``num_samples`` evaluated on ``split`` ('validation':
     its held-out split; 'all': every local sample) and ``metrics`` (finite numbers); ``duration_s`` is the
     node's own evaluation time as it reported it. Any other outcome carries none of these, and ``error``
-    says why. ``received_at`` is set by the store (time of writing) when None.
+    says why. ``received_at`` is set by the store (time of writing) when None. ``evaluation_id``: the
+    evaluation (one ``Experiment.evaluate``) the row is part of; None lets the store choose
+    (``fedserver.history_evaluations``), and every row read back carries it.
     """
 
     experiment_id: int
@@ -155,6 +157,7 @@ class EvaluationRecord:
     error: str | None = None
     duration_s: float | None = None
     received_at: str | None = None
+    evaluation_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.outcome not in EVALUATION_OUTCOMES:
@@ -162,7 +165,7 @@ class EvaluationRecord:
         for name in ("node_id", "task_id"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise HistoryError(f"{name} must be a non-empty str, got {getattr(self, name)!r}")
-        _set_counts(self, ("experiment_id", "round"), ("num_samples",))
+        _set_counts(self, ("experiment_id", "round"), ("num_samples", "evaluation_id"))
         if self.round < 1:
             raise HistoryError(
                 f"round must be an int >= 1 (the round whose model was evaluated), got {self.round!r}"
@@ -186,7 +189,8 @@ class EvaluationRecord:
 
     @classmethod
     def from_outcome(
-        cls, experiment_id: int, round: int, outcome: Any, *, received_at: str | None = None
+        cls, experiment_id: int, round: int, outcome: Any, *, received_at: str | None = None,
+        evaluation_id: int | None = None,
     ) -> EvaluationRecord:
         """The record of one ``fedserver.evaluation.EvaluationOutcome`` (read by attribute: ``node_id``,
         ``task_id``, ``outcome``, ``error`` and ``result``, an ``EvaluateResult`` or None)."""
@@ -203,6 +207,7 @@ class EvaluationRecord:
             error=outcome.error or None,
             duration_s=None if result is None else result.duration_s,
             received_at=received_at,
+            evaluation_id=evaluation_id,
         )
 
 

@@ -1,4 +1,5 @@
-"""History schema version 2: the evaluations table, the migration of version-1 files, records and reads."""
+"""History schema version 2: the evaluations table, the migration of version-1 files, records and reads (version 3,
+which gives each evaluation an id: tests/test_history_evaluation_ids.py)."""
 
 from __future__ import annotations
 
@@ -108,13 +109,13 @@ def dump(path) -> dict[str, list[tuple]]:
 # -- schema and migration ------------------------------------------------------------------------------
 
 
-def test_a_new_file_is_created_at_version_2_with_the_evaluations_table(tmp_path):
+def test_a_new_file_is_created_at_the_current_version_with_the_evaluations_table(tmp_path):
     path = tmp_path / "h.db"
     HistoryStore(path).close()
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     after = dump(path)
-    assert after["version"] == 2
-    assert {"experiments", "rounds", "node_results", "evaluations"} <= set(after["tables"])
+    assert after["version"] == 3
+    assert {"experiments", "rounds", "node_results", "evaluations", "evaluation_runs"} <= set(after["tables"])
     assert "evaluations_by_round" in after["indexes"]
 
 
@@ -143,12 +144,12 @@ def test_a_version_1_file_is_migrated_in_place_without_losing_a_row(tmp_path):
         assert store.experiment(2).status == "running"
 
     after = dump(path)
-    assert after["version"] == 2
+    assert after["version"] == SCHEMA_VERSION  # 1 -> 2 -> 3 in one transaction
     assert "evaluations" in after["tables"] and "evaluations_by_round" in after["indexes"]
     for table in ("experiments", "node_results"):
         assert after[table] == before[table]
     assert after["rounds"][: len(before["rounds"])] == before["rounds"]
-    with HistoryStore(path) as reopened:  # version 2 now: opens as is, nothing migrated twice
+    with HistoryStore(path) as reopened:  # current version now: opens as is, nothing migrated twice
         assert len(reopened.node_results(1)) == 3
 
 
@@ -167,10 +168,10 @@ def test_a_failing_migration_changes_nothing(tmp_path):
 
 def test_newer_and_foreign_files_are_still_refused(tmp_path):
     newer = tmp_path / "newer.db"
-    write_v1_file(newer, "PRAGMA user_version = 3;")
-    with pytest.raises(HistoryError, match="schema version 3, newer than the version 2 this fedserver reads"):
+    write_v1_file(newer, "PRAGMA user_version = 4;")
+    with pytest.raises(HistoryError, match="schema version 4, newer than the version 3 this fedserver reads"):
         HistoryStore(newer)
-    assert dump(newer)["version"] == 3 and "evaluations" not in dump(newer)["tables"]
+    assert dump(newer)["version"] == 4 and "evaluations" not in dump(newer)["tables"]
 
     foreign = tmp_path / "foreign.db"
     conn = sqlite3.connect(foreign)
@@ -180,7 +181,7 @@ def test_newer_and_foreign_files_are_still_refused(tmp_path):
     with pytest.raises(
         HistoryError,
         match=r"not a fedserver history database \(schema version 0, 1 tables\); "
-        r"expected a new file or schema version 1 to 2",
+        r"expected a new file or schema version 1 to 3",
     ):
         HistoryStore(foreign)
 
@@ -252,7 +253,9 @@ def test_evaluations_round_trip_from_the_outcomes(store):
         error=None,
         duration_s=0.25,
         received_at="2024-01-01T00:00:00.000+00:00",
+        evaluation_id=1,
     )
+    assert [r.evaluation_id for r in rows] == [1, 1, 1, 2, 2]  # one per round's evaluation
     assert rows[2].num_samples is None and rows[2].split is None and rows[2].metrics == {}
     assert rows[2].error == "no activity for 30 s" and rows[2].duration_s is None
     assert [r.node_id for r in store.evaluations(exp, round=2)] == ["a", "b"]
@@ -420,35 +423,32 @@ def test_damaged_rows_are_named(store, column, value, message):
 # -- summaries -----------------------------------------------------------------------------------------
 
 
-def test_summaries_are_sample_weighted_means_per_round(store):
+def test_summaries_are_sample_weighted_means_per_evaluation(store):
     exp = evaluated(store)
-    # the same round-1 model asked again: node c replies this time, a fails
+    # the same round-1 model asked again: node c replies this time, a fails (a second evaluation: c repeats)
     store.record_evaluation(
         EvaluationRecord(
             exp, 1, "c", "t-c1b", "succeeded", num_samples=60, split="all", metrics={"loss": 2.0, "f1": 0.3}
         )
     )
     store.record_evaluation(EvaluationRecord(exp, 1, "a", "t-a1b", "failed", error="boom"))
-    first, second = summarize_evaluations(store.evaluations(exp))
+    first, again, second = summarize_evaluations(store.evaluations(exp))
 
-    n = np.array([10, 30, 60], dtype=np.float64)
-    loss = np.array([0.5, 1.0, 2.0])
-    assert (first.round, first.selected, first.replied, first.num_samples) == (1, 3, 3, 100)
+    n = np.array([10, 30], dtype=np.float64)
+    loss = np.array([0.5, 1.0])
+    assert (first.evaluation, first.round, first.selected, first.replied, first.num_samples) == (1, 1, 3, 2, 40)
     assert first.metrics["loss"] == pytest.approx(float(np.sum(n * loss) / np.sum(n)), rel=1e-12)
     assert first.metrics["accuracy"] == pytest.approx(
         float(np.average([0.9, 0.5], weights=[10, 30])), rel=1e-12
     )
-    assert first.metrics["f1"] == pytest.approx(0.3, rel=1e-12)  # only node c reports it
-    assert list(first.metrics) == ["accuracy", "f1", "loss"]
-    assert (second.round, second.selected, second.replied, second.num_samples) == (2, 2, 1, 10)
+    assert list(first.metrics) == ["accuracy", "loss"]
+    assert (again.evaluation, again.round, again.selected, again.replied, again.num_samples) == (3, 1, 2, 1, 60)
+    assert again.metrics == {"f1": pytest.approx(0.3), "loss": pytest.approx(2.0)}  # only node c replied
+    assert (second.evaluation, second.round, second.selected, second.replied, second.num_samples) == (2, 2, 2, 1, 10)
     assert second.metrics == {"loss": pytest.approx(0.25)}
 
     # the same numbers as the evaluation report's weighted_metrics over the replies
-    results = [
-        reply(10, {"loss": 0.5, "accuracy": 0.9}),
-        reply(30, {"loss": 1.0, "accuracy": 0.5}),
-        reply(60, {"loss": 2.0, "f1": 0.3}),
-    ]
+    results = [reply(10, {"loss": 0.5, "accuracy": 0.9}), reply(30, {"loss": 1.0, "accuracy": 0.5})]
     assert first.metrics == pytest.approx(weighted_metrics(results), rel=1e-12)
 
 
@@ -459,7 +459,7 @@ def test_summaries_without_samples_or_replies(store):
     )
     store.record_evaluation(EvaluationRecord(exp, 3, "b", "t2", "failed", error="boom"))
     (summary,) = summarize_evaluations(store.evaluations(exp))
-    assert summary == EvaluationSummary(round=3, selected=2, replied=1, num_samples=0, metrics={})
+    assert summary == EvaluationSummary(round=3, selected=2, replied=1, num_samples=0, metrics={}, evaluation=1)
     assert summarize_evaluations([]) == []
     huge = [
         EvaluationRecord(1, 1, node, "t", "succeeded", num_samples=2**62, split="all", metrics={"m": 1e308})
@@ -507,11 +507,12 @@ def test_history_of_an_experiment_lists_its_evaluations_after_its_rounds(db, cap
     ]
     assert lines[rounds_at + 3] == ""
     assert lines[rounds_at + 4] == "evaluations of the model after each round (metrics weighted by samples):"
-    assert lines[rounds_at + 5].split() == ["ROUND", "REPLIED", "SAMPLES", "SPLIT", "METRICS"]
+    assert lines[rounds_at + 5].split() == ["EVALUATION", "ROUND", "REPLIED", "SAMPLES", "SPLIT", "METRICS"]
     # round 1: a (10 samples, loss 0.5, accuracy 0.9) and b (30, loss 1.0, accuracy 0.5) replied, c timed out
     loss = (10 * 0.5 + 30 * 1.0) / 40
     accuracy = (10 * 0.9 + 30 * 0.5) / 40
     assert lines[rounds_at + 6].split() == [
+        "1",
         "1",
         "2/3",
         "40",
@@ -519,7 +520,7 @@ def test_history_of_an_experiment_lists_its_evaluations_after_its_rounds(db, cap
         f"accuracy={accuracy:.4g}",
         f"loss={loss:.4g}",
     ]
-    assert lines[rounds_at + 7].split() == ["2", "1/2", "10", "validation", "loss=0.25"]
+    assert lines[rounds_at + 7].split() == ["2", "2", "1/2", "10", "validation", "loss=0.25"]
     assert len(lines) == rounds_at + 8
 
 
@@ -538,7 +539,7 @@ def test_an_experiment_without_evaluations_has_no_evaluations_section(db, capsys
         "",
         "evaluations of the model after each round (metrics weighted by samples):",
     ]
-    assert lines[-1].split() == ["3", "1/1", "4", "all", "loss=2"]
+    assert lines[-1].split() == ["3", "3", "1/1", "4", "all", "loss=2"]
 
 
 def test_history_of_a_round_lists_each_node_evaluation(db, capsys):
@@ -548,7 +549,7 @@ def test_history_of_a_round_lists_each_node_evaluation(db, capsys):
     assert lines[2] == ""
     assert (
         lines[3]
-        == "evaluation of the model after round 1: 2/3 nodes replied, 40 samples, accuracy=0.6 loss=0.875"
+        == "evaluation 1 of the model after round 1: 2/3 nodes replied, 40 samples, accuracy=0.6 loss=0.875"
     )
     assert lines[4].split() == ["NODE", "OUTCOME", "SAMPLES", "SPLIT", "DURATION", "METRICS", "ERROR"]
     assert lines[5].split() == [
@@ -575,7 +576,7 @@ def test_a_round_evaluated_without_node_results_still_shows_its_evaluation(db, c
     assert run_cli(["history", "--db", str(db), "--experiment", "1", "--round", "7"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "no node results for round 7 of experiment 1 (rounds: [1, 2])"
-    assert lines[2] == "evaluation of the model after round 7: 0/1 nodes replied, 0 samples, -"
+    assert lines[2] == "evaluation 3 of the model after round 7: 0/1 nodes replied, 0 samples, -"
     assert lines[4].split()[:2] == ["a", "failed"]
     assert lines[4].endswith("plan raised\\n\\x1b[2Kforged")  # a node's text cannot move the cursor
     assert len(lines) == 5
