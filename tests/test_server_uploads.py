@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from e2e_support import eventually
 from server_testkit import async_test, encoded, running_server, sha256
 
 from fedcore.framing import OutgoingPayload, PayloadInfo
@@ -70,16 +71,15 @@ async def test_upload_cut_by_the_client_keeps_its_bytes(tmp_path: Path) -> None:
 
         call = node.stub.UploadResult(requests(), metadata=node.metadata, timeout=30)
         await sent.wait()
-        for _ in range(100):
-            if kit.server.uploads.acknowledged(handle.task_id) == 8192:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: kit.server.uploads.acknowledged(handle.task_id) == 8192, 10,
+                         "the server received both chunks")
         call.cancel()
-        for _ in range(100):  # the server sees the cancellation and parks the session
-            if (await node.status(handle.task_id)).acknowledged_offset == 8192 and \
-                    not kit.server.uploads.session(handle.task_id).active:
-                break
-            await asyncio.sleep(0.02)
+        # the server learns of the cancellation asynchronously (gRPC cancels its handler, which parks the
+        # session); a resume before that is refused ABORTED "already running", as it should be. So the test
+        # waits for the parked session itself, not a fixed 2 s after which it resumed whatever the server's state
+        await eventually(lambda: not kit.server.uploads.session(handle.task_id).active, 10,
+                         "the server parking the cancelled upload's session")
+        assert (await node.status(handle.task_id)).acknowledged_offset == 8192
         await node.upload(handle.task_id, doc, start_offset=8192)
         assert (await handle.result(timeout=5)).succeeded
 
