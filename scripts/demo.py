@@ -120,16 +120,39 @@ async def researcher(out: Path, port: int, rounds: int) -> dict[str, list[dict[s
     return results
 
 
+#: written into every output folder the demo makes: only such a folder is ever deleted by a later run.
+OUTPUT_MARK = ".fedstream-demo-output"
+
+
+def prepare_output(out: Path, default: Path = ROOT / "demo-output") -> None:
+    """Make ``out`` an empty folder for this run. The default folder (git-ignored, the demo's own) or one an
+    earlier demo made (it holds OUTPUT_MARK) is replaced; an empty or missing one is used; anything else is
+    refused (ValueError naming it): ``--out .`` or ``--out ~/results`` must never wipe the user's files."""
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        if out == default.resolve() or (out / OUTPUT_MARK).is_file():
+            shutil.rmtree(out)
+        elif any(out.iterdir()):
+            raise ValueError(f"--out {out} is a non-empty folder the demo did not make; give a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUTPUT_MARK).write_text("made by scripts/demo.py: replaced by the next demo run\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "demo-output")
+    ap.add_argument("--out", type=Path, default=ROOT / "demo-output",
+                    help="output folder (default: demo-output/ in the repository); a folder an earlier demo made is "
+                         "replaced, any other non-empty folder is refused")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--port", type=int, default=0, help="server port (0: pick a free one)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out: Path = args.out.resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    try:
+        prepare_output(out)
+    except ValueError as exc:
+        ap.error(str(exc))
     port = args.port or free_port()
     server_home = out / "server"
 
