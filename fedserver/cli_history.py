@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.errors import HistoryError
-from fedcore.text_output import escape_unprintable, format_bytes, text_table
+from fedcore.text_output import format_bytes, text_table
 from fedserver.history import HistoryStore
 from fedserver.history_evaluations import summarize_evaluations
-from fedserver.history_records import METRIC_SOURCES, EvaluationRecord
+from fedserver.history_records import METRIC_SOURCES, SHOWN_NAME_CHARS, EvaluationRecord, shown_text
 
 __all__ = ["DB_ENV_VAR", "DEFAULT_DB", "register"]
 
@@ -239,7 +239,7 @@ def _node_evaluations_view(records: list[EvaluationRecord]) -> str:
         )
         rows = [
             (
-                r.node_id,
+                shown_text(r.node_id, SHOWN_NAME_CHARS),
                 r.outcome,
                 r.num_samples,
                 r.split,
@@ -262,7 +262,7 @@ def _node_results_table(store: HistoryStore, experiment_id: int, round: int) -> 
         return f"no node results for round {round} of experiment {experiment_id} (rounds: {known})"
     rows = [
         (
-            r.node_id,
+            shown_text(r.node_id, SHOWN_NAME_CHARS),
             r.outcome,
             r.num_samples,
             r.num_steps,
@@ -310,17 +310,20 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _metrics(metrics: dict[str, Any]) -> str:
-    """``loss=0.1234 accuracy=0.9`` (numbers to 4 significant digits), '-' when empty."""
+    """``loss=0.1234 accuracy=0.9`` (numbers to 4 significant digits), '-' when empty; names and values as
+    :func:`~fedserver.history_records.shown_text` shows a node's text, the whole cut as one."""
     parts = [
-        f"{escape_unprintable(k)}={v:.4g}" if isinstance(v, float) else f"{escape_unprintable(k)}={escape_unprintable(str(v))}"
+        f"{shown_text(k, SHOWN_NAME_CHARS)}={v:.4g}" if isinstance(v, float)
+        else f"{shown_text(k, SHOWN_NAME_CHARS)}={shown_text(str(v), SHOWN_NAME_CHARS)}"
         for k, v in metrics.items()
     ]
-    return " ".join(parts) or "-"
+    return shown_text(" ".join(parts)) or "-"
 
 
 def _printable(text: str | None) -> str | None:
-    """An error message as :func:`_escaped` shows it; None when there is none (a table shows '-')."""
-    return escape_unprintable(text) if text else None
+    """An error message (a node's, as received) escaped and cut (``shown_text``); None when there is none
+    (a table shows '-')."""
+    return shown_text(text) if text else None
 
 
 def _time(iso: str | None) -> str:

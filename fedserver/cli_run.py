@@ -44,6 +44,7 @@ from fedserver.cli_serve import add_server_options, config_from_args
 from fedserver.config import ServerConfig
 from fedserver.evaluation import EvaluationReport, check_evaluable
 from fedserver.experiment import Experiment, resumable_checkpoint_dir
+from fedserver.history_records import SHOWN_NAME_CHARS, shown_text
 from fedserver.home import FILES_HELP, add_home_option, home_from_args, nodes_db
 from fedserver.rounds import RoundReport
 from fedserver.server import FedServer
@@ -274,7 +275,8 @@ def _history_db(args: argparse.Namespace) -> Path:
 
 def format_round(report: RoundReport, total: int) -> str:
     """One line per round: ``round 3/10  nodes 2/3  train_loss=0.1234 ...  (1.20 s)  left out: site-2 (timeout)``."""
-    metrics = "  ".join(f"{name}={value:.4g}" for name, value in sorted(report.metrics.items()))
+    metrics = shown_text("  ".join(f"{shown_text(name, SHOWN_NAME_CHARS)}={value:.4g}"  # names from the nodes
+                                   for name, value in sorted(report.metrics.items())), 1000)
     line = (f"round {report.round}/{total}  nodes {len(report.succeeded)}/{len(report.selected)}"
             f"{'  ' + metrics if metrics else ''}  ({report.duration_s:.2f} s)")
     left_out = [f"{o.node_id} ({o.outcome})" for o in report.outcomes if o.outcome != "succeeded"]
@@ -458,16 +460,17 @@ async def _evaluate(exp: Experiment) -> EvaluationReport | FedstreamError:
 
 def format_evaluation(report: EvaluationReport) -> str:
     """``evaluation of round 10  nodes 3/3  samples 60  loss=0.1234`` then one indented line per node."""
-    metrics = "  ".join(f"{escape_unprintable(name)}={value:.4g}" for name, value in report.metrics.items())
+    metrics = shown_text("  ".join(f"{shown_text(name, SHOWN_NAME_CHARS)}={value:.4g}"
+                                   for name, value in report.metrics.items()), 1000)
     head = (f"evaluation of round {report.round}  nodes {len(report.succeeded)}/{len(report.selected)}  "
             f"samples {report.num_samples}{'  ' + metrics if metrics else ''}  ({report.duration_s:.2f} s)")
     lines = [head]
-    for outcome in report.outcomes:  # what a node sent is escaped: no terminal control from a node
+    for outcome in report.outcomes:  # what a node sent is escaped and cut: no terminal control from a node
         if outcome.result is None:
-            lines.append(f"  {outcome.node_id}  {outcome.outcome}: {escape_unprintable(outcome.error)}")
+            lines.append(f"  {outcome.node_id}  {outcome.outcome}: {shown_text(outcome.error)}")
             continue
-        own = "  ".join(f"{escape_unprintable(name)}={value:.4g}"
-                        for name, value in sorted(outcome.result.metrics.items()))
+        own = shown_text("  ".join(f"{shown_text(name, SHOWN_NAME_CHARS)}={value:.4g}"
+                                   for name, value in sorted(outcome.result.metrics.items())), 1000)
         lines.append(f"  {outcome.node_id}  {outcome.result.num_samples} samples ({outcome.result.split})  {own}")
     return "\n".join(lines)
 

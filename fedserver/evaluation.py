@@ -24,6 +24,7 @@ from fedcore.errors import ExperimentError, RoundFailedError
 from fedcore.tasks import EvaluateResult, EvaluateTask
 from fedcore.training_args import TrainingArgs
 from fedcore.wire import TaskKind
+from fedserver.history_records import shown_text
 from fedserver.rounds import OUTCOME_OF_STATE, read_reply
 from fedserver.server import FedServer
 from fedserver.stragglers import StragglerCloser, finished_tasks
@@ -91,7 +92,7 @@ async def evaluate_model(
                     outcome = EvaluationOutcome(outcome.node_id, outcome.task_id, "timeout", outcome.error)
                 outcomes.append(outcome)
                 log.info("%s: node=%s outcome=%s%s", what, outcome.node_id, outcome.outcome,
-                         f" error={outcome.error!r}" if outcome.error else "")
+                         f" error: {shown_text(outcome.error)}" if outcome.error else "")
                 if on_outcome is not None:
                     on_outcome(outcome)
     except BaseException:
@@ -104,7 +105,8 @@ async def evaluate_model(
         raise
     ok = [o.result for o in outcomes if o.result is not None]
     if len(ok) < min_nodes:
-        missing = sorted(f"{o.node_id} ({o.outcome}: {o.error})" for o in outcomes if o.result is None)
+        missing = sorted(f"{o.node_id} ({o.outcome}: {shown_text(o.error)})"  # a node's text, escaped and cut
+                         for o in outcomes if o.result is None)
         raise RoundFailedError(f"{what} failed: {len(ok)} of {len(selected)} selected nodes replied, quorum is "
                                f"{min_nodes}; missing: {', '.join(missing)}")
     outcomes.sort(key=lambda o: o.node_id)

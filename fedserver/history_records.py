@@ -1,4 +1,5 @@
-"""The rows of the history database as dataclasses, with the checks applied before anything is written."""
+"""The rows of the history database as dataclasses, with the checks applied before anything is written, and
+how the text of a row that came from a node is shown (:func:`shown_text`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from fedcore.errors import HistoryError
 from fedcore.tasks import EVALUATION_SPLITS
+from fedcore.text_output import escape_unprintable
 
 __all__ = [
     "EVALUATION_OUTCOMES",
@@ -23,6 +25,7 @@ __all__ = [
     "HistoryError",
     "NodeResultRecord",
     "RoundRecord",
+    "shown_text",
 ]
 
 #: What became of a task sent to a node. 'late': the reply came after the round closed (never applied).
@@ -36,6 +39,21 @@ EXPERIMENT_STATUSES = ("running", "completed", "failed", "stopped")
 METRIC_SOURCES = ("training", "validation_before", "validation_after")
 #: SQLite stores a signed 64-bit INTEGER; a larger Python int raises a bare OverflowError on insert.
 MAX_INTEGER = 2**63 - 1
+#: Characters of a node's text (a failed task's error, up to 8192 on the wire) that a table cell or a log line
+#: shows; the stored row keeps the text as received.
+SHOWN_TEXT_CHARS = 300
+#: Characters of one metric name shown (a node names its metrics).
+SHOWN_NAME_CHARS = 64
+
+
+def shown_text(text: str, limit: int = SHOWN_TEXT_CHARS) -> str:
+    """``text`` from a node as one printable line: its first ``limit`` characters, then ``... [N more characters
+    cut]`` if longer, every non-printable character written as its escape
+    (:func:`fedcore.text_output.escape_unprintable`: a node cannot move the cursor, recolour or forge a line of
+    ours). The same form as fednode's ``log_text``."""
+    if len(text) <= limit:
+        return escape_unprintable(text)
+    return f"{escape_unprintable(text[:limit])}... [{len(text) - limit} more characters cut]"
 
 
 def check_count(value: Any, what: str) -> int:

@@ -42,6 +42,7 @@ from fedcore.aggregators import Aggregator, NodeReply
 from fedcore.errors import FedstreamError, RoundFailedError
 from fedcore.tasks import TrainResult, TrainTask
 from fedcore.wire import TaskKind
+from fedserver.history_records import shown_text
 from fedserver.off_loop import run_off_loop
 from fedserver.round_model import RoundModel
 from fedserver.server import FedServer
@@ -170,7 +171,7 @@ async def collect_round(
                     releaser.check()
                     outcomes.append(outcome)
                     log.info("round=%d node=%s outcome=%s%s", model.round, outcome.node_id, outcome.outcome,
-                             f" error={outcome.error!r}" if outcome.error else "")
+                             f" error: {shown_text(outcome.error)}" if outcome.error else "")
                     if on_outcome is not None:
                         on_outcome(outcome)
         finally:
@@ -183,7 +184,8 @@ async def collect_round(
     ok = [o for o in outcomes if o.outcome == "succeeded"]
     if len(ok) < min_nodes:
         aggregator.abort_round()
-        missing = sorted(f"{o.node_id} ({o.outcome}: {o.error})" for o in outcomes if o.outcome != "succeeded")
+        missing = sorted(f"{o.node_id} ({o.outcome}: {shown_text(o.error)})"  # a node's text, escaped and cut
+                         for o in outcomes if o.outcome != "succeeded")
         raise RoundFailedError(
             f"round {model.round} failed: {len(ok)} of {len(selected)} selected nodes replied, quorum is "
             f"{min_nodes}; missing: {', '.join(missing)}")
