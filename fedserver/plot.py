@@ -125,16 +125,26 @@ def compare_experiments(
     """Write a PNG overlaying the global curves of experiments, a subplot per metric; returns the path.
 
     A metric is a round-level name (``train_loss``, ``val_after_accuracy``) or a node metric name, which
-    means its training aggregate (``loss``: ``train_loss``)."""
+    means its training aggregate (``loss``: ``train_loss``) or, when the nodes report it only on validation
+    (``accuracy``), its aggregate after training (``val_after_accuracy``); each subplot is titled with the
+    names it shows. Raises HistoryError when no metric has a value, listing the global metrics recorded."""
     names = _check_metrics(metrics)
     if isinstance(experiment_ids, (str, int)) or not experiment_ids:
         raise HistoryError(f"experiment_ids must be a non-empty sequence of ids, got {experiment_ids!r}")
     experiments = [history.experiment(experiment_id) for experiment_id in experiment_ids]
-    series = {(e.id, m): _global_series(history, e.id, m, "training") for e in experiments for m in names}
+    resolved = {(e.id, m): _compared_series(history, e.id, m) for e in experiments for m in names}
+    series = {key: points for key, (_, points) in resolved.items()}
     if not any(series.values()):
-        raise HistoryError(f"experiments {list(experiment_ids)} have no global values for {names}")
+        recorded = sorted({name for e in experiments for r in history.rounds(e.id)
+                           for name, value in r.metrics.items()
+                           if isinstance(value, (int, float)) and not isinstance(value, bool)})
+        raise HistoryError(
+            f"experiments {list(experiment_ids)} have no global values for {names}; "
+            f"global metrics recorded: {recorded}"
+        )
     figure, axes = _new_figure(len(names))
     for ax, metric in zip(axes, names):
+        shown = sorted({resolved[(e.id, metric)][0] for e in experiments if series[(e.id, metric)]})
         for experiment in experiments:
             points = series[(experiment.id, metric)]
             if points:
@@ -147,13 +157,23 @@ def compare_experiments(
                     linewidth=2.0,
                     label=f"#{experiment.id} {experiment.name}",
                 )
-        _style(ax, metric, any(series[(e.id, metric)] for e in experiments))
+        _style(ax, " / ".join(shown) or metric, bool(shown))
     figure.suptitle("global metrics per round: " + " vs ".join(f"#{e.id} {e.name}" for e in experiments))
     return _save(figure, out_path)
 
 
 #: The prefix of the rounds' aggregated metrics (``fedserver.rounds.round_metrics``) for each node source.
 _ROUND_PREFIX = {"training": "train_", "validation_before": "val_before_", "validation_after": "val_after_"}
+
+
+def _compared_series(history: HistoryStore, experiment_id: int, metric: str) -> tuple[str, list]:
+    """The round-level name and series ``compare_experiments`` shows for ``metric``: the training aggregate,
+    else the aggregate of the validation after training, else ``metric`` itself as a round-level name."""
+    for name in (f"train_{metric}", f"val_after_{metric}", metric):
+        points = history.global_series(experiment_id, name)
+        if points:
+            return name, points
+    return metric, []
 
 
 def _global_series(history: HistoryStore, experiment_id: int, metric: str, source: str) -> list:

@@ -11,7 +11,7 @@ from matplotlib.image import imread
 from fedcore.errors import HistoryError
 from fedserver.history import HistoryStore
 from fedserver.history_records import NodeResultRecord
-from fedserver.plot import available_metrics, compare_experiments, plot_history
+from fedserver.plot import _compared_series, available_metrics, compare_experiments, plot_history
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -122,3 +122,29 @@ def test_node_metric_names_find_the_rounds_aggregates_as_real_runs_name_them(sto
     assert_png(compare_experiments(store, [exp], tmp_path / "compare.png", metrics=("loss",)), columns=1)
     assert_png(plot_history(store, exp, tmp_path / "after.png", metrics=("accuracy",), source="validation_after"),
                columns=1)
+
+
+def test_compare_finds_a_metric_nodes_report_only_on_validation(store, tmp_path):
+    """``fedserver plot --compare`` with the default metrics: ``accuracy`` is recorded as
+    ``val_after_accuracy`` only (no training accuracy); its panel read "no values for 'accuracy'"."""
+    exps = []
+    for name, rate in (("scaffold", 0.4), ("fedavg", 0.2)):
+        exp = store.start_experiment(name, {})
+        for round in range(1, 5):
+            store.start_round(exp, round, ["site-0"])
+            store.finish_round(exp, round, metrics={"train_loss": math.exp(-rate * round),
+                                                    "val_after_accuracy": 1 - math.exp(-rate * round)})
+        exps.append(exp)
+    assert [_compared_series(store, exps[0], m)[0] for m in ("loss", "accuracy")] == [
+        "train_loss", "val_after_accuracy"]
+    assert_png(compare_experiments(store, exps, tmp_path / "both.png"), columns=2)
+
+
+def test_compare_without_any_value_lists_the_recorded_global_metrics(store, tmp_path):
+    exp = store.start_experiment("real", {})
+    store.start_round(exp, 1, ["site-0"])
+    store.finish_round(exp, 1, metrics={"train_loss": 0.5, "val_after_accuracy": 0.7})
+    with pytest.raises(HistoryError, match=r"no global values for \['f1'\]; global metrics recorded: "
+                                           r"\['train_loss', 'val_after_accuracy'\]"):
+        compare_experiments(store, [exp], tmp_path / "x.png", metrics=["f1"])
+    assert not (tmp_path / "x.png").exists()
