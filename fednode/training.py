@@ -30,8 +30,8 @@ def run_training(task: TrainTask, dataset: ArrayDataset, progress: ProgressCallb
                  should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train ``task.plan`` on ``dataset`` from ``task.params`` and return the result payload.
 
-    ``should_stop`` is handed to ``TrainingPlan.train``, which asks it before each batch (the node: "has the
-    server closed this task?").
+    ``should_stop`` is handed to ``TrainingPlan.train`` and to the validations before and after it, which ask
+    it before each batch (the node: "has the server closed this task?").
 
     Raises:
         TrainingStoppedError: ``should_stop()`` returned True (a PlanError: the steps done are named).
@@ -57,11 +57,11 @@ def run_training(task: TrainTask, dataset: ArrayDataset, progress: ProgressCallb
     validation: dict[str, dict[str, float]] = {}
     evaluate = plan.validation_dataset is not None and len(plan.validation_dataset) > 0
     if evaluate and args["test_on_global_updates"]:
-        validation["before"] = _finite(plan.evaluate(), "validation of the global model")
+        validation["before"] = _finite(plan.evaluate(should_stop=should_stop), "validation of the global model")
     result = plan.train(progress=progress, correction=correction,
                         global_params=task.params if args["fedprox_mu"] > 0 else None, should_stop=should_stop)
     if evaluate and args["test_on_local_updates"]:
-        validation["after"] = _finite(plan.evaluate(), "validation of the local model")
+        validation["after"] = _finite(plan.evaluate(should_stop=should_stop), "validation of the local model")
     params = weights_to_numpy(plan.after_training_params())
     tail = result.losses[-10:]
     metrics = {"loss": float(np.mean(tail))} if tail else {}

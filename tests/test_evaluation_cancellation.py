@@ -94,3 +94,39 @@ def test_evaluate_asks_should_stop_before_each_batch() -> None:
     with pytest.raises(TrainingStoppedError, match=r"evaluation stopped after 2 batches \(6 of 10 samples\)"):
         plan.evaluate(data, should_stop=stop_at_third)
     assert plan.evaluate(data, should_stop=lambda: False) == plan.evaluate(data)  # never True: same metrics
+
+
+def test_a_closed_training_task_stops_during_its_validation_too(tmp_path: Path, caplog) -> None:
+    """A TRAIN task validating the global model (test_on_global_updates, test_ratio 0.5: 100 slow batches)
+    stops at the next validation batch once the server closed it, not after the whole validation."""
+    from fedcore.tasks import TrainTask
+
+    args = {**ARGS, "test_ratio": 0.5, "seed": 1, "test_on_global_updates": True}
+    plan = LinearPlan()
+    plan.post_init(args)
+    task = TrainTask("e", 1, PlanSource.from_source("LinearPlan", SLOW_SOURCE), args,
+                     weights_to_numpy(plan.get_model_params()), dataset_tags=["lsq"])
+
+    async def scenario():
+        async with federation(tmp_path, least_squares_sites(1, n=SAMPLES)) as (server, _, _):
+            await server.wait_for_nodes(1, timeout=10)
+            first = server.dispatch("site-0", TaskKind.TRAIN, server.encode_payload(task.to_payload()),
+                                    experiment_id="e", round=1, inactivity_timeout=60)
+            deadline = time.monotonic() + 20
+            while first.state is not TaskState.RUNNING and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.5)  # about 15 validation batches
+            closed_at = time.monotonic()
+            first.cancel("round closed by the test")
+            second = server.dispatch("site-0", TaskKind.EVALUATE,
+                                     server.encode_payload(_evaluate(2, {**ARGS, "batch_size": SAMPLES})),
+                                     experiment_id="e", round=2, inactivity_timeout=60)
+            result = await second.result(timeout=40)
+            return time.monotonic() - closed_at, result
+
+    with caplog.at_level(logging.INFO, logger="fednode"):
+        took, result = asyncio.run(asyncio.wait_for(scenario(), 90))
+    assert result.outcome is TaskState.SUCCEEDED, result.error_message
+    assert took < 2.0 + 2 * BATCH_SECONDS + 2.0, took  # the whole validation: 10 s more
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert re.search(r"evaluation stopped after \d+ batches", messages), messages[-3000:]
