@@ -28,7 +28,7 @@ __all__ = ["export_checkpoint", "register"]
 
 _DESCRIPTION = """\
 Write the global model of a checkpoint (the latest, or --round N) to FILE.npz: one array per parameter
-name, dtypes and shapes as trained (bfloat16 models are stored as float32, which holds every bfloat16
+and persistent buffer (BatchNorm running statistics), by name, dtypes and shapes as trained (bfloat16 models are stored as float32, which holds every bfloat16
 value exactly). The checkpoint is verified against its manifest first; FILE is replaced only with
 --force, and never left half-written."""
 
