@@ -130,11 +130,7 @@ class MiniBatchTrainingIterationsAccountant:
         if args["dry_run"] or args["num_updates"] is not None:
             total = 1 if args["dry_run"] else args["num_updates"]
             return total // loader_len + 1, loader_len, total % loader_len
-        if args["epochs"] is None:
-            raise TrainingArgsError(
-                "neither 'num_updates' nor 'epochs' is set: set num_updates or epochs in the training "
-                "arguments (num_updates is preferred: it gives every node the same number of steps)"
-            )
+        args.check_iterations()  # neither num_updates nor epochs: TrainingArgsError
         per_epoch = loader_len
         batch_maxnum = args["batch_maxnum"]
         if batch_maxnum is not None:

@@ -234,6 +234,15 @@ class TrainingArgs(Mapping[str, Any]):
         """A new ``TrainingArgs`` with ``changes`` applied on top of these values (validated again)."""
         return type(self)({**self._values, **changes})
 
+    def check_iterations(self) -> None:
+        """Raise TrainingArgsError unless these arguments say how many local iterations to run (``num_updates``
+        or ``epochs``, or ``dry_run``): every training task would fail on every node otherwise."""
+        if not self._values["dry_run"] and self._values["num_updates"] is None and self._values["epochs"] is None:
+            raise TrainingArgsError(
+                "neither 'num_updates' nor 'epochs' is set: set num_updates or epochs in the training "
+                "arguments (num_updates is preferred: it gives every node the same number of steps)"
+            )
+
     # -- introspection ---------------------------------------------------------------------------
     @staticmethod
     def valid_keys() -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from fedcore.aggregators.scaffold import check_plain_sgd_args
 from fedcore.errors import PlanError
 from fedcore.models import weights_to_numpy
 from fedcore.plans import ArrayDataset, TrainingProgress
@@ -47,8 +48,7 @@ def run_training(task: TrainTask, dataset: ArrayDataset, progress: ProgressCallb
         correction = task.aggregator_state.get("correction")
         if correction is None:
             raise PlanError("Scaffold task without a correction (aggregator_state.correction is missing)")
-        if args["momentum"] or args["weight_decay"]:
-            raise PlanError("Scaffold's control variates assume plain SGD: set momentum=0 and weight_decay=0")
+        check_plain_sgd_args(args)  # TrainingArgsError naming momentum / weight_decay
     plan = load_plan_class(task.plan)()
     plan.model_args = dict(task.model_args)
     plan.post_init(args)

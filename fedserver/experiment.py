@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fedcore.aggregators import Aggregator, FedAverage
-from fedcore.errors import ExperimentError, RoundFailedError
+from fedcore.errors import ExperimentError, RoundFailedError, TrainingArgsError
 from fedcore.plans import TrainingPlan
 from fedcore.strategies import AllNodes, NodeSelector
 from fedcore.tasks import EvaluateTask, PlanSource, TrainTask
@@ -136,6 +136,11 @@ class Experiment(GlobalParams):
         self.plan = plan if isinstance(plan, PlanSource) else PlanSource.from_class(plan)
         self.training_args = TrainingArgs.from_dict(dict(training_args))
         self.aggregator = aggregator if aggregator is not None else FedAverage()
+        try:  # what every node would refuse, refused before a task is sent
+            self.training_args.check_iterations()
+            self.aggregator.check_training_args(self.training_args)
+        except TrainingArgsError as exc:
+            raise ExperimentError(f"training_args: {exc}") from None
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ExperimentError(f"rounds must be an int >= 1, got {rounds!r}")
         if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 1:

@@ -112,7 +112,8 @@ def test_low_memory_reaches_the_experiment_new_or_resumed(tmp_path) -> None:
                                              "--low-memory"])
     exp = _experiment(args, None, None)
     assert exp.low_memory and exp.checkpoints is not None and not exp.keep_round_params
-    plain = _experiment(build_parser().parse_args(base + ["--plan", PLAN, "--rounds", "1"]), None, None)
+    plain = _experiment(build_parser().parse_args(base + ["--plan", PLAN, "--rounds", "1", "--args", json.dumps(ARGS)]),
+                        None, None)
     assert not plain.low_memory
 
 

@@ -137,7 +137,8 @@ def test_cli_flag_reaches_the_experiment_new_or_resumed(tmp_path: Path) -> None:
 
     plan = f"{TESTS / 'plans_straggler.py'}:StragglerPlan"
     ckpt = tmp_path / "ckpt"
-    base = ["run", "--checkpoint-dir", str(ckpt), "--no-progress", "--history-db", str(tmp_path / "h.db")]
+    base = ["run", "--checkpoint-dir", str(ckpt), "--no-progress", "--history-db", str(tmp_path / "h.db"),
+            "--args", "{\"num_updates\": 2}"]
     new = _experiment(build_parser().parse_args(base + ["--plan", plan, "--rounds", "2", "--wait-after-quorum",
                                                         "2.5"]), None, None)
     assert new.wait_after_quorum == 2.5

@@ -211,6 +211,10 @@ class Aggregator(ABC):
 
     # -- public API -------------------------------------------------------------------------------
 
+    def check_training_args(self, training_args: Mapping[str, Any]) -> None:
+        """Raise TrainingArgsError when the nodes' training arguments contradict this aggregator's maths, so an
+        experiment refuses them before sending a task (the nodes would refuse every one). Default: no limit."""
+
     def begin_round(
         self,
         round_index: int,

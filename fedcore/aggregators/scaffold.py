@@ -11,11 +11,20 @@ import numpy as np
 
 from fedcore.aggregators._api import Aggregator, NodeReply, ParamSpec, cast_back, frozen_view
 from fedcore.aggregators.weighted_mean import WeightedMean
-from fedcore.errors import AggregationError
+from fedcore.errors import AggregationError, TrainingArgsError
 
-__all__ = ["Scaffold"]
+__all__ = ["Scaffold", "check_plain_sgd_args"]
 
 _F64 = np.float64
+
+
+def check_plain_sgd_args(training_args: Mapping[str, Any]) -> None:
+    """Raise TrainingArgsError, naming the arguments, unless ``momentum`` and ``weight_decay`` are 0: Scaffold's
+    correction assumes local steps y ← y − η_l (g_i(y) − δ_i), which momentum and weight decay change."""
+    given = [f"{key}={training_args.get(key)}" for key in ("momentum", "weight_decay") if training_args.get(key)]
+    if given:
+        raise TrainingArgsError(f"Scaffold's control variates assume plain SGD: {', '.join(given)} must be 0 "
+                                "(set momentum=0 and weight_decay=0, or use FedAvg)")
 
 
 class Scaffold(Aggregator):
@@ -77,6 +86,11 @@ class Scaffold(Aggregator):
 
     def config(self) -> dict[str, Any]:
         return {"server_lr": self.server_lr}
+
+    def check_training_args(self, training_args: Mapping[str, Any]) -> None:
+        """The local steps above are plain SGD: ``momentum`` and ``weight_decay`` must be 0 (see
+        :func:`check_plain_sgd_args`, which nodes apply to every Scaffold task too)."""
+        check_plain_sgd_args(training_args)
 
     @property
     def known_nodes(self) -> list[str]:
