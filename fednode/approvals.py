@@ -5,7 +5,8 @@ digest as :class:`fedcore.tasks.PlanSource`), so changing one character makes a 
 approval. The first task carrying an unknown plan records it as ``pending`` with its source, so the
 operator can read it (``fednode plans show``) before deciding; the task is refused with a message saying
 exactly which command approves it. ``approve``/``reject`` may be repeated and reversed (revoking an
-approval is a ``reject``).
+approval is a ``reject``). A plan can also be decided before any task brings it, from its file
+(:meth:`PlanApprovals.decide_source` with the source :mod:`fednode.plan_files` reads as a server sends it).
 
 ``auto_approve`` (``fednode run --auto-approve``) is for demos only: a newly seen plan is recorded as
 approved with the note ``"auto-approved (--auto-approve)"``, so the history says how it got approved.
@@ -105,6 +106,27 @@ class PlanApprovals:
         """Mark the plan rejected (also revokes an approval) and return its record."""
         return self._decide(sha_or_prefix, "rejected", note)
 
+    def decide_source(self, source: str, status: str, note: str = "", name: str = "",
+                      origin: str = "") -> PlanRecord:
+        """Record ``source`` if new and mark it ``status`` ('approved' or 'rejected'), in one transaction.
+
+        For a plan approved ahead of any task (``fednode plans approve --file``): the first task bringing
+        this exact source then finds the decision. A plan already known keeps its name and origin.
+        """
+        if status not in ("approved", "rejected"):
+            raise PlanApprovalError(f"a decision is 'approved' or 'rejected', got {status!r}")
+        sha = plan_sha256(source)
+        now = time.time()
+        with node_db.connect(self.db_path) as conn, node_db.transaction(conn):
+            conn.execute(
+                "INSERT OR IGNORE INTO plans (sha256, name, origin, source, status, note, submitted_at,"
+                " decided_at) VALUES (?,?,?,?,?,?,?,?)",
+                (sha, str(name), str(origin), source, status, str(note), now, now),
+            )
+            conn.execute("UPDATE plans SET status = ?, note = ?, decided_at = ? WHERE sha256 = ?",
+                         (status, str(note), now, sha))
+        return self.get(sha)
+
     def status(self, sha: str) -> str | None:
         """``'approved'``, ``'rejected'`` or ``'pending'`` for the full SHA-256 ``sha``; None if unseen."""
         with node_db.connect(self.db_path) as conn:
@@ -142,7 +164,8 @@ class PlanApprovals:
         if not rows:
             raise PlanApprovalError(
                 f"no training plan {prefix!r} on this node; `fednode plans list` shows the known ones "
-                f"(a plan appears there once a task has brought it)"
+                f"(a plan appears there once a task has brought it, or once approved from its file with "
+                f"`fednode plans approve --file PLAN.py`)"
             )
         if len(rows) > 1:
             matches = "; ".join(f"{row[0][:SHORT + 4]} {row[1]} ({row[3]})" for row in rows[:10])

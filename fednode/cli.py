@@ -29,6 +29,7 @@ typical session:
   fednode start --server fl.example.org:50051 --ca-cert ca.crt --token-file node.token --name clinic-a
   fednode plans list --status pending      (in another terminal, when a task was refused)
   fednode plans approve 3fa2c1d9e0b7
+  fednode plans approve --file plans/mlp.py (before the first task, from the researcher's plan file)
 
 exit status:
   0 success, 1 error (message on stderr), 2 refused by the server or bad usage, 130 interrupted

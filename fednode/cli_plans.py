@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import textwrap
+from pathlib import Path
 from typing import Any
 
 from fedcore.text_output import format_time, key_values, text_table
 from fednode.approvals import MIN_PREFIX, STATUSES, PlanApprovals, PlanRecord
 from fednode.home import FILES_HELP, add_home_options, existing_db_path_from_args
+from fednode.plan_files import plan_class_names, plan_file
 
 __all__ = ["register"]
 
@@ -26,6 +28,7 @@ researcher's plan module, identified by its SHA-256: changing one character make
 
 The first task that brings an unknown plan records it as pending (with its source) and is refused; the
 researcher is told to ask you. Read the code with `fednode plans show ID`, then approve or reject it.
+Or approve the plan's file before any task brings it: `fednode plans approve --file PLAN.py`.
 ID is the SHA-256 or any unique prefix of it (at least {MIN_PREFIX} hex digits); listings show 12.
 
 What a plan's sender wrote is printed with its invisible characters made visible: terminal control
@@ -33,6 +36,16 @@ sequences, bidirectional-text overrides and zero-width characters appear as esca
 and a lone carriage return, a line break for Python, as \\r at the end of a line. They cannot hide code
 from the review (`show` says how many there are)."""
 
+
+_FILE_HELP = """\
+approving ahead of the first task (--file):
+  `fednode plans {verb} --file PLAN.py` records the plan the researcher will send from PLAN.py and
+  decides it now, so its first task runs without being refused as pending. A server sends the whole
+  file as Python reads it: decoded (UTF-8 unless it declares another coding), line endings made \\n, a
+  final newline added; the SHA-256 printed is of that text. For a UTF-8 file with Unix line endings that
+  ends in a newline, it is what `sha256sum PLAN.py` prints; compare it with the researcher's (`fedserver
+  run` prints its first 12 digits). The file is parsed to find the class name, never run.
+"""
 
 
 def register(subparsers: Any) -> None:
@@ -45,6 +58,7 @@ def register(subparsers: Any) -> None:
               fednode plans list --status pending
               fednode plans show 3fa2c1d9e0b7
               fednode plans approve 3fa2c1d9e0b7 --note "reviewed by J. Doe, no file or network access"
+              fednode plans approve --file plans/mlp.py --note "v2, reviewed before the run"
               fednode plans reject 3fa2c1d9e0b7 --note "writes outside the working directory"
             """) + "\n" + FILES_HELP,
     )
@@ -69,14 +83,20 @@ def register(subparsers: Any) -> None:
     show.set_defaults(func=_show)
 
     for verb, status, summary in (
-        ("approve", "approved", "allow tasks to run plan ID on this node"),
+        ("approve", "approved", "allow tasks to run plan ID (or the plan in --file) on this node"),
         ("reject", "rejected", "refuse plan ID (also revokes an approval)"),
     ):
         decide = commands.add_parser(
-            verb, help=summary, formatter_class=_RAW, epilog=FILES_HELP,
-            description=f"Mark plan ID {status}; the decision applies to tasks from now on. Repeatable.",
+            verb, help=summary, formatter_class=_RAW, epilog=_FILE_HELP.format(verb=verb) + "\n" + FILES_HELP,
+            description=f"Mark plan ID {status}; the decision applies to tasks from now on. Repeatable.\n"
+                        f"With --file instead of ID: the plan in that file, known or not (see below).",
         )
-        decide.add_argument("plan_id", metavar="ID", help="SHA-256 or a unique prefix (>= 8 hex digits)")
+        decide.add_argument("plan_id", metavar="ID", nargs="?",
+                            help="SHA-256 or a unique prefix (>= 8 hex digits) of a plan the node knows")
+        decide.add_argument("--file", type=Path, metavar="PLAN.py",
+                            help="the plan's file, as the researcher sends it: record and decide it now")
+        decide.add_argument("--name", metavar="CLASS",
+                            help="with --file: the plan class (default: the only TrainingPlan class in it)")
         decide.add_argument("--note", default="", help="why; kept with the decision and shown by list/show")
         add_home_options(decide, existing=True)
         decide.set_defaults(func=_decide, decision=verb)
@@ -128,10 +148,48 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _decide(args: argparse.Namespace) -> int:
-    approvals = PlanApprovals(existing_db_path_from_args(args))
+    if (args.plan_id is None) == (args.file is None):
+        args.usage_error("give the plan's ID or --file FILE" + (", not both" if args.file else ""))
+    if args.name is not None and args.file is None:
+        args.usage_error("argument --name: only with --file (a known plan keeps the name its task gave)")
+    db = existing_db_path_from_args(args)
+    if args.file is not None:
+        return _decide_file(args, db)
+    approvals = PlanApprovals(db)
     decide = approvals.approve if args.decision == "approve" else approvals.reject
     record = decide(args.plan_id, args.note)
     print(f"plan {record.short_id} ({_shown_text(record.name)}) is now {record.status}")
+    return 0
+
+
+def _decide_file(args: argparse.Namespace, db: Path) -> int:
+    """``approve/reject --file``: the source a server sends for that file, recorded and decided now."""
+    try:
+        raw = args.file.read_bytes()
+    except OSError as exc:
+        args.usage_error(f"argument --file: cannot read {args.file}: {exc.strerror or exc}")
+    plan = plan_file(args.file, raw)
+    plans, classes = plan_class_names(plan.source, args.file)
+    name = args.name
+    if name is None:
+        if len(plans) != 1:
+            found = f"{len(plans)} training plan classes ({', '.join(plans)})" if plans else \
+                "no class deriving from a TrainingPlan"
+            args.usage_error(f"argument --name: {args.file} defines {found}: give --name CLASS, the class the "
+                             f"researcher runs")
+        name = plans[0]
+    elif name not in classes:
+        args.usage_error(f"argument --name: no class {name!r} in {args.file} (classes there: "
+                         f"{', '.join(classes) or 'none'})")
+    status = "approved" if args.decision == "approve" else "rejected"
+    record = PlanApprovals(db).decide_source(plan.source, status, args.note, name=name,
+                                            origin=f"file {args.file.absolute()}")
+    print(f"plan {record.short_id} ({_shown_text(record.name)}) is now {record.status}")
+    print(f"sha256 {record.sha256}")
+    if not plan.same_as_bytes:
+        print(f"note: this is the SHA-256 of {args.file} as Python reads it and a server sends it (decoded, "
+              "line endings made \\n, a final newline added), not the SHA-256 of the file's bytes that "
+              "sha256sum prints")
     return 0
 
 
