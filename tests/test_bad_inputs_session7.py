@@ -373,9 +373,11 @@ def test_history_with_a_damaged_page_is_a_history_error_naming_the_file(tmp_path
     sqlite3.DatabaseError ("database disk image is malformed")."""
     path = tmp_path / "history.db"
     filled_history(path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # a page every read of node_results goes through
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'node_results'").fetchone()
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     data = bytearray(path.read_bytes())
-    middle = len(data) // 2 // 4096 * 4096
-    data[middle : middle + 4096] = b"\xff" * 4096
+    data[(root - 1) * page_size : root * page_size] = b"\xff" * page_size
     path.write_bytes(bytes(data))
     with pytest.raises(HistoryError, match=r"history\.db.*malformed"), HistoryStore(path) as history:
         history.node_results(1)
