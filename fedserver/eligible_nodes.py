@@ -34,10 +34,37 @@ async def eligible_nodes(server: FedServer, dataset_tags: Sequence[str], min_nod
             break
         await server.wait_for_nodes(len(infos) + 1, min(remaining, 1.0))
     if len(eligible) < min_nodes:
-        raise RoundFailedError(
-            f"only {len(eligible)} connected node(s) have the dataset tags {dataset_tags} "
-            f"({[i.node_id for i in eligible]}), quorum is {min_nodes}; waited {wait_timeout:g} s")
+        raise RoundFailedError(_shortfall(server, dataset_tags, min_nodes, wait_timeout, infos, eligible))
     return eligible
+
+
+#: At most this many connected nodes are listed, with their datasets' tags, when too few are eligible.
+LISTED_NODES = 10
+
+
+def _shortfall(server: FedServer, dataset_tags: Sequence[str], min_nodes: int, wait_timeout: float,
+               infos: list[NodeInfo], eligible: list[NodeInfo]) -> str:
+    """Why too few nodes are eligible, telling apart "no node reaches this server" (wrong address or port, nodes
+    not started) from "nodes are here but none has a dataset with these tags" (a misspelled tag)."""
+    ids = [i.node_id for i in eligible]
+    if dataset_tags:
+        head = f"only {len(eligible)} connected node(s) have a dataset with all the tags {list(dataset_tags)} ({ids})"
+    else:
+        head = f"only {len(eligible)} connected node(s) ({ids})"
+    message = f"{head}, quorum is {min_nodes}; waited {wait_timeout:g} s"
+    if not infos:
+        return (f"{message}. No node is connected to this server (port {server.port}): check that the nodes run "
+                f"`fednode start --server HOST:{server.port}` and can reach it")
+    if dataset_tags and len(infos) > len(eligible):
+        listed = "; ".join(f"{i.node_id}: {_datasets_tags(i)}" for i in infos[:LISTED_NODES])
+        more = f"; and {len(infos) - LISTED_NODES} more" if len(infos) > LISTED_NODES else ""
+        message += f". {len(infos)} node(s) are connected, their datasets' tags: {listed}{more}"
+    return message
+
+
+def _datasets_tags(info: NodeInfo) -> str:
+    per_dataset = info.dataset_tags if info.dataset_tags is not None else (info.tags,)
+    return ", ".join(str(sorted(tags)) for tags in per_dataset) or "no datasets"
 
 
 def _safe_select(selector: NodeSelector, infos: list[NodeInfo]) -> list[str]:
