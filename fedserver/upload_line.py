@@ -206,14 +206,14 @@ class LineTurn:
     line never stalls the uploads behind it.
     """
 
-    def __init__(self, line: UploadLine, begin: Callable[[str, str, PayloadInfo], UploadSession],
+    def __init__(self, line: UploadLine, begin: Callable[[str, str, PayloadInfo, str], UploadSession],
                  busy: Callable[[str, int], UploadsBusyError], task_id: str, size: int, timeout: float) -> None:
         self.task_id = task_id
         self.size = size
         self.timeout = timeout
         self.admitted = False
         self._line = line
-        self._begin = begin  # UploadSessions.begin(task_id, node_id, info)
+        self._begin = begin  # UploadSessions.begin(task_id, node_id, info, instance)
         self._busy = busy  # UploadSessions.busy_error(task_id, size): why there is no room for it now
         self._ending = ""
         self._taken = False
@@ -227,15 +227,16 @@ class LineTurn:
         if self.admitted and not self._taken:
             self._line.pass_turn()
 
-    def begin(self, node_id: str, info: PayloadInfo) -> UploadSession:
-        """:meth:`UploadSessions.begin <fedserver.uploads.UploadSessions.begin>` for this upload; the turn is
+    def begin(self, node_id: str, info: PayloadInfo, instance: str = "") -> UploadSession:
+        """:meth:`UploadSessions.begin <fedserver.uploads.UploadSessions.begin>` for this upload (of the node
+        process ``instance``, whose newer call may take over a running upload of the task); the turn is
         taken once it returns. Not admitted after the longest wait (no room, or older uploads in line ahead):
         UploadQueuedError when the line moved during the wait (call again now), else UploadsBusyError, each
         saying so."""
         try:
             if not self.admitted:
                 raise self._busy(self.task_id, self.size)
-            session = self._begin(self.task_id, node_id, info)
+            session = self._begin(self.task_id, node_id, info, instance)
         except UploadsBusyError as exc:
             kept = self._line.place_kept_seconds
             if self._ending == "queued":

@@ -15,10 +15,21 @@ to that process again. A refusal of the header for the result itself (:data:`RES
 the task for GetUploadStatus (``refused_reason``): grpc.aio may hide it from the node (grpc/grpc#36066).
 Like a poll, an upload stream that ends early is a drop of the node (the registry's upload count), which
 then has the task board's reconnect grace to call again.
+
+A newer UploadResult of the task from the same node process (its ``fedstream-instance-id``) takes over a
+session that an older stream still writes into (:meth:`fedserver.uploads.UploadSessions.begin`): a
+connection that died without a reset keeps its stream open until gRPC keepalive gives up (up to 80 s), and
+the process that reconnected and resumed must not be refused meanwhile. The older stream writes no chunk
+after the takeover (it checks its ``writer`` number before each), is woken from its wait for the next chunk
+(a cancellation of its handler marked :data:`_TAKEN_OVER`, which it alone turns into its status) and ends
+ABORTED ``ERROR_REASON_UPLOAD_IN_PROGRESS`` naming the takeover, refused rather than dropped, and leaving
+the session, which is the newer stream's now, alone.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -31,6 +42,7 @@ from fedcore.errors import (
     PermissionDeniedError,
     TaskClosedError,
     UnknownTaskError,
+    UploadConflictError,
     UploadIncompleteError,
 )
 from fedcore.serialization import DEFAULT_LIMITS, Serializer, SerializerLimits
@@ -49,6 +61,9 @@ from fedstream.v1 import node_service_pb2 as pb
 #: reports the task FAILED, or retries when busy or queued); GetUploadStatus tells the last one (refused_reason).
 RESULT_REFUSALS = frozenset({"ERROR_REASON_PAYLOAD_TOO_LARGE", "ERROR_REASON_UPLOADS_BUSY", "ERROR_REASON_UPLOAD_QUEUED",
                              "ERROR_REASON_FRAMING", "ERROR_REASON_MALFORMED_MESSAGE"})
+
+#: The message of the cancellation that wakes an upload stream taken over by a newer one of its process.
+_TAKEN_OVER = "upload taken over by a newer stream of the same node process"
 
 #: The caller's node id from the call's credentials alone (before anything is read from an unknown caller).
 Authenticate = Callable[[Any], str]
@@ -134,15 +149,20 @@ class UploadService:
                     async with self.uploads.line(desc.task_id, info.total_size) as turn:
                         if handle.done():  # ended while in line (a round gave up on it, the node restarted)
                             raise handle.closed_error()
-                        session = turn.begin(node_id, info)  # UploadQueuedError / UploadsBusyError: no room
+                        session = turn.begin(node_id, info, instance)  # UploadQueuedError / UploadsBusyError
             else:
-                session = self.uploads.begin(desc.task_id, node_id, info)
+                session = self.uploads.begin(desc.task_id, node_id, info, instance)
         except Exception as exc:
             self._note_refused_header(desc.task_id, node_id, instance, exc)
             raise
+        writer = session.writer  # this stream's number: a newer stream of the process may take the session over
         handle.mark_uploading()
         max_chunk = self.config.max_chunk_size
+        task = asyncio.current_task()
+        kept = True  # the session stayed this stream's to the end (not taken over)
         try:
+            if session.written_by(writer):  # a takeover wakes this stream from its wait for the next chunk
+                session.wake_writer = functools.partial(task.cancel, _TAKEN_OVER) if task is not None else None
             async for message in messages:
                 if type(message) is tuple:  # a chunk, decoded zero-copy by convert.upload_request_from_bytes
                     offset, data = message
@@ -159,13 +179,27 @@ class UploadService:
                     raise ChunkOrderError(
                         f"chunk at offset {offset} has {n} bytes: every chunk but the last must have "
                         f"chunk_size {info.chunk_size} bytes")
+                if not session.written_by(writer):  # taken over while this chunk was read: not written
+                    break
                 session.assembler.add(offset, data)
                 del message, data  # not held while the next chunk is read (receiver peak RSS)
                 handle.transferred("upload", n, session.received, info.total_size)
+        except asyncio.CancelledError:
+            if session.written_by(writer) or task is None:
+                raise  # gRPC cancelled the call (the node went away): the session is parked below
+            task.uncancel()  # woken by the takeover (_TAKEN_OVER): this call ends with the takeover's status
         finally:
-            self.uploads.end(session)
-            if handle.done():  # no resume will come: free the buffer now rather than park it for nobody
-                self.uploads.discard(desc.task_id)
+            kept = session.written_by(writer)
+            if kept:  # else the session belongs to the newer stream: nothing here may park or discard it
+                session.wake_writer = None
+                self.uploads.end(session)
+                if handle.done():  # no resume will come: free the buffer now rather than park it for nobody
+                    self.uploads.discard(desc.task_id)
+        if not kept:
+            raise UploadConflictError(
+                f"the upload of task {desc.task_id} was taken over by a newer UploadResult of the same node "
+                f"process (instance {instance}); this stream ends, the {session.received} bytes the server held "
+                "are kept for the newer one")
         if handle.done():  # ended during the stream, after its last chunk or before it broke off
             raise handle.closed_error()
         if not session.assembler.complete:

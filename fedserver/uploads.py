@@ -24,6 +24,17 @@ while a running upload may free some, instead of being refused: :meth:`UploadSes
 :meth:`UploadSessions.wait_for_room` wait there, the line owned by the sessions, which tell it whether
 there is room, whether anything running can free some, and whether the uploads moved
 (:meth:`UploadSessions.progress`); :meth:`UploadSessions.begin` hands the turn on.
+
+A newer UploadResult of the same task from the same node *process* takes a running session over
+(:meth:`UploadSessions.begin`): a process uploads a task over one call at a time, so its newer call means it
+gave the older one up (its connection died silently and gRPC keepalive would keep that stream "running" for
+up to 80 s). The older stream stops writing at once, before the newer one starts: each stream that begins
+gets the next ``UploadSession.writer`` number and writes only while the session is active under its number
+(:meth:`UploadSession.written_by`), and its wait for the next chunk is woken (``wake_writer``) so that it ends
+with a status naming the takeover. Everything runs on the event loop and a chunk is written without an
+``await`` in between, so no chunk of the older stream lands after the takeover. The process is the calling
+one's ``fedstream-instance-id`` (checked by the service to be the node's registered process): a call without
+one (an older node) or of another process never takes over (UploadConflictError, as before the takeover).
 """
 
 from __future__ import annotations
@@ -51,10 +62,18 @@ class UploadSession:
     assembler: ChunkAssembler
     active: bool = True  # a stream is writing into it now
     started_at: float = field(default_factory=time.monotonic)
+    instance: str = ""  # fedstream-instance-id of the process whose stream writes (or wrote last); "": unknown
+    writer: int = 1  # number of the stream that writes (or wrote last): each begin or resume takes the next one
+    wake_writer: Callable[[], None] | None = field(default=None, repr=False)  # ends its wait for a chunk
 
     @property
     def received(self) -> int:
         return self.assembler.received
+
+    def written_by(self, writer: int) -> bool:
+        """Whether the stream numbered ``writer`` still writes into this session: not ended, not taken over
+        by a newer stream (:meth:`UploadSessions.begin`), not discarded."""
+        return self.active and self.writer == writer
 
 
 class UploadSessions:
@@ -155,16 +174,23 @@ class UploadSessions:
         wait = self.line_wait_seconds if timeout is None else timeout
         return LineTurn(self._line, self.begin, self.busy_error, task_id, size, wait)
 
-    def begin(self, task_id: str, node_id: str, info: PayloadInfo) -> UploadSession:
-        """Start (``start_offset`` 0) or resume (``start_offset`` = acknowledged offset) an upload.
+    def begin(self, task_id: str, node_id: str, info: PayloadInfo, instance: str = "") -> UploadSession:
+        """Start (``start_offset`` 0) or resume (``start_offset`` = acknowledged offset) an upload for the
+        process ``instance`` of ``node_id`` (its ``fedstream-instance-id``; "" unknown). The returned session's
+        ``writer`` numbers this stream: it writes only while :meth:`UploadSession.written_by` says so.
 
+        A session that a stream still writes into is taken over when the same process (``instance`` not "")
+        of the same node asks (:meth:`_take_over`): the older stream is stopped, the bytes it had written are
+        kept, and the header resumes (or starts over) as on a parked session. Otherwise, and for a header the
+        takeover would refuse, UploadConflictError (another stream of the task is running); the bytes of a
+        resume must be where the session stands (ChunkOrderError otherwise, as on a parked session).
         Raises LimitExceededError for a header over a limit (:meth:`check_limits`), and its subclass
         UploadsBusyError when the upload is within the limits but no buffer is free now (``max_sessions``
         sessions, or no room in ``max_buffered_bytes``): a refusal worth retrying later."""
         self.check_limits(info)
         existing = self._sessions.get(task_id)
         if existing is not None and existing.active:
-            raise UploadConflictError(f"an upload for task {task_id} is already running; retry when it ends")
+            self._take_over(existing, node_id, info, instance)
         if info.start_offset > 0:
             if existing is None:
                 raise ChunkOrderError(
@@ -172,6 +198,8 @@ class UploadSessions:
                     "holds no bytes of it (GetUploadStatus says 0); start again at offset 0")
             existing.assembler.resume(info)
             existing.active = True  # no progress by itself (a resume that breaks at once frees nothing)
+            existing.writer += 1
+            existing.instance = instance
             return existing
         if existing is not None:
             existing = None  # no reference of ours keeps the parked buffer alive: discard frees it, its block is reused
@@ -183,10 +211,37 @@ class UploadSessions:
         room = None if self.max_buffered_bytes is None else self.max_buffered_bytes - self._buffered
         assembler = ChunkAssembler(info, max_payload_size=self.max_payload_size,
                                    max_chunk_size=self.max_chunk_size, pool=self.pool, pool_room=room)
-        session = self._sessions[task_id] = UploadSession(task_id, node_id, assembler)
+        session = self._sessions[task_id] = UploadSession(task_id, node_id, assembler, instance=instance)
         self._buffered += assembler.held_bytes  # a begin alone is no progress: it takes room, frees none
         self._line.began(task_id)  # the next in line may fit too (a byte budget can hold several small uploads)
         return session
+
+    @staticmethod
+    def _take_over(session: UploadSession, node_id: str, info: PayloadInfo, instance: str) -> None:
+        """Stop the stream writing into ``session`` for a newer header (``info``) of the same task from the
+        process ``instance`` of ``node_id``, or refuse the header (nothing changes then).
+
+        Refused with UploadConflictError when ``instance`` is unknown ("", an older node: two calls cannot be
+        told apart from two processes) or is not the writing stream's process; with ChunkOrderError, as on a
+        parked session, a resume of another payload or past the bytes held. A resume from fewer bytes than held
+        (at a chunk boundary of the same payload) is the older stream's chunks arriving after the process
+        asked GetUploadStatus: the older stream is stopped all the same (the process gave it up), its bytes
+        kept, and the header refused with UploadConflictError (retryable: ask again, resume there), not as
+        misframed, which would cost the node its result."""
+        task_id = session.task_id
+        if not instance or instance != session.instance or node_id != session.node_id:
+            raise UploadConflictError(f"an upload for task {task_id} is already running; retry when it ends")
+        start, held = info.start_offset, session.received
+        if 0 < start < held and start % info.chunk_size == 0 and (info.total_size, info.sha256, info.chunk_size) == (
+                session.assembler.info.total_size, session.assembler.info.sha256, session.assembler.info.chunk_size):
+            _stop_writer(session)
+            raise UploadConflictError(
+                f"the upload of task {task_id} was taken over from an older stream of this node process, which "
+                f"delivered up to offset {held} after this header's start_offset {start} was asked for; the bytes "
+                f"are kept: ask GetUploadStatus again and resume at offset {held}")
+        if start > 0:
+            session.assembler.resume(info)  # refused as on a parked session, the older stream left writing
+        _stop_writer(session)
 
     def busy_error(self, task_id: str, size: int) -> UploadsBusyError:
         """Why a fresh upload of ``size`` bytes for ``task_id`` cannot begin now: no session slot, no room in
@@ -268,6 +323,15 @@ class UploadSessions:
         """Contiguous bytes received and kept for ``task_id`` (0 when there is no session)."""
         session = self._sessions.get(task_id)
         return 0 if session is None else session.received
+
+
+def _stop_writer(session: UploadSession) -> None:
+    """The stream writing into ``session`` writes no more (its number no longer owns it) and is woken from its
+    wait for a chunk, to end with the takeover's status; the session stays, parked, for the newer stream."""
+    session.active = False
+    wake, session.wake_writer = session.wake_writer, None
+    if wake is not None:
+        wake()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
