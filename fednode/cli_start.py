@@ -33,6 +33,7 @@ from fednode.handler import EchoHandler, TaskHandler
 from fednode.home import FILES_HELP, add_home_options, db_path_from_args
 from fednode.launch import run_node
 from fednode.log_text import log_text
+from fednode.start_checks import check_start_files
 from fednode.transport import superseded
 
 __all__ = ["HANDLERS", "NodeSetup", "register"]
@@ -108,10 +109,12 @@ examples:
   fednode -v start --server 127.0.0.1:50051 --insecure --token-file node.token --handler echo
 
 exit status:
-  0 stopped by a signal, 1 configuration or other error, 2 refused by the server (bad or revoked
-  token, certificate not accepted, incompatible protocol version) or replaced by another process of
-  this node (same token or certificate) that registered since and now gets its tasks; a supervisor
-  should not restart it on that status, or the two would keep replacing each other
+  0 stopped by a signal, 1 configuration or other error, 2 bad usage (options that do not go together,
+  no identity, a --ca-cert/--cert/--key/--token-file that cannot be read or parsed: all checked before
+  the node starts), refused by the server (bad or revoked token, certificate not accepted, incompatible
+  protocol version) or replaced by another process of this node (same token or certificate) that
+  registered since and now gets its tasks; a supervisor should not restart it on that status, or the
+  two would keep replacing each other
 
 {FILES_HELP}
   {TOKEN_ENV_VAR}   token file when --token-file is not given"""
@@ -172,19 +175,35 @@ def register(subparsers: Any) -> None:
                              "(default: %(default)s)")
     tuning.add_argument("--stop-grace", type=parse_grace_seconds, default=10.0, metavar="SECONDS",
                         help="time an upload in flight gets to finish after a stop signal (default: 10)")
-    parser.set_defaults(func=_start)
+    parser.set_defaults(func=_start, usage_error=parser.error)
 
 
-def config_from_args(args: argparse.Namespace) -> NodeConfig:
-    """The NodeConfig that ``fednode start`` options describe."""
+def check_option_combinations(args: argparse.Namespace) -> None:
+    """Refuse ``fednode start`` options that cannot go together, naming the flags.
+
+    Raises:
+        NodeConfigError: TLS client files without TLS, half of --cert/--key, or no identity at all.
+    """
     if args.insecure and (args.cert or args.key):
         raise NodeConfigError("--cert/--key need TLS: give --ca-cert instead of --insecure")
     if bool(args.cert) != bool(args.key):
         raise NodeConfigError("mutual TLS needs both --cert and --key")
+    if not args.cert and _token_file(args) is None:
+        raise NodeConfigError(f"the node needs an identity: give --token-file FILE (from `fedserver nodes enroll`) "
+                              f"or --cert/--key for mutual TLS (or set ${TOKEN_ENV_VAR})")
+
+
+def _token_file(args: argparse.Namespace) -> Path | None:
+    if args.token_file is None and os.environ.get(TOKEN_ENV_VAR):
+        return Path(os.environ[TOKEN_ENV_VAR])
+    return args.token_file
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """The NodeConfig that ``fednode start`` options describe (files are read later: :func:`_start`)."""
+    check_option_combinations(args)
     tls = "insecure" if args.insecure else ("mtls" if args.cert else "tls")
-    token_file = args.token_file
-    if token_file is None and os.environ.get(TOKEN_ENV_VAR):
-        token_file = Path(os.environ[TOKEN_ENV_VAR])
+    token_file = _token_file(args)
     return NodeConfig(
         server=args.server, tls=tls, ca_cert=args.ca_cert, client_cert=args.cert, client_key=args.key,
         token_file=token_file, node_name=args.name, server_name_override=args.server_name,
@@ -195,7 +214,15 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 
 def _start(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    try:  # bad usage (exit 2) naming the flag, before anything is created or printed
+        check_option_combinations(args)
+    except NodeConfigError as exc:
+        args.usage_error(str(exc))
+    config = config_from_args(args)  # a value NodeConfig refuses (e.g. --server's port): exit 1
+    try:
+        check_start_files(config, "--token-file" if args.token_file is not None else f"${TOKEN_ENV_VAR}")
+    except NodeConfigError as exc:
+        args.usage_error(str(exc))
     setup = HANDLERS[args.handler](args)
     print(f"fednode: serving {config.server} as {config.node_name!r} ({config.tls}, handler {args.handler}, "
           f"{len(setup.datasets)} datasets); Ctrl-C to stop", file=sys.stderr, flush=True)

@@ -150,7 +150,8 @@ class NodeConfig:
         if self.tls == "mtls" and (self.client_cert is None or self.client_key is None):
             raise NodeConfigError("tls='mtls' needs both client_cert and client_key")
         if self.tls != "mtls" and self.token is None and self.token_file is None:
-            raise NodeConfigError(f"tls={self.tls!r} needs a token or token_file (identity of the node)")
+            raise NodeConfigError(f"tls={self.tls!r} needs a token or token_file (identity of the node, from "
+                                  f"`fedserver nodes enroll`), or tls='mtls' with client_cert and client_key")
         if self.token is not None and self.token_file is not None:
             raise NodeConfigError("give either token or token_file, not both")
         for name in ("upload_chunk_size", "max_payload_size", "max_chunk_size"):

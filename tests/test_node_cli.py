@@ -69,7 +69,7 @@ def test_upload_retry_windows_map_to_node_config(tmp_path):
 @pytest.mark.parametrize(("argv", "message"), [
     (("--insecure", "--cert", "a", "--key", "b"), "--cert/--key need TLS"),
     (("--ca-cert", "ca", "--cert", "a"), "needs both --cert and --key"),
-    (("--ca-cert", "ca",), "needs a token or token_file"),
+    (("--ca-cert", "ca",), "give --token-file FILE \\(from `fedserver nodes enroll`\\) or --cert/--key"),
 ])
 def test_bad_option_combinations_name_the_problem(argv, message, monkeypatch):
     monkeypatch.delenv("FEDNODE_TOKEN_FILE", raising=False)

@@ -1,0 +1,104 @@
+"""What ``fednode start`` checks before it prints its banner and dials: the files its options name.
+
+A CA certificate, client certificate, key or token file that cannot be read or parsed would otherwise
+surface only when the first channel is built, after "serving ... Ctrl-C to stop", or (a PEM that gRPC
+takes but cannot use) as a TLS handshake failure retried for ever. Each problem raises a
+:class:`fedcore.errors.NodeConfigError` whose message starts with ``argument FLAG:`` (the option the
+operator typed, or ``$FEDNODE_TOKEN_FILE``), which ``fednode start`` reports as bad usage (exit 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedcore.errors import NodeConfigError
+from fednode.config import NodeConfig
+
+__all__ = ["check_start_files", "read_token_file"]
+
+
+def check_start_files(config: NodeConfig, token_flag: str = "--token-file") -> None:
+    """Read and parse every file ``config`` names, as the node will use them.
+
+    ``token_flag``: how the operator named the token file (``--token-file`` or ``$FEDNODE_TOKEN_FILE``).
+
+    Raises:
+        NodeConfigError: ``argument FLAG: ...`` naming the file and what is wrong with it.
+    """
+    if config.token_file is not None:
+        read_token_file(Path(config.token_file), token_flag)
+    if config.tls == "insecure":
+        return
+    _certificates(config.ca_cert, "--ca-cert")
+    if config.tls == "mtls":
+        (certificate, *_) = _certificates(config.client_cert, "--cert")
+        key = _private_key(config.client_key, "--key")
+        if _public_bytes(certificate.public_key()) != _public_bytes(key.public_key()):
+            raise NodeConfigError(f"argument --key: {config.client_key} is not the private key of the certificate "
+                                  f"--cert {config.client_cert} (give the key written with that certificate)")
+
+
+def read_token_file(path: Path, flag: str = "--token-file") -> str:
+    """The token in ``path``: one word, surrounding whitespace stripped (as ``NodeConfig.resolve_token``).
+
+    Raises:
+        NodeConfigError: unreadable, empty, not text, or more than one word.
+    """
+    text = _read(path, flag).decode("utf-8", errors="replace")
+    token = text.strip()
+    if not token:
+        raise NodeConfigError(f"argument {flag}: {path} holds no token (the file is empty); put the token "
+                              f"`fedserver nodes enroll NODE_ID --quiet` printed in it")
+    if any(c.isspace() for c in token) or "\ufffd" in token:
+        raise NodeConfigError(f"argument {flag}: {path} does not hold one token (one word, no spaces or line "
+                              f"breaks, UTF-8): it holds {len(text)} characters over {len(text.splitlines())} "
+                              f"line(s); put only the token `fedserver nodes enroll` printed in it")
+    return token
+
+
+def _read(path: Path | None, flag: str) -> bytes:
+    if path is None:  # NodeConfig refuses this earlier; kept for a config built otherwise
+        raise NodeConfigError(f"argument {flag}: required")
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise NodeConfigError(f"argument {flag}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _pem(path: Path | None, flag: str) -> bytes:
+    data = _read(path, flag)
+    if b"-----BEGIN" not in data:
+        raise NodeConfigError(f"argument {flag}: {path} is not a PEM file (no -----BEGIN line)")
+    return data
+
+
+def _certificates(path: Path | None, flag: str) -> list:
+    from cryptography import x509  # only `fednode start` with TLS needs it
+
+    data = _pem(path, flag)
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise NodeConfigError(f"argument {flag}: {path} holds no readable PEM certificate ({exc}); give the "
+                              f"certificate file (-----BEGIN CERTIFICATE-----)") from None
+
+
+def _private_key(path: Path | None, flag: str):
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    data = _pem(path, flag)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise NodeConfigError(f"argument {flag}: {path} is encrypted with a passphrase, which gRPC cannot use: "
+                              f"give an unencrypted key (keep it mode 600)") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise NodeConfigError(f"argument {flag}: {path} holds no readable PEM private key ({exc})") from None
+
+
+def _public_bytes(public_key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
