@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import re
+import time
 
 import grpc
 import numpy as np
@@ -145,13 +146,19 @@ async def test_a_refused_report_keeps_the_task_alive_past_its_inactivity_timeout
     async with running_server(tmp_path) as kit:
         node = await kit.registered_node("a")
         handle = kit.server.dispatch("a", TaskKind.TRAIN, kit.server.encode_payload({"round": 1}),
-                                     experiment_id="e", round=1, inactivity_timeout=0.6)
+                                     experiment_id="e", round=1, inactivity_timeout=1.5)
         await node.poll(wait=1)
         bad = pb.ReportEvent(timestamp=1.0, log=pb.LogLine(level="VERBOSE", message="step"))
-        for _ in range(12):  # 1.2 s: twice the timeout
+        # a refused report every 0.1 s for twice the timeout; each resets the timer (last_activity moves): a
+        # pause of the machine shorter than the 1.5 s timeout between two of them costs nothing (0.6 s left
+        # little room on a loaded machine)
+        until = time.monotonic() + 2 * 1.5
+        while time.monotonic() < until:
+            before = handle.last_activity
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await send_report(node, handle.task_id, [bad])
             assert reason_of(err.value) == MALFORMED
+            assert handle.last_activity > before, "a refused report must reset the inactivity timeout"
             await asyncio.sleep(0.1)
         assert not handle.done(), handle.close_reason
         await node.upload(handle.task_id, outcome=TaskOutcome.FAILED, error_message="done")

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from e2e_support import eventually
 from server_testkit import async_test, encoded, running_server, sha256, version
 
 from fedcore.errors import RoundFailedError, ServerStateError, TaskClosedError
@@ -95,10 +96,7 @@ async def test_a_replaced_process_is_refused_superseded_on_every_call(tmp_path: 
         old.metadata = (*old.metadata, ("fedstream-instance-id", OLD))
         await old.register(instance_id=OLD)
         poll = asyncio.create_task(refused(old.poll(wait=10)))
-        for _ in range(200):
-            if kit.server.registry.get("n").open_polls == 1:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: kit.server.registry.get("n").open_polls == 1, 10, "the old process's poll open")
         await new.register(instance_id=NEW)
         superseded = (Code.FAILED_PRECONDITION, "ERROR_REASON_NODE_SUPERSEDED")
         assert await asyncio.wait_for(poll, 10) == superseded  # the open poll ends

@@ -132,8 +132,8 @@ def test_stop_is_prompt_while_polling():
             await service.wait_for(lambda: service.polls)
             started = time.monotonic()
             client.stop()
-            await asyncio.wait_for(task, 2.0)
-            assert time.monotonic() - started < 1.0
+            await asyncio.wait_for(task, 10.0)
+            assert time.monotonic() - started < 5.0  # prompt: not the poll's 30 s (slack for a loaded machine)
             assert client.state is ClientState.STOPPED
         finally:
             await server.stop(None)
@@ -148,8 +148,8 @@ def test_stop_while_server_is_down_is_prompt():
         await asyncio.sleep(0.3)
         started = time.monotonic()
         client.stop()
-        await asyncio.wait_for(task, 2.0)
-        assert time.monotonic() - started < 1.0
+        await asyncio.wait_for(task, 10.0)
+        assert time.monotonic() - started < 2.5  # prompt: not the attempt's 5 s call timeout
 
     arun(scenario())
 

@@ -54,7 +54,7 @@ def test_a_dropped_poll_disconnects_unless_another_poll_is_open() -> None:
 
 
 @async_test
-async def test_closed_channel_disconnects_within_a_second_and_a_queued_task_waits(tmp_path: Path) -> None:
+async def test_closed_channel_disconnects_at_once_and_a_queued_task_waits(tmp_path: Path) -> None:
     async with running_server(tmp_path, **LONG_POLL) as kit:
         token = kit.store.enroll("a")
         node = kit.node(token=token)
@@ -63,9 +63,8 @@ async def test_closed_channel_disconnects_within_a_second_and_a_queued_task_wait
         polls = [asyncio.create_task(n.poll(wait=30)) for n in (node, other)]
         await eventually(lambda: kit.server.registry.get("a").open_polls == 1, 5, "a's poll open")
         await node.channel.close(grace=None)  # abrupt: the call is cancelled, as when the process dies
-        start = time.monotonic()
-        await eventually(lambda: not kit.server.registry.get("a").connected, 1.0, "a disconnected")
-        assert time.monotonic() - start < 1.0
+        # at once: the dropped poll, not the 50 s liveness window (5 s leaves slack for a loaded machine)
+        await eventually(lambda: not kit.server.registry.get("a").connected, 5.0, "a disconnected")
         assert kit.server.registry.connected() == ["b"]
         assert [i.node_id for i in kit.server.registry.node_infos()] == ["b"]  # what rounds select from
 
@@ -135,7 +134,7 @@ def test_a_node_that_polls_again_never_flaps(tmp_path: Path) -> None:
     assert outcomes == [TaskState.SUCCEEDED] * 3 and drops == 0 and gaps == []
 
 
-def test_killed_node_process_is_disconnected_within_a_second(tmp_path: Path) -> None:
+def test_killed_node_process_is_disconnected_at_once(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Federation(tmp_path, least_squares_sites(2), heartbeat_interval=10.0) as fed:
             # Federation's liveness window: 2 s polls + 2 x 10 s heartbeats = 22 s
@@ -150,9 +149,8 @@ def test_killed_node_process_is_disconnected_within_a_second(tmp_path: Path) -> 
                 await asyncio.sleep(0.005)
             await eventually(lambda: registry.get("site-0").open_polls == 1, 5, "site-0 polling")
             fed.nodes["site-0"].kill()
-            killed = time.monotonic()
-            await eventually(lambda: registry.connected() == ["site-1"], 1.0, "site-0 disconnected", fed.logs)
-            assert time.monotonic() - killed < 1.0
+            # at once: the dropped poll, not the 22 s liveness window (5 s leaves slack for a loaded machine)
+            await eventually(lambda: registry.connected() == ["site-1"], 5.0, "site-0 disconnected", fed.logs)
             assert [r.drops for r in registry.nodes()] == [1, 0]
 
     asyncio.run(asyncio.wait_for(scenario(), 60))

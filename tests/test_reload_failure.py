@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from e2e_support import eventually
 from low_memory_support import ARGS, CHUNK, DATASET, fresh_x
 from plans_lsq import LinearPlan
 from server_testkit import async_test, running_server
@@ -23,7 +24,7 @@ from fedcore.tasks import PlanSource, TrainResult, TrainTask
 from fedcore.wire import TaskKind
 from fedserver.experiment import Experiment
 from fedserver.round_model import RoundModel
-from fedserver.tasks import TaskHandle, TaskState
+from fedserver.tasks import TaskState
 
 
 def round_model(reload) -> RoundModel:
@@ -39,17 +40,14 @@ def test_a_resumed_download_from_a_replaced_checkpoint_fails_its_task_and_the_ro
             nodes = [kit.node(f"wire-{i}") for i in range(2)]
             for i, node in enumerate(nodes):
                 await node.register(f"wire-{i}", datasets=(DATASET,))
-            handles: list[TaskHandle] = []
             exp = Experiment(LinearPlan, ARGS, rounds=1, dataset_tags=["lsq"], min_nodes=1, round_timeout=30,
                              server=kit.server, progress=False, low_memory=True, checkpoint_dir=tmp_path / "ckpt")
             exp.params = fresh_x()
             running = asyncio.create_task(exp.run_async())
             first = [await node.poll(wait=10) for node in nodes]
-            for _ in range(500):
-                handles = kit.server.board.open_tasks()
-                if len(handles) == 2 and all(h.state is TaskState.RUNNING for h in handles):
-                    break
-                await asyncio.sleep(0.01)
+            await eventually(lambda: len(kit.server.board.open_tasks()) == 2
+                             and all(h.state is TaskState.RUNNING for h in kit.server.board.open_tasks()), 10,
+                             "both tasks delivered (RUNNING)")
             checkpoint = exp.checkpoints.load(0)  # x, saved before the round to be reloadable
             exp.checkpoints.save(0, fresh_x(shift=1.0), checkpoint.aggregator_name, checkpoint.aggregator_config,
                                  checkpoint.aggregator_state, checkpoint.experiment_state)
