@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from fedcore.command_line import add_subcommands, run_command
 from fedcore.errors import ServerRefusedError, VersionMismatchError
+from fednode.home import add_global_home_options
 
 #: Modules that add subcommands, in --help order.
 COMMAND_MODULES: tuple[str, ...] = ("fednode.cli_start", "fednode.cli_datasets", "fednode.cli_plans")
@@ -31,6 +32,10 @@ typical session:
   fednode plans approve 3fa2c1d9e0b7
   fednode plans approve --file plans/mlp.py (before the first task, from the researcher's plan file)
 
+node home:
+  --home DIR and --db FILE go before or after the command (`fednode --home site-a dataset list` or
+  `fednode dataset list --home site-a`); given in both places, the command's own wins.
+
 exit status:
   0 success, 1 error (message on stderr), 2 refused by the server or bad usage, 130 interrupted
 
@@ -41,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fednode", description=_DESCRIPTION, epilog=textwrap.dedent(_EPILOG),
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_global_home_options(parser)
     add_subcommands(parser, COMMAND_MODULES)
     return parser
 

@@ -1,6 +1,7 @@
 """Where a node keeps its state: the node home directory and the ``node.db`` inside it.
 
-The home is, in order: the path given (``--home``), else ``$FEDNODE_HOME``, else ``./fednode-home``.
+The home is, in order: the path given (``--home``, before or after the command: after it wins), else
+``$FEDNODE_HOME``, else ``./fednode-home``.
 It holds ``node.db``, the SQLite database of the dataset registry and the plan approvals (one file, one
 schema version, see :mod:`fednode.node_db`). The directory is created when the database is first opened,
 by the commands that put something in it (``fednode dataset add``, ``fednode start``). Commands that touch
@@ -22,8 +23,8 @@ from fedcore.errors import NodeStoreError
 
 __all__ = [
     "DB_FILENAME", "DEFAULT_HOME", "FILES_HELP", "HOME_ENV_VAR",
-    "add_home_options", "db_path", "db_path_from_args", "existing_db_path_from_args", "missing_db_message",
-    "node_home",
+    "add_global_home_options", "add_home_options", "chosen_location", "db_path", "db_path_from_args",
+    "existing_db_path_from_args", "missing_db_message", "node_home",
 ]
 
 HOME_ENV_VAR = "FEDNODE_HOME"
@@ -79,8 +80,8 @@ def db_path(home: str | os.PathLike[str]) -> Path:
 def add_home_options(parser: argparse.ArgumentParser, *, existing: bool = False) -> None:
     """Add ``--home`` and ``--db`` to a (sub)command parser.
 
-    Defaults are suppressed so that a ``--home`` given to the top-level ``fednode`` parser is not
-    overwritten by a subcommand's default (argparse copies subparser defaults over the namespace).
+    Defaults are suppressed so that a command's ``--home``/``--db`` is told from one not given (then the
+    top-level ones, :func:`add_global_home_options`, apply).
     ``existing``: the command needs a node database that exists (:func:`existing_db_path_from_args`); the
     parser's ``error`` is kept as ``args.usage_error`` to refuse a missing one (exit 2).
     """
@@ -97,12 +98,36 @@ def add_home_options(parser: argparse.ArgumentParser, *, existing: bool = False)
     )
 
 
+def add_global_home_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--home`` and ``--db`` to the top-level ``fednode`` parser, so they may come before the command.
+
+    They are kept apart (``global_home``, ``global_db``) from the command's own: options given after the
+    command replace those given before it, so a command's ``--home`` or ``--db`` wins over both global ones
+    (:func:`chosen_location`).
+    """
+    parser.add_argument("--home", dest="global_home", metavar="DIR", default=None, type=_path_option,
+                        help=f"node home directory holding {DB_FILENAME} (default: ${HOME_ENV_VAR}, else "
+                             f"./{DEFAULT_HOME}); before or after the command (after it wins)")
+    parser.add_argument("--db", dest="global_db", metavar="FILE", default=None, type=_path_option,
+                        help=f"node database file, overriding --home (default: HOME/{DB_FILENAME}); before or "
+                             f"after the command (after it wins)")
+
+
+def chosen_location(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """``(home, db)`` as given on the command line: the command's own ``--home``/``--db`` if it was given
+    either, else those given before the command (:func:`add_global_home_options`); None when not given."""
+    home, db = getattr(args, "home", None), getattr(args, "db", None)
+    if home or db:
+        return home, db
+    return getattr(args, "global_home", None), getattr(args, "global_db", None)
+
+
 def db_path_from_args(args: argparse.Namespace) -> Path:
     """The node database chosen on the command line: ``--db``, else ``--home``/``$FEDNODE_HOME``/default."""
-    db = getattr(args, "db", None)
+    home, db = chosen_location(args)
     if db:
         return _expanded(db, "node database")
-    return db_path(node_home(getattr(args, "home", None)))
+    return db_path(node_home(home))
 
 
 def existing_db_path_from_args(args: argparse.Namespace) -> Path:
@@ -119,11 +144,12 @@ def existing_db_path_from_args(args: argparse.Namespace) -> Path:
 def missing_db_message(args: argparse.Namespace, path: Path) -> str:
     """Why ``path`` (the node database chosen by ``args``, which does not exist) is refused, naming where the
     path came from and the commands that create a node home there."""
-    if getattr(args, "db", None):
+    given_home, given_db = chosen_location(args)
+    if given_db:
         return (f"argument --db: no node database at {path}: check the path (`fednode dataset add NAME FILE "
                 f"--db {shlex.quote(str(path))}` or `fednode start --db ...` creates one)")
     home = path.parent
-    if getattr(args, "home", None):
+    if given_home:
         source, option = "argument --home: ", f" --home {shlex.quote(str(home))}"
     elif os.environ.get(HOME_ENV_VAR):
         source, option = f"${HOME_ENV_VAR}: ", ""
