@@ -328,6 +328,12 @@ class CheckpointStore:
         folder, manifest = self._open(round)
         return self._read_params(folder, manifest)
 
+    def load_experiment_state(self, round: int) -> dict[str, Any]:
+        """Only the experiment state of ``round``'s checkpoint (``experiment.json``), verified against the
+        manifest: what a resume would read of its configuration, without reading the model."""
+        folder, manifest = self._open(round)
+        return self._read_json(folder / EXPERIMENT, manifest)
+
     def _open(self, round: int) -> tuple[Path, dict[str, Any]]:
         """The folder of ``round`` and its checked manifest."""
         round = _check_round(round)

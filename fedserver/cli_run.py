@@ -44,6 +44,7 @@ from fedserver.cli_serve import add_server_options, config_from_args
 from fedserver.config import ServerConfig
 from fedserver.evaluation import EvaluationReport, check_evaluable
 from fedserver.experiment import Experiment, resumable_checkpoint_dir
+from fedserver.experiment_serving import DEFAULTS, apply_serving, hint_command, serving_state
 from fedserver.history_records import SHOWN_NAME_CHARS, shown_text
 from fedserver.home import FILES_HELP, add_home_option, home_from_args, nodes_db
 from fedserver.rounds import RoundReport
@@ -105,6 +106,9 @@ checkpoints and resuming (--checkpoint-dir, --resume):
   --checkpoint-dir DIR` continues after it with the same plan and arguments (only --rounds,
   --round-timeout, --wait-after-quorum (`none` to wait for every node again), --node-wait,
   --expected-nodes and --history-db may change) and gives the same numbers as an uninterrupted run.
+  It serves as the run did: the checkpoint keeps --address, --port (the port bound), --tls, --cert,
+  --key, --ca and the server home; one given with --resume overrides the checkpoint's (stderr names
+  it). After a failure or Ctrl-C the command that resumes the run is printed, ready to run.
 
 output:
   stdout: the server address, one line per round (round, nodes that replied / selected, aggregated
@@ -190,7 +194,12 @@ def register(subparsers: Any) -> None:
     out.add_argument("--low-memory", action="store_true",
                      help="drop the global model during each round once every node has it, reload it from the "
                           "checkpoint when needed (needs --checkpoint-dir and --aggregator fedavg)")
-    add_server_options(run.add_argument_group("server (as `fedserver serve`)"))
+    serving = run.add_argument_group("server (as `fedserver serve`)")
+    add_server_options(serving)
+    for action in serving._group_actions:  # None = not given: a resume takes the checkpoint's value then
+        if action.dest in DEFAULTS and action.default is not None:
+            action.help = (action.help or "").replace("%(default)s", str(action.default))
+            action.default = None
     run.set_defaults(func=_run, usage_error=run.error)
 
 
@@ -363,7 +372,14 @@ def _run(args: argparse.Namespace) -> int:
         except (CheckpointError, ExperimentError, HistoryError) as exc:  # the user's checkpoint or options
             print(f"fedserver run: error: cannot resume: {escape_unprintable(str(exc))}", file=sys.stderr)
             return EXIT_REFUSED
-    else:  # refuse bad input before a port is bound
+        overridden = apply_serving(args, resumed.serving)
+        if resumed.serving is None:
+            print("fedserver: the checkpoint does not say how its run was served (written before fedserver kept "
+                  "it): serving as the command line says", file=sys.stderr)
+        elif overridden:
+            print(f"fedserver: serving as the checkpoint's run did, except: {'; '.join(overridden)}", file=sys.stderr)
+    else:
+        apply_serving(args, None)  # refuse bad input before a port is bound
         load_plan_class_from_file(args.plan)
         training_args = load_training_args(args.args, args.args_file)
         _aggregator(args)
@@ -414,6 +430,7 @@ async def _serve_and_run(args: argparse.Namespace, config: ServerConfig, store: 
         else:
             exp = resumed
             exp.server, exp.on_round = server, on_round
+        exp.serving = serving_state(args, port)
         print(f"fedserver: serving on {config.address}:{port} ({config.tls}); experiment {exp.name!r}: plan "
               f"{exp.plan.name} ({exp.plan.sha256[:12]}), {exp.aggregator.name}, rounds {exp.completed_round + 1}.."
               f"{exp.rounds}, tags {exp.dataset_tags or 'any'}, quorum {exp.min_nodes}", flush=True)
@@ -476,10 +493,20 @@ def format_evaluation(report: EvaluationReport) -> str:
 
 
 def _print_resume_hint(exp: Experiment | None) -> None:
+    """After a failed or interrupted run: the command that resumes it, serving as this run did (the options the
+    latest checkpoint does not hold, e.g. overrides of a resume that saved no round yet, and --home)."""
     if exp is None or exp.checkpoints is None:
         return
-    if exp.completed_round == 0:
+    try:
+        latest = exp.checkpoints.latest_round()
+        saved = None if latest is None else exp.checkpoints.load_experiment_state(latest).get("serving")
+    except CheckpointError as exc:
+        print(f"fedserver: the checkpoint cannot be read back: {escape_unprintable(str(exc))}", file=sys.stderr)
+        return
+    if latest is None:
         print("fedserver: no round completed, so there is no checkpoint to resume from", file=sys.stderr)
         return
-    print(f"fedserver: the checkpoint of round {exp.completed_round} is intact; once the nodes are back: "
-          f"fedserver run --resume --checkpoint-dir {exp.checkpoints.directory}", file=sys.stderr)
+    what = f"round {latest}" if latest else "round 0 (the initial model)"
+    print(f"fedserver: the checkpoint of {what} is intact; once the nodes are back: "
+          f"{hint_command(exp.checkpoints.directory, exp.serving, saved if isinstance(saved, dict) else None)}",
+          file=sys.stderr)

@@ -180,6 +180,8 @@ class Experiment(GlobalParams):
         self.progress = progress
         self.keep_round_params = (not low_memory) if keep_round_params is None else keep_round_params
         self.low_memory = bool(low_memory)
+        #: how ``fedserver run`` served the run (:mod:`fedserver.experiment_serving`), carried in checkpoints
+        self.serving: dict[str, Any] | None = None
         # state (checkpointed)
         self.completed_round = 0
         self._params: dict[str, np.ndarray] | None = None
@@ -290,6 +292,7 @@ class Experiment(GlobalParams):
             exp.params = model.params  # no longer what the checkpoint holds
             exp._buffers_filled_round = checkpoint.round
         exp.known_nodes = list(state["known_nodes"])
+        exp.serving = state.get("serving")  # checked by resume_arguments; None in checkpoints from before it
         exp.history_id = state.get("history_id") if exp.history_path == Path(state["history_db"] or "") else None
         log.info("resuming experiment %r after round %d from %s", exp.name, checkpoint.round, checkpoint.folder)
         return exp

@@ -28,6 +28,7 @@ from fedcore.errors import CheckpointError, ExperimentError, FedstreamError, His
 from fedcore.tasks import PlanSource
 from fedcore.training_args import TrainingArgs
 from fedserver.checkpoints import AGGREGATOR, EXPERIMENT, LATEST, Checkpoint, CheckpointStore
+from fedserver.experiment_serving import check_serving_state
 from fedserver.history import stored_experiment
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ def experiment_state(exp: Experiment) -> dict[str, Any]:
             "wait_after_quorum": exp.wait_after_quorum, "expected_nodes": exp.expected_nodes,
             "low_memory": exp.low_memory, "known_nodes": exp.known_nodes,
             "history_id": exp.history_id, "history_db": str(exp.history_path) if exp.history_path else None,
-            "buffers": exp.buffer_names}  # persistent buffers among x's entries (fedserver.experiment_buffers)
+            "buffers": exp.buffer_names,  # persistent buffers among x's entries (fedserver.experiment_buffers)
+            "serving": exp.serving}  # how fedserver run served it (fedserver.experiment_serving)
 
 
 def describe_experiment(exp: Experiment) -> dict[str, Any]:
@@ -107,6 +109,7 @@ def check_experiment_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
         value = state[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise CheckpointError(f"{path}: {key!r} must be a finite number of seconds > 0, got {_short(value)}")
+    check_serving_state(state.get("serving"), path)
     try:
         TrainingArgs.from_dict(state["training_args"])
     except TrainingArgsError as exc:

@@ -207,6 +207,6 @@ def test_run_as_a_process_with_fednode_processes(tmp_path: Path) -> None:
 
     assert again.returncode == 1, again.stdout + again.stderr
     assert "fedserver: error: only 0 connected node(s)" in again.stderr and "quorum is 2" in again.stderr
-    assert f"the checkpoint of round 3 is intact; once the nodes are back: fedserver run --resume --checkpoint-dir " \
-           f"{ckpt}" in again.stderr
+    assert f"the checkpoint of round 3 is intact; once the nodes are back: fedserver --home {home} run --resume " \
+           f"--checkpoint-dir {ckpt}\n" in again.stderr
     assert CheckpointStore(ckpt).latest_round() == 3
