@@ -11,6 +11,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import shlex
 import socket
 import sys
 import textwrap
@@ -30,7 +31,7 @@ from fedcore.errors import NodeConfigError, ServerRefusedError
 from fedcore.wire import DatasetInfo
 from fednode.config import NodeConfig
 from fednode.handler import EchoHandler, TaskHandler
-from fednode.home import FILES_HELP, add_home_options, db_path_from_args
+from fednode.home import DB_FILENAME, FILES_HELP, HOME_ENV_VAR, add_home_options, db_path_from_args
 from fednode.launch import run_node
 from fednode.log_text import log_text
 from fednode.start_checks import check_start_files
@@ -50,6 +51,7 @@ class NodeSetup:
     handler: TaskHandler
     datasets: list[DatasetInfo] = field(default_factory=list)
     capabilities: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # lines printed before the banner ("fednode: " + line)
 
 
 def _train_setup(args: argparse.Namespace) -> NodeSetup:
@@ -58,6 +60,13 @@ def _train_setup(args: argparse.Namespace) -> NodeSetup:
     from fednode.runner import TrainingTaskHandler
 
     db = db_path_from_args(args)
+    in_home = db.name == DB_FILENAME
+    where = db.parent if in_home else db
+    option = f"--home {shlex.quote(str(db.parent))}" if in_home else f"--db {shlex.quote(str(db))}"
+    notices = []
+    if not db.exists():  # a mistyped --home would otherwise start an empty node without a word
+        notices.append(f"created a new node {'home' if in_home else 'database'} at {where} (check --home, --db "
+                       f"or ${HOME_ENV_VAR} if you meant an existing one)")
     registry = DatasetRegistry(db)
     approvals = PlanApprovals(db, auto_approve=args.auto_approve)
     if args.auto_approve:
@@ -67,7 +76,11 @@ def _train_setup(args: argparse.Namespace) -> NodeSetup:
     capabilities = ["numpy", "scaffold", "fedprox"]
     if importlib.util.find_spec("torch") is not None:
         capabilities.append("torch")
-    return NodeSetup(handler, registry.metadata(), capabilities)
+    datasets = registry.metadata()
+    if not datasets:
+        notices.append(f"warning: no datasets registered in {where}: this node can train nothing (every task is "
+                       f"refused); register one with `fednode dataset add NAME FILE {option}` and restart the node")
+    return NodeSetup(handler, datasets, capabilities, notices)
 
 
 def _echo_setup(args: argparse.Namespace) -> NodeSetup:
@@ -220,10 +233,12 @@ def _start(args: argparse.Namespace) -> int:
         args.usage_error(str(exc))
     config = config_from_args(args)  # a value NodeConfig refuses (e.g. --server's port): exit 1
     try:
-        check_start_files(config, "--token-file" if args.token_file is not None else f"${TOKEN_ENV_VAR}")
+        warnings = check_start_files(config, "--token-file" if args.token_file is not None else f"${TOKEN_ENV_VAR}")
     except NodeConfigError as exc:
         args.usage_error(str(exc))
     setup = HANDLERS[args.handler](args)
+    for line in [f"warning: {warning}" for warning in warnings] + setup.notices:
+        print(f"fednode: {line}", file=sys.stderr)
     print(f"fednode: serving {config.server} as {config.node_name!r} ({config.tls}, handler {args.handler}, "
           f"{len(setup.datasets)} datasets); Ctrl-C to stop", file=sys.stderr, flush=True)
     try:

@@ -4,11 +4,14 @@ A CA certificate, client certificate, key or token file that cannot be read or p
 surface only when the first channel is built, after "serving ... Ctrl-C to stop", or (a PEM that gRPC
 takes but cannot use) as a TLS handshake failure retried for ever. Each problem raises a
 :class:`fedcore.errors.NodeConfigError` whose message starts with ``argument FLAG:`` (the option the
-operator typed, or ``$FEDNODE_TOKEN_FILE``), which ``fednode start`` reports as bad usage (exit 2).
+operator typed, or ``$FEDNODE_TOKEN_FILE``), which ``fednode start`` reports as bad usage (exit 2). A
+secret file others may read is a warning, not an error: the node still starts.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from fedcore.errors import NodeConfigError
@@ -17,18 +20,21 @@ from fednode.config import NodeConfig
 __all__ = ["check_start_files", "read_token_file"]
 
 
-def check_start_files(config: NodeConfig, token_flag: str = "--token-file") -> None:
-    """Read and parse every file ``config`` names, as the node will use them.
+def check_start_files(config: NodeConfig, token_flag: str = "--token-file") -> list[str]:
+    """Read and parse every file ``config`` names, as the node will use them; return the warnings.
 
     ``token_flag``: how the operator named the token file (``--token-file`` or ``$FEDNODE_TOKEN_FILE``).
+    Warnings (one line each): a token or private key file that group or others may read or write.
 
     Raises:
         NodeConfigError: ``argument FLAG: ...`` naming the file and what is wrong with it.
     """
+    warnings: list[str] = []
     if config.token_file is not None:
         read_token_file(Path(config.token_file), token_flag)
+        warnings += _private_file_warning(Path(config.token_file), "token")
     if config.tls == "insecure":
-        return
+        return warnings
     _certificates(config.ca_cert, "--ca-cert")
     if config.tls == "mtls":
         (certificate, *_) = _certificates(config.client_cert, "--cert")
@@ -36,6 +42,24 @@ def check_start_files(config: NodeConfig, token_flag: str = "--token-file") -> N
         if _public_bytes(certificate.public_key()) != _public_bytes(key.public_key()):
             raise NodeConfigError(f"argument --key: {config.client_key} is not the private key of the certificate "
                                   f"--cert {config.client_cert} (give the key written with that certificate)")
+        warnings += _private_file_warning(Path(config.client_key), "key")
+    return warnings
+
+
+def _private_file_warning(path: Path, what: str) -> list[str]:
+    """One line if ``path`` (a secret: whoever reads it is this node) has any group or other permission.
+
+    A token written with ``fedserver nodes enroll ID --quiet > ID.token`` gets the umask's mode, often 0644.
+    """
+    if os.name != "posix":  # modes mean nothing there; ACLs are the operator's business
+        return []
+    mode = stat.S_IMODE(Path(path).stat().st_mode)
+    if not mode & 0o077:
+        return []
+    access = "/".join(word for word, bits in (("readable", 0o044), ("writable", 0o022)) if mode & bits) \
+        or "accessible"
+    return [(f"{what} file {path} is {access} by group or others (mode {mode:04o}): anyone who can read it can "
+             f"act as this node; run `chmod 600 {path}`")]
 
 
 def read_token_file(path: Path, flag: str = "--token-file") -> str:
