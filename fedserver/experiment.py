@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -192,6 +193,7 @@ class Experiment(GlobalParams):
         self.history_id: int | None = None
         self.reports: list[RoundReport] = []
         self._late = LateResults()  # timed-out or cancelled tasks of past rounds, until their late result comes
+        self.node_wait_s = 0.0  # seconds the last run waited before its rounds for eligible nodes
 
     # -- public API (``params``: GlobalParams) ----------------------------------------------------
     def run(self) -> list[RoundReport]:
@@ -200,6 +202,7 @@ class Experiment(GlobalParams):
 
     async def run_async(self) -> list[RoundReport]:
         """:meth:`run` for callers already inside an event loop (with ``server=`` a running FedServer)."""
+        self.node_wait_s = 0.0
         async with self._serving() as server:
             history = HistoryStore(self.history_path) if self.history_path else None
             try:
@@ -351,8 +354,10 @@ class Experiment(GlobalParams):
         """Run round ``round_index`` up to its replies; then average, checkpoint and report it as one step
         (:meth:`_complete_round`) that a cancellation (Ctrl-C, a cancelled ``run_async``) waits for."""
         self._late.record(history, self.history_id)
+        waiting = time.perf_counter()
         candidates = await eligible_nodes(server, self.dataset_tags, self.min_nodes, self.node_wait_timeout,
                                            self.expected_nodes)
+        self.node_wait_s += time.perf_counter() - waiting
         selector = self.selection or AllNodes()
         selected = selector.select(candidates, round_index)
         known = sorted(set(self.known_nodes) | {c.node_id for c in candidates})
