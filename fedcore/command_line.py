@@ -13,9 +13,12 @@ import argparse
 import importlib
 import logging
 import math
+import os
 import re
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from fedcore.errors import FedstreamError
 from fedcore.wire.flow_control import AUTO_WINDOW, MIN_RECEIVE_WINDOW
@@ -36,6 +39,17 @@ def parse_size(text: str) -> int:
     if match is None or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 1048576, 512KiB, 4MiB or 4GiB")
     return int(match.group(1)) * _UNITS[unit]
+
+
+def home_source(given_home: str | None, home: Path, env_var: str) -> tuple[str, str]:
+    """Where a home directory came from, for a message refusing it: ``(source, option)``, the message's prefix
+    (``"argument --home: "``, ``"$FEDNODE_HOME: "``, or that neither was given) and the ``--home DIR`` to repeat
+    in the commands it suggests ("" when the home came from the environment or the default)."""
+    if given_home:
+        return "argument --home: ", f" --home {shlex.quote(str(home))}"
+    if os.environ.get(env_var):
+        return f"${env_var}: ", ""
+    return f"no --home given and ${env_var} unset: ", ""
 
 
 def parse_seconds(text: str) -> float:

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from fedcore.command_line import home_source
 from fedcore.errors import NodeStoreError
 
 __all__ = [
@@ -149,12 +150,7 @@ def missing_db_message(args: argparse.Namespace, path: Path) -> str:
         return (f"argument --db: no node database at {path}: check the path (`fednode dataset add NAME FILE "
                 f"--db {shlex.quote(str(path))}` or `fednode start --db ...` creates one)")
     home = path.parent
-    if given_home:
-        source, option = "argument --home: ", f" --home {shlex.quote(str(home))}"
-    elif os.environ.get(HOME_ENV_VAR):
-        source, option = f"${HOME_ENV_VAR}: ", ""
-    else:
-        source, option = f"no --home given and ${HOME_ENV_VAR} unset: ", ""
+    source, option = home_source(given_home, home, HOME_ENV_VAR)
     where = (f"no node home at {home} (no such directory)" if not home.exists()
              else f"{home} holds no {DB_FILENAME}, so it is no node home")
     return (f"{source}{where}: check the path, or create the home by registering a dataset "

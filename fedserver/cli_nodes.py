@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import shlex
 from pathlib import Path
 from typing import Any
 
+from fedcore.command_line import home_source
 from fedcore.errors import UnknownNodeError
 from fedserver.auth import NodeStore
 from fedserver.home import FILES_HELP, HOME_ENV_VAR, add_home_option, home_from_args, nodes_db
@@ -76,12 +75,7 @@ def _existing_home(args: argparse.Namespace) -> Path:
     exist (a mistyped --home or $FEDSERVER_HOME) is bad usage, exit 2, naming it; nothing is created."""
     home = home_from_args(args)
     if not home.is_dir():
-        if getattr(args, "home", None):
-            source, option = "argument --home: ", f" --home {shlex.quote(str(home))}"
-        elif os.environ.get(HOME_ENV_VAR):
-            source, option = f"${HOME_ENV_VAR}: ", ""
-        else:
-            source, option = f"no --home given and ${HOME_ENV_VAR} unset: ", ""
+        source, option = home_source(getattr(args, "home", None), home, HOME_ENV_VAR)
         args.usage_error(f"{source}no server home at {home} (no such directory): check the path, or create the "
                          f"home by enrolling a node (`fedserver{option} nodes enroll ID`) or making the project CA "
                          f"(`fedserver{option} certs init`)")
