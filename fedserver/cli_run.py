@@ -445,6 +445,7 @@ async def _serve_and_run(args: argparse.Namespace, config: ServerConfig, store: 
         print(f"fedserver: serving on {config.address}:{port} ({config.tls}); experiment {exp.name!r}: plan "
               f"{exp.plan.name} ({exp.plan.sha256[:12]}), {exp.aggregator.name}, {rounds}, "
               f"tags {exp.dataset_tags or 'any'}, quorum {exp.min_nodes}", flush=True)
+        _warn_early_start(exp, store, args.evaluate)
         started = time.perf_counter()
         reports = await exp.run_async()
         seconds = time.perf_counter() - started
@@ -476,6 +477,20 @@ async def _serve_and_run(args: argparse.Namespace, config: ServerConfig, store: 
         print(f"fedserver: error: {evaluation}", file=sys.stderr)
         return 1
     return 0
+
+
+def _warn_early_start(exp: Experiment, store: NodeStore, evaluate: bool) -> None:
+    """One stderr line when more nodes are enrolled than the quorum and no --expected-nodes says how many to wait
+    for: the first round then goes to the first ``min_nodes`` nodes back, the others joining only the next."""
+    enrolled = sum(1 for node in store.list() if node.active)
+    if exp.expected_nodes is not None or enrolled <= exp.min_nodes:
+        return
+    first = f"round {exp.completed_round + 1}" if exp.completed_round < exp.rounds else "the evaluation" \
+        if evaluate else None
+    if first is not None:
+        print(f"fedserver: warning: {enrolled} nodes are enrolled, but {first} starts as soon as {exp.min_nodes} "
+              f"node(s) are connected; pass --expected-nodes {enrolled} to wait (up to --node-wait) for "
+              f"{enrolled}", file=sys.stderr, flush=True)
 
 
 async def _evaluate(exp: Experiment) -> EvaluationReport | FedstreamError:
