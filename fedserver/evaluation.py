@@ -54,6 +54,7 @@ class EvaluationReport:
     metrics: dict[str, float] = field(default_factory=dict)  # sample-weighted means over the replies
     num_samples: int = 0  # samples evaluated, over the replies
     duration_s: float = 0.0
+    evaluation_id: int | None = None  # its id in the history (HistoryStore.start_evaluation); None without one
 
     @property
     def succeeded(self) -> list[str]:

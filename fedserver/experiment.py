@@ -22,8 +22,9 @@ exception: the round is recorded and reported, then the write's error stops the 
 a round, reloading it from the checkpoint that holds it when needed: see :mod:`fedserver.global_params`.
 
 Around the round loop: :mod:`fedserver.experiment_state` (what a checkpoint holds of the experiment, and
-how ``resume`` reads it back), :mod:`fedserver.node_records` (history rows of node outcomes and late
-results), :mod:`fedserver.eligible_nodes` (which connected nodes can take part).
+how ``resume`` reads it back), :mod:`fedserver.experiment_config` (the constructor's checks),
+:mod:`fedserver.experiment_evaluation` (``evaluate()``), :mod:`fedserver.node_records` (history rows of node
+outcomes and late results), :mod:`fedserver.eligible_nodes` (which connected nodes can take part).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
@@ -45,14 +45,15 @@ from fedcore.aggregators import Aggregator, FedAverage
 from fedcore.errors import ExperimentError, RoundFailedError, TrainingArgsError
 from fedcore.plans import TrainingPlan
 from fedcore.strategies import AllNodes, NodeSelector
-from fedcore.tasks import EvaluateTask, PlanSource, TrainTask
+from fedcore.tasks import PlanSource, TrainTask
 from fedcore.training_args import TrainingArgs
 from fedserver.auth import NodeStore
 from fedserver.checkpoints import CheckpointStore
 from fedserver.config import ServerConfig
 from fedserver.eligible_nodes import eligible_nodes
-from fedserver.evaluation import EvaluationReport, check_evaluable, evaluate_model
 from fedserver.experiment_buffers import checkpoint_model_state, complete_with_buffers, initial_state
+from fedserver.experiment_config import check_experiment_config
+from fedserver.experiment_evaluation import ExperimentEvaluation
 from fedserver.experiment_state import (
     STATE_FORMAT,
     describe_experiment,
@@ -62,7 +63,6 @@ from fedserver.experiment_state import (
 )
 from fedserver.global_params import GlobalParams, check_low_memory_config
 from fedserver.history import HistoryStore
-from fedserver.history_records import EvaluationRecord
 from fedserver.node_records import LateResults, node_result_record
 from fedserver.off_loop import run_off_loop, to_completion
 from fedserver.round_model import RoundModel
@@ -76,7 +76,7 @@ __all__ = ["STATE_FORMAT", "Experiment", "resumable_checkpoint_dir"]
 log = logging.getLogger(__name__)
 
 
-class Experiment(GlobalParams):
+class Experiment(GlobalParams, ExperimentEvaluation):
     """A federated training run; constructor arguments are its configuration (see the module docstring).
 
     Args:
@@ -142,22 +142,9 @@ class Experiment(GlobalParams):
             self.aggregator.check_training_args(self.training_args)
         except TrainingArgsError as exc:
             raise ExperimentError(f"training_args: {exc}") from None
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-            raise ExperimentError(f"rounds must be an int >= 1, got {rounds!r}")
-        if isinstance(min_nodes, bool) or not isinstance(min_nodes, int) or min_nodes < 1:
-            raise ExperimentError(f"min_nodes must be an int >= 1, got {min_nodes!r}")
-        if expected_nodes is not None and (isinstance(expected_nodes, bool) or not isinstance(expected_nodes, int)
-                                           or expected_nodes < min_nodes):
-            raise ExperimentError(f"expected_nodes must be None or an int >= min_nodes ({min_nodes}), "
-                                  f"got {expected_nodes!r}")
-        for label, value in (("round_timeout", round_timeout), ("node_wait_timeout", node_wait_timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ExperimentError(f"{label} must be a finite number of seconds > 0, got {value!r}")
-        if wait_after_quorum is not None and (isinstance(wait_after_quorum, bool)
-                                              or not isinstance(wait_after_quorum, (int, float))
-                                              or not 0 <= wait_after_quorum < math.inf):
-            raise ExperimentError(f"wait_after_quorum must be None or a finite number of seconds >= 0, "
-                                  f"got {wait_after_quorum!r}")
+        check_experiment_config(rounds=rounds, min_nodes=min_nodes, expected_nodes=expected_nodes,
+                                round_timeout=round_timeout, node_wait_timeout=node_wait_timeout,
+                                wait_after_quorum=wait_after_quorum)
         if server is not None and server_config is not None:
             raise ExperimentError("give either a running server or a server_config, not both")
         if low_memory:
@@ -207,44 +194,6 @@ class Experiment(GlobalParams):
             history = HistoryStore(self.history_path) if self.history_path else None
             try:
                 return await self._run_rounds(server, history)
-            finally:
-                if history is not None:
-                    history.close()
-
-    def evaluate(self) -> EvaluationReport:
-        """Evaluate the global model on every eligible node, without training (blocking; see
-        :meth:`evaluate_async`)."""
-        return asyncio.run(self.evaluate_async())
-
-    async def evaluate_async(self) -> EvaluationReport:
-        """Send the global model (after round ``completed_round``) to every connected node that has the dataset
-        tags as an EVALUATE task and return their metrics and the sample-weighted means
-        (:mod:`fedserver.evaluation`). It waits for every node (each bounded by ``round_timeout`` of inactivity:
-        a node still stopping a closed training task gets its evaluation next) and needs ``min_nodes`` replies;
-        nothing is aggregated or checkpointed. With ``history_db`` (and a run recorded there), each node's
-        outcome is stored as it comes (``HistoryStore.evaluations``; ``fedserver history``).
-
-        Raises ExperimentError before sending anything when no round has completed, or when the training
-        arguments hold samples out (``test_ratio`` > 0) without a ``seed``: each task then draws its own split,
-        so no split is held out from training and the evaluation would score training samples."""
-        if self.completed_round < 1:
-            raise ExperimentError("evaluate() evaluates the model of the last completed round and no round has "
-                                  "completed yet; for the initial model's metrics, train with "
-                                  "test_on_global_updates=True (each node's validation before round 1's training)")
-        check_evaluable(self.training_args)
-        async with self._serving() as server:
-            await self._reload_released_params()  # low_memory, interrupted round
-            params = self.params
-            candidates = await eligible_nodes(server, self.dataset_tags, self.min_nodes, self.node_wait_timeout,
-                                           self.expected_nodes)
-            task = EvaluateTask(self._key(), self.completed_round, self.plan, self.training_args.to_dict(), params,
-                                self.dataset_tags, self.model_args)
-            history = HistoryStore(self.history_path) if self.history_path and self.history_id is not None else None
-            try:
-                record = None if history is None else (lambda outcome: history.record_evaluation(
-                    EvaluationRecord.from_outcome(self.history_id, task.round, outcome)))
-                return await evaluate_model(server, task, [c.node_id for c in candidates], min_nodes=self.min_nodes,
-                                            inactivity_timeout=self.round_timeout, on_outcome=record)
             finally:
                 if history is not None:
                     history.close()

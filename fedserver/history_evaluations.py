@@ -8,9 +8,10 @@ round does not erase what the earlier model was measured at.
 Version 3 gives each evaluation its own identity: a row of ``evaluation_runs`` (id, experiment, round,
 started_at) that every node row of that evaluation references by ``evaluation_id``, so the same model
 evaluated twice shows as two evaluations, not one merged. A writer either opens one with
-``start_evaluation`` and records into it, or leaves ``evaluation_id`` None: the store then opens one per
-(experiment, round) the first time it records for it, and another when a node it already holds a row for
-comes again (an evaluation asks each node once; ``Experiment.evaluate`` opens one store per evaluation).
+``start_evaluation`` and records into it (as ``Experiment.evaluate`` does: one id per evaluation, which its
+report carries), or leaves ``evaluation_id`` None: the store then opens one per (experiment, round) the first
+time it records for it, and another when a node it already holds a row for comes again (an evaluation asks
+each node once).
 The v2 → v3 migration groups the rows it finds the same way, in arrival order: per (experiment, round),
 a new evaluation starts where a node repeats (v2 kept nothing more to tell them apart).
 
