@@ -18,6 +18,7 @@ import pytest
 
 from fedserver.cli import build_parser, main
 from fedserver.cli_serve import config_from_args
+from fedserver.experiment_serving import apply_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
@@ -82,6 +83,8 @@ def test_bad_values_exit_2_from_the_command_line(tmp_path: Path) -> None:
 def test_values_reach_the_server_config(command: str, argv: list[str], upload_buffer: int, setting: int | str | None,
                                         window: int | None, tmp_path: Path) -> None:
     args = build_parser().parse_args([command, "--home", str(tmp_path), "--tls", "insecure", *argv])
+    if command == "run":  # run's serving options stay None when not given (a resume takes the checkpoint's)
+        apply_serving(args, None)  # a new run: the defaults, as cli_run does before config_from_args
     config = config_from_args(args)
     assert (config.max_upload_buffer_bytes, config.receive_window_bytes) == (upload_buffer, setting)
     options = dict(config.grpc_options())
