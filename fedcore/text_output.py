@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-__all__ = ["escape_unprintable", "format_bytes", "format_time", "key_values", "text_table"]
+__all__ = ["escape_unprintable", "format_bytes", "format_time", "key_values", "printable_excerpt", "text_table"]
 
 
 def escape_unprintable(text: str) -> str:
@@ -15,6 +15,17 @@ def escape_unprintable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def printable_excerpt(text: str, limit: int) -> str:
+    """``text`` from the other side as one printable line: its first ``limit`` characters, then ``... [N more
+    characters cut]`` if longer, with every non-printable character written as its escape
+    (:func:`escape_unprintable`). Such text can be huge (an exception quoting a whole array) and can hold
+    characters that move the cursor, recolour a terminal or forge a log line. The limit counts characters
+    before escaping. What ``fedserver``'s ``shown_text`` and ``fednode``'s ``log_text`` show."""
+    if len(text) <= limit:
+        return escape_unprintable(text)
+    return f"{escape_unprintable(text[:limit])}... [{len(text) - limit} more characters cut]"
 
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

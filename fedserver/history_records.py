@@ -11,7 +11,7 @@ from typing import Any
 
 from fedcore.errors import HistoryError
 from fedcore.tasks import EVALUATION_SPLITS
-from fedcore.text_output import escape_unprintable
+from fedcore.text_output import printable_excerpt
 
 __all__ = [
     "EVALUATION_OUTCOMES",
@@ -48,12 +48,10 @@ SHOWN_NAME_CHARS = 64
 
 def shown_text(text: str, limit: int = SHOWN_TEXT_CHARS) -> str:
     """``text`` from a node as one printable line: its first ``limit`` characters, then ``... [N more characters
-    cut]`` if longer, every non-printable character written as its escape
-    (:func:`fedcore.text_output.escape_unprintable`: a node cannot move the cursor, recolour or forge a line of
-    ours). The same form as fednode's ``log_text``."""
-    if len(text) <= limit:
-        return escape_unprintable(text)
-    return f"{escape_unprintable(text[:limit])}... [{len(text) - limit} more characters cut]"
+    cut]`` if longer, every non-printable character escaped (:func:`fedcore.text_output.printable_excerpt`, which
+    fednode's ``log_text`` uses too, with the history's limit): a node cannot move the cursor, recolour or forge
+    a line of ours."""
+    return printable_excerpt(text, limit)
 
 
 def check_count(value: Any, what: str) -> int:
