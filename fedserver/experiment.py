@@ -271,8 +271,8 @@ class Experiment(GlobalParams, ExperimentEvaluation):
         await self._reload_released_params()  # low_memory, interrupted after the release
         if self.params is None:
             self.params = {k: np.array(v, copy=True) for k, v in self.initial_params().items()}
-        elif self.buffer_names is None:  # params set by hand: which are buffers (and any missing, filled)
-            self._learn_buffers()
+        elif self.buffer_names is None or not set(self.buffer_names) <= self.params.keys():
+            self._learn_buffers()  # params set by hand: which are buffers (and any missing, filled)
         if self.low_memory and self.completed_round < self.rounds:
             self._check_params_checkpointable()
         if history is not None:
