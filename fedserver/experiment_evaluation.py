@@ -51,7 +51,9 @@ class ExperimentEvaluation:
         history_path: Path | None
         history_id: int | None
         params: dict[str, np.ndarray] | None
+        buffer_names: list[str] | None
 
+        def _learn_buffers(self) -> None: ...
         def _serving(self) -> contextlib.AbstractAsyncContextManager[FedServer]: ...
         def _key(self) -> str: ...
         async def _reload_released_params(self) -> None: ...
@@ -80,6 +82,9 @@ class ExperimentEvaluation:
         check_evaluable(self.training_args)
         async with self._serving() as server:
             await self._reload_released_params()  # low_memory, interrupted round
+            assert self.params is not None
+            if self.buffer_names is None or not set(self.buffer_names) <= self.params.keys():
+                self._learn_buffers()  # params set by hand without buffers: nodes load the model strictly
             candidates = await eligible_nodes(server, self.dataset_tags, self.min_nodes, self.node_wait_timeout,
                                               self.expected_nodes)
             task = EvaluateTask(self._key(), self.completed_round, self.plan, self.training_args.to_dict(),

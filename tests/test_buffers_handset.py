@@ -59,3 +59,26 @@ def test_handset_params_without_buffers_are_completed(tmp_path: Path, what: str)
     exp, reports = _run(second())
     assert reports[-1].succeeded == ["site-0", "site-1"]
     assert sorted(k for k in exp.params if k in BUFFERS) == BUFFERS
+
+
+def test_evaluating_handset_params_without_buffers_sends_a_complete_model(tmp_path: Path) -> None:
+    """evaluate() of a resumed run whose params were set by hand without buffers: nodes load the model strictly,
+    so each failed with a missing-entries error before."""
+    async def first():
+        async with federation(tmp_path / "a", _sites(), tags=("bn",)) as (server, _, _):
+            exp = Experiment(BatchNormPlan, ARGS, aggregator=FedAverage(), rounds=1, dataset_tags=["bn"],
+                             min_nodes=2, server=server, progress=False, checkpoint_dir=tmp_path / "ck")
+            await exp.run_async()
+            return {k: v for k, v in exp.params.items() if k not in BUFFERS}
+
+    (tmp_path / "a").mkdir()
+    hand = _run(first())
+
+    async def second():
+        async with federation(tmp_path / "a", _sites(), tags=("bn",)) as (server, _, _):
+            exp = Experiment.resume(tmp_path / "ck", server=server, progress=False)
+            exp.params = dict(hand)
+            return await exp.evaluate_async()
+
+    report = _run(second())
+    assert [o.result is not None for o in report.outcomes] == [True, True], report.outcomes
