@@ -190,7 +190,12 @@ class UploadSessions:
         self.check_limits(info)
         existing = self._sessions.get(task_id)
         if existing is not None and existing.active:
-            self._take_over(existing, node_id, info, instance)
+            try:
+                self._take_over(existing, node_id, info, instance)
+            except UploadConflictError:
+                if not existing.active:  # the older stream was stopped, the header refused: the session is parked
+                    self.end(existing)  # uploads waiting in line see that nothing runs (wake_if_hopeless)
+                raise
         if info.start_offset > 0:
             if existing is None:
                 raise ChunkOrderError(

@@ -145,6 +145,33 @@ def test_a_resume_behind_the_bytes_the_old_stream_delivered_meanwhile_is_retryab
     assert new.assembler.finish().tobytes() == b"".join(d for _, d in chunks)
 
 
+def test_a_refused_takeover_that_parks_the_session_wakes_the_uploads_waiting_in_line() -> None:
+    """The takeover refused retryable (above) leaves the task's session parked: an upload waiting in line for
+    the only session slot must learn at once that nothing runs any more ("hopeless": busy, retry), not when
+    its wait (here 30 s) runs out."""
+    async def scenario() -> float:
+        uploads, doc = _sessions(), _doc()
+        uploads.max_sessions = 1
+        chunks = [(o, bytes(d)) for o, d in doc.iter_chunks(0)]
+        uploads.begin("t", "n", doc.info(), X)
+        _write(chunks[:4], uploads, "t")
+
+        async def wait_in_line() -> float:
+            started = asyncio.get_running_loop().time()
+            async with uploads.line("u", 6 * 1024, timeout=30) as turn:
+                assert not turn.admitted
+            return asyncio.get_running_loop().time() - started
+
+        waiter = asyncio.create_task(wait_in_line())
+        await asyncio.sleep(0.2)  # in line: the one slot is held by the running upload of "t"
+        assert not waiter.done()
+        with pytest.raises(UploadConflictError, match="resume at offset 4096"):
+            uploads.begin("t", "n", doc.info(2048), X)
+        return await asyncio.wait_for(waiter, 10)
+
+    assert asyncio.run(scenario()) < 5  # woken at once; it waited the whole 30 s before
+
+
 # -- over real gRPC ---------------------------------------------------------------------------------------
 def _process(node: WireNode, instance: str = X) -> WireNode:
     """``node`` calling as the node process ``instance`` (its metadata names it on every call)."""
