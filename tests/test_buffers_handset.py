@@ -32,8 +32,8 @@ def _run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=120))
 
 
-@pytest.mark.parametrize("what", ["fresh", "resumed"])
-def test_handset_params_without_buffers_are_completed(tmp_path: Path, what: str) -> None:
+def _one_round_without_buffers(tmp_path: Path) -> dict[str, np.ndarray]:
+    """One round checkpointed in tmp_path/ck; its model without the buffers (an export from before them)."""
     async def first():
         async with federation(tmp_path / "a", _sites(), tags=("bn",)) as (server, _, _):
             exp = Experiment(BatchNormPlan, ARGS, aggregator=FedAverage(), rounds=1, dataset_tags=["bn"],
@@ -42,7 +42,12 @@ def test_handset_params_without_buffers_are_completed(tmp_path: Path, what: str)
             return {k: v for k, v in exp.params.items() if k not in BUFFERS}
 
     (tmp_path / "a").mkdir()
-    hand = _run(first())
+    return _run(first())
+
+
+@pytest.mark.parametrize("what", ["fresh", "resumed"])
+def test_handset_params_without_buffers_are_completed(tmp_path: Path, what: str) -> None:
+    hand = _one_round_without_buffers(tmp_path)
 
     async def second():
         async with federation(tmp_path / "a", _sites(), tags=("bn",)) as (server, _, _):
@@ -64,15 +69,7 @@ def test_handset_params_without_buffers_are_completed(tmp_path: Path, what: str)
 def test_evaluating_handset_params_without_buffers_sends_a_complete_model(tmp_path: Path) -> None:
     """evaluate() of a resumed run whose params were set by hand without buffers: nodes load the model strictly,
     so each failed with a missing-entries error before."""
-    async def first():
-        async with federation(tmp_path / "a", _sites(), tags=("bn",)) as (server, _, _):
-            exp = Experiment(BatchNormPlan, ARGS, aggregator=FedAverage(), rounds=1, dataset_tags=["bn"],
-                             min_nodes=2, server=server, progress=False, checkpoint_dir=tmp_path / "ck")
-            await exp.run_async()
-            return {k: v for k, v in exp.params.items() if k not in BUFFERS}
-
-    (tmp_path / "a").mkdir()
-    hand = _run(first())
+    hand = _one_round_without_buffers(tmp_path)
 
     async def second():
         async with federation(tmp_path / "a", _sites(), tags=("bn",)) as (server, _, _):
