@@ -197,6 +197,9 @@ class ServerConfig:
             # silently ignored and the 5-minute default then answers keepalive pings with GOAWAY too_many_pings
             ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_client_ping_interval_seconds)),
             ("grpc.http2.max_ping_strikes", 2),
+            # gRPC sets SO_REUSEPORT by default: a second fedserver on a port in use (a resume while the old run
+            # still serves) would bind silently and the two would split the nodes between them
+            ("grpc.so_reuseport", 0),
         ] + ([] if (window := self.receive_window()) is None else [
             ("grpc.http2.bdp_probe", 0),
             ("grpc.http2.lookahead_bytes", window),

@@ -116,7 +116,11 @@ class FedServer:
         cfg = self.config
         if cfg.tls == "insecure":
             log.warning("serving WITHOUT TLS on %s (tls='insecure'): tokens travel in clear text", cfg.target)
-            return server.add_insecure_port(cfg.target)
+            try:
+                return server.add_insecure_port(cfg.target)
+            except RuntimeError as exc:  # gRPC says only "Failed to bind to address"
+                raise ServerStateError(f"could not bind {cfg.target} ({exc}): is another server (an earlier "
+                                       "fedserver run?) using the port? Stop it or choose another port") from None
         assert cfg.cert_file is not None and cfg.key_file is not None
         key, cert = _read_pem(cfg.key_file, "key_file"), _read_pem(cfg.cert_file, "cert_file")
         if cfg.tls == "mtls":
@@ -128,9 +132,9 @@ class FedServer:
         try:
             return server.add_secure_port(cfg.target, creds)
         except RuntimeError as exc:  # gRPC says only "Failed to bind": a key that does not match, or the address
-            raise ServerStateError(f"could not bind {cfg.target} with TLS ({exc}); check that key_file "
-                                   f"{cfg.key_file} is the key of cert_file {cfg.cert_file}, and that the "
-                                   "address is free and local") from None
+            raise ServerStateError(f"could not bind {cfg.target} with TLS ({exc}): is another server (an earlier "
+                                   "fedserver run?) using the port? Else check that the address is local and "
+                                   f"that key_file {cfg.key_file} is the key of cert_file {cfg.cert_file}") from None
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop gracefully: health NOT_SERVING, ServerShutdown to every waiting poll, ``grace`` seconds for
