@@ -44,7 +44,13 @@ from fedserver.cli_serve import add_server_options, config_from_args
 from fedserver.config import ServerConfig
 from fedserver.evaluation import EvaluationReport, check_evaluable
 from fedserver.experiment import Experiment, resumable_checkpoint_dir
-from fedserver.experiment_serving import DEFAULTS, apply_serving, hint_command, serving_state
+from fedserver.experiment_serving import (
+    DEFAULTS,
+    apply_serving,
+    hint_command,
+    missing_checkpoint_paths,
+    serving_state,
+)
 from fedserver.history_records import SHOWN_NAME_CHARS, shown_text
 from fedserver.home import FILES_HELP, add_home_option, home_from_args, nodes_db
 from fedserver.rounds import RoundReport
@@ -107,8 +113,9 @@ checkpoints and resuming (--checkpoint-dir, --resume):
   --round-timeout, --wait-after-quorum (`none` to wait for every node again), --node-wait,
   --expected-nodes and --history-db may change) and gives the same numbers as an uninterrupted run.
   It serves as the run did: the checkpoint keeps --address, --port (the port bound), --tls, --cert,
-  --key, --ca and the server home; one given with --resume overrides the checkpoint's (stderr names
-  it). After a failure or Ctrl-C the command that resumes the run is printed, ready to run.
+  --key, --ca and the server home; one given with --resume (or $FEDSERVER_HOME, like --home)
+  overrides the checkpoint's (stderr names it); a checkpoint home or file that is not there is refused
+  (exit 2) naming the flag to pass. After a failure or Ctrl-C the command that resumes the run is printed, ready to run.
 
 output:
   stdout: the server address, one line per round (round, nodes that replied / selected, aggregated
@@ -380,6 +387,9 @@ def _run(args: argparse.Namespace) -> int:
         except (CheckpointError, ExperimentError, HistoryError) as exc:  # the user's checkpoint or options
             print(f"fedserver run: error: cannot resume: {escape_unprintable(str(exc))}", file=sys.stderr)
             return EXIT_REFUSED
+        missing = missing_checkpoint_paths(args, resumed.serving)
+        if missing:  # a checkpoint from another machine: refused before a home is created
+            args.usage_error(missing)
         overridden = apply_serving(args, resumed.serving)
         if resumed.serving is None:
             print("fedserver: the checkpoint does not say how its run was served (written before fedserver kept "

@@ -13,15 +13,20 @@ and ``ca`` are the files given with ``--cert``/``--key``/``--ca`` (absolute), nu
 paths are what let a resume started from another folder find the same files.
 
 A resume takes each setting from the checkpoint unless its command line gives one
-(:func:`apply_serving`, which names what the command line overrides); a checkpoint from before this key
-resumes with the defaults, as it did. :func:`hint_command` is the resume command printed after a failure or
-Ctrl-C: it gives the options the checkpoint on disk does not hold (a resume that overrode them and completed
-no round yet).
+(:func:`apply_serving`, which names what the command line overrides); ``$FEDSERVER_HOME`` is an explicit
+choice of home like ``--home`` (``--home`` first), so it too overrides the checkpoint's home, and is named. A
+checkpoint from before this key resumes with the defaults, as it did. A checkpoint moved to another machine
+names a home or certificate files that are not there: :func:`missing_checkpoint_paths` says which, where
+they came from and the flag that overrides, before anything is created (an empty home would have said "no
+node is enrolled" about the wrong home). :func:`hint_command` is the resume command printed after a failure
+or Ctrl-C: it gives the options the checkpoint on disk does not hold (a resume that overrode them and
+completed no round yet), and ``--home`` unless the home is both the default one and the checkpoint's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,9 +34,10 @@ from typing import Any
 
 from fedcore.errors import CheckpointError
 from fedserver.config import TLS_MODES
-from fedserver.home import certs_dir, server_home
+from fedserver.home import HOME_ENV_VAR, certs_dir, server_home
 
-__all__ = ["DEFAULTS", "SERVING_FLAGS", "apply_serving", "check_serving_state", "hint_command", "serving_state"]
+__all__ = ["DEFAULTS", "SERVING_FLAGS", "apply_serving", "check_serving_state", "hint_command",
+           "missing_checkpoint_paths", "serving_state"]
 
 #: ``fedserver run``'s serving options: state key -> (flag, default when neither given nor checkpointed).
 SERVING_FLAGS: dict[str, str] = {"address": "--address", "port": "--port", "tls": "--tls", "cert": "--cert",
@@ -78,12 +84,15 @@ def check_serving_state(value: Any, path: Path) -> dict[str, Any] | None:
 
 
 def apply_serving(args: argparse.Namespace, stored: Mapping[str, Any] | None) -> list[str]:
-    """Fill ``args``' serving options the command line left out (None; ``--home``: absent) from ``stored`` (a
-    resume's checkpoint), else from :data:`DEFAULTS`; return one ``--flag VALUE (the checkpoint's: OLD)`` per
-    option the command line gives with another value than the checkpoint holds."""
+    """Fill ``args``' serving options the command line left out (None; ``--home``: absent, and no
+    ``$FEDSERVER_HOME``) from ``stored`` (a resume's checkpoint), else from :data:`DEFAULTS`; return one ``--flag
+    VALUE (the checkpoint's: OLD)`` per option the command line (or ``$FEDSERVER_HOME``) gives with another
+    value than the checkpoint holds."""
     overridden = []
     for key, flag in SERVING_FLAGS.items():
         given = getattr(args, key, None)
+        if key == "home" and given is None and os.environ.get(HOME_ENV_VAR):  # chosen like --home
+            given, flag = os.environ[HOME_ENV_VAR], f"${HOME_ENV_VAR}"
         if stored is None:
             if given is None and key != "home":
                 setattr(args, key, DEFAULTS[key])
@@ -99,12 +108,33 @@ def apply_serving(args: argparse.Namespace, stored: Mapping[str, Any] | None) ->
     return overridden
 
 
+def missing_checkpoint_paths(args: argparse.Namespace, stored: Mapping[str, Any] | None) -> str | None:
+    """Before :func:`apply_serving`: None, or what names the paths ``args`` would take from ``stored`` (the home
+    unless ``--home``/``$FEDSERVER_HOME`` is given; cert/key/ca the TLS mode uses and the command line leaves
+    out) that do not exist here, each with the flag that overrides it."""
+    if stored is None:
+        return None
+    problems = []
+    if getattr(args, "home", None) is None and not os.environ.get(HOME_ENV_VAR) and not Path(stored["home"]).exists():
+        problems.append(f"the checkpoint's serving.home {stored['home']} does not exist (the run was served from "
+                        "there); pass --home DIR")
+    tls = args.tls if args.tls is not None else stored["tls"]
+    for key in ("cert", "key", "ca"):
+        used = tls == "mtls" if key == "ca" else tls != "insecure"
+        if used and getattr(args, key) is None and stored[key] is not None and not Path(stored[key]).exists():
+            problems.append(f"the checkpoint's serving.{key} {stored[key]} does not exist (the run was served with "
+                            f"it); pass {SERVING_FLAGS[key]} FILE")
+    return "; ".join(problems) or None
+
+
 def hint_command(checkpoint_dir: Path, current: Mapping[str, Any] | None, saved: Mapping[str, Any] | None) -> str:
     """A ``fedserver run --resume`` command that serves as ``current`` (this run's :func:`serving_state`) when
     the checkpoint it reads holds ``saved`` (None: no serving state, so the defaults): ``--home`` whenever the
-    home is not the default one, and each option whose value the checkpoint would not give."""
+    home is not the default one or not the checkpoint's, and each option whose value the checkpoint would not
+    give."""
     words = ["fedserver"]
-    if current is not None and Path(current["home"]) != server_home(None):
+    if current is not None and (Path(current["home"]) != server_home(None)
+                                or (saved is not None and Path(saved["home"]) != Path(current["home"]))):
         words += ["--home", current["home"]]
     words += ["run", "--resume", "--checkpoint-dir", str(checkpoint_dir)]
     for key, flag in SERVING_FLAGS.items():

@@ -186,3 +186,72 @@ def test_new_run_defaults_unchanged(tmp_path) -> None:
     assert apply_serving(args, None) == []
     assert (args.address, args.port, args.tls) == ("127.0.0.1", 50051, "tls")
     assert not hasattr(args, "home")  # left to home_from_args: --home, $FEDSERVER_HOME, the default
+
+
+# -- a checkpoint moved to another machine: the home and files it names are not there -------------------------
+
+
+def _set_serving(site, **changes) -> dict:
+    store = CheckpointStore(site["ckpt"])
+    c = store.load_latest()
+    state = dict(c.experiment_state)
+    state["serving"] = {**state["serving"], **changes}
+    store.save(0, c.params, c.aggregator_name, c.aggregator_config, c.aggregator_state, state)
+    return state["serving"]
+
+
+def _refused(site, capsys, *extra: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        _resume(site, capsys, *extra)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    return err
+
+
+def test_a_checkpoint_home_that_is_not_here_is_refused_and_nothing_is_created(site, tmp_path, capsys) -> None:
+    gone = tmp_path / "old" / "srv"
+    _set_serving(site, home=str(gone))
+    err = _refused(site, capsys)
+    assert (f"the checkpoint's serving.home {gone} does not exist (the run was served from there); "
+            "pass --home DIR") in err, err
+    assert not (tmp_path / "old").exists()
+
+
+def test_fedserver_home_is_a_choice_like_home_and_overrides_the_checkpoint(site, tmp_path, capsys,
+                                                                          monkeypatch) -> None:
+    gone = tmp_path / "old" / "srv"
+    _set_serving(site, home=str(gone))
+    monkeypatch.setenv("FEDSERVER_HOME", str(site["home"]))
+    code, out, err = _resume(site, capsys)
+    assert code == 1, out + err  # served (no node came), from the home the environment names
+    assert f"except: $FEDSERVER_HOME {site['home']} (the checkpoint's: {gone})" in err, err
+    assert f"fedserver --home {site['home']} run --resume" in err, err
+    assert not (tmp_path / "old").exists()
+
+
+def test_checkpoint_certificate_files_that_are_not_here_name_where_they_came_from(site, tmp_path, capsys) -> None:
+    cert, key = tmp_path / "gone" / "s.crt", tmp_path / "gone" / "s.key"
+    _set_serving(site, tls="tls", cert=str(cert), key=str(key))
+    err = _refused(site, capsys)
+    assert (f"the checkpoint's serving.cert {cert} does not exist (the run was served with it); pass --cert FILE"
+            in err), err
+    assert f"the checkpoint's serving.key {key} does not exist" in err and "pass --key FILE" in err, err
+    # insecure: the files are not used, so their absence is no reason to refuse
+    code, out, err = _resume(site, capsys, "--tls", "insecure")
+    assert code == 1 and "(insecure)" in out, out + err
+
+
+def test_the_hint_names_home_when_the_checkpoint_holds_another_one(tmp_path, monkeypatch) -> None:
+    """The failed resume served from the default home; the checkpoint on disk says /old/srv."""
+    from fedserver.experiment_serving import hint_command
+    from fedserver.home import server_home
+
+    monkeypatch.delenv("FEDSERVER_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    saved = {"address": "127.0.0.1", "port": 50917, "tls": "tls", "cert": None, "key": None, "ca": None,
+             "home": str(tmp_path / "old" / "srv")}
+    current = {**saved, "home": str(server_home(None))}
+    words = shlex.split(hint_command(Path("ckpt"), current, saved))
+    assert words[:3] == ["fedserver", "--home", current["home"]], words
+    assert shlex.split(hint_command(Path("ckpt"), saved, saved))[:2] == ["fedserver", "--home"]  # not the default
+    assert "--home" not in shlex.split(hint_command(Path("ckpt"), current, current))
