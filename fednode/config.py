@@ -24,6 +24,70 @@ GRPC_TARGET_SCHEMES: tuple[str, ...] = ("dns:", "unix:", "unix-abstract:", "ipv4
 
 
 
+#: A token file longer than this is not a token (one ``secrets.token_urlsafe`` word); read no further.
+TOKEN_FILE_MAX_BYTES = 4096
+_ASCII_SPACE = " \t\n\r\v\f"
+_TOKEN_HINT = "put only the token `fedserver nodes enroll NODE_ID --quiet` printed in it"
+
+
+def read_token_file(path: Path, where: str) -> str:
+    """The token in file ``path``: one word of printable ASCII, surrounding whitespace and a leading UTF-8
+    byte order mark dropped. The one rule for every token file the node reads (``fednode start`` checks it
+    before its banner, :meth:`NodeConfig.resolve_token` reads it for the calls).
+
+    ``where`` starts each error message: how the operator named the file (``argument --token-file``,
+    ``token_file``). At most ``TOKEN_FILE_MAX_BYTES + 1`` bytes are read (``/dev/zero`` is not a token).
+
+    Raises:
+        NodeConfigError: unreadable, too long, not UTF-8, empty, only whitespace, more than one word, or a
+            character that is not printable ASCII (gRPC refuses it as a header value), named by position.
+    """
+    try:
+        with open(path, "rb") as stream:
+            raw = stream.read(TOKEN_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise NodeConfigError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > TOKEN_FILE_MAX_BYTES:
+        raise NodeConfigError(f"{where}: {path} is not a token (over {TOKEN_FILE_MAX_BYTES} bytes); {_TOKEN_HINT}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = len(raw[:exc.start].decode("utf-8")) + 1
+        raise NodeConfigError(f"{where}: {path} is not text: byte 0x{raw[exc.start]:02x} at character {at} is "
+                              f"not UTF-8; {_TOKEN_HINT}") from None
+    if not text:
+        raise NodeConfigError(f"{where}: {path} holds no token (the file is empty); {_TOKEN_HINT}")
+    # Windows Notepad saves UTF-8 with a byte order mark (U+FEFF) first: a marker of the encoding, not part
+    # of the token (and an illegal gRPC header value if it were sent).
+    start = 1 if text.startswith("\ufeff") else 0
+    body = text[start:]
+    token = body.strip(_ASCII_SPACE)
+    if not token:
+        raise NodeConfigError(f"{where}: {path} holds no token (the file holds only whitespace); {_TOKEN_HINT}")
+    first = start + len(body) - len(body.lstrip(_ASCII_SPACE)) + 1
+    check_token(token, f"{where}: {path}", first)
+    return token
+
+
+def check_token(token: str, where: str, first: int = 1) -> None:
+    """Refuse a token that is not one word of printable ASCII (``!`` to ``~``), as ``secrets.token_urlsafe``
+    writes and gRPC accepts as a header value. ``first``: the position of the token's first character in
+    what ``where`` names (1-based), so that the message points at the offending one.
+
+    Raises:
+        NodeConfigError: ``WHERE does not hold one token`` (whitespace inside) or ``WHERE holds 'ESCAPE' at
+            character N, which a token cannot hold``.
+    """
+    if any(char in _ASCII_SPACE for char in token):
+        raise NodeConfigError(f"{where} does not hold one token (one word, no spaces or line breaks); "
+                              f"{_TOKEN_HINT}")
+    for index, char in enumerate(token):
+        if not "!" <= char <= "~":
+            shown = char.encode("unicode_escape").decode("ascii")  # ' ' never comes here: \x01, \xe9, \ufeff
+            raise NodeConfigError(f"{where} holds '{shown}' at character {first + index}, which a token cannot "
+                                  f"hold (printable ASCII only, no spaces); {_TOKEN_HINT}")
+
+
 @dataclass(frozen=True)
 class BackoffPolicy:
     """Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff and Jitter").
@@ -183,19 +247,16 @@ class NodeConfig:
         return self.heartbeat_interval_seconds
 
     def resolve_token(self) -> str | None:
-        """The bearer token, read from ``token_file`` (stripped) when given; None under mTLS without one."""
+        """The bearer token: ``token``, or read from ``token_file`` by :func:`read_token_file`; None under mTLS
+        without one. Either must be a valid gRPC header value (:func:`check_token`)."""
         if self.token is not None:
-            token = self.token
-        elif self.token_file is not None:
-            try:
-                token = Path(self.token_file).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise NodeConfigError(f"cannot read token_file {self.token_file}: {exc.strerror}") from None
-        else:
-            return None
-        if not token or any(c.isspace() for c in token):
-            raise NodeConfigError("the token must be one non-empty word without whitespace")
-        return token
+            if not self.token:
+                raise NodeConfigError("token is empty: give the token `fedserver nodes enroll` printed")
+            check_token(self.token, "token")
+            return self.token
+        if self.token_file is not None:
+            return read_token_file(Path(self.token_file), "token_file")
+        return None
 
     def initial_receive_window(self) -> int | None:
         """The window of a first channel: the fixed one configured, else None (probing; "auto" decides later)."""

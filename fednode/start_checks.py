@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fedcore.errors import NodeConfigError
 from fednode.config import NodeConfig
+from fednode.config import read_token_file as config_read_token_file
 
 __all__ = ["check_start_files", "read_token_file"]
 
@@ -63,21 +64,13 @@ def _private_file_warning(path: Path, what: str) -> list[str]:
 
 
 def read_token_file(path: Path, flag: str = "--token-file") -> str:
-    """The token in ``path``: one word, surrounding whitespace stripped (as ``NodeConfig.resolve_token``).
+    """The token in ``path`` by :func:`fednode.config.read_token_file` (the rule ``NodeConfig.resolve_token``
+    reads it by), errors starting ``argument FLAG:``.
 
     Raises:
-        NodeConfigError: unreadable, empty, not text, or more than one word.
+        NodeConfigError: unreadable, too long, empty, only whitespace, not one word of printable ASCII.
     """
-    text = _read(path, flag).decode("utf-8", errors="replace")
-    token = text.strip()
-    if not token:
-        raise NodeConfigError(f"argument {flag}: {path} holds no token (the file is empty); put the token "
-                              f"`fedserver nodes enroll NODE_ID --quiet` printed in it")
-    if any(c.isspace() for c in token) or "\ufffd" in token:
-        raise NodeConfigError(f"argument {flag}: {path} does not hold one token (one word, no spaces or line "
-                              f"breaks, UTF-8): it holds {len(text)} characters over {len(text.splitlines())} "
-                              f"line(s); put only the token `fedserver nodes enroll` printed in it")
-    return token
+    return config_read_token_file(path, f"argument {flag}")
 
 
 def _read(path: Path | None, flag: str) -> bytes:

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from fedcore.errors import NodeConfigError
 from fednode.cli import main
+from fednode.config import NodeConfig
+from fednode.start_checks import read_token_file
 from fedserver.certs import create_ca, create_node_certificate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,16 +71,53 @@ def test_a_key_given_as_ca_cert_is_refused(tmp_path, capsys, pki):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("", "holds no token (the file is empty)"),
-    ("  \n\n", "holds no token (the file is empty)"),
-    ("fsn1_abc fsn1_def\n", "does not hold one token (one word"),
+    (b"", "holds no token (the file is empty)"),
+    (b"  \n\n", "holds no token (the file holds only whitespace)"),
+    (b"\xef\xbb\xbf \r\n", "holds no token (the file holds only whitespace)"),
+    (b"fsn1_abc fsn1_def\n", "does not hold one token (one word"),
+    (b"fsn1_abc\x01def\n", "holds '\\x01' at character 9, which a token cannot hold (printable ASCII"),
+    (b"fsn1_\xc3\xa9\n", "holds '\\xe9' at character 6, which a token cannot hold"),
+    (b"\xef\xbb\xbf\xef\xbb\xbffsn1", "holds '\\ufeff' at character 2, which a token cannot hold"),
+    (b"fsn1_\xff\n", "is not text: byte 0xff at character 6 is not UTF-8"),
+    (b"a" * 4097, "is not a token (over 4096 bytes)"),
 ])
 def test_a_bad_token_file_names_the_flag(content, message, tmp_path, capsys, pki):
     token = tmp_path / "bad.token"
-    token.write_text(content)
+    token.write_bytes(content)
     token.chmod(0o600)
     err = refused(tmp_path, capsys, "--ca-cert", str(pki["ca"]), "--token-file", str(token))
     assert f"argument --token-file: {token} {message}" in err, err
+
+
+def test_a_token_saved_with_a_byte_order_mark_is_read_without_it(tmp_path):
+    """Windows Notepad writes UTF-8 with a BOM (U+FEFF) first and CRLF: the token is the word after it, as the
+    node sends it in its gRPC header, where a BOM is an illegal value (the node died after its banner)."""
+    path = tmp_path / "node.token"
+    path.write_bytes(b"\xef\xbb\xbffsn1_abc-DEF_123\r\n")
+    assert read_token_file(path) == "fsn1_abc-DEF_123"
+    assert NodeConfig("h:1", tls="insecure", token_file=path).resolve_token() == "fsn1_abc-DEF_123"
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero (an endless file)")
+def test_an_endless_token_file_is_refused_after_reading_4_kib(tmp_path, capsys, pki):
+    err = refused(tmp_path, capsys, "--insecure", "--token-file", "/dev/zero")
+    assert "argument --token-file: /dev/zero is not a token (over 4096 bytes)" in err, err
+
+
+@pytest.mark.parametrize("content", [b"fsn1_\x00abc", b" \t\n", b"\xef\xbb\xbf", b"fsn1 abc"])
+def test_the_node_config_reads_a_token_file_by_the_same_rule(content, tmp_path):
+    path = tmp_path / "node.token"
+    path.write_bytes(content)
+    with pytest.raises(NodeConfigError) as flag_error:
+        read_token_file(path)
+    with pytest.raises(NodeConfigError) as config_error:
+        NodeConfig("h:1", tls="insecure", token_file=path).resolve_token()
+    assert str(config_error.value) == str(flag_error.value).replace("argument --token-file", "token_file")
+
+
+def test_a_token_given_directly_must_be_printable_ascii():
+    with pytest.raises(NodeConfigError, match=r"token holds '\\x1b' at character 3, which a token cannot hold"):
+        NodeConfig("h:1", tls="insecure", token="ab\x1bc").resolve_token()
 
 
 def test_an_unreadable_token_file_names_the_flag_or_the_variable(tmp_path, capsys, pki, monkeypatch):

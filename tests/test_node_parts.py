@@ -52,9 +52,9 @@ def test_token_file_is_read_stripped_and_checked(tmp_path):
     path.write_text("  fsn1_abc \n")
     assert NodeConfig("h:1", tls="insecure", token_file=path).resolve_token() == "fsn1_abc"
     path.write_text("two words")
-    with pytest.raises(NodeConfigError, match="one non-empty word"):
+    with pytest.raises(NodeConfigError, match="does not hold one token"):
         NodeConfig("h:1", tls="insecure", token_file=path).resolve_token()
-    with pytest.raises(NodeConfigError, match="cannot read token_file"):
+    with pytest.raises(NodeConfigError, match="token_file: cannot read"):
         NodeConfig("h:1", tls="insecure", token_file=tmp_path / "missing").resolve_token()
 
 
