@@ -18,6 +18,7 @@ import ast
 import io
 import os
 import tokenize
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +59,13 @@ def plan_file(path: str | os.PathLike[str], raw: bytes) -> PlanFile:
 
 
 def plan_class_names(source: str, path: Path) -> tuple[list[str], list[str]]:
-    """``(plan classes, all classes)`` defined at the top level of ``source``, in file order.
+    """``(plan classes, all classes)`` of the module ``source``, each name once, in file order.
 
+    A module's classes are those defined at its top level or in its statement blocks (``if``/``else``,
+    ``try``/``except``/``finally``, ``with``, loops): the module's attributes a server may import. Not those
+    inside functions or classes. A name defined twice is the last definition, the one Python keeps.
     A plan class derives from a base whose name ends with ``TrainingPlan`` (``NumpyTrainingPlan``,
-    ``fedcore.plans.TorchTrainingPlan``...), directly or through other classes of the same file.
+    ``fedcore.plans.TorchTrainingPlan``...), directly or through classes of the same file defined before it.
 
     Raises:
         PlanApprovalError: the source does not parse (no server could import it).
@@ -72,16 +76,28 @@ def plan_class_names(source: str, path: Path) -> tuple[list[str], list[str]]:
         raise PlanApprovalError(
             f"{path} is not valid Python (line {exc.lineno}: {exc.msg}); a server could not load it either"
         ) from None
-    classes = [node for node in tree.body if isinstance(node, ast.ClassDef)]
+    names: dict[str, None] = {}  # ordered set: first position kept
     plans: set[str] = set()
-    changed = True
-    while changed:  # a base defined further up the file may make a class a plan
-        changed = False
-        for node in classes:
-            if node.name not in plans and any(_is_plan_base(base, plans) for base in node.bases):
-                plans.add(node.name)
-                changed = True
-    return [c.name for c in classes if c.name in plans], [c.name for c in classes]
+    for node in _module_classes(tree.body):  # in file order, as Python runs them: bases come first
+        names[node.name] = None
+        if any(_is_plan_base(base, plans) for base in node.bases):
+            plans.add(node.name)
+        else:
+            plans.discard(node.name)  # redefined as a plain class
+    return [name for name in names if name in plans], list(names)
+
+
+def _module_classes(body: list[ast.stmt]) -> Iterator[ast.ClassDef]:
+    """The class definitions of a module's statements, nested blocks included, functions and classes not."""
+    for node in body:
+        if isinstance(node, ast.ClassDef):
+            yield node
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            blocks = [getattr(node, field, []) for field in ("body", "orelse", "finalbody")]
+            blocks += [part.body for part in getattr(node, "handlers", []) + getattr(node, "cases", [])]
+            for block in blocks:
+                if isinstance(block, list):  # ast.Lambda's body (an expression) cannot appear here; be sure
+                    yield from _module_classes(block)
 
 
 def _is_plan_base(base: ast.expr, plans: set[str]) -> bool:

@@ -24,6 +24,7 @@ from fedcore.tasks import PlanSource
 from fednode.approvals import PlanApprovals
 from fednode.cli import main
 from fednode.home import HOME_ENV_VAR, db_path
+from fednode.plan_files import plan_class_names
 from fedserver.cli_run import load_plan_class_from_file
 
 LSQ = (TESTS / "plans_lsq.py").read_text(encoding="utf-8")
@@ -106,6 +107,47 @@ def test_the_class_name_is_found_in_the_file_or_given(home, tmp_path, capsys):
 
     assert main(["plans", "approve", "--file", str(two), "--name", "B", "--home", str(home)]) == 0
     assert "(B) is now approved" in capsys.readouterr().out
+
+
+def _indented(text: str) -> str:
+    return "".join(f"    {line}\n" if line else "\n" for line in text.splitlines())
+
+
+@pytest.mark.parametrize("block", [
+    "import sys\nif sys.version_info >= (3,):\n{body}",
+    "import sys\nif sys.version_info < (3,):\n    pass\nelse:\n{body}",
+    "try:\n{body}except ImportError:\n    raise\n",
+    "import contextlib\nwith contextlib.nullcontext():\n{body}",
+])
+def test_a_plan_class_defined_in_a_block_of_the_module_is_found(block, home, tmp_path, capsys):
+    plan = tmp_path / "in_block.py"
+    plan.write_text(block.format(body=_indented(LSQ)))
+    expected = sent_sha256(plan)  # the server imports it as any other
+    assert main(["plans", "approve", "--file", str(plan), "--home", str(home)]) == 0
+    assert f"plan {expected[:12]} (LinearPlan) is now approved" in capsys.readouterr().out
+
+
+def test_a_class_defined_in_a_function_is_not_a_plan_of_the_module(home, tmp_path, capsys):
+    plan = tmp_path / "factory.py"
+    plan.write_text("from fedcore.plans import NumpyTrainingPlan\n\ndef make():\n"
+                    "    class Inner(NumpyTrainingPlan):\n        pass\n    return Inner\n")
+    with pytest.raises(SystemExit) as info:
+        main(["plans", "approve", "--file", str(plan), "--home", str(home)])
+    assert info.value.code == 2
+    assert f"argument --name: {plan} defines no class deriving from a TrainingPlan" in capsys.readouterr().err
+
+
+def test_a_class_defined_twice_is_one_class_the_last_definition(home, tmp_path, capsys):
+    plan = tmp_path / "twice.py"
+    plan.write_text(LSQ + "\nclass LinearPlan(LinearPlan):\n    pass\n\nclass Helper:\n    pass\n\n"
+                    "class Helper(LinearPlan):\n    pass\n")
+    assert plan_class_names(plan.read_text(), plan) == (["LinearPlan", "Helper"], ["LinearPlan", "Helper"])
+    plan.write_text(LSQ + "\nclass LinearPlan(LinearPlan):\n    pass\n")
+    assert main(["plans", "approve", "--file", str(plan), "--home", str(home)]) == 0
+    assert f"plan {sent_sha256(plan)[:12]} (LinearPlan) is now approved" in capsys.readouterr().out
+    plan.write_text("from fedcore.plans import NumpyTrainingPlan\n\nclass P(NumpyTrainingPlan):\n    pass\n\n"
+                    "class P:\n    pass\n")
+    assert plan_class_names(plan.read_text(), plan) == ([], ["P"])  # the plain class replaced the plan
 
 
 @pytest.mark.parametrize("argv, message", [
