@@ -96,7 +96,7 @@ def register(subparsers: Any) -> None:
         decide.add_argument("--file", type=Path, metavar="PLAN.py",
                             help="the plan's file, as the researcher sends it: record and decide it now")
         decide.add_argument("--name", metavar="CLASS",
-                            help="with --file: the plan class (default: the only TrainingPlan class in it)")
+                            help="with --file: the plan class, one deriving from a TrainingPlan (default: the only one in it)")
         decide.add_argument("--note", default="", help="why; kept with the decision and shown by list/show")
         add_home_options(decide, existing=True)
         decide.set_defaults(func=_decide, decision=verb)
@@ -178,9 +178,12 @@ def _decide_file(args: argparse.Namespace, db: Path) -> int:
             args.usage_error(f"argument --name: {args.file} defines {found}: give --name CLASS, the class the "
                              f"researcher runs")
         name = plans[0]
-    elif name not in classes:
-        args.usage_error(f"argument --name: no class {name!r} in {args.file} (classes there: "
-                         f"{', '.join(classes) or 'none'})")
+    elif name not in plans:  # a plain class would be recorded, and listed for ever, as the plan's name
+        listed = f"give one of its training plan classes ({', '.join(plans)})" if plans else \
+            "it defines no class deriving from a TrainingPlan"
+        problem = f"class {name!r} in {args.file} does not derive from a TrainingPlan" if name in classes else \
+            f"no class {name!r} in {args.file}"
+        args.usage_error(f"argument --name: {problem}: {listed}")
     status = "approved" if args.decision == "approve" else "rejected"
     record = PlanApprovals(db).decide_source(plan.source, status, args.note, name=name,
                                             origin=f"file {args.file.absolute()}")

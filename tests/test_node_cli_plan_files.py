@@ -150,6 +150,18 @@ def test_a_class_defined_twice_is_one_class_the_last_definition(home, tmp_path, 
     assert plan_class_names(plan.read_text(), plan) == ([], ["P"])  # the plain class replaced the plan
 
 
+def test_a_name_that_is_not_a_plan_class_is_refused(home, tmp_path, capsys):
+    plan = tmp_path / "helper.py"
+    plan.write_text(LSQ + "\nclass Helper:\n    pass\n")
+    with pytest.raises(SystemExit) as info:
+        main(["plans", "approve", "--file", str(plan), "--name", "Helper", "--home", str(home)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"argument --name: class 'Helper' in {plan} does not derive from a TrainingPlan: give one of its "
+            f"training plan classes (LinearPlan)") in err, err
+    assert PlanApprovals(db_path(home)).list() == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["approve"], "give the plan's ID or --file FILE"),
     (["approve", "0123456789ab", "--file", "x.py"], "give the plan's ID or --file FILE, not both"),
