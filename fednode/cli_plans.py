@@ -38,13 +38,14 @@ from the review (`show` says how many there are)."""
 
 
 _FILE_HELP = """\
-approving ahead of the first task (--file):
+{heading} (--file):
   `fednode plans {verb} --file PLAN.py` records the plan the researcher will send from PLAN.py and
-  decides it now, so its first task runs without being refused as pending. A server sends the whole
-  file as Python reads it: decoded (UTF-8 unless it declares another coding), line endings made \\n, a
-  final newline added; the SHA-256 printed is of that text. For a UTF-8 file with Unix line endings that
-  ends in a newline, it is what `sha256sum PLAN.py` prints; compare it with the researcher's (`fedserver
-  run` prints its first 12 digits). The file is parsed to find the class name, never run.
+  {effect}.
+  A server sends the whole file as Python reads it: decoded (UTF-8 unless it declares another
+  coding), line endings made \\n, a final newline added; the SHA-256 printed is of that text. For a
+  UTF-8 file with Unix line endings that ends in a newline, it is what `sha256sum PLAN.py` prints;
+  compare it with the researcher's (`fedserver run` prints its first 12 digits). The file is parsed
+  to find the class name, never run.
 """
 
 
@@ -82,12 +83,17 @@ def register(subparsers: Any) -> None:
     add_home_options(show, existing=True)
     show.set_defaults(func=_show)
 
-    for verb, status, summary in (
-        ("approve", "approved", "allow tasks to run plan ID (or the plan in --file) on this node"),
-        ("reject", "rejected", "refuse plan ID (also revokes an approval)"),
+    for verb, status, summary, heading, effect in (
+        ("approve", "approved", "allow tasks to run plan ID (or the plan in --file) on this node",
+         "approving ahead of the first task",
+         "approves it now, so its first task runs without being refused as pending"),
+        ("reject", "rejected", "refuse plan ID (also revokes an approval)",
+         "rejecting ahead of the first task",
+         "rejects it now, so its first task is refused as rejected (never recorded as pending)"),
     ):
+        epilog = _FILE_HELP.format(verb=verb, heading=heading, effect=effect) + "\n" + FILES_HELP
         decide = commands.add_parser(
-            verb, help=summary, formatter_class=_RAW, epilog=_FILE_HELP.format(verb=verb) + "\n" + FILES_HELP,
+            verb, help=summary, formatter_class=_RAW, epilog=epilog,
             description=f"Mark plan ID {status}; the decision applies to tasks from now on. Repeatable.\n"
                         f"With --file instead of ID: the plan in that file, known or not (see below).",
         )

@@ -162,6 +162,18 @@ def test_a_name_that_is_not_a_plan_class_is_refused(home, tmp_path, capsys):
     assert PlanApprovals(db_path(home)).list() == []
 
 
+@pytest.mark.parametrize("verb, says, never", [
+    ("approve", "its first task runs without being refused", "is refused as rejected"),
+    ("reject", "its first task is refused as rejected", "runs without being refused"),
+])
+def test_each_decision_explains_its_own_file_option(verb, says, never, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["plans", verb, "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert says in out and never not in out, out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["approve"], "give the plan's ID or --file FILE"),
     (["approve", "0123456789ab", "--file", "x.py"], "give the plan's ID or --file FILE, not both"),
