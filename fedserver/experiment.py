@@ -60,6 +60,7 @@ from fedserver.experiment_state import (
     experiment_state,
     resumable_checkpoint_dir,
     resume_arguments,
+    same_history_db,
 )
 from fedserver.global_params import GlobalParams, check_low_memory_config
 from fedserver.history import HistoryStore
@@ -160,7 +161,7 @@ class Experiment(GlobalParams, ExperimentEvaluation):
         self.model_args = dict(model_args or {})
         self.name = name
         self.checkpoints = CheckpointStore(checkpoint_dir, keep_last=keep_checkpoints) if checkpoint_dir else None
-        self.history_path = Path(history_db) if history_db else None
+        self.history_path = Path(history_db).absolute() if history_db else None  # a resume may run elsewhere
         self.server = server
         self.server_config = server_config
         self.node_store = node_store
@@ -244,8 +245,9 @@ class Experiment(GlobalParams, ExperimentEvaluation):
             exp.params = model.params  # no longer what the checkpoint holds
             exp._buffers_filled_round = checkpoint.round
         exp.known_nodes = list(state["known_nodes"])
-        exp.serving = state.get("serving")  # checked by resume_arguments; None in checkpoints from before it
-        exp.history_id = state.get("history_id") if exp.history_path == Path(state["history_db"] or "") else None
+        # checked by resume_arguments; None in checkpoints from before it, and once the caller serves the run
+        exp.serving = None if overrides.get("server") or overrides.get("server_config") else state.get("serving")
+        exp.history_id = state.get("history_id") if same_history_db(exp.history_path, state["history_db"]) else None
         log.info("resuming experiment %r after round %d from %s", exp.name, checkpoint.round, checkpoint.folder)
         return exp
 

@@ -184,9 +184,15 @@ def resume_arguments(checkpoint_dir: str | Path, overrides: Mapping[str, Any]) -
     kwargs.update(overrides)
     plan = PlanSource.from_source(state["plan"]["name"], state["plan"]["source"])
     history_db = kwargs["history_db"]
-    if state.get("history_id") is not None and history_db and Path(history_db) == Path(state["history_db"] or ""):
+    if state.get("history_id") is not None and same_history_db(history_db, state["history_db"]):
         _check_history_experiment(Path(history_db), state, plan, path)  # the experiment resume() reopens
     return ResumeArguments(checkpoint, plan, state["training_args"], kwargs)
+
+
+def same_history_db(current: str | Path | None, stored: str | None) -> bool:
+    """Whether history database ``current`` is the checkpoint's ``stored`` one. Checkpoints store it absolute
+    (since session 9); an older relative one is taken from the working directory, as it was then."""
+    return bool(current and stored) and Path(current).absolute() == Path(stored).absolute()  # type: ignore[arg-type]
 
 
 def _check_history_experiment(db: Path, state: Mapping[str, Any], plan: PlanSource, path: Path) -> None:
