@@ -498,9 +498,12 @@ def _warn_early_start(exp: Experiment, store: NodeStore, evaluate: bool) -> None
     first = f"round {exp.completed_round + 1}" if exp.completed_round < exp.rounds else "the evaluation" \
         if evaluate else None
     if first is not None:
+        # with --tags, some enrolled nodes may hold no such dataset: waiting for all of them would wait out --node-wait
+        those = (f"the K of them that hold a dataset tagged {exp.dataset_tags}" if exp.dataset_tags
+                 else f"{enrolled}")
         print(f"fedserver: warning: {enrolled} nodes are enrolled, but {first} starts as soon as {exp.min_nodes} "
-              f"node(s) are connected; pass --expected-nodes {enrolled} to wait (up to --node-wait) for "
-              f"{enrolled}", file=sys.stderr, flush=True)
+              f"node(s) are connected; pass --expected-nodes {'K' if exp.dataset_tags else enrolled} to wait (up to "
+              f"--node-wait) for {those}", file=sys.stderr, flush=True)
 
 
 async def _evaluate(exp: Experiment) -> EvaluationReport | FedstreamError:

@@ -54,3 +54,13 @@ def test_no_warning_when_the_quorum_or_expected_nodes_covers_the_enrolled(tmp_pa
                                                                          revoked) -> None:
     err = _run(tmp_path, capsys, enrolled, *extra, revoked=revoked)
     assert WARNING not in err, err
+
+
+def test_with_tags_the_warning_does_not_ask_to_wait_for_every_enrolled_node(tmp_path, capsys) -> None:
+    """Some enrolled nodes may hold no dataset with the tags: --expected-nodes 3 would then wait out --node-wait
+    before every round."""
+    err = _run(tmp_path, capsys, ["site-a", "site-b", "site-c"], "--tags", "cardio")
+    warnings = [line for line in err.splitlines() if line.startswith(WARNING)]
+    assert warnings == [
+        ("fedserver: warning: 3 nodes are enrolled, but round 1 starts as soon as 1 node(s) are connected; pass "
+         "--expected-nodes K to wait (up to --node-wait) for the K of them that hold a dataset tagged ['cardio']")], err
