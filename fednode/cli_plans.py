@@ -16,7 +16,7 @@ from typing import Any
 from fedcore.text_output import format_time, key_values, text_table
 from fednode.approvals import MIN_PREFIX, STATUSES, PlanApprovals, PlanRecord
 from fednode.home import FILES_HELP, add_home_options, existing_db_path_from_args
-from fednode.plan_files import plan_class_names, plan_file
+from fednode.plan_files import imported_base_classes, plan_class_names, plan_file
 
 __all__ = ["register"]
 
@@ -184,7 +184,8 @@ def _decide_file(args: argparse.Namespace, db: Path) -> int:
             args.usage_error(f"argument --name: {args.file} defines {found}: give --name CLASS, the class the "
                              f"researcher runs")
         name = plans[0]
-    elif name not in plans:  # a plain class would be recorded, and listed for ever, as the plan's name
+    elif name not in plans and name not in imported_base_classes(plan.source):
+        # a plain class would be recorded, and listed for ever, as the plan's name
         listed = f"give one of its training plan classes ({', '.join(plans)})" if plans else \
             "it defines no class deriving from a TrainingPlan"
         problem = f"class {name!r} in {args.file} does not derive from a TrainingPlan" if name in classes else \

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fedcore.errors import PlanApprovalError
 
-__all__ = ["PlanFile", "plan_class_names", "plan_file"]
+__all__ = ["PlanFile", "imported_base_classes", "plan_class_names", "plan_file"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,22 @@ def plan_class_names(source: str, path: Path) -> tuple[list[str], list[str]]:
         else:
             plans.discard(node.name)  # redefined as a plain class
     return [name for name in names if name in plans], list(names)
+
+
+def imported_base_classes(source: str) -> list[str]:
+    """Classes of ``source`` (already parsed by :func:`plan_class_names`) with a base from outside the file
+    (``from mylib import BasePlan``) that may be a plan through another module: ``--name`` may name them, as
+    no reading of this file alone can tell. A base that is ``object`` or a class of the file does not count."""
+    tree = ast.parse(source)
+    seen: set[str] = set()
+    found: dict[str, None] = {}
+    for node in _module_classes(tree.body):
+        for base in node.bases:
+            name = base.attr if isinstance(base, ast.Attribute) else base.id if isinstance(base, ast.Name) else ""
+            if isinstance(base, ast.Attribute) or (name and name not in seen and name != "object"):
+                found[node.name] = None
+        seen.add(node.name)
+    return list(found)
 
 
 def _module_classes(body: list[ast.stmt]) -> Iterator[ast.ClassDef]:

@@ -162,6 +162,20 @@ def test_a_name_that_is_not_a_plan_class_is_refused(home, tmp_path, capsys):
     assert PlanApprovals(db_path(home)).list() == []
 
 
+def test_a_name_whose_base_comes_from_another_module_is_accepted(home, tmp_path, capsys):
+    """``from mylib import BasePlan``: whether BasePlan is a TrainingPlan cannot be read from this file alone,
+    so the operator's --name is trusted (a plain class of the file, above, is still refused)."""
+    plan = tmp_path / "site_plan.py"
+    plan.write_text("from mylib import BasePlan\nimport mylib\n\n\nclass SitePlan(BasePlan):\n    pass\n\n\n"
+                    "class Other(mylib.Base):\n    pass\n\n\nclass Local(SitePlan):\n    pass\n")
+    for name in ("SitePlan", "Other"):  # one digest: the record keeps the name it was first decided under
+        assert main(["plans", "approve", "--file", str(plan), "--name", name, "--home", str(home)]) == 0
+        assert "(SitePlan) is now approved" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:  # Local's base is a class of this file that is no known plan
+        main(["plans", "approve", "--file", str(plan), "--name", "Local", "--home", str(home)])
+    assert info.value.code == 2
+
+
 @pytest.mark.parametrize("verb, says, never", [
     ("approve", "its first task runs without being refused", "is refused as rejected"),
     ("reject", "its first task is refused as rejected", "runs without being refused"),
