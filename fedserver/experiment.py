@@ -259,9 +259,12 @@ class Experiment(GlobalParams, ExperimentEvaluation):
         return state.params
 
     def _learn_buffers(self) -> None:
-        """``buffer_names`` from the plan's model, for ``params`` set by hand (completed if it lacks buffers).
-        A method: no local of the round loop may keep x alive (low_memory releases it)."""
+        """``buffer_names`` from the plan's model, for ``params`` set by hand (completed if it lacks buffers);
+        nothing when the names are known and ``params`` holds them all. A method: no local of the round loop may
+        keep x alive (low_memory releases it)."""
         assert self.params is not None
+        if self.buffer_names is not None and set(self.buffer_names) <= self.params.keys():
+            return
         completed = complete_with_buffers(self.params, self.plan, self.training_args, self.model_args,
                                           "the params set by hand")
         if completed.filled:
@@ -273,7 +276,7 @@ class Experiment(GlobalParams, ExperimentEvaluation):
         await self._reload_released_params()  # low_memory, interrupted after the release
         if self.params is None:
             self.params = {k: np.array(v, copy=True) for k, v in self.initial_params().items()}
-        elif self.buffer_names is None or not set(self.buffer_names) <= self.params.keys():
+        else:
             self._learn_buffers()  # params set by hand: which are buffers (and any missing, filled)
         if self.low_memory and self.completed_round < self.rounds:
             self._check_params_checkpointable()

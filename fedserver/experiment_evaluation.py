@@ -82,9 +82,7 @@ class ExperimentEvaluation:
         check_evaluable(self.training_args)
         async with self._serving() as server:
             await self._reload_released_params()  # low_memory, interrupted round
-            assert self.params is not None
-            if self.buffer_names is None or not set(self.buffer_names) <= self.params.keys():
-                self._learn_buffers()  # params set by hand without buffers: nodes load the model strictly
+            self._learn_buffers()  # params set by hand without buffers: nodes load the model strictly
             candidates = await eligible_nodes(server, self.dataset_tags, self.min_nodes, self.node_wait_timeout,
                                               self.expected_nodes)
             task = EvaluateTask(self._key(), self.completed_round, self.plan, self.training_args.to_dict(),
