@@ -18,6 +18,7 @@ from plans_lsq import LinearPlan
 
 from fedcore.errors import ExperimentError, MessageError, PlanError, RoundFailedError, TaskPayloadError
 from fedcore.plans import ArrayDataset
+from fedcore.plans.split import split_keys
 from fedcore.tasks import EvaluateResult, EvaluateTask, PlanSource
 from fedcore.training_args import TrainingArgs
 from fedcore.wire import TaskKind
@@ -40,8 +41,8 @@ def mse(X: np.ndarray, y: np.ndarray, params: dict[str, np.ndarray]) -> float:
 
 
 def held_out(n: int, ratio: float, seed: int) -> np.ndarray:
-    """The indices ArrayDataset.split holds out: the first floor(n·ratio) of a seeded permutation, sorted."""
-    return np.sort(np.random.default_rng(seed).permutation(n)[:math.floor(n * ratio)])
+    """The indices ArrayDataset.split holds out: the floor(n·ratio) of smallest SplitMix64 keys, sorted."""
+    return np.sort(np.argsort(split_keys(n, seed))[:math.floor(n * ratio)])
 
 
 async def _train_then_evaluate(tmp: Path, sites, args, *, rounds: int = 2, **kwargs):

@@ -2,7 +2,7 @@
 
 Before: ``math.floor(n * test_ratio)`` on floats, and 100 × 0.29 is 28.999999999999996 in float64, so 28 samples
 were held out (likewise 0.57 × 100, 0.58 × 100, ...). Counts recomputed here with exact integer arithmetic
-(``n · a // 10^d`` for a ratio a / 10^d); the seeded permutation the split draws from is unchanged.
+(``n · a // 10^d`` for a ratio a / 10^d); the held-out samples are those of smallest keys (fedcore.plans.split).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 
 from fedcore.plans import ArrayDataset
 from fedcore.plans.data import held_out_count
+from fedcore.plans.split import split_keys
 
 
 def dataset(n: int) -> ArrayDataset:
@@ -25,7 +26,7 @@ def dataset(n: int) -> ArrayDataset:
 def test_a_decimal_ratio_holds_out_exactly_its_share(n: int, ratio: float, expected: int) -> None:
     train, test = dataset(n).split(ratio, seed=4)
     assert (len(train), len(test)) == (n - expected, expected)
-    order = np.random.default_rng(4).permutation(n)  # what split draws: the first `expected` are held out
+    order = np.argsort(split_keys(n, 4))  # the split's order: the first `expected` are held out
     np.testing.assert_array_equal(test.y, np.sort(order[:expected]))
     np.testing.assert_array_equal(train.y, np.sort(order[expected:]))
 

@@ -14,30 +14,9 @@ from typing import Any
 import numpy as np
 
 from fedcore.errors import DatasetError
+from fedcore.plans.split import held_out_count, held_out_indices
 
 __all__ = ["ArrayDataset", "NumpyDataLoader", "held_out_count"]
-
-#: Relative tolerance of :func:`held_out_count`: far above float64's rounding (2⁻⁵³ per operation), far below
-#: the gap between a product n · ratio and the next integer for ratios written with a few decimals.
-HELD_OUT_TOLERANCE = 1e-12
-
-
-def held_out_count(n: int, ratio: float) -> int:
-    """``floor(n · ratio)``, where a float product just below an integer k counts as k.
-
-    ``ratio`` is a decimal the user wrote (0.29) stored as the nearest binary float (0.28999999999999998),
-    and ``n * ratio`` rounds again: 100 × 0.29 gives 28.999999999999996 where the user means 29. With
-    x = n · ratio (float) and k its nearest integer, the count is k when x < k ≤ x + 10⁻¹² · x, else floor(x).
-    Why 10⁻¹²: the two roundings err by at most about 2 · 2⁻⁵³ · x ≈ 2.2·10⁻¹⁶ · x, which the tolerance covers
-    with room. For a ratio of d decimals, a / 10^d, the exact product n · a / 10^d is an integer or at least
-    10^-d below the next one, more than 10⁻¹² · x whenever n · a < 10¹² (0.29: any n below 3·10¹⁰): no other
-    count moves, and a seeded split whose count was already right stays the same split.
-    """
-    x = n * ratio
-    nearest = round(x)
-    if x < nearest <= x + HELD_OUT_TOLERANCE * x:
-        return nearest
-    return math.floor(x)
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,25 +51,30 @@ class ArrayDataset:
         return ArrayDataset(self.X[indices], self.y[indices])
 
     def split(self, test_ratio: float, seed: int | None = None) -> tuple[ArrayDataset, ArrayDataset]:
-        """Shuffle with ``seed`` and hold out ``floor(n · test_ratio)`` samples: ``(train, test)``.
+        """Hold out ``held_out_count(n, test_ratio)`` samples chosen by ``seed``: ``(train, test)``.
 
+        The split every node makes, whatever its language (docs/protocol.md §6, "The held-out split";
+        :mod:`fedcore.plans.split`): sample i gets the key ``mix(seed + (i + 1) · 0x9E3779B97F4A7C15 mod 2⁶⁴)``
+        with SplitMix64's output function ``mix``, and the samples with the smallest keys are held out; both
+        sets keep the dataset's order. ``seed`` None draws a fresh 64-bit seed (another split at each call).
+        fedstream before this split drew a numpy permutation: the same seed held out other samples.
         The count is that of the ratio as written (:func:`held_out_count`): 0.29 of 100 samples holds out 29,
         although the float product ``100 * 0.29`` is 28.999999999999996.
         ``test_ratio`` = 0 gives an empty test set; the train set must keep at least one sample.
 
         Raises:
-            DatasetError: ``test_ratio`` outside [0, 1), or nothing left to train on.
+            DatasetError: ``test_ratio`` outside [0, 1), ``seed`` not None or an int in [0, 2⁶⁴), or nothing
+                left to train on.
         """
         if isinstance(test_ratio, bool) or not isinstance(test_ratio, (int, float)) or not 0 <= test_ratio < 1:
             raise DatasetError(f"ArrayDataset.split: test_ratio must be a number in [0, 1), got {test_ratio!r}")
         n = len(self)
-        n_test = held_out_count(n, test_ratio)
-        if n - n_test < 1:
+        if n - held_out_count(n, test_ratio) < 1:
             raise DatasetError(
                 f"ArrayDataset.split: test_ratio={test_ratio} of {n} samples leaves no training sample"
             )
-        order = np.random.default_rng(seed).permutation(n)
-        return self.subset(np.sort(order[n_test:])), self.subset(np.sort(order[:n_test]))
+        train, test = held_out_indices(n, test_ratio, seed)
+        return self.subset(train), self.subset(test)
 
 
 class NumpyDataLoader:
