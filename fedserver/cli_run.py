@@ -38,7 +38,7 @@ from fedcore.plans import TrainingPlan
 from fedcore.text_output import escape_unprintable
 from fedcore.training_args import TrainingArgs
 from fedserver.auth import NodeStore
-from fedserver.checkpoints import CheckpointStore, folder_name
+from fedserver.checkpoints import EXPERIMENT, CheckpointStore, folder_name
 from fedserver.cli_history import DB_ENV_VAR, DEFAULT_DB
 from fedserver.cli_serve import add_server_options, config_from_args
 from fedserver.config import ServerConfig
@@ -46,9 +46,13 @@ from fedserver.evaluation import EvaluationReport, check_evaluable
 from fedserver.experiment import Experiment, resumable_checkpoint_dir
 from fedserver.experiment_serving import (
     DEFAULTS,
+    NONE_WORDS,
+    OPTION_FIELDS,
+    apply_server_options,
     apply_serving,
     hint_command,
     missing_checkpoint_paths,
+    none_as_word,
     serving_state,
 )
 from fedserver.history_records import SHOWN_NAME_CHARS, shown_text
@@ -115,7 +119,9 @@ checkpoints and resuming (--checkpoint-dir, --resume):
   It serves as the run did: the checkpoint keeps --address, --port (the port bound), --tls, --cert,
   --key, --ca and the server home; one given with --resume (or $FEDSERVER_HOME, like --home)
   overrides the checkpoint's (stderr names it); a checkpoint home or file that is not there is refused
-  (exit 2) naming the flag to pass. After a failure or Ctrl-C the command that resumes the run is printed, ready to run.
+  (exit 2) naming the flag to pass. The other server options the run's command line gave (--max-payload-size,
+  --max-poll-wait, --receive-window, ...) are kept too and apply again unless given with --resume (one
+  stderr line names those applied and those the command line overrides). After a failure or Ctrl-C the command that resumes the run is printed, ready to run.
 
 output:
   stdout: the server address, one line per round (round, nodes that replied / selected, aggregated
@@ -204,9 +210,11 @@ def register(subparsers: Any) -> None:
     serving = run.add_argument_group("server (as `fedserver serve`)")
     add_server_options(serving)
     for action in serving._group_actions:  # None = not given: a resume takes the checkpoint's value then
-        if action.dest in DEFAULTS and action.default is not None:
+        if (action.dest in DEFAULTS or action.dest in OPTION_FIELDS) and action.default is not None:
             action.help = (action.help or "").replace("%(default)s", str(action.default))
             action.default = None
+        if action.dest in NONE_WORDS:  # --reconnect-grace none, --receive-window bdp: given, not None
+            action.type = none_as_word(action.type, NONE_WORDS[action.dest])
     run.set_defaults(func=_run, usage_error=run.error)
 
 
@@ -390,7 +398,13 @@ def _run(args: argparse.Namespace) -> int:
         missing = missing_checkpoint_paths(args, resumed.serving)
         if missing:  # a checkpoint from another machine: refused before a home is created
             args.usage_error(missing)
+        remembered = apply_server_options(args, resumed.serving)
         overridden = apply_serving(args, resumed.serving)
+        if remembered.unknown:  # written by a newer fedserver: nothing here could apply them
+            print(f"fedserver: warning: {_experiment_file(resumed)}: serving.options {remembered.unknown} are not "
+                  "server options of this fedserver (a checkpoint of a newer version?): ignored", file=sys.stderr)
+        if remembered.line():
+            print(remembered.line(), file=sys.stderr)
         if resumed.serving is None:
             print("fedserver: the checkpoint does not say how its run was served (written before fedserver kept "
                   "it): serving as the command line says", file=sys.stderr)
@@ -408,6 +422,11 @@ def _run(args: argparse.Namespace) -> int:
     if config.tls != "mtls" and not store.list():
         raise ServerConfigError("no node is enrolled, so no node could connect: run `fedserver nodes enroll ID`")
     return asyncio.run(_serve_and_run(args, config, store, resumed))
+
+
+def _experiment_file(exp: Experiment) -> Path:
+    """The experiment.json a resumed ``exp`` was read from."""
+    return exp.checkpoints.directory / folder_name(exp.completed_round) / EXPERIMENT
 
 
 def _resumed_experiment(args: argparse.Namespace) -> Experiment:

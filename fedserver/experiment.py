@@ -230,8 +230,12 @@ class Experiment(GlobalParams, ExperimentEvaluation):
         ``low_memory``).
 
         A ``checkpoint_dir`` that does not exist or holds no checkpoint raises CheckpointError naming it, and
-        nothing is created (:func:`resumable_checkpoint_dir`). A checkpoint written before persistent buffers
-        were federated gets them from the plan's fresh model, logged (:mod:`fedserver.experiment_buffers`).
+        nothing is created (:func:`resumable_checkpoint_dir`). How ``fedserver run`` served the run (``serving``:
+        address, port, TLS, home and ``options``, the other server options its command line chose) is kept in
+        ``serving`` for that command to apply; a ``server`` or ``server_config`` given here is used whole (a
+        ServerConfig cannot tell a field left to its default from one set to it) and drops it. A checkpoint
+        written before persistent buffers were federated gets them from the plan's fresh model, logged
+        (:mod:`fedserver.experiment_buffers`).
         """
         args = resume_arguments(checkpoint_dir, overrides)
         checkpoint, state = args.checkpoint, args.checkpoint.experiment_state

@@ -21,23 +21,41 @@ they came from and the flag that overrides, before anything is created (an empty
 node is enrolled" about the wrong home). :func:`hint_command` is the resume command printed after a failure
 or Ctrl-C: it gives the options the checkpoint on disk does not hold (a resume that overrode them and
 completed no round yet), and ``--home`` unless the home is both the default one and the checkpoint's.
+
+The other server options ``fedserver run`` takes (limits, chunk sizes, windows, waits: :data:`OPTION_FIELDS`)
+live in ``serving.options``, by their :class:`~fedserver.config.ServerConfig` field names, as JSON values::
+
+    "options": {"max_payload_size": 1048576, "max_poll_wait_seconds": 2.0, "receive_window_bytes": null}
+
+Only the options the run's command line chose are kept (given, or remembered by a resume), so an option left
+to its default takes the default of the fedserver that resumes. :func:`apply_server_options` applies them on
+a resume unless the command line gives the option again (it wins, and is named). Not given is told from given
+as for the serving options: ``fedserver run``'s parser defaults them to None; the two options whose value may
+itself be None (``--reconnect-grace none``, ``--receive-window bdp``) keep that word (:data:`NONE_WORDS`)
+until :func:`apply_serving` fills the defaults. A checkpoint without ``options`` resumes with the defaults, as
+before; a key this fedserver does not know (written by a newer one) is reported and ignored (no flag could
+override it, so refusing would leave the run unresumable); a known key with a bad value is a CheckpointError.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedcore.errors import CheckpointError
-from fedserver.config import TLS_MODES
+from fedcore.errors import CheckpointError, ServerConfigError
+from fedcore.wire.flow_control import AUTO_WINDOW, MIN_RECEIVE_WINDOW, valid_receive_window
+from fedserver.config import TLS_MODES, ServerConfig
 from fedserver.home import HOME_ENV_VAR, certs_dir, server_home
 
-__all__ = ["DEFAULTS", "SERVING_FLAGS", "apply_serving", "check_serving_state", "hint_command",
-           "missing_checkpoint_paths", "serving_state"]
+__all__ = ["DEFAULTS", "NONE_WORDS", "OPTION_FIELDS", "SERVING_FLAGS", "RememberedOptions", "apply_server_options",
+           "apply_serving", "check_serving_state", "hint_command", "missing_checkpoint_paths", "none_as_word",
+           "serving_state"]
 
 #: ``fedserver run``'s serving options: state key -> (flag, default when neither given nor checkpointed).
 SERVING_FLAGS: dict[str, str] = {"address": "--address", "port": "--port", "tls": "--tls", "cert": "--cert",
@@ -47,15 +65,78 @@ DEFAULTS: dict[str, Any] = {"address": "127.0.0.1", "port": 50051, "tls": "tls",
 _PATHS = ("cert", "key", "ca", "home")
 _HOME_FILES = {"cert": "server.crt", "key": "server.key", "ca": "ca.crt"}
 
+#: ``fedserver run``'s other server options (``fedserver.cli_serve.add_server_options``): args dest -> the
+#: ServerConfig field ``config_from_args`` gives it, the name ``serving.options`` keeps it by.
+OPTION_FIELDS: dict[str, str] = {
+    "max_payload_size": "max_payload_size", "max_chunk_size": "max_chunk_size", "chunk_size": "chunk_size",
+    "max_concurrent_uploads": "max_concurrent_uploads", "max_upload_buffer": "max_upload_buffer_bytes",
+    "receive_window": "receive_window_bytes", "upload_line_wait": "upload_line_wait_seconds",
+    "upload_place_kept": "upload_place_kept_seconds", "max_poll_wait": "max_poll_wait_seconds",
+    "reconnect_grace": "reconnect_grace_seconds"}
+#: The options whose value may be None, as the word that gives it on the command line (args dest -> word).
+NONE_WORDS: dict[str, str] = {"reconnect_grace": "none", "receive_window": "bdp"}
+_FIELD_DESTS = {name: dest for dest, name in OPTION_FIELDS.items()}
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(ServerConfig) if f.name in _FIELD_DESTS}
+
+
+def _positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value > 0
+
+
+def _seconds(value: Any, *, zero_ok: bool = False) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            and (value >= 0 if zero_ok else value > 0))
+
+
+#: What each option's stored value must be: (test, what it is for the message).
+_VALID: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{name: (_positive_int, "an int > 0") for name in ("max_payload_size", "max_chunk_size", "chunk_size",
+                                                         "max_concurrent_uploads", "max_upload_buffer_bytes")},
+    **{name: (_seconds, "a finite number of seconds > 0") for name in (
+        "upload_line_wait_seconds", "upload_place_kept_seconds", "max_poll_wait_seconds")},
+    "receive_window_bytes": (valid_receive_window, f"'{AUTO_WINDOW}', null (BDP probing) or an int >= {MIN_RECEIVE_WINDOW}"),
+    "reconnect_grace_seconds": (lambda v: v is None or _seconds(v, zero_ok=True),
+                                "null or a finite number of seconds >= 0"),
+}
+
+
+def none_as_word(parse: Callable[[str], Any], word: str) -> Callable[[str], Any]:
+    """``parse`` (an argparse type) returning ``word`` where it returns None: ``fedserver run``'s parser keeps
+    None for "not given", so ``--reconnect-grace none`` must stay apart from an omitted ``--reconnect-grace``."""
+    def parse_keeping_word(text: str) -> Any:
+        value = parse(text)
+        return word if value is None else value
+    parse_keeping_word.__name__ = getattr(parse, "__name__", "value")  # argparse names it in 'invalid ... value'
+    return parse_keeping_word
+
+
+@dataclass
+class RememberedOptions:
+    """What :func:`apply_server_options` did with a checkpoint's ``serving.options``: ``applied`` and
+    ``overridden`` (``--flag VALUE (the checkpoint's: OLD)``) as command-line text, ``unknown`` the keys this
+    fedserver does not know (ignored)."""
+
+    applied: list[str] = field(default_factory=list)
+    overridden: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+    def line(self) -> str | None:
+        """One stderr line naming what was applied and overridden, or None when nothing was remembered."""
+        parts = ([f"applied {', '.join(self.applied)}"] if self.applied else []) + (
+            [f"overridden by the command line: {', '.join(self.overridden)}"] if self.overridden else [])
+        return f"fedserver: the checkpoint's server options: {'; '.join(parts)}" if parts else None
+
 
 def serving_state(args: argparse.Namespace, port: int) -> dict[str, Any]:
     """The ``serving`` entry of a run's checkpoints: ``args``' serving options (filled by :func:`apply_serving`)
-    with ``port`` the port the server was bound to and paths made absolute."""
+    with ``port`` the port the server was bound to and paths made absolute, and ``options`` the other server
+    options the command line chose (recorded by :func:`apply_serving`)."""
     state: dict[str, Any] = {"address": args.address, "port": int(port), "tls": args.tls}
     for key in ("cert", "key", "ca"):
         value = getattr(args, key)
         state[key] = None if value is None else str(Path(value).expanduser().absolute())
     state["home"] = str(server_home(getattr(args, "home", None)))
+    state["options"] = dict(getattr(args, "server_options", {}))
     return state
 
 
@@ -80,14 +161,34 @@ def check_serving_state(value: Any, path: Path) -> dict[str, Any] | None:
         if not (value[key] is None and key != "home") and not (isinstance(value[key], str) and value[key]):
             what = "a path string" if key == "home" else "a path string or null"
             raise CheckpointError(f"{path}: 'serving.{key}' must be {what}, got {_short(value[key])}")
+    _check_options(value.get("options", {}), path)
     return value
+
+
+def _check_options(options: Any, path: Path) -> None:
+    """CheckpointError unless ``options`` (``serving.options``) maps known fields to values ServerConfig takes
+    (each, then together: e.g. chunk_size within max_chunk_size). Unknown keys pass (reported on use)."""
+    if not isinstance(options, dict):
+        raise CheckpointError(f"{path}: 'serving.options' must be a map, got {_short(options)}")
+    known = {name: value for name, value in options.items() if name in _VALID}
+    for name, value in known.items():
+        valid, what = _VALID[name]
+        if not valid(value):
+            raise CheckpointError(f"{path}: 'serving.options.{name}' must be {what}, got {_short(value)}")
+    try:
+        ServerConfig(tls="insecure", **known)
+    except ServerConfigError as exc:
+        raise CheckpointError(f"{path}: 'serving.options': {exc}") from None
 
 
 def apply_serving(args: argparse.Namespace, stored: Mapping[str, Any] | None) -> list[str]:
     """Fill ``args``' serving options the command line left out (None; ``--home``: absent, and no
     ``$FEDSERVER_HOME``) from ``stored`` (a resume's checkpoint), else from :data:`DEFAULTS`; return one ``--flag
     VALUE (the checkpoint's: OLD)`` per option the command line (or ``$FEDSERVER_HOME``) gives with another
-    value than the checkpoint holds."""
+    value than the checkpoint holds. The other server options (:data:`OPTION_FIELDS`; on a resume
+    :func:`apply_server_options` first) are recorded as chosen when set (``args.server_options``, for
+    :func:`serving_state`), then the rest get ServerConfig's defaults and the words of :data:`NONE_WORDS` None."""
+    _fill_server_options(args)
     overridden = []
     for key, flag in SERVING_FLAGS.items():
         given = getattr(args, key, None)
@@ -106,6 +207,53 @@ def apply_serving(args: argparse.Namespace, stored: Mapping[str, Any] | None) ->
         if now != stored[key]:
             overridden.append(f"{flag} {_quoted(given)} (the checkpoint's: {_quoted(stored[key])})")
     return overridden
+
+
+def apply_server_options(args: argparse.Namespace, stored: Mapping[str, Any] | None) -> RememberedOptions:
+    """Before :func:`apply_serving` on a resume: set ``args``' server options the command line left out (None)
+    to ``stored``'s (a checked serving state; None or without ``options``: nothing is remembered) and say what
+    was applied, what the command line overrides and which stored keys this fedserver does not know."""
+    report = RememberedOptions()
+    options = (stored or {}).get("options") or {}
+    for name, value in options.items():
+        dest = _FIELD_DESTS.get(name)
+        if dest is None:
+            report.unknown.append(name)
+            continue
+        flag = f"--{dest.replace('_', '-')}"
+        given = getattr(args, dest, None)
+        if given is None:
+            setattr(args, dest, NONE_WORDS[dest] if value is None else value)
+            report.applied.append(f"{flag} {_option_text(dest, value)}")
+        elif _stored_value(dest, given) != value:
+            report.overridden.append(f"{flag} {_option_text(dest, _stored_value(dest, given))} "
+                                     f"(the checkpoint's: {_option_text(dest, value)})")
+    return report
+
+
+def _fill_server_options(args: argparse.Namespace) -> None:
+    """Record the server options ``args`` holds (given or remembered) as ``args.server_options`` (field ->
+    JSON value), then give the others ServerConfig's defaults and turn :data:`NONE_WORDS` into None."""
+    chosen = {}
+    for dest, name in OPTION_FIELDS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            setattr(args, dest, _FIELD_DEFAULTS[name])
+            continue
+        chosen[name] = _stored_value(dest, value)
+        if dest in NONE_WORDS and value == NONE_WORDS[dest]:
+            setattr(args, dest, None)
+    args.server_options = chosen
+
+
+def _stored_value(dest: str, value: Any) -> Any:
+    """The JSON value of option ``dest`` as ``args`` holds it (the word of :data:`NONE_WORDS` is None)."""
+    return None if dest in NONE_WORDS and value == NONE_WORDS[dest] else value
+
+
+def _option_text(dest: str, value: Any) -> str:
+    """A stored value as the command line gives it (None: its word)."""
+    return NONE_WORDS[dest] if value is None else str(value)
 
 
 def missing_checkpoint_paths(args: argparse.Namespace, stored: Mapping[str, Any] | None) -> str | None:
@@ -130,8 +278,8 @@ def missing_checkpoint_paths(args: argparse.Namespace, stored: Mapping[str, Any]
 def hint_command(checkpoint_dir: Path, current: Mapping[str, Any] | None, saved: Mapping[str, Any] | None) -> str:
     """A ``fedserver run --resume`` command that serves as ``current`` (this run's :func:`serving_state`) when
     the checkpoint it reads holds ``saved`` (None: no serving state, so the defaults): ``--home`` whenever the
-    home is not the default one or not the checkpoint's, and each option whose value the checkpoint would not
-    give."""
+    home is not the default one or not the checkpoint's, and each option (serving or ``options``) whose value
+    the checkpoint would not give."""
     words = ["fedserver"]
     if current is not None and (Path(current["home"]) != server_home(None)
                                 or (saved is not None and Path(saved["home"]) != Path(current["home"]))):
@@ -146,6 +294,12 @@ def hint_command(checkpoint_dir: Path, current: Mapping[str, Any] | None, saved:
             value = str(certs_dir(Path(current["home"])) / _HOME_FILES[key])
         if value != would_be:
             words += [flag, str(value)]
+    if current is not None:  # options this run used that a resume of ``saved`` would not take from it
+        now, then = current.get("options") or {}, (saved or {}).get("options") or {}
+        for dest, name in OPTION_FIELDS.items():
+            value = now.get(name, _FIELD_DEFAULTS[name])
+            if value != then.get(name, _FIELD_DEFAULTS[name]):
+                words += [f"--{dest.replace('_', '-')}", _option_text(dest, value)]
     return shlex.join(words)
 
 
