@@ -1,7 +1,8 @@
 "use strict";
 /**
  * The local update (least_squares.js) recomputed from its docstring's formulas, its convergence to the
- * normal equations' solution, dataset loading, and LinearTrainer's answers to good and bad TRAIN tasks.
+ * normal equations' solution, dataset loading, and LinearTrainer's answers to good and bad TRAIN and
+ * EVALUATE tasks, with the held-out split (split.js) and the validation it fills.
  */
 const test = require("node:test");
 const assert = require("node:assert/strict");
@@ -12,6 +13,7 @@ const crypto = require("node:crypto");
 const { leastSquaresGD, meanSquaredError } = require("../src/training/least_squares.js");
 const { loadDataset } = require("../src/training/dataset.js");
 const { LinearTrainer } = require("../src/training/train_task.js");
+const { heldOutIndices } = require("../src/training/split.js");
 const { encode, decode, NDArray, Float64 } = require("../src/codec");
 const { ConfigError } = require("../src/errors.js");
 
@@ -130,7 +132,7 @@ test("lr is written as a float 64 even when integral (1.0), as the schema says",
 test("tasks this node will not run are REFUSED, broken ones FAILED, each with the reason", async () => {
   const other = "print('hi')\n";
   const cases = [
-    [{ kind: "TASK_KIND_EVALUATE" }, {}, "REFUSED", /TRAIN tasks only, got TASK_KIND_EVALUATE/],
+    [{ kind: "TASK_KIND_UNSPECIFIED" }, {}, "REFUSED", /TRAIN and EVALUATE tasks only, got TASK_KIND_UNSPECIFIED/],
     [TRAIN, { plan: { name: "P", source: other, sha256: crypto.createHash("sha256").update(other).digest("hex") } }, "REFUSED",
       /training plan P \(sha256 [0-9a-f]{64}\) is not approved on this node; .*--approve-plan/],
     [TRAIN, { plan: { name: "P", source: SOURCE, sha256: "0".repeat(64) } }, "FAILED", /does not match the source's SHA-256/],
@@ -163,4 +165,107 @@ test("Scaffold: the correction delta_i enters every step as g - delta_i", async 
   assert.equal(out.outcome, "TASK_OUTCOME_SUCCEEDED", out.errorMessage);
   const want = leastSquaresGD(DATA, { coef: [0, 0], intercept: [0] }, { lr: 0.05, steps: 7, correction: { coef: [0.5, -0.25], intercept: [0.125] } });
   assert.deepEqual([...decode(Buffer.from(out.payload)).params.coef.values], [...Float32Array.from(want.coef)]);
+});
+
+// -- the held-out split: validation in TRAIN results, EVALUATE tasks ----------------------------------
+// 20 rows of y = x0 - 2 x1 + 1 + a wobble, so that no model fits every split exactly
+const N20 = 20;
+const X20 = Float64Array.from({ length: 2 * N20 }, (_, k) => Math.sin(1.7 * k) * 3);
+const Y20 = Float64Array.from({ length: N20 }, (_, i) => X20[2 * i] - 2 * X20[2 * i + 1] + 1 + 0.3 * Math.cos(5 * i));
+const SITE20 = { X: X20, y: Y20, n: N20, d: 2, name: "site20", format: "csv" };
+const trainer20 = new LinearTrainer(SITE20, { tags: ["lsq"], approvedPlans: [SHA] });
+const EVALUATE = { kind: "TASK_KIND_EVALUATE", task_id: "e1", round: 3 };
+const START = { coef: [0.5, -1], intercept: [0.25] };
+
+function rows(indices) {
+  return { X: Float64Array.from(indices.flatMap((i) => [X20[2 * i], X20[2 * i + 1]])), y: Float64Array.from(indices.map((i) => Y20[i])), n: indices.length, d: 2 };
+}
+
+function mseByHand(indices, coef, b) {
+  return indices.reduce((s, i) => s + (X20[2 * i] * coef[0] + X20[2 * i + 1] * coef[1] + b - Y20[i]) ** 2, 0) / indices.length;
+}
+
+const startParams = () => ({ coef: new NDArray(Float64Array.from(START.coef), [2, 1], "<f8"), intercept: new NDArray(Float64Array.from(START.intercept), [1], "<f8") });
+
+test("TRAIN with test_ratio and seed: trains on the rest, validation before / after on the held-out samples", async () => {
+  const args = { lr: new Float64(0.05), num_updates: 30, test_ratio: new Float64(0.25), seed: 11, test_on_global_updates: true, test_on_local_updates: true };
+  const out = await trainer20.run(TRAIN, Buffer.from(encode(task({ training_args: args, params: startParams() }))));
+  assert.equal(out.outcome, "TASK_OUTCOME_SUCCEEDED", out.errorMessage);
+  const result = decode(Buffer.from(out.payload));
+  const { train, heldOut } = heldOutIndices(N20, 0.25, 11n);
+  assert.equal(heldOut.length, 5);
+  const want = leastSquaresGD(rows(train), START, { lr: 0.05, steps: 30 });
+  assert.deepEqual([...result.params.coef.values], [...want.coef]);
+  assert.deepEqual([result.num_samples, result.num_steps], [30 * 15, 30], "num_samples counts training samples only");
+  assert.deepEqual(Object.keys(result.validation), ["before", "after"]);
+  assert.ok(Math.abs(result.validation.before.loss - mseByHand(heldOut, START.coef, START.intercept[0])) < 1e-12);
+  assert.ok(Math.abs(result.validation.after.loss - mseByHand(heldOut, want.coef, want.intercept[0])) < 1e-12);
+  assert.ok(result.validation.after.loss < result.validation.before.loss);
+});
+
+test("validation has only the sides asked for, none without held-out samples", async () => {
+  const cases = [
+    [{ test_ratio: 0.25, seed: 11, test_on_local_updates: true }, ["after"]],
+    [{ test_ratio: 0.25, seed: 11, test_on_global_updates: true }, ["before"]],
+    [{ test_ratio: 0.25, seed: 11 }, []],
+    [{ test_ratio: 0, seed: 11, test_on_global_updates: true, test_on_local_updates: true }, []],
+    [{ test_ratio: 0.01, seed: 11, test_on_global_updates: true }, []], // floor(0.2) = 0 held out
+  ];
+  for (const [extra, keys] of cases) {
+    const out = await trainer20.run(TRAIN, Buffer.from(encode(task({ training_args: { lr: 0.05, num_updates: 2, ...extra } }))));
+    const result = decode(Buffer.from(out.payload));
+    assert.deepEqual(Object.keys(result.validation), keys, JSON.stringify(extra));
+    const held = heldOutIndices(N20, extra.test_ratio, 11n).heldOut.length;
+    assert.equal(result.num_samples, 2 * (N20 - held));
+  }
+});
+
+test("without a seed every task draws its own split", async () => {
+  const seen = new Set();
+  for (let i = 0; i < 6; i++) {
+    const args = { lr: 0.05, num_updates: 1, test_ratio: 0.5, test_on_global_updates: true };
+    const out = await trainer20.run(TRAIN, Buffer.from(encode(task({ training_args: args, params: startParams() }))));
+    seen.add(decode(Buffer.from(out.payload)).validation.before.loss);
+  }
+  assert.ok(seen.size > 1, [...seen].join(", "));
+});
+
+test("EVALUATE: the sent model's loss on the held-out split, or on every sample with test_ratio 0", async () => {
+  const doc = (args) => { const t = task({ training_args: args, params: startParams() }); delete t.aggregator; delete t.aggregator_state; return t; };
+  const held = await trainer20.run(EVALUATE, Buffer.from(encode(doc({ lr: 0.05, num_updates: 5, test_ratio: 0.3, seed: 4 }))));
+  assert.equal(held.outcome, "TASK_OUTCOME_SUCCEEDED", held.errorMessage);
+  const result = decode(Buffer.from(held.payload));
+  assert.deepEqual(Object.keys(result), ["format", "num_samples", "metrics", "split", "duration_s"]);
+  const { heldOut } = heldOutIndices(N20, 0.3, 4n);
+  assert.deepEqual([result.format, result.num_samples, result.split, Object.keys(result.metrics)], [1, 6, "validation", ["loss"]]);
+  assert.ok(Math.abs(result.metrics.loss - mseByHand(heldOut, START.coef, START.intercept[0])) < 1e-12);
+  assert.ok(result.duration_s >= 0);
+
+  const all = decode(Buffer.from((await trainer20.run(EVALUATE, Buffer.from(encode(doc({ lr: 0.05, test_ratio: 0 }))))).payload));
+  const every = [...Array(N20).keys()];
+  assert.deepEqual([all.num_samples, all.split], [N20, "all"]);
+  assert.ok(Math.abs(all.metrics.loss - mseByHand(every, START.coef, START.intercept[0])) < 1e-12);
+  const bytes = Buffer.from(encode(all));
+  assert.equal(bytes[bytes.indexOf(Buffer.from("a46c6f7373", "hex")) + 5], 0xcb, "metrics are float 64");
+});
+
+test("EVALUATE tasks are refused and failed as TRAIN tasks are", async () => {
+  const other = "print('hi')\n";
+  const cases = [
+    [{ plan: { name: "P", source: other, sha256: crypto.createHash("sha256").update(other).digest("hex") } }, "REFUSED", /not approved on this node/],
+    [{ dataset_tags: ["eu"] }, "REFUSED", /no dataset with tags \[eu\]/],
+    [{ format: 2 }, "FAILED", /unsupported task format 2/],
+    [{ params: { coef: NDArray.zeros([3, 1], "<f4"), intercept: NDArray.zeros([1], "<f4") } }, "FAILED", /params.coef must have shape \(2, 1\), got \(3, 1\)/],
+    [{ training_args: { test_ratio: 0.3, seed: -1 } }, "FAILED", /training_args.seed must be nil or an integer in \[0, 2\*\*64\), got -1/],
+    [{ training_args: { test_ratio: 1.5 } }, "FAILED", /test_ratio must be a number in \[0, 1\), got 1.5/],
+    [{ training_args: { test_ratio: 0.9999999999999999, seed: 1 } }, "FAILED", /test_ratio=0.9999999999999999 of 20 samples leaves no training sample/],
+    [{ params: { coef: new NDArray(Float64Array.from([Infinity, 0]), [2, 1], "<f8"), intercept: NDArray.zeros([1], "<f8") } }, "FAILED",
+      /evaluation of the sent model produced non-finite metrics: \[loss\]/],
+  ];
+  for (const [overrides, outcome, why] of cases) {
+    const out = await trainer20.run(EVALUATE, Buffer.from(encode(task(overrides))));
+    assert.equal(out.outcome, `TASK_OUTCOME_${outcome}`, `${why}: ${out.errorMessage}`);
+    assert.match(out.errorMessage, why);
+    assert.equal(out.payload, null);
+  }
 });
