@@ -3,8 +3,10 @@
 The JS node runs as a separate ``node`` process built from protos/ and docs/ only. End to end: a FedAvg
 Experiment with one Python fednode and one JS node on a linear least-squares model; both contribute,
 the global model moves toward the pooled least-squares solution, and the JS node's arithmetic matches
-a Python node's on the same data (full-batch, no shuffling: the runs are deterministic). Then TLS and
-mutual TLS with certificates from ``fedserver certs``, a plan the JS node has not approved, and a
+a Python node's on the same data (full-batch, no shuffling: the runs are deterministic). With ``test_ratio``
+and a ``seed`` both kinds of node hold out the same samples (docs/protocol.md §6, "The held-out split"):
+their validation metrics and an ``Experiment.evaluate()`` are recomputed in numpy on those samples. Then TLS
+and mutual TLS with certificates from ``fedserver certs``, a plan the JS node has not approved, and a
 revoked token.
 """
 
@@ -26,6 +28,7 @@ from plans_lsq import LinearPlan
 
 from fedcore.aggregators import FedAverage, Scaffold
 from fedcore.errors import RoundFailedError
+from fedcore.plans.split import held_out_indices
 from fedcore.tasks import PlanSource
 from fedserver.auth import NodeStore
 from fedserver.config import ServerConfig
@@ -202,6 +205,113 @@ def test_scaffold_with_a_javascript_node_matches_an_all_python_run(tmp_path: Pat
     reference, _, _ = run(_federated(tmp_path / "python", sites, rounds=4, with_js=False, aggregator=Scaffold(server_lr=1.0)))
     for a, b in zip(mixed, reference, strict=True):
         np.testing.assert_allclose(flat(a.params), flat(b.params), rtol=1e-4, atol=1e-5)
+
+
+SPLIT_ARGS = {**ARGS, "test_ratio": 0.25, "seed": 5, "test_on_global_updates": True, "test_on_local_updates": True}
+
+
+def mse(X: np.ndarray, y: np.ndarray, params: dict[str, np.ndarray]) -> float:
+    """L = 1/n Σ (X W + b − y)² in float64."""
+    z = X.astype(np.float64) @ params["coef"].astype(np.float64) + params["intercept"].astype(np.float64)
+    return float(np.mean((z - y.astype(np.float64)) ** 2))
+
+
+def gradient_descent(X: np.ndarray, y: np.ndarray, params: dict[str, np.ndarray], lr: float, steps: int) -> np.ndarray:
+    """``steps`` full-batch steps W ← W − η Xᵀ G, b ← b − η Σ G, G = 2 (X W + b − y) / n, in float64: flat (W, b)."""
+    X, y = X.astype(np.float64), y.astype(np.float64)
+    W, b = params["coef"].astype(np.float64), params["intercept"].astype(np.float64)
+    for _ in range(steps):
+        G = 2 * (X @ W + b - y) / len(X)
+        W, b = W - lr * X.T @ G, b - lr * G.sum(axis=0)
+    return np.concatenate([W.ravel(), b.ravel()])
+
+
+def test_validation_and_evaluation_on_the_same_held_out_split_as_a_python_node(tmp_path: Path) -> None:
+    """test_ratio 0.25 and seed 5: each node holds out the 20 samples of smallest SplitMix64 keys, trains on the
+    other 60, reports its validation before / after training on the 20, and evaluate() scores the final model on
+    them, the JS node as the Python node."""
+    need_npm_deps()
+    sites = least_squares_sites(n_sites=2, n=N_PER_SITE, seed=8)
+    train_rows, held_rows = held_out_indices(N_PER_SITE, SPLIT_ARGS["test_ratio"], SPLIT_ARGS["seed"])
+    assert len(held_rows) == 20
+
+    async def main():
+        async with federation(tmp_path, [sites[0]]) as (server, _, _), contextlib.AsyncExitStack() as stack:
+            data = write_csv(tmp_path / "site-1.csv", *sites[1])
+            token = server.node_store.enroll("js-1")
+            await stack.enter_async_context(js_node(tmp_path, f"127.0.0.1:{server.port}", data, token=token,
+                                                    extra=["--tls", "insecure"]))
+            exp = Experiment(LinearPlan, SPLIT_ARGS, rounds=2, dataset_tags=["lsq"], min_nodes=2, round_timeout=30,
+                             node_wait_timeout=60, server=server, progress=False)
+            initial = exp.initial_params()
+            reports = await exp.run_async()
+            return initial, reports, await exp.evaluate_async(), exp.params
+
+    try:
+        initial, reports, evaluation, final = run(main())
+    except BaseException:
+        print(js_log(tmp_path))
+        raise
+
+    sent = [initial, *(r.params for r in reports)]
+    # rtol of a loss at given params, then of one at params recomputed here: the JS node computes in float64, the
+    # Python plan (float32 model) in float32
+    nodes = (("js-1", sites[1], (1e-9, 1e-6)), ("site-0", sites[0], (1e-5, 1e-4)))
+    for rnd, report in enumerate(reports):
+        results = {o.node_id: o.result for o in report.outcomes if o.result is not None}
+        assert sorted(results) == ["js-1", "site-0"], report.outcomes
+        local = {}  # each node's update, recomputed on its 60 training samples (the replies' params are released)
+        for node, (X, y), rtol in nodes:
+            local[node] = gradient_descent(X[train_rows], y[train_rows], sent[rnd], ARGS["lr"], ARGS["num_updates"])
+            trained = {"coef": local[node][:3].reshape(3, 1).astype(np.float32), "intercept": local[node][3:].astype(np.float32)}
+            result = results[node]
+            assert result.num_samples == ARGS["num_updates"] * len(train_rows), node  # training samples only
+            assert set(result.validation) == {"before", "after"} and set(result.validation["after"]) == {"loss"}
+            np.testing.assert_allclose(result.validation["before"]["loss"], mse(X[held_rows], y[held_rows], sent[rnd]),
+                                       rtol=rtol[0], err_msg=node)
+            np.testing.assert_allclose(result.validation["after"]["loss"], mse(X[held_rows], y[held_rows], trained),
+                                       rtol=rtol[1], err_msg=node)
+        # FedAvg of two replies of 1200 samples each: the mean of the two updates on the training samples
+        np.testing.assert_allclose(flat(report.params), (local["js-1"] + local["site-0"]) / 2, rtol=1e-4, atol=1e-5)
+        assert "val_after_loss" in report.metrics and "val_before_loss" in report.metrics
+
+    assert sorted(evaluation.succeeded) == ["js-1", "site-0"] and evaluation.round == 2
+    outcomes = {o.node_id: o.result for o in evaluation.outcomes}
+    for node, (X, y), rtol in nodes:
+        result = outcomes[node]
+        assert (result.num_samples, result.split, set(result.metrics)) == (20, "validation", {"loss"}), node
+        np.testing.assert_allclose(result.metrics["loss"], mse(X[held_rows], y[held_rows], final), rtol=rtol[0],
+                                   err_msg=node)
+    assert evaluation.num_samples == 40
+    np.testing.assert_allclose(evaluation.metrics["loss"],
+                               (outcomes["js-1"].metrics["loss"] + outcomes["site-0"].metrics["loss"]) / 2, rtol=1e-12)
+
+
+def test_evaluation_on_every_sample_without_a_held_out_split(tmp_path: Path) -> None:
+    """test_ratio 0: the JS node evaluates on all its samples and says so (split "all")."""
+    need_npm_deps()
+    sites = least_squares_sites(n_sites=1, n=N_PER_SITE, seed=9)
+    data = write_csv(tmp_path / "site.csv", *sites[0])
+
+    async def main():
+        async with bare_server(tmp_path) as server:
+            token = server.node_store.enroll("js-1")
+            async with js_node(tmp_path, f"127.0.0.1:{server.port}", data, token=token, extra=["--tls", "insecure"]):
+                exp = Experiment(LinearPlan, ARGS, rounds=1, dataset_tags=["lsq"], min_nodes=1, round_timeout=30,
+                                 node_wait_timeout=60, server=server, progress=False)
+                reports = await exp.run_async()
+                return reports, await exp.evaluate_async(), exp.params
+
+    try:
+        reports, evaluation, final = run(main())
+    except BaseException:
+        print(js_log(tmp_path))
+        raise
+    assert reports[0].outcomes[0].result.validation == {}
+    (outcome,) = evaluation.outcomes
+    assert outcome.outcome == "succeeded", outcome.error
+    assert (outcome.result.num_samples, outcome.result.split) == (N_PER_SITE, "all")
+    np.testing.assert_allclose(outcome.result.metrics["loss"], mse(*sites[0], final), rtol=1e-9)
 
 
 def make_certs(tmp: Path) -> Path:
