@@ -26,7 +26,10 @@ DESCRIPTION
     Dials out to a fedstream server (a node never opens a port), registers its dataset, long-polls for
     tasks and runs TRAIN tasks with a built-in linear model (least squares, full-batch gradient descent,
     params "coef" (d, 1) and "intercept" (1,)), then uploads the result in chunks with its SHA-256.
-    It never runs the plan's Python source: it trains only for plans approved by their SHA-256.
+    The task's test_ratio and seed hold samples out (the split every fedstream node makes): it trains on
+    the rest, reports its validation loss on them when asked, and runs EVALUATE tasks on them (on every
+    sample when test_ratio is 0). It never runs the plan's Python source: it trains only for plans
+    approved by their SHA-256.
 
 OPTIONS
     --server HOST:PORT      the researcher's fedserver (required)
@@ -41,7 +44,8 @@ OPTIONS
     --target COLUMN         the column to predict (required); features: every other column
     --features A,B,...      feature columns, in this order (default: all but the target, file order)
     --tags A,B,...          tags of the dataset; the researcher selects datasets by tag
-    --approve-plan SHA256   train for the plan with this source digest (repeatable); others are REFUSED
+    --approve-plan SHA256   train and evaluate for the plan with this source digest (repeatable); others are
+                            REFUSED
     --name NAME             display name (default: <hostname>-js)
     --poll-wait SECONDS     long-poll wait (default 30, capped by the server)
     --chunk-size BYTES      upload chunk size (default 1048576, capped by the server)
