@@ -92,7 +92,7 @@ def test_the_printed_resume_command_serves_where_the_nodes_dial(tmp_path: Path) 
     assert CheckpointStore(tmp_path / "runs" / "int").latest_round() == 5
     serving = CheckpointStore(tmp_path / "runs" / "int").load_experiment_state(5)["serving"]
     assert serving == {"address": "0.0.0.0", "port": port, "tls": "tls", "cert": None, "key": None, "ca": None,
-                       "home": str(home)}
+                       "home": str(home), "options": {"max_poll_wait_seconds": 2.0}}  # the chosen ones
 
 
 # -- in process: overrides, old checkpoints, round 0 ----------------------------------------------------------
