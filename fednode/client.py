@@ -7,7 +7,9 @@ One session per connection::
 With ``receive_window_bytes="auto"`` a few Heartbeats after Register time the round trip, and the session
 moves to a fresh channel when that calls for another download window (:mod:`fednode.receive_window`).
 Anything retrying can fix (server down, restarted, network cut, a stream silent for too long) ends the
-session; the client waits ``uniform(0, min(30, 0.5·2ⁿ))`` seconds (full jitter, :class:`BackoffPolicy`)
+session, except a unary call refused ERROR_REASON_UNKNOWN_NODE (a server restarted while a task ran): its
+connection registers again and retries it (:class:`fednode.transport.NodeConnection`), the task's heartbeats
+going on; the client waits ``uniform(0, min(30, 0.5·2ⁿ))`` seconds (full jitter, :class:`BackoffPolicy`)
 and starts a new one on a fresh channel. Transfers survive: a broken download resumes from the bytes
 already assembled, a broken upload from the offset ``GetUploadStatus`` acknowledges (0 after a server
 restart: start over). A ServerShutdown waits ``retry_after`` instead; a poll the server ends with ABORTED is
@@ -250,9 +252,6 @@ class NodeClient:
         conn = self._connect()
         try:
             settings = await self._stoppable(conn.register(self.registration))
-            self.settings, self.node_id = settings, settings.node_id
-            self.sessions += 1
-            log.info("%s: registered as %s", self.config.node_name, settings.node_id)
             if self.config.receive_window_bytes == AUTO_WINDOW:
                 conn = await self._fit_receive_window(conn, settings)
             await self._deliver(conn)
@@ -272,7 +271,21 @@ class NodeClient:
 
     def _connect(self) -> NodeConnection:
         return NodeConnection(self.config, self._token, self.registration.instance_id,
-                              receive_window=self.receive_window)
+                              receive_window=self.receive_window, registration=self.registration,
+                              on_register=self._registered)
+
+    def _registered(self, settings: ServerSettings, again: bool) -> None:
+        """A Register of this process succeeded: the session's, or one its connection made by itself after a
+        call was refused ERROR_REASON_UNKNOWN_NODE (``again``: the server restarted while a task ran, so no
+        stream broke; the task's heartbeats and reports go on, and the restarted server, which knows no such
+        task, answers them so that the handler stops and the node polls for its next task)."""
+        self.settings, self.node_id = settings, settings.node_id
+        self.sessions += 1
+        if again:
+            log.warning("%s: registered again as %s: the server no longer knew this node (it restarted?)",
+                        self.config.node_name, settings.node_id)
+        else:
+            log.info("%s: registered as %s", self.config.node_name, settings.node_id)
 
     async def _fit_receive_window(self, conn: NodeConnection, settings: ServerSettings) -> NodeConnection:
         """Measure the round-trip time and, if "auto" wants another window than ``conn``'s, move to a fresh

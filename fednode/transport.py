@@ -13,11 +13,20 @@ the error's ``reason``); the decisions read it first and fall back to the status
 :func:`fatal_refusal` tells the refusals that end the node (bad identity, another protocol version, a newer
 process of this node) from :func:`task_refusal`, those that end one task only. Messages are built and read
 only through :mod:`fedcore.wire.convert`; callers see domain objects.
+
+A unary call (Heartbeat, Report, GetUploadStatus) refused ERROR_REASON_UNKNOWN_NODE reached a server that has
+no registration of this node: it restarted while this process went on calling without noticing (a task was
+training: no stream broke). The connection then sends the process's Register again on the same channel
+(registration is per process, not per channel) and makes the call once more: the server counts the node as
+connected, with its datasets, at once, and the retried call tells what it knows of the task (unknown, on a
+restarted server). A refused stream (PollTask, UploadResult) ends the session instead, whose reconnect
+registers first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -42,6 +51,7 @@ from fedcore.wire import (
 )
 from fedcore.wire.flow_control import MESSAGE_OVERHEAD
 from fednode.config import NodeConfig
+from fednode.log_text import log_text
 from fedstream.v1 import common_pb2, node_service_pb2, node_service_pb2_grpc
 
 #: What :meth:`PollStream.next` returns when the server ended the stream normally.
@@ -75,11 +85,13 @@ TASK_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT
 #: dead (never a reason to stop or to drop a task): retryable, its code ABORTED makes the client poll again.
 STALE_POLL_REASON = "ERROR_REASON_STALE_POLL"
 #: Reasons a new attempt cures (reconnect with backoff; an upload resumes where GetUploadStatus says).
-#: ERROR_REASON_UNKNOWN_NODE (reserved: not sent by this server version) means "register again", which the
-#: reconnect does: every session starts with a Register.
+#: ERROR_REASON_UNKNOWN_NODE (the server has no registration of this node: it restarted) means "register
+#: again": a unary call does it on its channel and is made once more (:meth:`NodeConnection._unary`); a stream
+#: refused so ends the session, and every session starts with a Register.
+UNKNOWN_NODE_REASON = "ERROR_REASON_UNKNOWN_NODE"
 RETRYABLE_REASONS = frozenset({"ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REASON_DIGEST_MISMATCH",
                                "ERROR_REASON_UPLOAD_IN_PROGRESS", "ERROR_REASON_SERVER_STOPPING",
-                               "ERROR_REASON_INTERNAL", "ERROR_REASON_UNKNOWN_NODE", STALE_POLL_REASON})
+                               "ERROR_REASON_INTERNAL", UNKNOWN_NODE_REASON, STALE_POLL_REASON})
 #: The refusal of an upload while no buffer is free on the server: retried in place, with backoff.
 BUSY_REASON = "ERROR_REASON_UPLOADS_BUSY"
 #: The refusal of an upload that waited its longest in a line that moved meanwhile: its place is kept; uploaded
@@ -91,6 +103,12 @@ BAD_RESULT_REASON = "ERROR_REASON_BAD_RESULT_DOCUMENT"
 
 Metadata = tuple[tuple[str, str], ...]
 _SERVICE = "/" + node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
+#: Called with the server's settings after every successful Register of a connection, and whether it was one
+#: the connection made by itself (after ERROR_REASON_UNKNOWN_NODE) rather than asked for.
+OnRegister = Callable[[ServerSettings, bool], None]
+
+#: A child of the client's logger (a level or filter set on ``fednode.client`` covers it too).
+log = logging.getLogger("fednode.client.transport")
 
 
 def _read_pem(path: Path | None, what: str) -> bytes | None:
@@ -127,9 +145,15 @@ class NodeConnection:
     """
 
     def __init__(self, config: NodeConfig, token: str | None = None, instance_id: str = "", *,
-                 receive_window: int | None) -> None:
+                 receive_window: int | None, registration: NodeRegistration | None = None,
+                 on_register: OnRegister | None = None) -> None:
         """``instance_id``: the process's RegisterRequest.instance_id, sent on every call ("": none).
-        ``receive_window``: the channel's download window, bytes fixed, or None: gRPC's probing."""
+        ``receive_window``: the channel's download window, bytes fixed, or None: gRPC's probing.
+        ``registration``: what the process registers with, sent again when a unary call is refused
+        ERROR_REASON_UNKNOWN_NODE (None: that refusal is raised as is; :meth:`register` sets it too).
+        ``on_register``: told of every successful Register (:data:`OnRegister`)."""
+        self.registration = registration
+        self.on_register = on_register
         if token is None:
             token = config.resolve_token()
         credentials = channel_credentials(config, token)
@@ -162,8 +186,17 @@ class NodeConnection:
     async def _unary(self, method: Callable[..., Awaitable[Any]], request: Any, what: str, hint: str = "") -> Any:
         """One unary call. A request over this node's own message limit is not sent (NodeConfigError); one the
         server's gRPC refuses for its size says so (:func:`too_large`). ``hint``: what to do about a too large
-        request."""
+        request. A call refused ERROR_REASON_UNKNOWN_NODE (the server restarted since this process registered)
+        registers again, if the connection knows the registration, and is made once more (module docstring)."""
         size = check_request_size(request, what, self.send_limit, hint)
+        try:
+            return await method(request, metadata=self.metadata, timeout=self.call_timeout)
+        except grpc.aio.AioRpcError as exc:
+            error = too_large(exc, what, size, hint) or translate(exc, what)
+        if error.reason != UNKNOWN_NODE_REASON or self.registration is None or what == "Register":
+            raise error
+        log.info("%s; registering again", log_text(error))
+        await self._register(self.registration, again=True)
         try:
             return await method(request, metadata=self.metadata, timeout=self.call_timeout)
         except grpc.aio.AioRpcError as exc:
@@ -172,11 +205,19 @@ class NodeConnection:
     async def register(self, registration: NodeRegistration) -> ServerSettings:
         """Announce the node; raise VersionMismatchError if the server speaks another major version, and a
         NodeConfigError or ServerRefusedError naming the sizes if the Register is too large to send or for
-        the server to receive (:data:`REGISTER_HINT`)."""
+        the server to receive (:data:`REGISTER_HINT`). The connection keeps ``registration`` to register
+        again when the server no longer knows the node (ERROR_REASON_UNKNOWN_NODE)."""
+        self.registration = registration
+        return await self._register(registration, again=False)
+
+    async def _register(self, registration: NodeRegistration, *, again: bool) -> ServerSettings:
         response = await self._unary(self.stub.Register, convert.registration_to_pb(registration), "Register",
                                      REGISTER_HINT)
         check_version(response.server_version, side="node")
-        return convert.server_settings_from_pb(response)
+        settings = convert.server_settings_from_pb(response)
+        if self.on_register is not None:
+            self.on_register(settings, again)
+        return settings
 
     def poll(self, wait_seconds: float, resume_task_id: str = "", resume_offset: int = 0, *,
              held_task_ids: Iterable[str] | None = None, poll_sequence: int = 0) -> PollStream:

@@ -1,7 +1,9 @@
 """Which nodes are there: what each announced at Register, when it was last seen, what it is working on.
 
-The registry is in-memory state of a running server (nodes register again after every reconnect). A
-node counts as *connected* while it holds a poll open or was seen within ``liveness_timeout`` seconds
+The registry is in-memory state of a running server (nodes register again after every reconnect, and
+a record is never removed while the server runs). A node this server process has no record of (it
+restarted since the node's last Register) has every call but Register refused ERROR_REASON_UNKNOWN_NODE
+(:meth:`fedserver.service.NodeService._identify`), which makes it register again. A node counts as *connected* while it holds a poll open or was seen within ``liveness_timeout`` seconds
 (any authenticated call counts) or holds an UploadResult stream open, except after a *dropped* stream:
 when its last open PollTask or UploadResult stream was cancelled or broken before the server finished it
 (the process died, the connection broke), the node is disconnected at once, until its next authenticated

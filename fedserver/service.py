@@ -2,8 +2,10 @@
 
 Handlers stay thin: every rule lives in the task board, the upload sessions, the registry or
 :mod:`fedcore.wire`; every error is a domain exception turned into a status by :mod:`fedserver.errors`.
-Order of checks on each call: identity (UNAUTHENTICATED), protocol version (FAILED_PRECONDITION), the
-calling process (metadata ``fedstream-instance-id``: INVALID_ARGUMENT if malformed; FAILED_PRECONDITION if
+Order of checks on each call: identity (UNAUTHENTICATED), protocol version (FAILED_PRECONDITION), on any call
+but Register a registration of the node by this server process (NOT_FOUND ERROR_REASON_UNKNOWN_NODE: a node
+that went on calling across a server restart without noticing it, e.g. training meanwhile, registers again),
+the calling process (metadata ``fedstream-instance-id``: INVALID_ARGUMENT if malformed; FAILED_PRECONDITION if
 a newer process of the node registered since, on a Register if a newer process replaced this one), on a
 PollTask its ``poll_sequence`` (ABORTED if the process sent a later poll already), then the request itself.
 
@@ -31,6 +33,7 @@ from fedcore.errors import (
     MessageError,
     PermissionDeniedError,
     TaskClosedError,
+    UnknownNodeError,
     UnknownTaskError,
 )
 from fedcore.serialization import DEFAULT_LIMITS, SerializerLimits
@@ -95,8 +98,10 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
 
     def _identify(self, context: grpc.aio.ServicerContext, version: common_pb2.ProtocolVersion, *,
                   registering: str | None = None, poll_sequence: int = 0) -> str:
-        """The caller's node id, once its identity, protocol version and process are accepted. The call's
-        instance id (metadata) must be the one the node registered last (NodeSupersededError otherwise),
+        """The caller's node id, once its identity, protocol version and process are accepted. Any call but a
+        Register from a node this server process has no registration of (it restarted since the node's last
+        Register) is refused UnknownNodeError (NOT_FOUND, ERROR_REASON_UNKNOWN_NODE): the node registers again,
+        so it counts as connected with its datasets. The call's instance id (metadata) must be the one the node registered last (NodeSupersededError otherwise),
         except on a Register (``registering``: its RegisterRequest.instance_id), where it must equal the
         request's field: that call is what makes the process the node's current one, unless a later
         process replaced it already (NodeSupersededError). A PollTask's ``poll_sequence`` must be newer than
@@ -106,6 +111,9 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         check_version(version, side="server")
         instance = call_instance_id(context)
         if registering is None:
+            if node_id not in self.registry:
+                raise UnknownNodeError(
+                    f"node {node_id} has not registered with this server (it restarted?): register again")
             if instance:
                 self.registry.check_instance(node_id, instance)
         else:

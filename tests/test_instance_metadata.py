@@ -129,7 +129,10 @@ async def test_a_call_naming_a_process_is_not_refused_while_the_server_knows_no_
     async with running_server(tmp_path) as kit:
         token = kit.store.enroll("n")
         node = process(kit, token, OLD)
-        await node.heartbeat()  # not registered since the server started (a server restart): no refusal
+        # not registered since the server started (a server restart): asked to register again, not superseded
+        err = await refused(node.heartbeat())
+        assert err.code() is grpc.StatusCode.NOT_FOUND, err.details()
+        assert ("fedstream-error-reason", "ERROR_REASON_UNKNOWN_NODE") in tuple(err.trailing_metadata()), err
         await kit.node(token=token).register(instance_id="")  # an older node registered last: id unknown
         await node.heartbeat()
         assert kit.server.registry.get("n").instance_id == ""
