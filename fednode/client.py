@@ -170,8 +170,9 @@ class NodeClient:
     def stop(self) -> None:
         """Ask :meth:`run` to return (safe from any thread and from signal handlers).
 
-        A poll or a download is abandoned at once; a running handler sees ``reporter.stop_requested`` and
-        is waited for; an upload in flight gets ``config.stop_grace_seconds`` to finish.
+        A poll or a download is abandoned at once; a running task and then its result's upload have
+        ``config.stop_grace_seconds`` in all; past them the handler sees ``reporter.stop_requested`` and is
+        waited for (:mod:`fednode.task_execution`, "Stopping"), then the client returns.
         """
         self._execution.request_stop()
         loop = self._loop
@@ -232,6 +233,7 @@ class NodeClient:
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            grace = self._execution.grace_left(grace) if grace > 0 else 0.0  # one stop grace for task and upload
             if not task.done() and grace > 0:
                 await asyncio.wait({task}, timeout=grace)
             if task.done():

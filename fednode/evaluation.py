@@ -19,14 +19,16 @@ from fedcore.plans import ArrayDataset
 from fedcore.plans.loader import load_plan_class
 from fedcore.tasks import EvaluateResult, EvaluateTask
 from fedcore.training_args import TrainingArgs
+from fednode.training import RunStage
 
 
 def run_evaluation(task: EvaluateTask, dataset: ArrayDataset, *,
-                   should_stop: Callable[[], bool] | None = None) -> EvaluateResult:
+                   should_stop: Callable[[], bool] | None = None, stage: RunStage | None = None) -> EvaluateResult:
     """Evaluate ``task.params`` with ``task.plan`` on ``dataset`` (its held-out split when ``test_ratio`` > 0).
 
     ``should_stop`` is handed to ``TrainingPlan.evaluate``, which asks it before each batch (the node: "has the
-    server closed this task?", as in training).
+    server closed this task?", as in training). ``stage`` (optional) is kept up to date with where the run is,
+    for the message of a failure (:class:`fednode.training.RunStage`).
 
     Raises:
         TrainingStoppedError: ``should_stop()`` returned True (a PlanError naming the batches done).
@@ -35,18 +37,25 @@ def run_evaluation(task: EvaluateTask, dataset: ArrayDataset, *,
         TrainingArgsError / DatasetError: invalid training arguments, or a split that leaves nothing.
     """
     started = time.perf_counter()
+    stage = RunStage() if stage is None else stage
+    stage.enter("reading the training arguments")
     args = TrainingArgs.from_dict(task.training_args)
+    stage.enter("loading the plan")
     plan = load_plan_class(task.plan)()
     plan.model_args = dict(task.model_args)
     plan.post_init(args)
+    stage.enter("loading the dataset into the plan")
     plan.set_dataset(dataset)
+    stage.enter("loading the sent model")
     plan.set_model_params(task.params)  # parameters and persistent buffers, strictly
     held_out = plan.validation_dataset
     if held_out is not None and len(held_out) > 0:
         target, split = held_out, "validation"
     else:
         target, split = dataset, "all"
-    metrics = plan.evaluate(target, should_stop=should_stop)
+    stage.enter("evaluating")
+    metrics = plan.evaluate(target, should_stop=stage.counting(should_stop))
+    stage.enter("checking the metrics")
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     if bad:
         raise PlanError(f"evaluation of the sent model produced non-finite metrics: {bad}")

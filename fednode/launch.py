@@ -1,8 +1,9 @@
 """``run_node``: run one :class:`NodeClient` as a process's main job, stopped cleanly by SIGINT/SIGTERM.
 
-The first signal asks the client to stop: a poll or download is abandoned, a running task is let finish
-(its handler sees ``reporter.stop_requested``) and its result gets ``stop_grace_seconds`` to upload, then
-the channel closes. A second signal does not wait for the handler's thread (Python cannot interrupt it):
+The first signal asks the client to stop: a poll or download is abandoned; a running task has
+``stop_grace_seconds`` to finish and upload its result, after which its handler is told to stop
+(``reporter.stop_requested``: training stops at its next batch and the task is reported FAILED, naming why);
+then the channel closes. A second signal does not wait for the handler's thread (Python cannot interrupt it):
 the process exits at once with status 128 + signal number.
 """
 
@@ -15,7 +16,7 @@ import signal
 from collections.abc import Iterable
 
 from fedcore.wire import DatasetInfo
-from fednode.client import NodeClient
+from fednode.client import ClientState, NodeClient
 from fednode.config import NodeConfig
 from fednode.handler import TaskHandler
 
@@ -34,12 +35,18 @@ async def run_node(config: NodeConfig, handler: TaskHandler, datasets: Iterable[
 
     def on_signal(signum: signal.Signals) -> None:
         received.append(signum)
+        again = "Ctrl-C again" if signum == signal.SIGINT else f"send {signum.name} again"
         if len(received) == 1:
-            log.warning("%s received: stopping (finishing the current step; send it again to force)",
-                        signum.name)
+            if client.state in (ClientState.RUNNING, ClientState.UPLOADING):
+                log.warning("%s received: finishing the current task for up to %g s; %s to stop now",
+                            signum.name, config.stop_grace_seconds, again)
+            else:
+                log.warning("%s received: stopping", signum.name)
             client.stop()
         else:
-            log.error("%s received again: exiting now", signum.name)
+            busy = " (the current task is left unfinished)" \
+                if client.state in (ClientState.RUNNING, ClientState.UPLOADING) else ""
+            log.error("%s received again: exiting now%s", signum.name, busy)
             os._exit(128 + int(signum))
 
     installed = []

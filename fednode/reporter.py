@@ -40,6 +40,7 @@ class Reporter:
         self._items: deque[ReportEvent] = deque(maxlen=max_pending)
         self._stop = threading.Event()
         self._cancel_reason: str | None = None  # set once, under the lock, by cancel()
+        self._stop_reason: str | None = None  # set once, under the lock, by request_stop()
         self.dropped = 0  # events lost because the buffer was full
         self.refused = 0  # progress events not sent: the server would refuse them (progress())
 
@@ -72,12 +73,22 @@ class Reporter:
 
     @property
     def stop_requested(self) -> bool:
-        """True once the node is stopping (a long handler may return early: its reply is still sent), or once
-        the task was cancelled (:attr:`cancelled`: its reply is dropped)."""
+        """True once the handler should stop: the node is stopping and the task's stop grace ran out
+        (:attr:`stop_reason` says so; the handler's reply is still sent), or the task was cancelled
+        (:attr:`cancelled`: its reply is dropped)."""
         return self._stop.is_set()
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = "") -> None:
+        """Ask the handler to stop (safe from any thread); ``reason`` (the first one is kept) is for its reply."""
+        with self._lock:
+            if self._stop_reason is None:
+                self._stop_reason = str(reason) or "the node is stopping"
         self._stop.set()
+
+    @property
+    def stop_reason(self) -> str:
+        """Why :meth:`request_stop` was called ("" while it was not; see :attr:`cancel_reason` for a cancel)."""
+        return self._stop_reason or ""
 
     def cancel(self, reason: str) -> None:
         """The server no longer accepts this task's result (``reason`` says why): the handler should give up,

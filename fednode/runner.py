@@ -2,7 +2,12 @@
 
 Everything that can go wrong in a task becomes a reply, never a dead node: an unapproved plan or a missing
 dataset is REFUSED with a message that says how to fix it, and a plan exception, NaN loss, shape mismatch
-or changed data file is FAILED with the error's message. A dataset that cannot be loaded (its file gone,
+or changed data file is FAILED with the error's message, after what was running where ("training BNPlan on
+dataset 'clinic-a' (round 1, step 3): IndexError: ..."), also logged on the node at WARNING. A task still
+running when the node's stop grace ends (:mod:`fednode.task_execution`, "Stopping") stops at its next batch and
+is FAILED the same way, naming the reason. A plan waiting for review is logged at WARNING once per plan digest
+and process, with the commands that show and approve it, so the node's operator learns it without the
+researcher. A dataset that cannot be loaded (its file gone,
 changed, unreadable; the node database unusable) is FAILED naming the dataset and what is wrong, but not the
 store's own message, which holds local paths (the file, node.db) that never leave the node: that one goes
 to the node's log, with the commands that fix it.
@@ -11,6 +16,7 @@ to the node's log, with the commands that fix it.
 from __future__ import annotations
 
 import logging
+import threading
 
 from fedcore.errors import (
     DatasetFileError,
@@ -28,7 +34,7 @@ from fednode.evaluation import run_evaluation
 from fednode.handler import ReceivedTask, TaskReply
 from fednode.log_text import log_text
 from fednode.reporter import Reporter
-from fednode.training import run_training
+from fednode.training import RunStage, run_training
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,8 @@ class TrainingTaskHandler:
         self.datasets = datasets
         self.approvals = approvals
         self.origin = origin  # recorded with newly seen plans (e.g. the server address)
+        self._told: set[str] = set()  # SHA-256 of the plans whose refusal this process has logged for the operator
+        self._told_lock = threading.Lock()
 
     def handle(self, task: ReceivedTask, reporter: Reporter) -> TaskReply:
         if task.kind not in _TASK_CLASSES:
@@ -65,16 +73,25 @@ class TrainingTaskHandler:
             log.warning("task %s: dataset %r cannot be loaded: %s", task.task_id, record.name, exc)
             return TaskReply.failed(f"{type(exc).__name__}: dataset {record.name!r} cannot be loaded on this node: "
                                     f"{_unusable(exc)} (the node's log tells its operator what and how to fix)")
+        stage = RunStage()
         try:
             reporter.log("INFO", f"round {work.round}: {verb} {work.plan.name} on dataset {record.name!r} "
                                  f"({len(dataset)} samples)")
-            result = _run_once_more_on_interpreter_glitch(lambda: _run(work, dataset, reporter), task.task_id)
-        except TrainingStoppedError as exc:  # the server closed the task: the reply is dropped, not uploaded
-            log.info("task %s: %s (%s)", task.task_id, exc, log_text(reporter.cancel_reason))
-            return TaskReply.failed(f"{type(exc).__name__}: {exc} ({reporter.cancel_reason})")
+            result = _run_once_more_on_interpreter_glitch(lambda: _run(work, dataset, reporter, stage),
+                                                          task.task_id)
+        except TrainingStoppedError as exc:
+            where = f"{verb} {work.plan.name} on dataset {record.name!r} (round {work.round}, {stage.describe()})"
+            if reporter.cancelled:  # the server closed the task: the reply is dropped, not uploaded
+                log.info("task %s: %s (%s)", task.task_id, exc, log_text(reporter.cancel_reason))
+                return TaskReply.failed(f"{type(exc).__name__}: {exc} ({reporter.cancel_reason})")
+            message = f"{where}: stopped, {reporter.stop_reason or 'the node is stopping'} ({exc})"
+            log.warning("task %s failed: %s", task.task_id, log_text(message))
+            return TaskReply.failed(message)
         except Exception as exc:  # noqa: BLE001 - a plan's bug must never kill the node: it becomes the reply
-            log.warning("task %s failed: %s: %s", task.task_id, type(exc).__name__, log_text(exc))  # the plan's text
-            return TaskReply.failed(f"{type(exc).__name__}: {exc}")
+            where = f"{verb} {work.plan.name} on dataset {record.name!r} (round {work.round}, {stage.describe()})"
+            # the plan's text: capped and escaped in the log (the reply carries up to MAX_ERROR_MESSAGE of it)
+            log.warning("task %s failed: %s: %s: %s", task.task_id, log_text(where), type(exc).__name__, log_text(exc))
+            return TaskReply.failed(f"{where}: {type(exc).__name__}: {exc}")
         return TaskReply.succeeded(result.to_payload())
 
     def _admit(self, plan: PlanSource, dataset_tags: list[str],
@@ -84,6 +101,7 @@ class TrainingTaskHandler:
             self.approvals.require_approved(plan.source, plan.name, self.origin)
         except PlanNotApprovedError as exc:
             reporter.log("WARNING", str(exc))
+            self._tell_operator(plan, str(exc), reporter.task_id)
             return None, TaskReply.refused(str(exc))
         matches = self.datasets.find_by_tags(dataset_tags)
         if not matches:
@@ -91,6 +109,19 @@ class TrainingTaskHandler:
                        "register one with `fednode dataset add --tags ...`")
             return None, TaskReply.refused(message)
         return min(matches, key=lambda r: r.name), None
+
+
+    def _tell_operator(self, plan: PlanSource, refusal: str, task_id: str) -> None:
+        """Log a plan's refusal for the node's operator: at WARNING the first time this process refuses the
+        plan (its digest), at DEBUG afterwards (every round brings it again)."""
+        with self._told_lock:
+            first = plan.sha256 not in self._told
+            self._told.add(plan.sha256)
+        if first:
+            log.warning("task %s refused: %s (logged once per plan; `fednode plans list --status pending` lists "
+                        "the plans waiting)", task_id, log_text(refusal))
+        else:
+            log.debug("task %s refused: %s", task_id, log_text(refusal))
 
 
 def _unusable(exc: FedstreamError) -> str:
@@ -104,11 +135,14 @@ def _unusable(exc: FedstreamError) -> str:
     return "the node database is unusable"
 
 
-def _run(work: TrainTask | EvaluateTask, dataset, reporter: Reporter):  # -> TrainResult | EvaluateResult
-    # only a task the server closed stops early (its result would be refused): a node being stopped lets it finish
+def _run(work: TrainTask | EvaluateTask, dataset, reporter: Reporter, stage: RunStage):
+    """The task's TrainResult or EvaluateResult. It stops early when the server closed it (its result would be
+    refused) or when the node's stop grace ran out: both set ``reporter.stop_requested``."""
+    stage.enter("loading the plan")  # a second run (the interpreter's glitch) starts over
     if isinstance(work, TrainTask):
-        return run_training(work, dataset, progress=reporter.progress, should_stop=lambda: reporter.cancelled)
-    return run_evaluation(work, dataset, should_stop=lambda: reporter.cancelled)
+        return run_training(work, dataset, progress=reporter.progress,
+                            should_stop=lambda: reporter.stop_requested, stage=stage)
+    return run_evaluation(work, dataset, should_stop=lambda: reporter.stop_requested, stage=stage)
 
 
 #: CPython 3.11 (before the fix of python/cpython#106905) can raise this SystemError in one thread while

@@ -8,8 +8,12 @@ inactivity. Whatever goes wrong in the handler (an exception, a ``sys.exit()``, 
 with the payload (not decodable, the reply not encodable or over the server's ``max_payload_size``) becomes a
 FAILED result: a plan's bug never kills the node.
 
-The client says whether it is stopping (``stopping``) and forwards its stop() to :meth:`request_stop`, which
-a running handler sees as ``reporter.stop_requested``.
+Stopping (docs/guide.md §3.5). The client says whether it is stopping (``stopping``) and forwards its stop() to
+:meth:`request_stop`, which starts the stop grace: the running task has ``config.stop_grace_seconds`` from then
+to finish and have its result uploaded (:meth:`grace_left` bounds the upload's wait). A task still running when
+the grace runs out is told to stop (``reporter.stop_requested``, with ``reporter.stop_reason`` saying why: the
+training handler stops at its next batch, as for a closed task, and answers FAILED naming the reason); its reply
+then gets :data:`STOPPED_REPORT_SECONDS` more to reach the server, so the round counts the task at once.
 
 When the server closes the task meanwhile (a heartbeat answers CLOSED or UNKNOWN, or a Report is refused for
 its task: the pump cancels the reporter), the handler sees ``reporter.cancelled`` (the training handler stops
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
@@ -42,6 +47,10 @@ from fednode.transport import NodeConnection
 #: ``fednode.client`` (an operator's, a test's) covers it too.
 log = logging.getLogger("fednode.client.execution")
 
+#: Seconds the reply of a task stopped at the end of its stop grace (a FAILED report, a few hundred bytes) gets
+#: to reach the server before the node exits without it.
+STOPPED_REPORT_SECONDS = 2.0
+
 
 class TaskExecution:
     """Runs the client's tasks with its ``handler`` on ``executor`` (None: the loop's default executor).
@@ -56,12 +65,28 @@ class TaskExecution:
         self._executor = executor
         self._stopping = stopping
         self._reporter: Reporter | None = None  # the running task's, while one runs
+        self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # the running task's, ditto
+        self._stop_deadline: float | None = None  # time.monotonic() the stop grace ends; None: not stopping
 
     def request_stop(self) -> None:
-        """Tell the running handler, if any, that the client is stopping (safe from any thread)."""
-        reporter = self._reporter
-        if reporter is not None:
-            reporter.request_stop()
+        """The client is stopping: start the stop grace (the first call only) and wake the wait on the running
+        task, if any, so it is told to stop once the grace ends (safe from any thread and signal handlers)."""
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + self.config.stop_grace_seconds
+        wake = self._wake
+        if wake is not None:
+            loop, event = wake
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the loop is closed: nothing runs on it any more
+                pass
+
+    def grace_left(self, grace: float) -> float:
+        """How long a wait the client's stop() interrupts may go on: ``grace`` before any stop, then what is
+        left of the stop grace (:data:`STOPPED_REPORT_SECONDS` for the reply of a task stopped when it ran out)."""
+        if self._stop_deadline is None:
+            return grace
+        return max(0.0, self._stop_deadline - time.monotonic())
 
     async def run(self, conn: NodeConnection, descriptor: TaskDescriptor, buffer: np.ndarray,
                   settings: ServerSettings | None) -> PendingUpload | None:
@@ -69,8 +94,10 @@ class TaskExecution:
         deliver, or None when the server closed the task meanwhile (nothing to upload)."""
         reporter = Reporter(descriptor.task_id)
         self._reporter = reporter
-        if self._stopping():
-            reporter.request_stop()
+        wake = asyncio.Event()
+        self._wake = (asyncio.get_running_loop(), wake)
+        if self._stopping() or self._stop_deadline is not None:
+            wake.set()
         heartbeat = self.config.heartbeat_interval(settings)
 
         async def send_heartbeat(task_id: str) -> HeartbeatAnswer:
@@ -84,16 +111,44 @@ class TaskExecution:
         pump_task = asyncio.create_task(pump.run())
         try:
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._executor, self._work, descriptor, buffer, reporter, settings)
+            work = loop.run_in_executor(self._executor, self._work, descriptor, buffer, reporter, settings)
+            result = await self._within_stop_grace(work, wake, reporter)
         finally:
             pump.finish()
             await asyncio.gather(pump_task, return_exceptions=True)  # its final flush may learn of the closing
-            self._reporter = None
+            self._reporter, self._wake = None, None
         if reporter.cancelled:
             outcome = result.outcome.name + (f", {result.total_size} bytes" if result.payload is not None else "")
             log.info("%s: task %s is over on the server (%s): its result (%s) is dropped, nothing uploaded",
                      self.config.node_name, descriptor.task_id, log_text(reporter.cancel_reason), outcome)
             return None
+        return result
+
+    async def _within_stop_grace(self, work: asyncio.Future[PendingUpload], wake: asyncio.Event,
+                                 reporter: Reporter) -> PendingUpload:
+        """The handler's result: waited for as long as it takes, unless the client stops. Then the task has
+        what is left of the stop grace; past it the handler is told to stop and waited for (it cannot be
+        interrupted: a second signal ends the process, :mod:`fednode.launch`)."""
+        waiter = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if work.done() or self._stop_deadline is None:
+            return await work
+        name, task_id, grace = self.config.node_name, reporter.task_id, self.config.stop_grace_seconds
+        left = self.grace_left(grace)
+        log.info("%s: stopping: task %s has %.1f s more to finish and upload its result", name, task_id, left)
+        done, _ = await asyncio.wait({work}, timeout=left)
+        if done:
+            return await work
+        reason = (f"the node was asked to stop and the task did not finish within its stop grace of {grace:g} s "
+                  f"(fednode start --stop-grace)")
+        log.warning("%s: task %s did not finish within the stop grace of %g s: telling it to stop (it ends FAILED "
+                    "at its next batch; send the signal again to exit now)", name, task_id, grace)
+        reporter.request_stop(reason)
+        result = await work
+        self._stop_deadline = time.monotonic() + STOPPED_REPORT_SECONDS  # for its reply, bounded
         return result
 
     def _work(self, d: TaskDescriptor, buffer: np.ndarray, reporter: Reporter,

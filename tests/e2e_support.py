@@ -112,7 +112,9 @@ class NodeProcess:
     popen: subprocess.Popen | None = None
     starts: int = 0
 
-    def start(self, port: int, ca_file: Path, *, auto_approve: bool = True, gate: Path | None = None) -> None:
+    def start(self, port: int, ca_file: Path, *, auto_approve: bool = True, gate: Path | None = None,
+              extra: Sequence[str] = ()) -> None:
+        """Start ``fednode start``; ``extra`` options go last (so ``--stop-grace 5`` replaces the default 1)."""
         if self.running:
             raise AssertionError(f"{self.node_id} is already running (pid {self.popen.pid})")
         argv = [sys.executable, "-m", "fednode", "-v", "start", "--server", f"127.0.0.1:{port}",
@@ -120,6 +122,7 @@ class NodeProcess:
                 "--home", str(self.home), "--poll-wait", "2", "--stop-grace", "1"]
         if auto_approve:
             argv.append("--auto-approve")
+        argv += list(extra)
         env = node_env(**({GATE_ENV: str(gate)} if gate is not None else {}))
         with open(self.log_path, "a") as log:
             log.write(f"==== start #{self.starts + 1}: {' '.join(argv[1:])}\n")
@@ -240,9 +243,10 @@ class Federation:
         self.nodes.update((node.node_id, node) for node in prepared)
         return prepared
 
-    def start_node(self, i: int, *, auto_approve: bool = True, gate: Path | None = None) -> NodeProcess:
+    def start_node(self, i: int, *, auto_approve: bool = True, gate: Path | None = None,
+                   extra: Sequence[str] = ()) -> NodeProcess:
         node = self.nodes[self.node_id(i)]
-        node.start(self.port, self.pki.ca_file, auto_approve=auto_approve, gate=gate)
+        node.start(self.port, self.pki.ca_file, auto_approve=auto_approve, gate=gate, extra=extra)
         return node
 
     def open_gate(self, name: str | int = "all") -> None:

@@ -67,12 +67,14 @@ def test_a_plan_failure_is_logged_capped_and_escaped(tmp_path: Path, caplog) -> 
 
     with caplog.at_level(logging.INFO, logger="fednode"):
         raised, exited = asyncio.run(asyncio.wait_for(scenario(), 60))
-    for result, kind in ((raised, "ValueError"), (exited, "SystemExit")):
+    # the reply: what ran where, then the plan's own text, cut by the wire's bound
+    for result, prefix in ((raised, "training LinearPlan on dataset 'data-0' (round 1, step 1): ValueError"),
+                           (exited, "SystemExit")):
         assert result.outcome is TaskState.FAILED
-        assert result.error_message.startswith(f"{kind}: {NOISE[:100]}")  # the reply: the plan's own text, cut by
-        assert len(result.error_message) <= MAX_ERROR_MESSAGE                # the wire's bound
+        assert result.error_message.startswith(f"{prefix}: {NOISE[:100]}"), result.error_message[:200]
+        assert len(result.error_message) <= MAX_ERROR_MESSAGE
     failures = [r.getMessage() for r in caplog.records if r.name.startswith("fednode")
-                and ("failed: ValueError" in r.getMessage() or "tried to exit" in r.getMessage())]
+                and ("): ValueError" in r.getMessage() or "tried to exit" in r.getMessage())]
     assert len(failures) == 2, [r.getMessage()[:200] for r in caplog.records]
     cut = len(NOISE) - LOG_TEXT_LIMIT
     for message in failures:
