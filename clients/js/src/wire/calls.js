@@ -9,10 +9,18 @@
  * after a silent stream or an UNAVAILABLE the old connection may be half-open (the peer gone, nothing
  * closed), and every call on it would wait for keepalive to give up; a fresh channel dials at once, as
  * fednode's fresh channel per session.
+ *
+ * A unary call other than Register refused ERROR_REASON_UNKNOWN_NODE reached a server that has no
+ * registration of this node (it restarted while the node went on calling without noticing: a task was
+ * running, no stream broke): `registerAgain()` (NodeClient's register(), set by it) runs, once for every call
+ * refused meanwhile, and the call is made once more (docs/protocol.md §7), so the node counts as connected,
+ * with its datasets, at once, and the retried call says what the server knows of its task.
  */
 const grpc = require("@grpc/grpc-js");
 const { loadFedstream } = require("./proto.js");
 const { callMetadata } = require("./connection.js");
+
+const UNKNOWN_NODE_REASON = "ERROR_REASON_UNKNOWN_NODE";
 
 class NodeCalls {
   /**
@@ -44,6 +52,9 @@ class NodeCalls {
     this.open = new Map(); // call -> kind ("poll" | "upload"), while it runs
     this.channels = 0; // channels opened so far
     this.stub = this.newStub();
+    /** () => Promise: registers this process again (null: a refusal for an unknown node is returned as is). */
+    this.registerAgain = null;
+    this.registering = null; // the Register in progress for calls refused ERROR_REASON_UNKNOWN_NODE
   }
 
   newStub() {
@@ -66,8 +77,22 @@ class NodeCalls {
     return new Date(Date.now() + seconds * 1000);
   }
 
-  /** A unary call; resolves to the response, rejects with the grpc-js error (code, details, metadata). */
-  unary(method, request, timeoutSeconds = this.callTimeoutSeconds) {
+  /** A unary call; resolves to the response, rejects with the grpc-js error (code, details, metadata). One
+   * refused ERROR_REASON_UNKNOWN_NODE registers again and is made once more (see the module comment). */
+  async unary(method, request, timeoutSeconds = this.callTimeoutSeconds) {
+    try {
+      return await this.unaryOnce(method, request, timeoutSeconds);
+    } catch (err) {
+      if (method === "Register" || !this.registerAgain || !isUnknownNode(err)) throw err;
+      this.registering ??= Promise.resolve().then(() => this.registerAgain()).finally(() => {
+        this.registering = null;
+      });
+      await this.registering;
+      return this.unaryOnce(method, request, timeoutSeconds);
+    }
+  }
+
+  unaryOnce(method, request, timeoutSeconds) {
     return new Promise((resolve, reject) => {
       this.stub[method](request, this.metadata(), { deadline: this.deadline(timeoutSeconds) },
         (err, response) => (err ? reject(err) : resolve(response)));
@@ -113,6 +138,13 @@ class NodeCalls {
     this.cancel();
     this.stub.close();
   }
+}
+
+/** Whether a failed call carries the reason ERROR_REASON_UNKNOWN_NODE (trailer `fedstream-error-reason`). */
+function isUnknownNode(err) {
+  const values = err && err.metadata && typeof err.metadata.get === "function"
+    ? err.metadata.get("fedstream-error-reason") : [];
+  return values.length > 0 && String(values[0]) === UNKNOWN_NODE_REASON;
 }
 
 module.exports = { NodeCalls };

@@ -96,6 +96,11 @@ class NodeClient {
       queuedUploadRetryMs: o.queuedUploadRetryMs,
       stopGraceMs: o.stopGraceMs ?? 10_000, streamAllowanceSeconds });
     this.registration = null; // RegisterResponse once registered
+    // a unary call refused ERROR_REASON_UNKNOWN_NODE (a server restarted during a task) registers again
+    this.calls.registerAgain = async () => {
+      const r = await this.register();
+      this.log("WARNING", `registered again as ${r.node_id}: the server no longer knew this node (it restarted?)`);
+    };
     this.freshChannel = false; // the next Register first opens a fresh channel (the old one may be dead)
     this.stopped = false;
     this.wakeUp = null; // resolves the sleep in progress on stop()

@@ -26,7 +26,8 @@ const TASK_REASONS = new Set(["ERROR_REASON_TASK_CLOSED", "ERROR_REASON_UNKNOWN_
  * nothing else is (no task dropped, a download kept to resume); run() polls again at once. */
 const STALE_POLL_REASON = "ERROR_REASON_STALE_POLL";
 /** Reasons a new attempt may cure (backoff with jitter; an upload resumes where GetUploadStatus says).
- * ERROR_REASON_UNKNOWN_NODE (reserved: not sent by this server version) means "register again": run()
+ * ERROR_REASON_UNKNOWN_NODE (the server has no registration of this node: it restarted) means "register
+ * again": a unary call does it and is made once more (NodeCalls.unary, calls.js); after a refused stream, run()
  * forgets its registration and registers before its next poll. */
 const RETRYABLE_REASONS = new Set(["ERROR_REASON_UPLOAD_INCOMPLETE", "ERROR_REASON_DIGEST_MISMATCH",
   "ERROR_REASON_UPLOADS_BUSY", "ERROR_REASON_UPLOAD_QUEUED", "ERROR_REASON_UPLOAD_IN_PROGRESS",
