@@ -46,8 +46,10 @@ their round closed and were not aggregated. A split 'all' means the node evaluat
 
 _PLOT_DESCRIPTION = """\
 Write a PNG of per-round metric curves. For one experiment: a subplot per metric with one thin curve
-per node (its training metrics, or --source) and the thick global (aggregated) curve. With --compare:
-the global curves of several experiments overlaid, e.g. Scaffold against FedAvg."""
+per node (its training metrics, or --source) and the thick global (aggregated) curve. Without --source, a
+metric the nodes never report in training (say accuracy, computed only on validation) is plotted from
+validation after training (else before), and one line says so. With --compare: the global curves of
+several experiments overlaid, e.g. Scaffold against FedAvg."""
 
 
 def register(subparsers: Any) -> None:
@@ -103,8 +105,9 @@ def register(subparsers: Any) -> None:
     plot.add_argument(
         "--source",
         choices=METRIC_SOURCES,
-        default="training",
-        help="node metrics to plot (default: training)",
+        default=None,
+        help="node metrics to plot (default: training, or for a metric without training values "
+             "validation_after, else validation_before)",
     )
     plot.set_defaults(func=_plot, usage_error=plot.error)
 
@@ -294,14 +297,20 @@ def _node_results_table(store: HistoryStore, experiment_id: int, round: int) -> 
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from fedserver.plot import compare_experiments, plot_history  # matplotlib only for this command
+    from fedserver.plot import compare_experiments, plot_history, sources_with_values  # matplotlib only here
 
     metrics = args.metric or ["loss", "accuracy"]
     with _open(args) as store:
         if args.compare:
             out = compare_experiments(store, [args.experiment, *args.compare], args.out, metrics)
-        else:
+        elif args.source is not None:  # chosen: never second-guessed
             out = plot_history(store, args.experiment, args.out, metrics, source=args.source)
+        else:
+            sources = sources_with_values(store, args.experiment, metrics)
+            out = plot_history(store, args.experiment, args.out, metrics, source=sources)
+            moved = [f"{shown_text(m, SHOWN_NAME_CHARS)} from {s}" for m, s in sources.items() if s != "training"]
+            if moved:
+                print(f"no training values: plotted {', '.join(moved)} (--source to choose)")
     print(f"wrote {out}")
     return 0
 

@@ -31,7 +31,6 @@ from fedcore.errors import (
     HistoryError,
     LowMemoryAggregatorError,
     RoundFailedError,
-    ServerConfigError,
     TrainingArgsError,
 )
 from fedcore.plans import TrainingPlan
@@ -40,7 +39,7 @@ from fedcore.training_args import TrainingArgs
 from fedserver.auth import NodeStore
 from fedserver.checkpoints import EXPERIMENT, CheckpointStore, folder_name
 from fedserver.cli_history import DB_ENV_VAR, DEFAULT_DB
-from fedserver.cli_serve import add_server_options, config_from_args
+from fedserver.cli_serve import add_server_options
 from fedserver.config import ServerConfig
 from fedserver.evaluation import EvaluationReport, check_evaluable
 from fedserver.experiment import Experiment, resumable_checkpoint_dir
@@ -53,10 +52,11 @@ from fedserver.experiment_serving import (
     hint_command,
     missing_checkpoint_paths,
     none_as_word,
+    server_from_args,
     serving_state,
 )
 from fedserver.history_records import SHOWN_NAME_CHARS, shown_text
-from fedserver.home import FILES_HELP, add_home_option, home_from_args, nodes_db
+from fedserver.home import FILES_HELP, add_home_option
 from fedserver.rounds import RoundReport
 from fedserver.server import FedServer
 
@@ -417,10 +417,7 @@ def _run(args: argparse.Namespace) -> int:
         _aggregator(args)
         if args.evaluate:  # not after hours of training
             check_evaluable(TrainingArgs.from_dict(training_args))
-    config = config_from_args(args)
-    store = NodeStore(nodes_db(home_from_args(args)))
-    if config.tls != "mtls" and not store.list():
-        raise ServerConfigError("no node is enrolled, so no node could connect: run `fedserver nodes enroll ID`")
+    config, store = server_from_args(args)
     return asyncio.run(_serve_and_run(args, config, store, resumed))
 
 

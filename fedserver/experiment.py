@@ -4,11 +4,15 @@
 
     exp = Experiment(plan=MyPlan, training_args={"num_updates": 100, "lr": 0.05},
                      aggregator=Scaffold(server_lr=1.0), rounds=10, dataset_tags=["demo"],
-                     min_nodes=2, round_timeout=120, checkpoint_dir="runs/ckpt", history_db="runs/history.db",
-                     server_config=ServerConfig(port=50051, tls="tls", ...))
+                     min_nodes=2, round_timeout=120, checkpoint_dir="runs/ckpt", history_db="runs/history.db")
     history = exp.run()                                # list of RoundReport
-    exp = Experiment.resume("runs/ckpt", server_config=...)   # after a crash: from the last completed round
+    exp = Experiment.resume("runs/ckpt")               # after a crash: from the last completed round
     exp.run()
+
+Without ``server=`` or ``server_config=``, ``run()`` serves as ``fedserver run`` does with no server option
+(127.0.0.1:50051, TLS, the server home ``$FEDSERVER_HOME`` or ``./fedserver-home``: its certificates and
+enrolled nodes), and a resumed experiment as its run did (the checkpoint's ``serving``), like ``fedserver run
+--resume``: :mod:`fedserver.experiment_serving`.
 
 The plan's whole module source is what nodes approve and run. After every completed round the global
 parameters, the aggregator's full state and the experiment's own state are checkpointed atomically, and
@@ -54,6 +58,7 @@ from fedserver.eligible_nodes import eligible_nodes
 from fedserver.experiment_buffers import checkpoint_model_state, complete_with_buffers, initial_state
 from fedserver.experiment_config import check_experiment_config
 from fedserver.experiment_evaluation import ExperimentEvaluation
+from fedserver.experiment_serving import run_serving, serving_state
 from fedserver.experiment_state import (
     STATE_FORMAT,
     describe_experiment,
@@ -97,7 +102,9 @@ class Experiment(GlobalParams, ExperimentEvaluation):
             starts; it starts with those connected then, if at least ``min_nodes``. None (default):
             ``min_nodes``, so a round starts as soon as the quorum is connected.
         checkpoint_dir / history_db: where checkpoints and the SQLite history go (None: not kept).
-        server / server_config / node_store: a running FedServer to use, or the config of one to start.
+        server / server_config / node_store: a running FedServer to use, or the config of one to start (then
+            ``node_store`` is needed unless ``tls="mtls"``). Neither: served as ``fedserver run`` serves, from the
+            server home, with the home's node store unless ``node_store`` is given (module docstring).
         on_round: called with each RoundReport after it is checkpointed (e.g. to evaluate the model).
         keep_round_params: False drops a round's global parameters from its report in ``reports`` once the
             next round completes, so memory holds one model, not one per round (``params`` and the last
@@ -171,6 +178,7 @@ class Experiment(GlobalParams, ExperimentEvaluation):
         self.low_memory = bool(low_memory)
         #: how ``fedserver run`` served the run (:mod:`fedserver.experiment_serving`), carried in checkpoints
         self.serving: dict[str, Any] | None = None
+        self._resumed_from: Path | None = None  # the checkpoint folder of a resume
         # state (checkpointed)
         self.completed_round = 0
         self._params: dict[str, np.ndarray] | None = None
@@ -201,14 +209,32 @@ class Experiment(GlobalParams, ExperimentEvaluation):
 
     @contextlib.asynccontextmanager
     async def _serving(self) -> AsyncIterator[FedServer]:
-        """The server to use: the one given, or one started from ``server_config`` and stopped afterwards."""
+        """The server to use: the one given, or one started and stopped afterwards, from ``server_config``, else
+        as ``fedserver run`` would serve (:func:`run_serving`; its ``serving`` then goes into checkpoints)."""
         if self.server is not None:
             yield self.server
             return
-        if self.server_config is None:
-            raise ExperimentError("Experiment needs server= (a running FedServer) or server_config=")
-        server = FedServer(self.server_config, self.node_store)
-        await server.start()
+        own = None
+        if self.server_config is not None:
+            if self.node_store is None and self.server_config.tls != "mtls":
+                raise ExperimentError(f"server_config tls={self.server_config.tls!r} authenticates nodes by token: "
+                                      "pass node_store=NodeStore(HOME/nodes.db), the store `fedserver nodes enroll` "
+                                      "writes (or give no server_config: run() then serves from the server home)")
+            server = FedServer(self.server_config, self.node_store)
+        else:
+            if self.serving is None and self._resumed_from is not None:
+                log.warning("%s holds no 'serving' (its run was served by the caller's server or server_config, or "
+                            "by an older fedserver): serving as `fedserver run` does with no server option",
+                            self._resumed_from)
+            own = run_serving(self.serving, self.node_store)
+            for note in own.notes:
+                log.info("%s", note)
+            server = FedServer(own.config, own.node_store)
+        port = await server.start()
+        if own is not None:
+            self.serving = serving_state(own.args, port)
+            log.info("serving on %s:%d (%s), server home %s", own.config.address, port, own.config.tls,
+                     self.serving["home"])
         self.server = server
         try:
             yield server
@@ -230,10 +256,12 @@ class Experiment(GlobalParams, ExperimentEvaluation):
         ``low_memory``).
 
         A ``checkpoint_dir`` that does not exist or holds no checkpoint raises CheckpointError naming it, and
-        nothing is created (:func:`resumable_checkpoint_dir`). How ``fedserver run`` served the run (``serving``:
-        address, port, TLS, home and ``options``, the other server options its command line chose) is kept in
-        ``serving`` for that command to apply; a ``server`` or ``server_config`` given here is used whole (a
-        ServerConfig cannot tell a field left to its default from one set to it) and drops it. A checkpoint
+        nothing is created (:func:`resumable_checkpoint_dir`). How the run was served (``serving``: address,
+        port, TLS, home and ``options``, the other server options its command line chose) is kept in
+        ``serving``: without ``server``/``server_config``, ``run()`` serves so, as ``fedserver run --resume``
+        does (a checkpoint without it: as a new Experiment would, logged); a ``server`` or ``server_config``
+        given here is used whole (a ServerConfig cannot tell a field left to its default from one set to it)
+        and drops it. A checkpoint
         written before persistent buffers were federated gets them from the plan's fresh model, logged
         (:mod:`fedserver.experiment_buffers`).
         """
@@ -251,6 +279,7 @@ class Experiment(GlobalParams, ExperimentEvaluation):
         exp.known_nodes = list(state["known_nodes"])
         # checked by resume_arguments; None in checkpoints from before it, and once the caller serves the run
         exp.serving = None if overrides.get("server") or overrides.get("server_config") else state.get("serving")
+        exp._resumed_from = checkpoint.folder
         exp.history_id = state.get("history_id") if same_history_db(exp.history_path, state["history_db"]) else None
         log.info("resuming experiment %r after round %d from %s", exp.name, checkpoint.round, checkpoint.folder)
         return exp

@@ -35,6 +35,12 @@ itself be None (``--reconnect-grace none``, ``--receive-window bdp``) keep that 
 until :func:`apply_serving` fills the defaults. A checkpoint without ``options`` resumes with the defaults, as
 before; a key this fedserver does not know (written by a newer one) is reported and ignored (no flag could
 override it, so refusing would leave the run unresumable); a known key with a bad value is a CheckpointError.
+
+:func:`server_from_args` is how ``fedserver run`` builds its server from those options (the certificates
+default to ``HOME/certs``, the node store is ``HOME/nodes.db``). An ``Experiment`` given neither ``server=`` nor
+``server_config=`` serves the same way through :func:`run_serving`: as ``fedserver run`` with no serving
+option, or, resumed, as ``fedserver run --resume`` with none (the checkpoint's ``serving``, ``$FEDSERVER_HOME``
+overriding its home), refused with an ExperimentError naming what is missing and the ways out.
 """
 
 from __future__ import annotations
@@ -48,14 +54,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedcore.errors import CheckpointError, ServerConfigError
+from fedcore.errors import CheckpointError, ExperimentError, ServerConfigError
 from fedcore.wire.flow_control import AUTO_WINDOW, MIN_RECEIVE_WINDOW, valid_receive_window
+from fedserver.auth import NodeStore
+from fedserver.cli_serve import config_from_args
 from fedserver.config import TLS_MODES, ServerConfig
-from fedserver.home import HOME_ENV_VAR, certs_dir, server_home
+from fedserver.home import HOME_ENV_VAR, certs_dir, home_from_args, nodes_db, server_home
 
-__all__ = ["DEFAULTS", "NONE_WORDS", "OPTION_FIELDS", "SERVING_FLAGS", "RememberedOptions", "apply_server_options",
-           "apply_serving", "check_serving_state", "hint_command", "missing_checkpoint_paths", "none_as_word",
-           "serving_state"]
+__all__ = ["DEFAULTS", "NONE_WORDS", "OPTION_FIELDS", "SERVING_FLAGS", "RememberedOptions", "RunServing",
+           "apply_server_options", "apply_serving", "check_serving_state", "enrolled_node_store", "hint_command",
+           "missing_checkpoint_paths", "none_as_word", "run_serving", "server_from_args", "serving_state"]
 
 #: ``fedserver run``'s serving options: state key -> (flag, default when neither given nor checkpointed).
 SERVING_FLAGS: dict[str, str] = {"address": "--address", "port": "--port", "tls": "--tls", "cert": "--cert",
@@ -301,6 +309,82 @@ def hint_command(checkpoint_dir: Path, current: Mapping[str, Any] | None, saved:
             if value != then.get(name, _FIELD_DEFAULTS[name]):
                 words += [f"--{dest.replace('_', '-')}", _option_text(dest, value)]
     return shlex.join(words)
+
+
+def enrolled_node_store(config: ServerConfig, path: Path) -> NodeStore:
+    """The node store at ``path``; in the token modes ServerConfigError unless a node is enrolled there (none
+    could connect)."""
+    store = NodeStore(path)
+    if config.tls != "mtls" and not store.list():
+        raise ServerConfigError("no node is enrolled, so no node could connect: run `fedserver nodes enroll ID`")
+    return store
+
+
+def server_from_args(args: argparse.Namespace) -> tuple[ServerConfig, NodeStore]:
+    """``fedserver run``'s server from its options once :func:`apply_serving` filled them: the ServerConfig of
+    ``fedserver serve`` (certificates default to ``HOME/certs``) and the home's node store (ServerConfigError:
+    a certificate is missing, or no node is enrolled in a token mode)."""
+    config = config_from_args(args)
+    return config, enrolled_node_store(config, nodes_db(home_from_args(args)))
+
+
+@dataclass
+class RunServing:
+    """How an Experiment without ``server=`` or ``server_config=`` serves (:func:`run_serving`): ``args`` as
+    ``fedserver run``'s would be (for :func:`serving_state` once bound), the server's ``config`` and
+    ``node_store``, and ``notes``: what to log (options applied or overridden from the stored serving)."""
+
+    args: argparse.Namespace
+    config: ServerConfig
+    node_store: NodeStore
+    notes: list[str] = field(default_factory=list)
+
+
+def run_serving(stored: Mapping[str, Any] | None, node_store: NodeStore | None = None) -> RunServing:
+    """Serve as ``fedserver run`` with no serving option would (``stored`` None: 127.0.0.1:50051, TLS, the home
+    ``$FEDSERVER_HOME`` or ``./fedserver-home``), or as ``fedserver run --resume`` with none would for a
+    checkpoint holding ``stored`` (a checked serving state): the same functions fill the same options.
+    ``node_store`` replaces the home's. ExperimentError, before anything is bound or created, names what is
+    missing (the checkpoint's home or files, a certificate, an enrolled node) and the ways out."""
+    args = argparse.Namespace(**{key: None for key in SERVING_FLAGS if key != "home"},
+                              **dict.fromkeys(OPTION_FIELDS))
+    what = ("as the checkpoint's run did (its serving)" if stored is not None
+            else "as `fedserver run` does with no server option")
+    missing = missing_checkpoint_paths(args, stored)
+    if missing:
+        raise ExperimentError(f"Experiment without server= or server_config= serves {what}, but {missing} "
+                              f"(from Python: ${HOME_ENV_VAR}=DIR for --home); or pass "
+                              "server_config=ServerConfig(...) and node_store=NodeStore(...)")
+    remembered = apply_server_options(args, stored)
+    overridden = apply_serving(args, stored)
+    notes = [line for line in (remembered.line(),) if line]
+    if remembered.unknown:
+        notes.append(f"serving.options {remembered.unknown} are not server options of this fedserver: ignored")
+    if overridden:
+        notes.append(f"serving as the checkpoint's run did, except: {'; '.join(overridden)}")
+    home = home_from_args(args)
+    from_checkpoint = stored is not None and not os.environ.get(HOME_ENV_VAR)
+    origin = ("the checkpoint's serving.home" if from_checkpoint else f"${HOME_ENV_VAR}"
+              if os.environ.get(HOME_ENV_VAR) else f"the default home: ${HOME_ENV_VAR} is unset")
+    fedserver = f"fedserver --home {_quoted(home)}" if from_checkpoint else "fedserver"
+    where = f"{what}: on {args.address}:{args.port} ({args.tls}) from the server home {home} ({origin})"
+    try:
+        config = config_from_args(args)
+    except ServerConfigError as exc:
+        raise ExperimentError(
+            f"Experiment without server= or server_config= serves {where}, but {exc}: create the certificates "
+            f"there (`{fedserver} certs init`, then `{fedserver} certs server`), or pass "
+            "server_config=ServerConfig(...) and node_store=NodeStore(...)") from None
+    if node_store is not None:
+        return RunServing(args, config, node_store, notes)
+    try:
+        store = enrolled_node_store(config, nodes_db(home))
+    except ServerConfigError:
+        raise ExperimentError(
+            f"Experiment without server= or server_config= serves {where}, but no node is enrolled in "
+            f"{nodes_db(home)}, so no node could connect: run `{fedserver} nodes enroll ID`, or pass "
+            "node_store=NodeStore(...)") from None
+    return RunServing(args, config, store, notes)
 
 
 def _quoted(value: Any) -> str:

@@ -9,7 +9,7 @@ state or GUI backend is touched and plotting from a server thread is safe.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.axes import Axes
@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from fedcore.errors import HistoryError
 from fedserver.history import HistoryStore
 
-__all__ = ["available_metrics", "compare_experiments", "plot_history"]
+__all__ = ["available_metrics", "compare_experiments", "plot_history", "sources_with_values"]
 
 #: Beyond this many nodes, node curves are drawn in grey under one legend entry.
 MAX_LABELLED_NODES = 12
@@ -78,25 +78,29 @@ def plot_history(
     experiment_id: int,
     out_path: str | os.PathLike[str],
     metrics: Sequence[str] = ("loss", "accuracy"),
-    source: str = "training",
+    source: str | Mapping[str, str] = "training",
 ) -> Path:
     """Write a PNG with, per metric, each node's per-round curve and the global curve; returns the path.
 
     Node values come from ``source`` ('training', 'validation_before' or 'validation_after') of the
-    succeeded replies; the global curve from the rounds' aggregated metrics of that source (``loss`` of
-    'training' is the rounds' ``train_loss``). Raises HistoryError when none of ``metrics`` has a value,
-    listing the metrics that do.
+    succeeded replies, or each metric's own source when ``source`` maps metric names to sources (as
+    :func:`sources_with_values` does; a subplot whose source is not the first metric's names it); the global
+    curve from the rounds' aggregated metrics of that source (``loss`` of 'training' is the rounds'
+    ``train_loss``). Raises HistoryError when none of ``metrics`` has a value, listing the metrics that do.
     """
     names = _check_metrics(metrics)
+    sources = {m: source for m in names} if isinstance(source, str) else {m: source.get(m, "training") for m in names}
     experiment = history.experiment(experiment_id)
     per_metric = [
-        (m, history.metric_series(experiment_id, m, source), _global_series(history, experiment_id, m, source))
+        (m, history.metric_series(experiment_id, m, sources[m]),
+         _global_series(history, experiment_id, m, sources[m]))
         for m in names
     ]
     if not any(nodes or overall for _, nodes, overall in per_metric):
+        recorded = sorted({name for s in set(sources.values()) for name in available_metrics(history, experiment_id, s)})
         raise HistoryError(
             f"experiment {experiment_id} has no values for {names}; "
-            f"metrics recorded: {available_metrics(history, experiment_id, source)}"
+            f"metrics recorded: {recorded}"
         )
     figure, axes = _new_figure(len(names))
     for ax, (metric, nodes, overall) in zip(axes, per_metric):
@@ -111,9 +115,26 @@ def plot_history(
         if overall:
             rounds, values = zip(*overall)
             ax.plot(rounds, values, color="black", linewidth=2.5, marker="s", markersize=4, label="global")
-        _style(ax, metric, bool(nodes or overall))
-    figure.suptitle(f"experiment {experiment.id}: {experiment.name} ({source} metrics per node)")
+        shown = metric if sources[metric] == sources[names[0]] else f"{metric} ({sources[metric]})"
+        _style(ax, shown, bool(nodes or overall))
+    figure.suptitle(f"experiment {experiment.id}: {experiment.name} ({sources[names[0]]} metrics per node)")
     return _save(figure, out_path)
+
+
+#: Where :func:`sources_with_values` looks for a metric, in order: what the nodes trained on, then validation.
+SOURCE_ORDER = ("training", "validation_after", "validation_before")
+
+
+def sources_with_values(history: HistoryStore, experiment_id: int, metrics: Sequence[str]) -> dict[str, str]:
+    """Each metric's source for :func:`plot_history` when none is chosen: the first of :data:`SOURCE_ORDER`
+    holding a value of it (node or global), e.g. ``accuracy`` -> 'validation_after' for a plan that reports
+    accuracy only on validation (a 'training' plot of it was an empty panel); 'training' when none does."""
+    chosen = {}
+    for metric in _check_metrics(metrics):
+        chosen[metric] = next((source for source in SOURCE_ORDER
+                               if history.metric_series(experiment_id, metric, source)
+                               or _global_series(history, experiment_id, metric, source)), "training")
+    return chosen
 
 
 def compare_experiments(
