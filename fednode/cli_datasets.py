@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedcore.text_output import format_bytes, format_time, key_values, text_table
-from fednode.datasets import DatasetRecord, DatasetRegistry
+from fednode.datasets import DatasetRecord, DatasetRegistry, read_dataset
 from fednode.home import FILES_HELP, add_home_options, db_path_from_args, existing_db_path_from_args
 
 __all__ = ["register"]
@@ -113,13 +113,15 @@ def _split_tags(values: list[str]) -> list[str]:
 
 
 def _add(args: argparse.Namespace) -> int:
-    registry = DatasetRegistry(db_path_from_args(args))
-    record = registry.add(
-        args.name, args.path, _split_tags(args.tags), fmt=args.fmt, target_column=args.target,
-        dtype=None if args.dtype == "keep" else args.dtype,
-    )
+    db = db_path_from_args(args)
+    options = {"fmt": args.fmt, "target_column": args.target, "dtype": None if args.dtype == "keep" else args.dtype}
+    if db.exists():
+        record = DatasetRegistry(db).add(args.name, args.path, _split_tags(args.tags), **options)
+    else:  # a new home: the file is checked first, so a command failing on its input creates nothing
+        record = read_dataset(args.name, args.path, _split_tags(args.tags), **options)
+        record = DatasetRegistry(db).add_record(record)
     print(
-        f"registered dataset {record.name!r}: {record.num_samples} samples, features {list(record.shape)} "
+        f"registered dataset {record.name!r}: {_samples(record.num_samples)}, features {list(record.shape)} "
         f"{_dtype_name(record.dtype)}, {record.format}, tags {','.join(record.tags) or '-'}, "
         f"sha256 {record.sha256[:12]}"
     )
@@ -166,7 +168,7 @@ def _show(args: argparse.Namespace) -> int:
         print(key_values(fields))
     if args.verify:
         registry.load(record.name)  # raises DatasetFileError / DatasetFormatError with the fix
-        print(f"verified: {record.path} is unchanged and loads ({record.num_samples} samples)")
+        print(f"verified: {record.path} is unchanged and loads ({_samples(record.num_samples)})")
     return 0
 
 
@@ -177,6 +179,10 @@ def _remove(args: argparse.Namespace) -> int:
     else:
         print(f"removed dataset {record.name!r} (the file {record.path} was left in place)")
     return 0
+
+
+def _samples(n: int) -> str:
+    return f"{n} sample{'' if n == 1 else 's'}"
 
 
 def _dtype_name(dtype: str) -> str:

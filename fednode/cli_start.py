@@ -34,7 +34,7 @@ from fednode.handler import EchoHandler, TaskHandler
 from fednode.home import DB_FILENAME, FILES_HELP, HOME_ENV_VAR, add_home_options, db_path_from_args
 from fednode.launch import run_node
 from fednode.log_text import log_text
-from fednode.start_checks import check_start_files
+from fednode.start_checks import certificate_common_name, check_start_files
 from fednode.transport import superseded
 
 __all__ = ["HANDLERS", "NodeSetup", "register"]
@@ -111,9 +111,10 @@ handlers (--handler):
   echo    send the received parameters back unchanged, to test a deployment end to end
 
 stopping:
-  SIGINT (Ctrl-C) or SIGTERM stops the node: a poll is abandoned at once, a running task is finished
-  and its result uploaded (up to --stop-grace seconds), then the connection closes. A second signal
-  exits immediately."""
+  SIGINT (Ctrl-C) or SIGTERM stops the node: a poll or download is abandoned at once; a running task
+  has --stop-grace seconds to finish and upload its result. A task still running then is told to stop:
+  training stops at its next batch and the task is reported FAILED, naming why. Then the connection
+  closes and the node exits. A second signal exits immediately, the task unfinished."""
 
 _EPILOG = f"""\
 examples:
@@ -152,7 +153,9 @@ def register(subparsers: Any) -> None:
     security.add_argument("--token-file", type=Path, metavar="FILE",
                           help=f"file holding this node's token (default: ${TOKEN_ENV_VAR}); not needed with --cert")
     node = parser.add_argument_group("node")
-    node.add_argument("--name", default=socket.gethostname(), help="name shown to the researcher (default: host name)")
+    node.add_argument("--name", default=None,
+                      help="name shown to the researcher (default: with --cert, the certificate's common name, which "
+                           "is the node's id under mutual TLS; else the host name)")
     node.add_argument("--handler", choices=sorted(HANDLERS), default="train", help="what answers tasks (default: train)")
     node.add_argument("--auto-approve", action="store_true",
                       help="approve every training plan received, without review: FOR DEMOS ONLY (plans are "
@@ -187,7 +190,8 @@ def register(subparsers: Any) -> None:
                              "the node keeps its place) is sent again before its task is reported FAILED "
                              "(default: %(default)s)")
     tuning.add_argument("--stop-grace", type=parse_grace_seconds, default=10.0, metavar="SECONDS",
-                        help="time an upload in flight gets to finish after a stop signal (default: 10)")
+                        help="after a stop signal, the time a running task gets to finish and upload its result "
+                             "before it is told to stop and reported FAILED (default: 10)")
     parser.set_defaults(func=_start, usage_error=parser.error)
 
 
@@ -219,11 +223,30 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     token_file = _token_file(args)
     return NodeConfig(
         server=args.server, tls=tls, ca_cert=args.ca_cert, client_cert=args.cert, client_key=args.key,
-        token_file=token_file, node_name=args.name, server_name_override=args.server_name,
+        token_file=token_file, node_name=args.name or _default_name(args), server_name_override=args.server_name,
         poll_wait_seconds=args.poll_wait, upload_chunk_size=args.chunk_size, max_payload_size=args.max_payload,
         stop_grace_seconds=args.stop_grace, receive_pool_bytes=args.receive_pool,
         receive_window_bytes=args.receive_window, busy_upload_retry_seconds=args.busy_upload_retry,
         queued_upload_retry_seconds=args.queued_upload_retry)
+
+
+def _default_name(args: argparse.Namespace) -> str:
+    """The certificate's common name with --cert (the id mutual TLS gives the node), else the host name."""
+    common_name = certificate_common_name(args.cert) if args.cert else None
+    return common_name or socket.gethostname()
+
+
+def _datasets(n: int) -> str:
+    return f"{n} dataset{'' if n == 1 else 's'}"
+
+
+def _identity(config: NodeConfig) -> str:
+    """How the node is known, for the banner: its id when it is known before Register (mutual TLS)."""
+    if config.tls == "mtls":
+        common_name = certificate_common_name(config.client_cert)
+        if common_name:
+            return f"node id {common_name!r} from its certificate, "
+    return ""
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -239,8 +262,8 @@ def _start(args: argparse.Namespace) -> int:
     setup = HANDLERS[args.handler](args)
     for line in [f"warning: {warning}" for warning in warnings] + setup.notices:
         print(f"fednode: {line}", file=sys.stderr)
-    print(f"fednode: serving {config.server} as {config.node_name!r} ({config.tls}, handler {args.handler}, "
-          f"{len(setup.datasets)} datasets); Ctrl-C to stop", file=sys.stderr, flush=True)
+    print(f"fednode: serving {config.server} as {config.node_name!r} ({_identity(config)}{config.tls}, handler "
+          f"{args.handler}, {_datasets(len(setup.datasets))}); Ctrl-C to stop", file=sys.stderr, flush=True)
     try:
         asyncio.run(run_node(config, setup.handler, setup.datasets, setup.capabilities))
     except ServerRefusedError as exc:

@@ -31,7 +31,7 @@ from fedcore.wire import DatasetInfo
 from fednode import node_db
 from fednode.dataset_formats import infer_format, parse_dataset_bytes, read_file_bytes, resolve_dtype
 
-__all__ = ["DatasetRecord", "DatasetRegistry", "check_name", "check_tags"]
+__all__ = ["DatasetRecord", "DatasetRegistry", "check_name", "check_tags", "read_dataset"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _TAG = re.compile(r"[^\s,]{1,64}")
@@ -100,6 +100,79 @@ def check_tags(tags: Iterable[str] | str) -> tuple[str, ...]:
     return tuple(sorted(set(items)))
 
 
+def read_dataset(
+    name: str,
+    path: str | os.PathLike[str],
+    tags: Iterable[str] | str = (),
+    fmt: str | None = None,
+    target_column: str | int | None = None,
+    dtype: str | np.dtype | None = "float32",
+) -> DatasetRecord:
+    """Validate the file at ``path`` and return the record that registers it as ``name``, touching no database
+    (``fednode dataset add`` checks its input before it creates a node home).
+
+    ``fmt`` is ``"csv"`` or ``"npz"`` (None: from the suffix). CSV needs ``target_column`` (header name
+    or 0-based index). ``dtype`` is the features' floating dtype (None: NPZ keeps its own, CSV float64).
+
+    Raises:
+        DatasetRegistryError: invalid name/tags/options.
+        DatasetFileError: the file is missing or unreadable, or its path does not resolve.
+        DatasetFormatError: the content is not a valid dataset (the message says where).
+    """
+    return _read_record(name, _checked_options(name, path, tags, fmt, dtype), target_column)
+
+
+@dataclass(frozen=True)
+class _Options:
+    tags: tuple[str, ...]
+    file_path: Path
+    file_format: str
+    dtype: np.dtype | None
+
+
+def _checked_options(name: str, path: str | os.PathLike[str], tags: Iterable[str] | str, fmt: str | None,
+                     dtype: str | np.dtype | None) -> _Options:
+    """Everything about a registration that can be checked without reading the file."""
+    check_name(name)
+    tag_tuple = check_tags(tags)
+    try:
+        file_path = Path(path).expanduser().resolve()
+    except RuntimeError as exc:  # ~user naming no user here, a symlink loop
+        raise DatasetFileError(f"cannot resolve the dataset path {str(path)!r}: {exc}") from None
+    try:
+        str(file_path).encode("utf-8")  # node.db keeps it as text
+    except UnicodeEncodeError:
+        raise DatasetFileError(
+            f"the dataset path {str(file_path)!r} is not valid UTF-8 (a name written in another encoding, "
+            f"its odd bytes shown as \\udcXX); rename the file, or the folder holding it, to a UTF-8 name"
+        ) from None
+    named = Path(path).expanduser()  # the operator's name for it: a link's target may have no suffix (DVC)
+    file_format = infer_format(named if named.suffix or not file_path.suffix else file_path, fmt)
+    return _Options(tag_tuple, file_path, file_format, resolve_dtype(dtype))
+
+
+def _read_record(name: str, options: _Options, target_column: str | int | None) -> DatasetRecord:
+    """Read and parse the file once; the record that registers it."""
+    data, mtime_ns = read_file_bytes(options.file_path)
+    X, y, target = parse_dataset_bytes(options.file_path, data, options.file_format, target_column, options.dtype)
+    return DatasetRecord(
+        name=name,
+        path=options.file_path,
+        format=options.file_format,
+        tags=options.tags,
+        target=target,
+        dtype=X.dtype.str,
+        shape=tuple(int(d) for d in X.shape),
+        y_dtype=y.dtype.str,
+        y_shape=tuple(int(d) for d in y.shape),
+        num_samples=int(X.shape[0]),
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        mtime_ns=mtime_ns,
+        added_at=time.time(),
+    )
+
+
 class DatasetRegistry:
     """Registered datasets in the node database at ``db_path`` (see :mod:`fednode.node_db`)."""
 
@@ -117,51 +190,23 @@ class DatasetRegistry:
         target_column: str | int | None = None,
         dtype: str | np.dtype | None = "float32",
     ) -> DatasetRecord:
-        """Validate the file at ``path`` and register it as ``name``.
-
-        ``fmt`` is ``"csv"`` or ``"npz"`` (None: from the suffix). CSV needs ``target_column`` (header name
-        or 0-based index). ``dtype`` is the features' floating dtype (None: NPZ keeps its own, CSV float64).
+        """Validate the file at ``path`` and register it as ``name`` (arguments: :func:`read_dataset`).
 
         Raises:
             DatasetRegistryError: invalid name/tags/options, or ``name`` is already registered.
             DatasetFileError: the file is missing or unreadable, or its path does not resolve.
             DatasetFormatError: the content is not a valid dataset (the message says where).
         """
-        check_name(name)
-        tag_tuple = check_tags(tags)
-        try:
-            file_path = Path(path).expanduser().resolve()
-        except RuntimeError as exc:  # ~user naming no user here, a symlink loop
-            raise DatasetFileError(f"cannot resolve the dataset path {str(path)!r}: {exc}") from None
-        try:
-            str(file_path).encode("utf-8")  # node.db keeps it as text
-        except UnicodeEncodeError:
-            raise DatasetFileError(
-                f"the dataset path {str(file_path)!r} is not valid UTF-8 (a name written in another encoding, "
-                f"its odd bytes shown as \\udcXX); rename the file, or the folder holding it, to a UTF-8 name"
-            ) from None
-        named = Path(path).expanduser()  # the operator's name for it: a link's target may have no suffix (DVC)
-        file_format = infer_format(named if named.suffix or not file_path.suffix else file_path, fmt)
-        np_dtype = resolve_dtype(dtype)
-        self._refuse_duplicate(name)
-        data, mtime_ns = read_file_bytes(file_path)
-        X, y, target = parse_dataset_bytes(file_path, data, file_format, target_column, np_dtype)
-        record = DatasetRecord(
-            name=name,
-            path=file_path,
-            format=file_format,
-            tags=tag_tuple,
-            target=target,
-            dtype=X.dtype.str,
-            shape=tuple(int(d) for d in X.shape),
-            y_dtype=y.dtype.str,
-            y_shape=tuple(int(d) for d in y.shape),
-            num_samples=int(X.shape[0]),
-            sha256=hashlib.sha256(data).hexdigest(),
-            size=len(data),
-            mtime_ns=mtime_ns,
-            added_at=time.time(),
-        )
+        options = _checked_options(name, path, tags, fmt, dtype)
+        self._refuse_duplicate(name)  # before reading a file that may be large
+        return self.add_record(_read_record(name, options, target_column))
+
+    def add_record(self, record: DatasetRecord) -> DatasetRecord:
+        """Register ``record`` as :func:`read_dataset` made it (the file is not read again).
+
+        Raises:
+            DatasetRegistryError: ``record.name`` is already registered.
+        """
         with node_db.connect(self.db_path) as conn:
             try:
                 conn.execute(
@@ -175,7 +220,7 @@ class DatasetRegistry:
                     ),
                 )
             except sqlite3.IntegrityError:
-                self._refuse_duplicate(name)  # registered by another process meanwhile
+                self._refuse_duplicate(record.name)  # registered by another process meanwhile
                 raise
         return record
 

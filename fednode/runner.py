@@ -76,7 +76,7 @@ class TrainingTaskHandler:
         stage = RunStage()
         try:
             reporter.log("INFO", f"round {work.round}: {verb} {work.plan.name} on dataset {record.name!r} "
-                                 f"({len(dataset)} samples)")
+                                 f"({len(dataset)} sample{'' if len(dataset) == 1 else 's'})")
             result = _run_once_more_on_interpreter_glitch(lambda: _run(work, dataset, reporter, stage),
                                                           task.task_id)
         except TrainingStoppedError as exc:

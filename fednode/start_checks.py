@@ -18,7 +18,7 @@ from fedcore.errors import NodeConfigError
 from fednode.config import NodeConfig
 from fednode.config import read_token_file as config_read_token_file
 
-__all__ = ["check_start_files", "read_token_file"]
+__all__ = ["certificate_common_name", "check_start_files", "read_token_file"]
 
 
 def check_start_files(config: NodeConfig, token_flag: str = "--token-file") -> list[str]:
@@ -45,6 +45,20 @@ def check_start_files(config: NodeConfig, token_flag: str = "--token-file") -> l
                                   f"--cert {config.client_cert} (give the key written with that certificate)")
         warnings += _private_file_warning(Path(config.client_key), "key")
     return warnings
+
+
+def certificate_common_name(path: Path | None) -> str | None:
+    """The common name (CN) of the first certificate in the PEM file ``path``: under mutual TLS the server takes
+    it as the node's id. None when the file cannot be read or parsed (:func:`check_start_files` says why) or
+    names no CN."""
+    from cryptography.x509.oid import NameOID
+
+    try:
+        (certificate, *_) = _certificates(path, "--cert")
+        names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except (NodeConfigError, ValueError):
+        return None
+    return str(names[0].value) if names else None
 
 
 def _private_file_warning(path: Path, what: str) -> list[str]:

@@ -127,9 +127,10 @@ def test_dataset_errors_surface_as_store_errors(home, tmp_path, csv_file):
     bad.write_text("a,sex,label\n1,M,0\n")
     with pytest.raises(DatasetFormatError, match="column 'sex' is not numeric: line 2"):
         run("dataset", "add", "bad", str(bad), "--target", "label", "--home", str(home))
+    assert not home.exists()  # a failed add creates no home (tests/test_node_cli_first_run.py)
+    run("dataset", "add", "heart", str(csv_file), "--target", "label", "--home", str(home))
     with pytest.raises(DatasetRegistryError, match="no dataset named 'nope'"):
         run("dataset", "show", "nope", "--home", str(home))
-    run("dataset", "add", "heart", str(csv_file), "--target", "label", "--home", str(home))
     csv_file.write_text(CSV + "1,2,3\n")
     with pytest.raises(DatasetFileError, match="changed since registration"):
         run("dataset", "show", "heart", "--verify", "--home", str(home))
