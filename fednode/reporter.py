@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fedcore.errors import MessageError, NodeError, ServerRefusedError
+from fedcore.event_wait import wait_event
 from fedcore.wire import HeartbeatAnswer, LogLine, ReportEvent, TrainingProgress
 from fednode.log_text import log_text
 from fednode.transport import fatal_refusal, task_refusal
@@ -163,11 +164,7 @@ class ReportPump:
         task_id = self.reporter.task_id
         finished = False
         while not finished:
-            try:
-                await asyncio.wait_for(self._done.wait(), self.interval)
-                finished = True
-            except asyncio.TimeoutError:
-                pass
+            finished = await wait_event(self._done, self.interval)
             items = self.reporter.drain()
             if self.reporter.cancelled:
                 continue  # the server closed the task: nothing more to tell it (the events are dropped)

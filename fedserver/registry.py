@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 
 from fedcore.errors import NodeSupersededError, StalePollError, UnknownNodeError
+from fedcore.event_wait import wait_event
 from fedcore.strategies import NodeInfo
 from fedcore.wire import DatasetInfo, NodeRegistration
 from fedserver.task_board import clock_text
@@ -267,7 +268,5 @@ class NodeRegistry:
                 if len(ids) >= n or remaining <= 0:
                     return ids
             self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
+            if not await wait_event(self._changed, remaining):
                 return self.connected()

@@ -36,6 +36,7 @@ from fedcore.errors import (
     UnknownNodeError,
     UnknownTaskError,
 )
+from fedcore.event_wait import wait_event
 from fedcore.serialization import DEFAULT_LIMITS, SerializerLimits
 from fedcore.wire import (
     PROTOCOL_VERSION,
@@ -83,11 +84,7 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
 
     async def wait_polls_closed(self, timeout: float) -> bool:
         """Wait until no PollTask stream is open (True) or ``timeout`` seconds pass (False)."""
-        try:
-            await asyncio.wait_for(self._polls_idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._polls_idle, timeout)
 
     def _liveness(self, node_id: str) -> NodeLiveness | None:
         if node_id not in self.registry:

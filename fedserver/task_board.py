@@ -63,6 +63,7 @@ from fedcore.errors import (
     TaskClosedError,
     UnknownTaskError,
 )
+from fedcore.event_wait import wait_event
 from fedcore.wire import TaskOutcome
 from fedserver.tasks import TaskHandle, TaskState
 
@@ -340,10 +341,7 @@ class TaskBoard:
             if remaining <= 0:
                 return None
             event.clear()
-            try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except TimeoutError:
-                continue  # one more look, then the deadline check returns None
+            await wait_event(event, remaining)  # timed out: one more look, then the deadline check returns None
         return None
 
     def acquire(self, handle: TaskHandle, *, generation: int | None = None) -> None:

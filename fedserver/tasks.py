@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from fedcore.errors import TaskClosedError
+from fedcore.event_wait import within
 from fedcore.framing import PayloadInfo
 from fedcore.wire import LogLine, ReportEvent, TaskDescriptor, TaskKind, TaskOutcome, TrainingProgress
 
@@ -237,7 +238,7 @@ class TaskHandle:
 
     async def result(self, timeout: float | None = None) -> TaskResult:
         """Wait for the task to end (``TimeoutError`` after ``timeout`` seconds; the task goes on)."""
-        return await asyncio.wait_for(asyncio.shield(self._future), timeout)
+        return await within(asyncio.shield(self._future), timeout)
 
     def cancel(self, reason: str = "round finished") -> bool:
         """End the task as CANCELLED; a later result is refused. False if it had already ended."""
