@@ -92,8 +92,13 @@ def _positive_int(value: Any) -> bool:
 
 
 def _seconds(value: Any, *, zero_ok: bool = False) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-            and (value >= 0 if zero_ok else value > 0))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int no float holds (a hand-edited checkpoint): no number of seconds
+        return False
+    return finite and (value >= 0 if zero_ok else value > 0)
 
 
 #: What each option's stored value must be: (test, what it is for the message).

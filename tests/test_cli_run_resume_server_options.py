@@ -223,6 +223,8 @@ def test_an_explicit_none_overrides_and_a_stored_none_applies(site, capsys) -> N
     ({"max_payload_size": "1MiB"}, "'serving.options.max_payload_size' must be an int > 0, got '1MiB'"),
     ({"max_poll_wait_seconds": -1}, ("'serving.options.max_poll_wait_seconds' must be a finite number of "
                                     "seconds > 0, got -1")),
+    ({"max_poll_wait_seconds": 10**400}, ("'serving.options.max_poll_wait_seconds' must be a finite number of "
+                                          "seconds > 0, got 1" + "0" * 76 + "...")),  # an int no float holds: no traceback
     ({"reconnect_grace_seconds": "none"}, ("'serving.options.reconnect_grace_seconds' must be null or a finite "
                                           "number of seconds >= 0, got 'none'")),
     ({"receive_window_bytes": 1000}, ("'serving.options.receive_window_bytes' must be 'auto', null (BDP probing) "
