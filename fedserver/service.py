@@ -130,8 +130,9 @@ class NodeService(node_service_pb2_grpc.NodeServiceServicer):
         registration = convert.registration_from_pb(request)
         earlier = self.registry.restarted(node_id, registration.instance_id)
         record = self.registry.register(node_id, registration)
-        log.info("node %s registered (%s, %d datasets, %s)", node_id, record.name or "unnamed",
-                 len(record.datasets), record.client_version or "unknown client")
+        count = len(record.datasets)
+        log.info("node %s registered (%s, %d dataset%s, %s)", node_id, record.name or "unnamed",
+                 count, "" if count == 1 else "s", record.client_version or "unknown client")
         if earlier is not None:  # a new process: the tasks sent to the earlier one are gone with it
             self.board.node_restarted(node_id, earlier, registration.instance_id)
         elif registration.instance_id:  # the same process again: its polls from before (a dead connection?) end
