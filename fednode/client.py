@@ -90,6 +90,9 @@ from fednode.transport import (
 )
 
 log = logging.getLogger(__name__)
+#: Call codes of a connection that ended (server restarted or stopped, link cut): the first of a run of them is
+#: logged at INFO, later ones (the server stays away) at WARNING.
+_CONNECTION_ENDED = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE})
 
 T = TypeVar("T")
 CLIENT_VERSION = "fednode/0.1.0"
@@ -218,7 +221,13 @@ class NodeClient:
                 except (ConnectionLostError, MessageError, FramingError) as exc:
                     delay = self.config.backoff.delay(self._attempt, self._rng)
                     self._attempt += 1
-                    log.warning("%s: %s; reconnecting in %.2f s (attempt %d)", name, log_text(exc), delay, self._attempt)
+                    if self._attempt == 1 and getattr(exc, "code", None) in _CONNECTION_ENDED:
+                        # the usual sign of a server that restarted or stopped: worth a warning only if it lasts
+                        log.info("%s: connection to the server ended (%s); reconnecting in %.2f s", name,
+                                 log_text(exc), delay)
+                    else:
+                        log.warning("%s: %s; reconnecting in %.2f s (attempt %d)", name, log_text(exc), delay,
+                                    self._attempt)
                 self.state = ClientState.WAITING
                 try:
                     await self._stoppable(asyncio.sleep(delay))
