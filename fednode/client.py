@@ -236,13 +236,15 @@ class NodeClient:
         finally:
             self.state = ClientState.STOPPED
 
-    async def _stoppable(self, awaitable: Awaitable[T], grace: float = 0.0) -> T:
-        """Await ``awaitable`` unless stop() comes first (then allow ``grace`` more seconds, then cancel)."""
+    async def _stoppable(self, awaitable: Awaitable[T], grace: float = 0.0, *, reply: bool = False) -> T:
+        """Await ``awaitable`` unless stop() comes first (then allow ``grace`` more seconds, then cancel). A task's
+        ``reply`` (its upload) gets what is left of the stop grace instead, at least the stopped task's reply
+        window (:data:`fednode.task_execution.STOPPED_REPORT_SECONDS`), even with a stop grace of 0."""
         task = asyncio.ensure_future(awaitable)
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            grace = self._execution.grace_left(grace) if grace > 0 else 0.0  # one stop grace for task and upload
+            grace = self._execution.grace_left(grace) if grace > 0 or reply else 0.0  # one grace: task and upload
             if not task.done() and grace > 0:
                 await asyncio.wait({task}, timeout=grace)
             if task.done():

@@ -77,8 +77,9 @@ Stoppable = Callable[..., Awaitable[Any]]
 class ResultDelivery:
     """Delivers pending results over the client's connections; counts the ones the server acknowledged.
 
-    ``stoppable(awaitable, grace=0.0)`` is the client's wait that stop() interrupts; ``rng`` drives the
-    backoff jitter; ``clock`` (``time.monotonic``) measures the busy window.
+    ``stoppable(awaitable, grace=0.0, reply=False)`` is the client's wait that stop() interrupts (``reply``: an
+    upload, which gets what is left of the stop grace); ``rng`` drives the backoff jitter; ``clock``
+    (``time.monotonic``) measures the busy window.
     """
 
     def __init__(self, config: NodeConfig, stoppable: Stoppable, rng: random.Random,
@@ -101,7 +102,7 @@ class ResultDelivery:
         attempts, busy_since, queued, queued_since = 0, None, 0, None
         while True:
             try:
-                await self._stoppable(self._send(conn, upload), grace=cfg.stop_grace_seconds)
+                await self._stoppable(self._send(conn, upload), grace=cfg.stop_grace_seconds, reply=True)
             except ServerRefusedError as exc:
                 if fatal_refusal(exc):  # e.g. a newer process of this node registered: it serves the node now
                     raise

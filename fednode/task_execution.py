@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import TypeVar
 
 import numpy as np
 
@@ -46,6 +47,8 @@ from fednode.transport import NodeConnection
 #: A child of the client's logger: running tasks is part of the node's loop, and a level or filter set on
 #: ``fednode.client`` (an operator's, a test's) covers it too.
 log = logging.getLogger("fednode.client.execution")
+
+T = TypeVar("T")
 
 #: Seconds the reply of a task stopped at the end of its stop grace (a FAILED report, a few hundred bytes) gets
 #: to reach the server before the node exits without it.
@@ -135,20 +138,26 @@ class TaskExecution:
         finally:
             waiter.cancel()
         if work.done() or self._stop_deadline is None:
-            return await work
+            return self._with_reply_window(await work)
         name, task_id, grace = self.config.node_name, reporter.task_id, self.config.stop_grace_seconds
         left = self.grace_left(grace)
         log.info("%s: stopping: task %s has %.1f s more to finish and upload its result", name, task_id, left)
         done, _ = await asyncio.wait({work}, timeout=left)
         if done:
-            return await work
+            return self._with_reply_window(await work)
         reason = (f"the node was asked to stop and the task did not finish within its stop grace of {grace:g} s "
                   f"(fednode start --stop-grace)")
         log.warning("%s: task %s did not finish within the stop grace of %g s: telling it to stop (it ends FAILED "
                     "at its next batch; send the signal again to exit now)", name, task_id, grace)
         reporter.request_stop(reason)
-        result = await work
-        self._stop_deadline = time.monotonic() + STOPPED_REPORT_SECONDS  # for its reply, bounded
+        return self._with_reply_window(await work)
+
+    def _with_reply_window(self, result: T) -> T:
+        """A task that ended while the node stops (within its grace, at its end, or with a grace of 0): its reply
+        gets at least :data:`STOPPED_REPORT_SECONDS` to reach the server, so a task that finished just inside
+        the grace is not worse off than one stopped when it ran out."""
+        if self._stop_deadline is not None:
+            self._stop_deadline = max(self._stop_deadline, time.monotonic() + STOPPED_REPORT_SECONDS)
         return result
 
     def _work(self, d: TaskDescriptor, buffer: np.ndarray, reporter: Reporter,
