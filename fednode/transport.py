@@ -249,7 +249,7 @@ class NodeConnection:
             raise MessageError(f"server closed the upload of task {result.task_id} before the last chunk") from None
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, "UploadResult") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ConnectionLostError(f"UploadResult made no progress for {idle_timeout} s") from None
         finally:
             if not call.done():
@@ -315,7 +315,7 @@ class PollStream:
         try:
             async with asyncio.timeout(timeout):  # cheaper than wait_for: no task per message
                 message = await self._call.read()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ConnectionLostError(f"PollTask: no message from the server for {timeout:g} s") from None
         except grpc.aio.AioRpcError as exc:
             raise translate(exc, "PollTask") from None

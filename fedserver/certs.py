@@ -101,8 +101,8 @@ def _builder(subject: str, issuer: x509.Name | None, public_key: ec.EllipticCurv
              days: int) -> x509.CertificateBuilder:
     if days <= 0:
         raise ServerConfigError(f"certificate validity must be > 0 days, got {days}")
-    now = dt.datetime.now(dt.timezone.utc)
-    last = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)  # X.509 dates end with year 9999
+    now = dt.datetime.now(dt.UTC)
+    last = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)  # X.509 dates end with year 9999
     if days > (last - now).days:
         raise ServerConfigError(f"certificate validity of {days} days ends after the year 9999, where X.509 "
                                 f"dates end; use at most {(last - now).days}")

@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +202,7 @@ class CheckpointStore:
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "round": round,
-                "created_at": datetime.fromtimestamp(time.time(), tz=timezone.utc).isoformat(
+                "created_at": datetime.fromtimestamp(time.time(), tz=UTC).isoformat(
                     timespec="seconds"
                 ),
                 "files": {

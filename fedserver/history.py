@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -257,7 +257,7 @@ class HistoryStore(EvaluationHistory):
             return self._conn.execute(sql, params).fetchall()
 
     def _now(self) -> str:
-        return datetime.fromtimestamp(self._clock(), tz=timezone.utc).isoformat(timespec="milliseconds")
+        return datetime.fromtimestamp(self._clock(), tz=UTC).isoformat(timespec="milliseconds")
 
     def _require_experiment(self, experiment_id: int) -> None:
         check_count(experiment_id, "experiment_id")

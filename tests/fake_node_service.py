@@ -163,7 +163,7 @@ class FakeNodeService(node_service_pb2_grpc.NodeServiceServicer):
         else:
             try:
                 task = await asyncio.wait_for(self.tasks.get(), min(request.wait_seconds, 5.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 yield pb.PollTaskResponse(no_task=pb.NoTask())
                 return
             self.assigned[task.task_id] = task

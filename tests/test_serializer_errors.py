@@ -399,7 +399,7 @@ def test_unknown_ext_codes_are_refused(code):
 def test_msgpack_timestamp_ext_is_refused():
     decode_error(msgpack.packb(msgpack.Timestamp(1_700_000_000, 5)), r"unknown msgpack ext type -1")
     decode_error(
-        msgpack.packb({"t": datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)}, datetime=True),
+        msgpack.packb({"t": datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)}, datetime=True),
         r"unknown msgpack ext type -1",
     )
 
