@@ -49,7 +49,8 @@ Write a PNG of per-round metric curves. For one experiment: a subplot per metric
 per node (its training metrics, or --source) and the thick global (aggregated) curve. Without --source, a
 metric the nodes never report in training (say accuracy, computed only on validation) is plotted from
 validation after training (else before), and one line says so. With --compare: the global curves of
-several experiments overlaid, e.g. Scaffold against FedAvg."""
+several experiments overlaid, e.g. Scaffold against FedAvg, each metric from the same source for all of
+them (--source, or as above: the first source holding a value of it in any of them)."""
 
 
 def register(subparsers: Any) -> None:
@@ -300,17 +301,20 @@ def _plot(args: argparse.Namespace) -> int:
     from fedserver.plot import compare_experiments, plot_history, sources_with_values  # matplotlib only here
 
     metrics = args.metric or ["loss", "accuracy"]
+    experiments = [args.experiment, *args.compare]
+    moved: list[str] = []  # metrics drawn from validation because they have no training values
     with _open(args) as store:
-        if args.compare:
-            out = compare_experiments(store, [args.experiment, *args.compare], args.out, metrics)
-        elif args.source is not None:  # chosen: never second-guessed
-            out = plot_history(store, args.experiment, args.out, metrics, source=args.source)
+        if args.source is not None:  # chosen: never second-guessed
+            sources: str | dict[str, str] = args.source
         else:
-            sources = sources_with_values(store, args.experiment, metrics)
-            out = plot_history(store, args.experiment, args.out, metrics, source=sources)
+            sources = sources_with_values(store, experiments, metrics)
             moved = [f"{shown_text(m, SHOWN_NAME_CHARS)} from {s}" for m, s in sources.items() if s != "training"]
-            if moved:
-                print(f"no training values: plotted {', '.join(moved)} (--source to choose)")
+        if args.compare:
+            out = compare_experiments(store, experiments, args.out, metrics, source=sources)
+        else:
+            out = plot_history(store, args.experiment, args.out, metrics, source=sources)
+        if moved:
+            print(f"no training values: plotted {', '.join(moved)} (--source to choose)")
     print(f"wrote {out}")
     return 0
 

@@ -125,15 +125,19 @@ def plot_history(
 SOURCE_ORDER = ("training", "validation_after", "validation_before")
 
 
-def sources_with_values(history: HistoryStore, experiment_id: int, metrics: Sequence[str]) -> dict[str, str]:
-    """Each metric's source for :func:`plot_history` when none is chosen: the first of :data:`SOURCE_ORDER`
-    holding a value of it (node or global), e.g. ``accuracy`` -> 'validation_after' for a plan that reports
-    accuracy only on validation (a 'training' plot of it was an empty panel); 'training' when none does."""
+def sources_with_values(
+    history: HistoryStore, experiment_id: int | Sequence[int], metrics: Sequence[str]
+) -> dict[str, str]:
+    """Each metric's source for :func:`plot_history` (or :func:`compare_experiments`, given several experiment
+    ids) when none is chosen: the first of :data:`SOURCE_ORDER` holding a value of it (node or global) in any
+    of the experiments, e.g. ``accuracy`` -> 'validation_after' for a plan that reports accuracy only on
+    validation (a 'training' plot of it was an empty panel); 'training' when none does."""
+    ids = [experiment_id] if isinstance(experiment_id, int) else list(experiment_id)
     chosen = {}
     for metric in _check_metrics(metrics):
         chosen[metric] = next((source for source in SOURCE_ORDER
-                               if history.metric_series(experiment_id, metric, source)
-                               or _global_series(history, experiment_id, metric, source)), "training")
+                               if any(history.metric_series(e, metric, source)
+                                      or _global_series(history, e, metric, source) for e in ids)), "training")
     return chosen
 
 
@@ -142,18 +146,29 @@ def compare_experiments(
     experiment_ids: Sequence[int],
     out_path: str | os.PathLike[str],
     metrics: Sequence[str] = ("loss", "accuracy"),
+    source: str | Mapping[str, str] | None = None,
 ) -> Path:
     """Write a PNG overlaying the global curves of experiments, a subplot per metric; returns the path.
 
     A metric is a round-level name (``train_loss``, ``val_after_accuracy``) or a node metric name, which
-    means its training aggregate (``loss``: ``train_loss``) or, when the nodes report it only on validation
-    (``accuracy``), its aggregate after training (``val_after_accuracy``); each subplot is titled with the
-    names it shows. Raises HistoryError when no metric has a value, listing the global metrics recorded."""
+    means its aggregate of ``source`` (``loss`` of 'training': ``train_loss``; ``accuracy`` of
+    'validation_after': ``val_after_accuracy``), or each metric's own source when ``source`` maps metric
+    names to sources; None (the default) takes :func:`sources_with_values` over all the experiments, so a
+    metric the nodes report only on validation is drawn from there. Each subplot is titled with the names it
+    shows. Raises HistoryError when no metric has a value, listing the global metrics recorded."""
     names = _check_metrics(metrics)
     if isinstance(experiment_ids, (str, int)) or not experiment_ids:
         raise HistoryError(f"experiment_ids must be a non-empty sequence of ids, got {experiment_ids!r}")
     experiments = [history.experiment(experiment_id) for experiment_id in experiment_ids]
-    resolved = {(e.id, m): _compared_series(history, e.id, m) for e in experiments for m in names}
+    if source is None:
+        sources = sources_with_values(history, [e.id for e in experiments], names)
+    else:
+        sources = {m: source for m in names} if isinstance(source, str) else {m: source.get(m, "training")
+                                                                             for m in names}
+    for chosen in set(sources.values()):
+        if chosen not in _ROUND_PREFIX:
+            raise HistoryError(f"metric source must be one of {list(_ROUND_PREFIX)}, got {chosen!r}")
+    resolved = {(e.id, m): _compared_series(history, e.id, m, sources[m]) for e in experiments for m in names}
     series = {key: points for key, (_, points) in resolved.items()}
     if not any(series.values()):
         recorded = sorted({name for e in experiments for r in history.rounds(e.id)
@@ -187,10 +202,11 @@ def compare_experiments(
 _ROUND_PREFIX = {"training": "train_", "validation_before": "val_before_", "validation_after": "val_after_"}
 
 
-def _compared_series(history: HistoryStore, experiment_id: int, metric: str) -> tuple[str, list]:
-    """The round-level name and series ``compare_experiments`` shows for ``metric``: the training aggregate,
-    else the aggregate of the validation after training, else ``metric`` itself as a round-level name."""
-    for name in (f"train_{metric}", f"val_after_{metric}", metric):
+def _compared_series(history: HistoryStore, experiment_id: int, metric: str, source: str) -> tuple[str, list]:
+    """The round-level name and series ``compare_experiments`` shows for ``metric`` of ``source``: its
+    aggregate (``loss`` of 'training': ``train_loss``), else ``metric`` itself as a round-level name (the
+    same series as :func:`_global_series`, with the name it was found under)."""
+    for name in (_ROUND_PREFIX[source] + metric, metric):
         points = history.global_series(experiment_id, name)
         if points:
             return name, points

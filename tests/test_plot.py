@@ -11,7 +11,13 @@ from matplotlib.image import imread
 from fedcore.errors import HistoryError
 from fedserver.history import HistoryStore
 from fedserver.history_records import NodeResultRecord
-from fedserver.plot import _compared_series, available_metrics, compare_experiments, plot_history
+from fedserver.plot import (
+    _compared_series,
+    available_metrics,
+    compare_experiments,
+    plot_history,
+    sources_with_values,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -135,7 +141,9 @@ def test_compare_finds_a_metric_nodes_report_only_on_validation(store, tmp_path)
             store.finish_round(exp, round, metrics={"train_loss": math.exp(-rate * round),
                                                     "val_after_accuracy": 1 - math.exp(-rate * round)})
         exps.append(exp)
-    assert [_compared_series(store, exps[0], m)[0] for m in ("loss", "accuracy")] == [
+    sources = sources_with_values(store, exps, ("loss", "accuracy"))
+    assert sources == {"loss": "training", "accuracy": "validation_after"}
+    assert [_compared_series(store, exps[0], m, s)[0] for m, s in sources.items()] == [
         "train_loss", "val_after_accuracy"]
     assert_png(compare_experiments(store, exps, tmp_path / "both.png"), columns=2)
 
