@@ -46,7 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fedcore.aggregators import Aggregator, FedAverage
-from fedcore.errors import ExperimentError, RoundFailedError, TrainingArgsError
+from fedcore.errors import ExperimentError, RoundFailedError, ServerStateError, TrainingArgsError
 from fedcore.plans import TrainingPlan
 from fedcore.strategies import AllNodes, NodeSelector
 from fedcore.tasks import PlanSource, TrainTask
@@ -230,7 +230,12 @@ class Experiment(GlobalParams, ExperimentEvaluation):
             for note in own.notes:
                 log.info("%s", note)
             server = FedServer(own.config, own.node_store)
-        port = await server.start()
+        try:
+            port = await server.start()
+        except ServerStateError:  # could not bind: the server's text names --port, which an Experiment lacks
+            if own is None:
+                raise
+            raise own.bind_refused() from None
         if own is not None:
             self.serving = serving_state(own.args, port)
             log.info("serving on %s:%d (%s), server home %s", own.config.address, port, own.config.tls,

@@ -40,7 +40,9 @@ override it, so refusing would leave the run unresumable); a known key with a ba
 default to ``HOME/certs``, the node store is ``HOME/nodes.db``). An ``Experiment`` given neither ``server=`` nor
 ``server_config=`` serves the same way through :func:`run_serving`: as ``fedserver run`` with no serving
 option, or, resumed, as ``fedserver run --resume`` with none (the checkpoint's ``serving``, ``$FEDSERVER_HOME``
-overriding its home), refused with an ExperimentError naming what is missing and the ways out.
+overriding its home), refused with an ExperimentError naming what is missing and the ways out. A port in use is
+refused naming ``server_config=ServerConfig(port=...)``, the Experiment's way to another port
+(:meth:`RunServing.bind_refused`; the server's own text says to choose one, as ``fedserver run --port`` can).
 """
 
 from __future__ import annotations
@@ -337,12 +339,32 @@ def server_from_args(args: argparse.Namespace) -> tuple[ServerConfig, NodeStore]
 class RunServing:
     """How an Experiment without ``server=`` or ``server_config=`` serves (:func:`run_serving`): ``args`` as
     ``fedserver run``'s would be (for :func:`serving_state` once bound), the server's ``config`` and
-    ``node_store``, and ``notes``: what to log (options applied or overridden from the stored serving)."""
+    ``node_store``, ``notes``: what to log (options applied or overridden from the stored serving), and
+    ``where``: how and where it serves, as its errors say."""
 
     args: argparse.Namespace
     config: ServerConfig
     node_store: NodeStore
     notes: list[str] = field(default_factory=list)
+    where: str = ""
+
+    def bind_refused(self) -> ExperimentError:
+        """What to raise when FedServer.start could not bind (a ServerStateError). The server's text says
+        to choose another port, which ``fedserver run`` does with --port; an Experiment has no port option,
+        so this names the way it has: a ``server_config`` with another port (and this node store)."""
+        cfg = self.config
+        given = [f"address={cfg.address!r}"] if cfg.address != DEFAULTS["address"] else []
+        given += [f"tls={cfg.tls!r}"] if cfg.tls != "tls" else []
+        given += [f"{name}={str(value)!r}" for name, value in (("cert_file", cfg.cert_file),
+                                                               ("key_file", cfg.key_file),
+                                                               ("ca_file", cfg.ca_file)) if value is not None]
+        tls_files = (f"; else check that the address is local and that key_file {cfg.key_file} is the key of "
+                     f"cert_file {cfg.cert_file}") if cfg.tls != "insecure" else ""
+        return ExperimentError(
+            f"Experiment without server= or server_config= serves {self.where}, but could not bind {cfg.target}: "
+            "is another server (an earlier fedserver run or Experiment?) using the port? Stop it, or serve on "
+            f"another port: pass server_config=ServerConfig(port=..., {', '.join(given)}) and "
+            f"node_store=NodeStore({str(self.node_store.path)!r}){tls_files}")
 
 
 def run_serving(stored: Mapping[str, Any] | None, node_store: NodeStore | None = None) -> RunServing:
@@ -381,7 +403,7 @@ def run_serving(stored: Mapping[str, Any] | None, node_store: NodeStore | None =
             f"there (`{fedserver} certs init`, then `{fedserver} certs server`), or pass "
             "server_config=ServerConfig(...) and node_store=NodeStore(...)") from None
     if node_store is not None:
-        return RunServing(args, config, node_store, notes)
+        return RunServing(args, config, node_store, notes, where)
     try:
         store = enrolled_node_store(config, nodes_db(home))
     except ServerConfigError:
@@ -389,7 +411,7 @@ def run_serving(stored: Mapping[str, Any] | None, node_store: NodeStore | None =
             f"Experiment without server= or server_config= serves {where}, but no node is enrolled in "
             f"{nodes_db(home)}, so no node could connect: run `{fedserver} nodes enroll ID`, or pass "
             "node_store=NodeStore(...)") from None
-    return RunServing(args, config, store, notes)
+    return RunServing(args, config, store, notes, where)
 
 
 def _quoted(value: Any) -> str:
