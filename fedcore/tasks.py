@@ -113,6 +113,8 @@ class TrainResult:
 
     ``metrics`` are training metrics (e.g. the mean loss of the last steps); ``validation`` maps "before"
     (global model) and/or "after" (local model) to metric dicts computed on the node's held-out split.
+    ``validation_samples`` is how many held-out samples those were (the server's weight for validation
+    metrics); None from nodes that do not say (older ones).
     """
 
     params: dict[str, np.ndarray]
@@ -122,11 +124,13 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     validation: dict[str, dict[str, float]] = field(default_factory=dict)
     duration_s: float = 0.0
+    validation_samples: int | None = None
 
     def to_payload(self) -> dict[str, Any]:
         return {"format": PAYLOAD_FORMAT, "params": self.params, "num_samples": self.num_samples,
                 "num_steps": self.num_steps, "lr": self.lr, "metrics": dict(self.metrics),
-                "validation": {k: dict(v) for k, v in self.validation.items()}, "duration_s": self.duration_s}
+                "validation": {k: dict(v) for k, v in self.validation.items()}, "duration_s": self.duration_s,
+                **({} if self.validation_samples is None else {"validation_samples": self.validation_samples})}
 
     @classmethod
     def from_payload(cls, obj: Any) -> TrainResult:
@@ -144,6 +148,7 @@ class TrainResult:
             metrics=_metrics(m.get("metrics", {}), "metrics"),
             validation={_when(k): _metrics(v, f"validation[{k!r}]") for k, v in validation.items()},
             duration_s=_seconds(m, "duration_s", "result"),
+            validation_samples=_int(m, "validation_samples", "result") if "validation_samples" in m else None,
         )
 
 

@@ -91,7 +91,8 @@ def run_training(task: TrainTask, dataset: ArrayDataset, progress: ProgressCallb
     stage.enter("loading the global model")
     plan.set_model_params(task.params)
     validation: dict[str, dict[str, float]] = {}
-    evaluate = plan.validation_dataset is not None and len(plan.validation_dataset) > 0
+    held_out = 0 if plan.validation_dataset is None else len(plan.validation_dataset)
+    evaluate = held_out > 0
     if evaluate and args["test_on_global_updates"]:
         stage.enter("validating the global model")
         validation["before"] = _finite(plan.evaluate(should_stop=asked), "validation of the global model")
@@ -113,6 +114,7 @@ def run_training(task: TrainTask, dataset: ArrayDataset, progress: ProgressCallb
         metrics=metrics,
         validation=validation,
         duration_s=time.perf_counter() - started,
+        validation_samples=held_out if validation else None,
     )
 
 

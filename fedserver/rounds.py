@@ -89,16 +89,24 @@ class RoundReport:
 
 
 def round_metrics(outcomes: Sequence[NodeOutcome]) -> dict[str, float]:
-    """Sample-weighted means over the aggregated replies: ``train_<m>``, ``val_before_<m>``, ``val_after_<m>``."""
+    """Sample-weighted means over the aggregated replies: ``train_<m>``, ``val_before_<m>``, ``val_after_<m>``.
+
+    ``train_<m> = Σ_i w_i m_i / Σ_i w_i`` with ``w_i = max(num_samples_i, 1)`` (samples processed in training);
+    ``val_<when>_<m> = Σ_i v_i m_i / Σ_i v_i`` with ``v_i = max(validation_samples_i, 1)``, the node's held-out
+    count, or ``w_i`` when its reply does not say (older nodes). Sums run over the nodes reporting ``m``.
+    """
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for outcome in outcomes:
-        if outcome.result is None:
+        result = outcome.result
+        if result is None:
             continue
-        weight = float(max(outcome.result.num_samples, 1))
-        sources: list[tuple[str, Mapping[str, float]]] = [("train_", outcome.result.metrics)]
-        sources += [(f"val_{when}_", metrics) for when, metrics in outcome.result.validation.items()]
-        for prefix, metrics in sources:
+        train_weight = float(max(result.num_samples, 1))
+        held_out = result.num_samples if result.validation_samples is None else result.validation_samples
+        val_weight = float(max(held_out, 1))
+        sources: list[tuple[str, Mapping[str, float], float]] = [("train_", result.metrics, train_weight)]
+        sources += [(f"val_{when}_", metrics, val_weight) for when, metrics in result.validation.items()]
+        for prefix, metrics, weight in sources:
             for name, value in metrics.items():
                 key = prefix + name
                 sums[key] = sums.get(key, 0.0) + weight * value

@@ -273,7 +273,11 @@ def test_validation_and_evaluation_on_the_same_held_out_split_as_a_python_node(t
                                        rtol=rtol[1], err_msg=node)
         # FedAvg of two replies of 1200 samples each: the mean of the two updates on the training samples
         np.testing.assert_allclose(flat(report.params), (local["js-1"] + local["site-0"]) / 2, rtol=1e-4, atol=1e-5)
-        assert "val_after_loss" in report.metrics and "val_before_loss" in report.metrics
+        # each val_* metric is the mean weighted by the held-out counts the nodes report (20 each: Python and JS)
+        assert {node: r.validation_samples for node, r in results.items()} == {"js-1": 20, "site-0": 20}
+        for when in ("before", "after"):
+            by_hand = sum(r.validation_samples * r.validation[when]["loss"] for r in results.values()) / 40
+            np.testing.assert_allclose(report.metrics[f"val_{when}_loss"], by_hand, rtol=1e-12)
 
     assert sorted(evaluation.succeeded) == ["js-1", "site-0"] and evaluation.round == 2
     outcomes = {o.node_id: o.result for o in evaluation.outcomes}

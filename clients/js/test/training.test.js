@@ -198,6 +198,7 @@ test("TRAIN with test_ratio and seed: trains on the rest, validation before / af
   assert.deepEqual([...result.params.coef.values], [...want.coef]);
   assert.deepEqual([result.num_samples, result.num_steps], [30 * 15, 30], "num_samples counts training samples only");
   assert.deepEqual(Object.keys(result.validation), ["before", "after"]);
+  assert.equal(result.validation_samples, 5, "the held-out count: the server's weight for the validation metrics");
   assert.ok(Math.abs(result.validation.before.loss - mseByHand(heldOut, START.coef, START.intercept[0])) < 1e-12);
   assert.ok(Math.abs(result.validation.after.loss - mseByHand(heldOut, want.coef, want.intercept[0])) < 1e-12);
   assert.ok(result.validation.after.loss < result.validation.before.loss);
@@ -217,6 +218,7 @@ test("validation has only the sides asked for, none without held-out samples", a
     assert.deepEqual(Object.keys(result.validation), keys, JSON.stringify(extra));
     const held = heldOutIndices(N20, extra.test_ratio, 11n).heldOut.length;
     assert.equal(result.num_samples, 2 * (N20 - held));
+    assert.equal(result.validation_samples, keys.length ? held : undefined, "validation_samples only with validation");
   }
 });
 

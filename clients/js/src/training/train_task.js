@@ -249,6 +249,7 @@ class LinearTrainer {
       lr: new Float64(lr),
       metrics: { loss: new Float64(tail.reduce((a, b) => a + b, 0) / tail.length) },
       validation,
+      ...(Object.keys(validation).length ? { validation_samples: heldOut.n } : {}), // weight of the val_* means
       duration_s: new Float64((performance.now() - started) / 1000),
     };
   }
